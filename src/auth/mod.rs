@@ -1,0 +1,186 @@
+//! Authentication: registration, password login, session tokens, logout and
+//! password confirmation. Passwords are hashed with Argon2id off the async
+//! workers ([`password`]); sessions are random tokens stored hashed
+//! ([`token`]); usernames and passwords are parsed at the edge
+//! ([`credentials`]).
+
+pub mod credentials;
+pub mod password;
+pub mod token;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::protocol::RequestError;
+use crate::storage::{self, StorageError};
+pub use credentials::{Password, Username};
+pub use password::PasswordHasher;
+pub use token::SessionToken;
+
+/// Errors of the auth layer.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Deliberately the same for an unknown user and a wrong password.
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    #[error("session token is invalid or expired")]
+    InvalidToken,
+    #[error("username is already taken")]
+    UsernameTaken,
+    #[error("too many password checks in progress; retry shortly")]
+    Busy,
+    #[error("password hashing failed")]
+    Hashing(#[source] argon2::password_hash::Error),
+    #[error("password hashing task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("auth storage failed")]
+    Storage(#[source] StorageError),
+}
+
+impl From<StorageError> for AuthError {
+    fn from(err: StorageError) -> Self {
+        match err {
+            StorageError::UsernameTaken => AuthError::UsernameTaken,
+            other => AuthError::Storage(other),
+        }
+    }
+}
+
+impl From<AuthError> for RequestError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::InvalidCredentials | AuthError::InvalidToken => {
+                RequestError::Unauthorized(err.to_string())
+            }
+            AuthError::UsernameTaken => RequestError::Conflict(err.to_string()),
+            AuthError::Busy => RequestError::Unavailable(err.to_string()),
+            AuthError::Hashing(_) | AuthError::Task(_) | AuthError::Storage(_) => {
+                RequestError::internal(err)
+            }
+        }
+    }
+}
+
+/// An authenticated identity, and the session it holds.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user_id: Uuid,
+    pub username: String,
+    /// The hash of the session token this socket is bound to; `Logout`
+    /// revokes it.
+    pub token_hash: [u8; 32],
+}
+
+/// A freshly issued session, returned to the client once.
+#[derive(Debug)]
+pub struct IssuedSession {
+    pub auth: Authenticated,
+    pub token: SessionToken,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The authentication service. Cheap to clone.
+#[derive(Clone)]
+pub struct Authenticator {
+    /// Where users and sessions live.
+    db: PgPool,
+    /// Bounded Argon2 worker.
+    hasher: PasswordHasher,
+    /// Lifetime of issued session tokens.
+    session_ttl: Duration,
+}
+
+impl Authenticator {
+    pub fn new(db: PgPool, hasher: PasswordHasher, session_ttl: Duration) -> Self {
+        Self {
+            db,
+            hasher,
+            session_ttl,
+        }
+    }
+
+    pub async fn register(
+        &self,
+        username: Username,
+        password: Password,
+    ) -> Result<IssuedSession, AuthError> {
+        let hash = self.hasher.hash(password).await?;
+        let user_id = storage::users::insert(&self.db, username.as_ref(), &hash).await?;
+        tracing::info!(%user_id, "user registered");
+        self.issue(user_id, username.into_inner()).await
+    }
+
+    pub async fn login(
+        &self,
+        username: Username,
+        password: Password,
+    ) -> Result<IssuedSession, AuthError> {
+        let user = storage::users::find_by_username(&self.db, username.as_ref()).await?;
+        // An unknown user still costs one Argon2 verification, against a
+        // dummy hash, so response time does not reveal which names exist.
+        let ok = self
+            .hasher
+            .verify(password, user.as_ref().map(|u| u.password_hash.clone()))
+            .await?;
+        match user {
+            Some(user) if ok => self.issue(user.id, user.username).await,
+            _ => Err(AuthError::InvalidCredentials),
+        }
+    }
+
+    /// Authenticates with a session token. No password hashing.
+    pub async fn resume(&self, token: &SessionToken) -> Result<Authenticated, AuthError> {
+        let token_hash = token.hash();
+        match storage::sessions::find_live(&self.db, &token_hash).await? {
+            Some((user_id, username)) => Ok(Authenticated {
+                user_id,
+                username,
+                token_hash,
+            }),
+            None => Err(AuthError::InvalidToken),
+        }
+    }
+
+    pub async fn logout(&self, auth: &Authenticated) -> Result<(), AuthError> {
+        storage::sessions::delete(&self.db, &auth.token_hash).await?;
+        Ok(())
+    }
+
+    /// Checks `password` against the user's, for destructive operations.
+    pub async fn confirm_password(
+        &self,
+        user_id: Uuid,
+        password: Password,
+    ) -> Result<(), AuthError> {
+        let user = storage::users::find_by_id(&self.db, user_id).await?;
+        let ok = self
+            .hasher
+            .verify(password, user.map(|u| u.password_hash))
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(AuthError::InvalidCredentials)
+        }
+    }
+
+    async fn issue(&self, user_id: Uuid, username: String) -> Result<IssuedSession, AuthError> {
+        let token = SessionToken::generate();
+        let token_hash = token.hash();
+        let expires_at = Utc::now()
+            + chrono::Duration::from_std(self.session_ttl).unwrap_or(chrono::Duration::MAX);
+        storage::sessions::insert(&self.db, &token_hash, user_id, expires_at).await?;
+        Ok(IssuedSession {
+            auth: Authenticated {
+                user_id,
+                username,
+                token_hash,
+            },
+            token,
+            expires_at,
+        })
+    }
+}

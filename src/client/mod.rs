@@ -1,0 +1,536 @@
+//! A typed async client for the relay: connect (ws:// or wss://),
+//! authenticate, send requests and await their responses, receive pushes.
+//! The tests, the CLI and the load generator all speak to the server
+//! through it; none of them handle raw frames.
+//!
+//! [`Client::connect`] returns a cheap-to-clone [`Client`] for requests and
+//! an [`Events`] receiver for pushes. A reader task matches responses to
+//! requests by id; a writer task owns the socket's sending half. Requests
+//! may be pipelined freely.
+
+mod transport;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use uuid::Uuid;
+
+use crate::protocol::proto::{
+    self, ClientFrame, EnvelopeType, ServerFrame, Status, client_frame::Request, push, response,
+    server_frame,
+};
+
+pub use transport::ConnectOptions;
+
+/// Everything that can go wrong for a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server URL: {0}")]
+    Url(String),
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS set-up failed: {0}")]
+    Tls(String),
+    #[error("the server refused the connection with HTTP {status}: {body}")]
+    Http { status: u16, body: String },
+    #[error("WebSocket error")]
+    WebSocket(#[source] tungstenite::Error),
+    /// The server answered the request with an error status.
+    #[error("{status:?}: {message}")]
+    Status {
+        status: Status,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("connection closed ({})", close_text(.code, .reason))]
+    Closed { code: Option<u16>, reason: String },
+    #[error("the server sent a response of the wrong kind")]
+    UnexpectedResponse,
+}
+
+fn close_text(code: &Option<u16>, reason: &str) -> String {
+    match code {
+        Some(code) => format!("{code} {reason}"),
+        None => "no close frame".into(),
+    }
+}
+
+impl ClientError {
+    /// The status, when the server answered with an error.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A push from the server.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A message (including server-made RECEIPT envelopes); ack it.
+    Deliver(proto::Envelope),
+    /// Every stored message has been delivered.
+    QueueEmpty,
+    /// The server asks for more one-time pre-keys.
+    PreKeysLow(proto::PreKeysLow),
+}
+
+impl Event {
+    /// For RECEIPT envelopes: the id of the message that was delivered.
+    pub fn receipt_for(&self) -> Option<Uuid> {
+        match self {
+            Event::Deliver(e) if e.r#type == EnvelopeType::Receipt as i32 => {
+                Uuid::from_slice(&e.content).ok()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How the connection ended, once it has.
+#[derive(Debug, Clone, Default)]
+pub struct CloseInfo {
+    pub code: Option<u16>,
+    pub reason: String,
+}
+
+/// What an authentication request returned.
+#[derive(Debug, Clone)]
+pub struct AuthInfo {
+    pub user_id: Uuid,
+    pub username: String,
+    /// Empty for `resume`.
+    pub token: Vec<u8>,
+    pub token_expires_at_ms: i64,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<proto::Response>>>>;
+
+/// The request half of a connection. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    /// Frames for the writer task.
+    out: mpsc::Sender<WsMessage>,
+    /// Requests awaiting their response, by request id.
+    pending: Pending,
+    /// Source of request ids.
+    next_id: Arc<AtomicU64>,
+    /// Set once the connection ends.
+    closed: watch::Receiver<Option<CloseInfo>>,
+    /// Response headers of the upgrade (e.g. the token issued for Basic).
+    headers: Arc<HashMap<String, String>>,
+}
+
+/// The push half of a connection.
+pub struct Events {
+    /// Pushes in arrival order. Bounded: a consumer that stops reading
+    /// stops the reader task, and so the socket (as a slow client would).
+    rx: mpsc::Receiver<Event>,
+    /// Set once the connection ends.
+    closed: watch::Receiver<Option<CloseInfo>>,
+}
+
+impl Events {
+    /// The next push; `None` once the connection has ended and every push
+    /// before the end was taken.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// Waits for the connection to end and says how.
+    pub async fn closed(&mut self) -> CloseInfo {
+        while self.rx.recv().await.is_some() {}
+        wait_closed(&mut self.closed).await
+    }
+}
+
+async fn wait_closed(closed: &mut watch::Receiver<Option<CloseInfo>>) -> CloseInfo {
+    match closed.wait_for(Option::is_some).await {
+        Ok(info) => info.clone().unwrap_or_default(),
+        Err(_) => CloseInfo::default(),
+    }
+}
+
+impl Client {
+    /// Connects to `url` (`ws://host:port/v1/websocket` or `wss://…`).
+    pub async fn connect(url: &str) -> Result<(Client, Events), ClientError> {
+        Self::connect_with(url, ConnectOptions::default()).await
+    }
+
+    pub async fn connect_with(
+        url: &str,
+        options: ConnectOptions,
+    ) -> Result<(Client, Events), ClientError> {
+        let event_buffer = options.event_buffer;
+        let (ws, headers) = transport::connect(url, &options).await?;
+        let (mut sink, mut stream) = ws.split();
+        let (out, mut out_rx) = mpsc::channel::<WsMessage>(1024);
+        let (events_tx, events_rx) = mpsc::channel(event_buffer.max(1));
+        let (closed_tx, closed_rx) = watch::channel(None);
+        let pending: Pending = Arc::default();
+
+        tokio::spawn(async move {
+            while let Some(first) = out_rx.recv().await {
+                // Batch whatever else is queued into one flush.
+                let mut result = sink.feed(first).await;
+                while result.is_ok() {
+                    match out_rx.try_recv() {
+                        Ok(next) => result = sink.feed(next).await,
+                        Err(_) => break,
+                    }
+                }
+                if result.is_err() || sink.flush().await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+
+        let reader_pending = pending.clone();
+        tokio::spawn(async move {
+            let mut close = CloseInfo::default();
+            while let Some(message) = stream.next().await {
+                let bytes = match message {
+                    Ok(WsMessage::Binary(bytes)) => bytes,
+                    Ok(WsMessage::Close(frame)) => {
+                        if let Some(frame) = frame {
+                            close.code = Some(frame.code.into());
+                            close.reason = frame.reason.to_string();
+                        }
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                };
+                let Ok(frame) = ServerFrame::decode(bytes) else {
+                    break;
+                };
+                match frame.kind {
+                    Some(server_frame::Kind::Response(response)) => {
+                        let waiter = reader_pending
+                            .lock()
+                            .expect("pending lock")
+                            .remove(&response.request_id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(response);
+                        }
+                    }
+                    Some(server_frame::Kind::Push(proto::Push { event: Some(event) })) => {
+                        let event = match event {
+                            push::Event::Deliver(envelope) => Event::Deliver(envelope),
+                            push::Event::QueueEmpty(_) => Event::QueueEmpty,
+                            push::Event::PreKeysLow(low) => Event::PreKeysLow(low),
+                        };
+                        if events_tx.send(event).await.is_err() {
+                            // Nobody listens; keep serving responses.
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            reader_pending.lock().expect("pending lock").clear();
+            let _ = closed_tx.send(Some(close));
+        });
+
+        let client = Client {
+            out,
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+            closed: closed_rx.clone(),
+            headers: Arc::new(headers),
+        };
+        let events = Events {
+            rx: events_rx,
+            closed: closed_rx,
+        };
+        Ok((client, events))
+    }
+
+    /// A response header of the upgrade, by lower-case name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// How the connection ended, if it has.
+    pub fn close_info(&self) -> Option<CloseInfo> {
+        self.closed.borrow().clone()
+    }
+
+    /// Waits for the connection to end.
+    pub async fn closed(&self) -> CloseInfo {
+        wait_closed(&mut self.closed.clone()).await
+    }
+
+    /// Sends a request and waits for its response, whatever its status.
+    pub async fn request_raw(&self, request: Request) -> Result<proto::Response, ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(request_id, tx);
+        let frame = ClientFrame {
+            request_id,
+            request: Some(request),
+        };
+        if self
+            .out
+            .send(WsMessage::Binary(frame.encode_to_vec().into()))
+            .await
+            .is_err()
+        {
+            self.pending
+                .lock()
+                .expect("pending lock")
+                .remove(&request_id);
+            return Err(self.closed_error());
+        }
+        rx.await.map_err(|_| self.closed_error())
+    }
+
+    /// Sends a request; an error status becomes [`ClientError::Status`].
+    pub async fn request(&self, request: Request) -> Result<Option<response::Result>, ClientError> {
+        let response = self.request_raw(request).await?;
+        let status = Status::try_from(response.status).unwrap_or(Status::Unspecified);
+        if status == Status::Ok {
+            Ok(response.result)
+        } else {
+            Err(ClientError::Status {
+                status,
+                message: response.message,
+                retry_after: (response.retry_after_ms > 0)
+                    .then(|| Duration::from_millis(response.retry_after_ms)),
+            })
+        }
+    }
+
+    /// Sends any WebSocket message as is (for testing the server's checks).
+    pub async fn send_ws(&self, message: WsMessage) -> Result<(), ClientError> {
+        self.out
+            .send(message)
+            .await
+            .map_err(|_| self.closed_error())
+    }
+
+    fn closed_error(&self) -> ClientError {
+        let info = self.closed.borrow().clone().unwrap_or_default();
+        ClientError::Closed {
+            code: info.code,
+            reason: info.reason,
+        }
+    }
+
+    pub async fn register(&self, username: &str, password: &str) -> Result<AuthInfo, ClientError> {
+        let result = self
+            .request(Request::Register(proto::Register {
+                username: username.into(),
+                password: password.into(),
+            }))
+            .await?;
+        auth_info(result)
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> Result<AuthInfo, ClientError> {
+        let result = self
+            .request(Request::Login(proto::Login {
+                username: username.into(),
+                password: password.into(),
+            }))
+            .await?;
+        auth_info(result)
+    }
+
+    pub async fn resume(&self, token: &[u8]) -> Result<AuthInfo, ClientError> {
+        let result = self
+            .request(Request::Resume(proto::Resume {
+                token: Bytes::copy_from_slice(token),
+            }))
+            .await?;
+        auth_info(result)
+    }
+
+    pub async fn logout(&self) -> Result<(), ClientError> {
+        self.request(Request::Logout(proto::Logout {})).await?;
+        Ok(())
+    }
+
+    pub async fn delete_account(&self, password: &str) -> Result<(), ClientError> {
+        self.request(Request::DeleteAccount(proto::DeleteAccount {
+            password: password.into(),
+        }))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn who_am_i(&self) -> Result<proto::WhoAmIResult, ClientError> {
+        match self.request(Request::WhoAmI(proto::WhoAmI {})).await? {
+            Some(response::Result::WhoAmI(r)) => Ok(r),
+            _ => Err(ClientError::UnexpectedResponse),
+        }
+    }
+
+    pub async fn upload_keys(
+        &self,
+        upload: proto::UploadKeys,
+    ) -> Result<proto::UploadKeysResult, ClientError> {
+        match self.request(Request::UploadKeys(upload)).await? {
+            Some(response::Result::UploadKeys(r)) => Ok(r),
+            _ => Err(ClientError::UnexpectedResponse),
+        }
+    }
+
+    pub async fn pre_key_count(&self) -> Result<proto::PreKeyCount, ClientError> {
+        match self
+            .request(Request::GetPreKeyCount(proto::GetPreKeyCount {}))
+            .await?
+        {
+            Some(response::Result::PreKeyCount(r)) => Ok(r),
+            _ => Err(ClientError::UnexpectedResponse),
+        }
+    }
+
+    pub async fn fetch_bundle(&self, user_id: Uuid) -> Result<proto::PreKeyBundle, ClientError> {
+        self.fetch_bundle_for(proto::fetch_bundle::Target::UserId(Bytes::copy_from_slice(
+            user_id.as_bytes(),
+        )))
+        .await
+    }
+
+    pub async fn fetch_bundle_by_username(
+        &self,
+        username: &str,
+    ) -> Result<proto::PreKeyBundle, ClientError> {
+        self.fetch_bundle_for(proto::fetch_bundle::Target::Username(username.into()))
+            .await
+    }
+
+    async fn fetch_bundle_for(
+        &self,
+        target: proto::fetch_bundle::Target,
+    ) -> Result<proto::PreKeyBundle, ClientError> {
+        match self
+            .request(Request::FetchBundle(proto::FetchBundle {
+                target: Some(target),
+            }))
+            .await?
+        {
+            Some(response::Result::Bundle(r)) => Ok(r),
+            _ => Err(ClientError::UnexpectedResponse),
+        }
+    }
+
+    /// Sends a message; see [`Outgoing`] for the options.
+    pub async fn send(&self, message: Outgoing) -> Result<Sent, ClientError> {
+        let request = proto::SendMessage {
+            recipient_id: Bytes::copy_from_slice(message.recipient.as_bytes()),
+            r#type: message.envelope_type as i32,
+            content: message.content,
+            client_timestamp_ms: message.client_timestamp_ms,
+            ephemeral: message.ephemeral,
+            ttl_seconds: message.ttl_seconds,
+            client_message_id: message.client_message_id,
+        };
+        match self.request(Request::SendMessage(request)).await? {
+            Some(response::Result::Send(r)) => Ok(Sent {
+                message_id: Uuid::from_slice(&r.message_id)
+                    .map_err(|_| ClientError::UnexpectedResponse)?,
+                outcome: proto::SendOutcome::try_from(r.outcome)
+                    .unwrap_or(proto::SendOutcome::Unspecified),
+            }),
+            _ => Err(ClientError::UnexpectedResponse),
+        }
+    }
+
+    /// Acknowledges messages; returns (acked, unknown).
+    pub async fn ack(&self, ids: &[Uuid]) -> Result<(Vec<Uuid>, Vec<Uuid>), ClientError> {
+        let request = proto::AckMessages {
+            message_ids: ids
+                .iter()
+                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                .collect(),
+        };
+        match self.request(Request::AckMessages(request)).await? {
+            Some(response::Result::Ack(r)) => {
+                let parse = |ids: Vec<Bytes>| {
+                    ids.iter()
+                        .filter_map(|b| Uuid::from_slice(b).ok())
+                        .collect()
+                };
+                Ok((parse(r.acked), parse(r.unknown)))
+            }
+            _ => Err(ClientError::UnexpectedResponse),
+        }
+    }
+
+    /// Starts a clean close; pending requests fail.
+    pub async fn close(&self) {
+        let _ = self.out.send(WsMessage::Close(None)).await;
+    }
+}
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub recipient: Uuid,
+    pub envelope_type: EnvelopeType,
+    pub content: Bytes,
+    pub client_timestamp_ms: u64,
+    pub ephemeral: bool,
+    pub ttl_seconds: u32,
+    pub client_message_id: Option<Bytes>,
+}
+
+impl Outgoing {
+    /// A CIPHERTEXT message with default options.
+    pub fn new(recipient: Uuid, content: impl Into<Bytes>) -> Self {
+        Outgoing {
+            recipient,
+            envelope_type: EnvelopeType::Ciphertext,
+            content: content.into(),
+            client_timestamp_ms: 0,
+            ephemeral: false,
+            ttl_seconds: 0,
+            client_message_id: None,
+        }
+    }
+}
+
+/// The server's answer to a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub message_id: Uuid,
+    pub outcome: proto::SendOutcome,
+}
+
+fn auth_info(result: Option<response::Result>) -> Result<AuthInfo, ClientError> {
+    match result {
+        Some(response::Result::Auth(a)) => Ok(AuthInfo {
+            user_id: Uuid::from_slice(&a.user_id).map_err(|_| ClientError::UnexpectedResponse)?,
+            username: a.username,
+            token: a.token.to_vec(),
+            token_expires_at_ms: a.token_expires_at_ms,
+        }),
+        _ => Err(ClientError::UnexpectedResponse),
+    }
+}
+
+/// Where a CA certificate may be given for `wss://` to a local server.
+pub fn ca_from_file(path: impl Into<PathBuf>) -> ConnectOptions {
+    ConnectOptions {
+        ca_cert: Some(path.into()),
+        ..ConnectOptions::default()
+    }
+}

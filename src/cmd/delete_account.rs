@@ -1,0 +1,45 @@
+//! `DeleteAccount`: with the password confirmed, delete the user; cascades
+//! remove their keys, sessions and queued messages. Then close the socket.
+
+use futures::FutureExt;
+
+use super::{Ctx, Done, Reply};
+use crate::auth::Password;
+use crate::protocol::{self, RequestError, proto};
+use crate::registry::CloseReason;
+use crate::storage;
+
+pub struct DeleteAccount {
+    password: Password,
+}
+
+impl DeleteAccount {
+    pub fn from_frame(request: proto::DeleteAccount) -> Result<Self, RequestError> {
+        Ok(DeleteAccount {
+            password: Password::parse(request.password)?,
+        })
+    }
+
+    pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
+        let state = ctx.state.clone();
+        let user_id = ctx.auth.user_id;
+        async move {
+            state
+                .auth()
+                .confirm_password(user_id, self.password)
+                .await?;
+            storage::users::delete(state.db(), user_id)
+                .await
+                .map_err(RequestError::internal)?;
+            tracing::info!(%user_id, "account deleted");
+            Ok(Done {
+                result: protocol::empty(),
+                close: Some(CloseReason {
+                    code: 1000,
+                    reason: "account deleted",
+                }),
+            })
+        }
+        .boxed()
+    }
+}

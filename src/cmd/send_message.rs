@@ -1,0 +1,153 @@
+//! `SendMessage`: accept an encrypted message and route it, live or stored.
+//! The answer waits for the outcome: `delivered` once the recipient acked,
+//! `queued` once it is committed, `dropped` for an ephemeral message nobody
+//! could take.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use uuid::Uuid;
+
+use super::{Ctx, Done, Reply, ready};
+use crate::config::Limits;
+use crate::messages::dedupe::Begin;
+use crate::messages::store::Stored;
+use crate::messages::{self, Delivery, EnvelopeType, Message};
+use crate::protocol::RequestError;
+use crate::protocol::ids::UserId;
+use crate::protocol::proto::{self, response};
+use crate::registry::Route;
+
+/// Longest client message id accepted.
+pub const MAX_CLIENT_MESSAGE_ID: usize = 64;
+
+pub struct SendMessage {
+    recipient: UserId,
+    envelope_type: EnvelopeType,
+    content: Bytes,
+    client_timestamp_ms: i64,
+    ephemeral: bool,
+    ttl_ms: i64,
+    client_message_id: Option<Bytes>,
+}
+
+impl SendMessage {
+    pub fn from_frame(request: proto::SendMessage, limits: &Limits) -> Result<Self, RequestError> {
+        let recipient = UserId::parse(&request.recipient_id, "recipient_id")?;
+        let envelope_type = EnvelopeType::from_client(request.r#type).ok_or_else(|| {
+            RequestError::bad_request(format!(
+                "type must be CIPHERTEXT (1), PREKEY_BUNDLE (3) or PLAINTEXT_CONTENT (8), got {}",
+                request.r#type
+            ))
+        })?;
+        if request.content.is_empty() {
+            return Err(RequestError::bad_request("content must not be empty"));
+        }
+        if request.content.len() > limits.max_message_bytes {
+            return Err(RequestError::PayloadTooLarge(format!(
+                "content is {} bytes; the limit is {}",
+                request.content.len(),
+                limits.max_message_bytes
+            )));
+        }
+        if let Some(id) = &request.client_message_id
+            && (id.is_empty() || id.len() > MAX_CLIENT_MESSAGE_ID)
+        {
+            return Err(RequestError::bad_request(format!(
+                "client_message_id must be 1 to {MAX_CLIENT_MESSAGE_ID} bytes"
+            )));
+        }
+        let max_ttl = limits.max_ttl().as_millis() as i64;
+        let ttl_ms = match request.ttl_seconds {
+            0 => max_ttl,
+            secs => (i64::from(secs) * 1000).min(max_ttl),
+        };
+        Ok(SendMessage {
+            recipient,
+            envelope_type,
+            content: request.content,
+            client_timestamp_ms: i64::try_from(request.client_timestamp_ms).unwrap_or(i64::MAX),
+            ephemeral: request.ephemeral,
+            ttl_ms,
+            client_message_id: request.client_message_id,
+        })
+    }
+
+    pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
+        let state = ctx.state.clone();
+        let sender = ctx.auth.user_id;
+        if let Err(retry_after) = state.send_limiter().check(sender) {
+            return ready(Err(RequestError::RateLimited { retry_after }));
+        }
+        let id = messages::message_id(sender, self.client_message_id.as_deref());
+        let attempt = match self.client_message_id {
+            None => None,
+            Some(_) => match state.dedupe().begin(id) {
+                Begin::New(attempt) => Some(attempt),
+                Begin::Done(outcome) => return ready(Ok(sent(id, outcome))),
+                Begin::InProgress(mut first) => {
+                    return async move {
+                        match first.wait_for(Option::is_some).await {
+                            Ok(outcome) => Ok(sent(id, outcome.expect("waited for Some"))),
+                            Err(_) => Err(RequestError::Unavailable(
+                                "an earlier attempt with this client_message_id failed; retry"
+                                    .into(),
+                            )),
+                        }
+                    }
+                    .boxed();
+                }
+            },
+        };
+        let now = messages::now_ms();
+        let sender_username: Arc<str> = Arc::from(ctx.auth.username.as_str());
+        let route = state
+            .registry()
+            .route(self.recipient.0, self.ephemeral, |seq| Message {
+                id,
+                seq,
+                sender_id: Some(sender),
+                sender_username,
+                recipient_id: self.recipient.0,
+                envelope_type: self.envelope_type,
+                content: self.content,
+                server_timestamp_ms: now,
+                client_timestamp_ms: self.client_timestamp_ms,
+                expires_at_ms: now.saturating_add(self.ttl_ms),
+                ephemeral: self.ephemeral,
+            });
+        let recipient = self.recipient;
+        async move {
+            let outcome = match route {
+                Route::Live(outcome) => outcome.await.map_err(|_| {
+                    RequestError::Unavailable("delivery was interrupted; retry".into())
+                })?,
+                Route::Dropped => Delivery::Dropped,
+                Route::Store(message, ticket) => {
+                    match state.store().store(message, Some(ticket)).await {
+                        Ok(Stored::Inserted | Stored::AlreadyStored) => Delivery::Queued,
+                        Ok(Stored::UnknownRecipient) => {
+                            return Err(RequestError::NotFound(format!(
+                                "no user with id {recipient}"
+                            )));
+                        }
+                        Err(err) => return Err(RequestError::internal(err)),
+                    }
+                }
+            };
+            if let Some(attempt) = attempt {
+                attempt.complete(outcome);
+            }
+            Ok(sent(id, outcome))
+        }
+        .boxed()
+    }
+}
+
+fn sent(id: Uuid, outcome: Delivery) -> Done {
+    Done::reply(response::Result::Send(proto::SendResult {
+        message_id: Bytes::copy_from_slice(id.as_bytes()),
+        outcome: outcome.to_proto() as i32,
+    }))
+}

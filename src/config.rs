@@ -1,0 +1,241 @@
+//! Typed server configuration: command-line flags, each with an environment
+//! variable fallback and a default, so a bare `relay` runs against a local
+//! PostgreSQL with no set-up. Every limit the server enforces lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+use secrecy::SecretString;
+
+/// Everything the `relay` binary can be told. Tests build it with
+/// [`Config::for_tests`] and adjust fields directly.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "relay", version, about = "Signal Protocol relay server")]
+pub struct Config {
+    /// Address to listen on. Port 0 picks a free port.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL connection URL. The database is created if missing.
+    /// Wrapped as a secret because it may carry a password.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@localhost/relay",
+        hide_env_values = true
+    )]
+    pub database_url: SecretString,
+
+    /// Size of the PostgreSQL connection pool.
+    #[arg(long, env = "RELAY_DB_POOL", default_value_t = 16)]
+    pub db_pool: u32,
+
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub tls: TlsConfig,
+
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// TLS is on when both a certificate chain and a key are given.
+#[derive(Debug, Clone, Args, Default)]
+pub struct TlsConfig {
+    /// PEM certificate chain (see certs/README.md for a local one).
+    #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching --tls-cert.
+    #[arg(long, env = "RELAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every bound the server enforces. Durations are given in seconds or
+/// milliseconds as the flag name says.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Most WebSocket connections held at once; more get HTTP 503.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 25_000)]
+    pub max_connections: usize,
+
+    /// Largest WebSocket frame or message accepted, in bytes (close 1009).
+    #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = 512 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Per-socket read buffer. tungstenite's 128 KiB default costs too much
+    /// memory across tens of thousands of idle sockets.
+    #[arg(long, env = "RELAY_READ_BUFFER_BYTES", default_value_t = 4 * 1024)]
+    pub read_buffer_bytes: usize,
+
+    /// Frames queued for one connection before live messages overflow to
+    /// storage.
+    #[arg(long, env = "RELAY_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Live messages written to one connection and not yet acked; beyond
+    /// this the connection takes no more live messages, so they overflow to
+    /// storage.
+    #[arg(long, env = "RELAY_MAX_UNACKED", default_value_t = 1_024)]
+    pub max_unacked: usize,
+
+    /// Requests one connection may have in progress; reading pauses beyond.
+    #[arg(long, env = "RELAY_MAX_INFLIGHT_REQUESTS", default_value_t = 256)]
+    pub max_inflight_requests: usize,
+
+    /// Close a socket that sent nothing (not even a pong) for this long.
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Close a socket whose pending write makes no progress for this long:
+    /// a client that stopped reading.
+    #[arg(long, env = "RELAY_WRITE_TIMEOUT_SECS", default_value_t = 20)]
+    pub write_timeout_secs: u64,
+
+    /// Time to finish the WebSocket handshake and authenticate.
+    #[arg(long, env = "RELAY_AUTH_TIMEOUT_SECS", default_value_t = 30)]
+    pub auth_timeout_secs: u64,
+
+    /// Failed authentication attempts allowed on one socket.
+    #[arg(long, env = "RELAY_MAX_AUTH_ATTEMPTS", default_value_t = 5)]
+    pub max_auth_attempts: u32,
+
+    /// Session token lifetime.
+    #[arg(long, env = "RELAY_SESSION_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    pub session_ttl_secs: u64,
+
+    /// Argon2 verifications run at once; the rest wait their turn.
+    #[arg(long, env = "RELAY_ARGON2_CONCURRENCY", default_value_t = default_argon2_concurrency())]
+    pub argon2_concurrency: usize,
+
+    /// Argon2 jobs allowed to wait for a slot; beyond this, logins get
+    /// `unavailable` rather than piling up.
+    #[arg(long, env = "RELAY_ARGON2_QUEUE", default_value_t = 1024)]
+    pub argon2_queue: usize,
+
+    /// Largest message content, in bytes.
+    #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 96 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Longest time a message is kept queued; also the default TTL.
+    #[arg(long, env = "RELAY_MAX_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    pub max_ttl_secs: u64,
+
+    /// How long a live delivery waits for the recipient's ack before the
+    /// message is stored and the sender told `queued`.
+    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub ack_timeout_ms: u64,
+
+    /// Messages sent to the store writer that may wait for it.
+    #[arg(long, env = "RELAY_STORE_QUEUE", default_value_t = 16_384)]
+    pub store_queue: usize,
+
+    /// Most messages written in one storage transaction.
+    #[arg(long, env = "RELAY_STORE_BATCH", default_value_t = 1_024)]
+    pub store_batch: usize,
+
+    /// Parallel storage transactions of the store writer.
+    #[arg(long, env = "RELAY_STORE_WRITERS", default_value_t = 4)]
+    pub store_writers: usize,
+
+    /// Stored messages read per query while draining.
+    #[arg(long, env = "RELAY_DRAIN_BATCH", default_value_t = 512)]
+    pub drain_batch: usize,
+
+    /// Most message ids in one ack request.
+    #[arg(long, env = "RELAY_MAX_ACK_IDS", default_value_t = 1_000)]
+    pub max_ack_ids: usize,
+
+    /// Recent client message ids remembered for idempotent retries of
+    /// messages that were delivered live and never stored.
+    #[arg(long, env = "RELAY_DEDUPE_CAPACITY", default_value_t = 100_000)]
+    pub dedupe_capacity: usize,
+
+    /// Messages a sender may send per second, sustained.
+    #[arg(long, env = "RELAY_SEND_RATE", default_value_t = 200.0)]
+    pub send_rate_per_sec: f64,
+
+    /// Burst of messages a sender may send at once.
+    #[arg(long, env = "RELAY_SEND_BURST", default_value_t = 1_000.0)]
+    pub send_burst: f64,
+
+    /// Bundle fetches a requester may make per second, sustained.
+    #[arg(long, env = "RELAY_BUNDLE_RATE", default_value_t = 5.0)]
+    pub bundle_rate_per_sec: f64,
+
+    /// Burst of bundle fetches a requester may make at once.
+    #[arg(long, env = "RELAY_BUNDLE_BURST", default_value_t = 100.0)]
+    pub bundle_burst: f64,
+
+    /// Push "pre-keys low" when a fetch leaves fewer one-time keys than this.
+    #[arg(long, env = "RELAY_PREKEY_LOW_THRESHOLD", default_value_t = 10)]
+    pub prekey_low_threshold: u32,
+
+    /// How often expired messages and sessions are swept.
+    #[arg(long, env = "RELAY_SWEEP_INTERVAL_SECS", default_value_t = 60)]
+    pub sweep_interval_secs: u64,
+
+    /// Rows deleted per sweep statement.
+    #[arg(long, env = "RELAY_SWEEP_BATCH", default_value_t = 5_000)]
+    pub sweep_batch: i64,
+
+    /// After SIGINT/SIGTERM, how long in-flight work may take before exit.
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_argon2_concurrency() -> usize {
+    // Leave at least one core to live traffic.
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1).max(1))
+        .unwrap_or(1)
+}
+
+impl Limits {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
+    }
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_secs(self.auth_timeout_secs)
+    }
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_secs)
+    }
+    pub fn max_ttl(&self) -> Duration {
+        Duration::from_secs(self.max_ttl_secs)
+    }
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_secs(self.sweep_interval_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+impl Config {
+    /// The defaults, as if no flag or variable were given, pointed at
+    /// `database_url` and an ephemeral port on loopback.
+    pub fn for_tests(database_url: &str) -> Self {
+        let mut config = Config::parse_from(["relay"]);
+        config.database_url = SecretString::from(database_url.to_owned());
+        config.listen = "127.0.0.1:0".parse().expect("valid address");
+        config.tls = TlsConfig::default();
+        config
+    }
+}

@@ -1,0 +1,486 @@
+//! A connection's life: authenticate, take the user's registry slot
+//! (displacing an older socket), drain stored messages, then serve requests
+//! and live deliveries until the socket ends. On the way out, everything the
+//! connection still held (live messages not yet acked or not yet written) is
+//! stored before a successor may start draining, so nothing is lost.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::unacked::Unacked;
+use super::{Connection, Inbound};
+use crate::auth::Authenticated;
+use crate::cmd::{AuthCommand, Command, Ctx, Done};
+use crate::messages::drain::{Drain, Step};
+use crate::messages::store::Stored;
+use crate::messages::{self, Delivery};
+use crate::protocol::proto::{ServerFrame, push};
+use crate::protocol::{self, ProtocolError, RequestError};
+use crate::registry::{CloseReason, ConnHandle, LiveDelivery, Outbound};
+use crate::state::AppState;
+
+/// How long a new connection waits for the one it displaced to store what
+/// it held before draining anyway.
+const DISPLACED_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves one upgraded socket to the end. `pre_auth` is set when the upgrade
+/// request carried valid credentials.
+pub async fn serve<S>(
+    state: AppState,
+    ws: WebSocketStream<S>,
+    pre_auth: Option<Authenticated>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = Connection::new(ws, state.limits().max_frame_bytes);
+    let auth = match pre_auth {
+        Some(auth) => auth,
+        None => match authenticate(&state, &mut conn, &shutdown).await {
+            Ok(auth) => auth,
+            Err(Some((code, reason))) => return conn.close(code, &reason).await,
+            Err(None) => return,
+        },
+    };
+    tracing::debug!(user_id = %auth.user_id, "authenticated");
+    Session::run(state, conn, auth, shutdown).await;
+}
+
+/// Reads requests until one authenticates the socket. `Err` carries the
+/// close code and reason, if the socket should be told why.
+async fn authenticate<S>(
+    state: &AppState,
+    conn: &mut Connection<S>,
+    shutdown: &CancellationToken,
+) -> Result<Authenticated, Option<(u16, String)>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = state.limits();
+    let deadline = Instant::now() + limits.auth_timeout();
+    let mut failures = 0;
+    loop {
+        let inbound = tokio::select! {
+            _ = shutdown.cancelled() => return Err(Some((1001, "server shutting down".into()))),
+            read = timeout_at(deadline, conn.read()) => match read {
+                Err(_) => return Err(Some((1008, "authentication timed out".into()))),
+                Ok(read) => read,
+            },
+        };
+        let frame = match inbound {
+            Ok(Some(Inbound::Frame(frame))) => frame,
+            Ok(Some(Inbound::Heartbeat)) => continue,
+            Ok(None) => return Err(None),
+            Err(err) => return Err(protocol_close(&err)),
+        };
+        let request_id = frame.request_id;
+        let command = match frame.request.map(AuthCommand::from_frame) {
+            None => Err(RequestError::bad_request("frame carries no request")),
+            Some(Ok(Some(command))) => Ok(command),
+            Some(Ok(None)) => {
+                let err = RequestError::Unauthorized(
+                    "authenticate first with register, login or resume".into(),
+                );
+                let _ = conn.send(&protocol::error(request_id, &err)).await;
+                return Err(Some((1008, "not authenticated".into())));
+            }
+            Some(Err(err)) => Err(err),
+        };
+        let outcome = match command {
+            Ok(command) => command.apply(state).await,
+            Err(err) => Err(err),
+        };
+        match outcome {
+            Ok((auth, result)) => {
+                if conn.send(&protocol::ok(request_id, result)).await.is_err() {
+                    return Err(None);
+                }
+                return Ok(auth);
+            }
+            Err(err) => {
+                log_request_error("authenticate", &err);
+                if conn.send(&protocol::error(request_id, &err)).await.is_err() {
+                    return Err(None);
+                }
+                failures += 1;
+                if failures >= limits.max_auth_attempts {
+                    return Err(Some((
+                        1008,
+                        "too many failed authentication attempts".into(),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Why the session loop ended.
+enum End {
+    /// The peer closed or the transport broke: nobody to tell.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, String),
+}
+
+type RequestFuture = BoxFuture<'static, (u64, Result<Done, RequestError>)>;
+
+/// An authenticated connection. See the module docs.
+struct Session<S> {
+    /// Shared server state.
+    state: AppState,
+    /// The socket.
+    conn: Connection<S>,
+    /// Who is connected, and with which session token.
+    auth: Authenticated,
+    /// Our entry in the registry.
+    handle: ConnHandle,
+    /// Live messages and pushes routed to us.
+    rx: mpsc::Receiver<Outbound>,
+    /// Cancelled when someone closes us (displacement).
+    kick: CancellationToken,
+    /// Why we were kicked.
+    close_reason: Arc<OnceLock<CloseReason>>,
+    /// Cancelled once we have stored everything we held.
+    finished: CancellationToken,
+    /// Registry wake-ups for the drain.
+    wake: Arc<Notify>,
+    /// Requests in flight, answered as they finish.
+    requests: FuturesUnordered<RequestFuture>,
+    /// Stores of live messages that were not acked in time.
+    handoffs: FuturesUnordered<BoxFuture<'static, ()>>,
+    /// Live messages written but not yet acked.
+    unacked: Unacked,
+    /// Reads stored messages for us.
+    drain: Drain,
+    /// Last time the peer sent anything; for the idle timeout.
+    last_heard: Instant,
+    /// When to ping next.
+    next_ping: Instant,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn run(
+        state: AppState,
+        conn: Connection<S>,
+        auth: Authenticated,
+        shutdown: CancellationToken,
+    ) {
+        let registry = state.registry().clone();
+        let (handle, ends) = registry.new_connection();
+        let (displaced, wake) = registry.connect(auth.user_id, handle.clone());
+        if let Some(old) = displaced {
+            old.close(CloseReason::DISPLACED);
+            // What the old socket still holds is older than what storage
+            // will get from now on; let it store that before we read.
+            if timeout(DISPLACED_GRACE, old.finished()).await.is_err() {
+                tracing::warn!(user_id = %auth.user_id, "displaced connection did not finish in time");
+            }
+        }
+        let limits = state.limits();
+        let now = Instant::now();
+        let mut session = Session {
+            drain: Drain::new(
+                state.db().clone(),
+                registry,
+                auth.user_id,
+                handle.id,
+                limits.drain_batch,
+            ),
+            unacked: Unacked::new(limits.max_unacked),
+            conn,
+            auth,
+            handle,
+            rx: ends.rx,
+            kick: ends.kick,
+            close_reason: ends.close_reason,
+            finished: ends.finished,
+            wake,
+            requests: FuturesUnordered::new(),
+            handoffs: FuturesUnordered::new(),
+            last_heard: now,
+            next_ping: now + ping_interval(limits.idle_timeout()),
+            state,
+        };
+        let end = session.serve(&shutdown).await;
+        session.finish(end).await;
+    }
+
+    async fn serve(&mut self, shutdown: &CancellationToken) -> End {
+        let limits = self.state.limits().clone();
+        loop {
+            if self.drain.wanted() {
+                // Live messages queued before the switch to storage are older
+                // than anything the drain will read: write them first.
+                while let Ok(item) = self.rx.try_recv() {
+                    if let Err(end) = self.write_outbound(item).await {
+                        return end;
+                    }
+                }
+                self.drain.start();
+            }
+            let ack_deadline = self.unacked.next_deadline();
+            let take_live = self.drain.is_live() && self.unacked.has_room();
+            let read_more = self.requests.len() < limits.max_inflight_requests;
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return End::Close(1001, "server shutting down".into()),
+                _ = self.kick.cancelled() => {
+                    let reason = self.close_reason.get().cloned().unwrap_or(CloseReason::DISPLACED);
+                    return End::Close(reason.code, reason.reason.into());
+                }
+                inbound = self.conn.read(), if read_more => self.on_inbound(inbound).await,
+                Some((request_id, outcome)) = self.requests.next() => self.on_reply(request_id, outcome).await,
+                Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
+                step = self.drain.step() => self.on_drain(step).await,
+                _ = self.wake.notified() => {
+                    self.drain.woken();
+                    Ok(())
+                }
+                _ = sleep_until(ack_deadline.unwrap_or_else(Instant::now)), if ack_deadline.is_some() => {
+                    self.hand_off_expired();
+                    Ok(())
+                }
+                Some(()) = self.handoffs.next() => Ok(()),
+                _ = sleep_until(self.next_ping) => self.heartbeat(limits.idle_timeout()).await,
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    async fn on_inbound(
+        &mut self,
+        inbound: Result<Option<Inbound>, ProtocolError>,
+    ) -> Result<(), End> {
+        self.last_heard = Instant::now();
+        let frame = match inbound {
+            Ok(Some(Inbound::Frame(frame))) => frame,
+            Ok(Some(Inbound::Heartbeat)) => return Ok(()),
+            Ok(None) => return Err(End::Gone),
+            Err(err) => {
+                return Err(match protocol_close(&err) {
+                    Some((code, reason)) => End::Close(code, reason),
+                    None => End::Gone,
+                });
+            }
+        };
+        let request_id = frame.request_id;
+        let command = frame
+            .request
+            .ok_or_else(|| RequestError::bad_request("frame carries no request"))
+            .and_then(|request| Command::from_frame(request, self.state.limits()));
+        match command {
+            Ok(command) => {
+                let mut ctx = Ctx {
+                    state: &self.state,
+                    auth: &self.auth,
+                    unacked: &mut self.unacked,
+                };
+                let reply = command.apply(&mut ctx);
+                self.requests
+                    .push(reply.map(move |outcome| (request_id, outcome)).boxed());
+                Ok(())
+            }
+            Err(err) => self.on_reply(request_id, Err(err)).await,
+        }
+    }
+
+    async fn on_reply(
+        &mut self,
+        request_id: u64,
+        outcome: Result<Done, RequestError>,
+    ) -> Result<(), End> {
+        match outcome {
+            Ok(done) => {
+                self.write(&protocol::ok(request_id, done.result)).await?;
+                match done.close {
+                    Some(reason) => Err(End::Close(reason.code, reason.reason.into())),
+                    None => Ok(()),
+                }
+            }
+            Err(err) => {
+                log_request_error("request", &err);
+                self.write(&protocol::error(request_id, &err)).await
+            }
+        }
+    }
+
+    async fn write_outbound(&mut self, item: Outbound) -> Result<(), End> {
+        match item {
+            Outbound::Push(event) => self.write(&protocol::push(*event)).await,
+            Outbound::Deliver(delivery) => {
+                let delivery = *delivery;
+                if delivery.message.is_expired(messages::now_ms()) {
+                    if let Some(responder) = delivery.responder {
+                        let _ = responder.send(Delivery::Dropped);
+                    }
+                    return Ok(());
+                }
+                let frame = protocol::push(push::Event::Deliver(delivery.message.to_envelope()));
+                self.drain.delivered_live(delivery.message.seq);
+                let deadline = Instant::now() + self.state.limits().ack_timeout();
+                self.unacked.insert(delivery, deadline);
+                self.write(&frame).await
+            }
+        }
+    }
+
+    async fn on_drain(
+        &mut self,
+        step: Result<Step, crate::storage::StorageError>,
+    ) -> Result<(), End> {
+        match step {
+            Ok(Step::Deliver(batch)) => {
+                let now = messages::now_ms();
+                for message in batch.iter().filter(|m| !m.is_expired(now)) {
+                    let frame = protocol::push(push::Event::Deliver(message.to_envelope()));
+                    self.bounded(|conn| conn.feed(&frame).boxed()).await?;
+                }
+                self.bounded(|conn| conn.flush().boxed()).await
+            }
+            Ok(Step::QueueEmpty) => {
+                self.write(&protocol::push(push::Event::QueueEmpty(Default::default())))
+                    .await
+            }
+            Ok(Step::Idle) => Ok(()),
+            Err(err) => {
+                tracing::error!(error = %err, source = ?std::error::Error::source(&err), "drain failed");
+                Err(End::Close(
+                    1011,
+                    "internal error while reading queued messages".into(),
+                ))
+            }
+        }
+    }
+
+    /// Stores live messages whose ack is overdue and answers their senders
+    /// `queued`. The recipient may still ack them; then they are deleted.
+    fn hand_off_expired(&mut self) {
+        let expired = self.unacked.take_expired(Instant::now());
+        if !expired.is_empty() {
+            self.handoffs
+                .push(hand_off(self.state.clone(), expired).boxed());
+        }
+    }
+
+    async fn heartbeat(&mut self, idle_timeout: Duration) -> Result<(), End> {
+        if self.last_heard.elapsed() >= idle_timeout {
+            return Err(End::Close(1001, "idle timeout".into()));
+        }
+        self.next_ping = Instant::now() + ping_interval(idle_timeout);
+        self.bounded(|conn| conn.ping().boxed()).await
+    }
+
+    async fn write(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        self.bounded(|conn| conn.send(frame).boxed()).await
+    }
+
+    /// Runs a write with the write timeout: a peer that stops reading is cut
+    /// off rather than holding our buffers.
+    async fn bounded<'a>(
+        &'a mut self,
+        op: impl FnOnce(
+            &'a mut Connection<S>,
+        ) -> BoxFuture<'a, Result<(), tokio_tungstenite::tungstenite::Error>>,
+    ) -> Result<(), End> {
+        let limit = self.state.limits().write_timeout();
+        match timeout(limit, op(&mut self.conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => {
+                tracing::info!(user_id = %self.auth.user_id, "closing a socket that stopped reading");
+                Err(End::Close(
+                    1008,
+                    "write timeout: the client stopped reading".into(),
+                ))
+            }
+        }
+    }
+
+    /// Leaves the registry, stores what we still hold, closes the socket,
+    /// then lets a successor drain.
+    async fn finish(mut self, end: End) {
+        let registry = self.state.registry().clone();
+        registry.disconnect(self.auth.user_id, self.handle.id);
+        // Nothing new can be routed to us now; collect what was.
+        self.rx.close();
+        let mut held = self.unacked.take_all();
+        while let Ok(item) = self.rx.try_recv() {
+            if let Outbound::Deliver(delivery) = item {
+                held.push(*delivery);
+            }
+        }
+        let stored = hand_off(self.state.clone(), held);
+        let pending = std::mem::take(&mut self.handoffs).collect::<Vec<()>>();
+        let closed = async {
+            if let End::Close(code, reason) = &end {
+                self.conn.close(*code, reason).await;
+            }
+        };
+        futures::join!(stored, pending, closed);
+        self.finished.cancel();
+        tracing::debug!(user_id = %self.auth.user_id, "connection finished");
+    }
+}
+
+/// Stores live messages that were not acked, answering each sender:
+/// `queued` once stored, `dropped` for ephemeral ones. A failed store leaves
+/// the sender unanswered (its request fails), so it may retry.
+async fn hand_off(state: AppState, deliveries: Vec<LiveDelivery>) {
+    let stores = deliveries.into_iter().map(|delivery| {
+        let state = state.clone();
+        async move {
+            let LiveDelivery { message, responder } = delivery;
+            let outcome = if message.ephemeral {
+                Some(Delivery::Dropped)
+            } else {
+                match state.store().store(message, None).await {
+                    Ok(Stored::Inserted | Stored::AlreadyStored) => Some(Delivery::Queued),
+                    Ok(Stored::UnknownRecipient) => Some(Delivery::Dropped),
+                    Err(err) => {
+                        tracing::error!(error = %err, "storing an unacked live message failed");
+                        None
+                    }
+                }
+            };
+            if let (Some(outcome), Some(responder)) = (outcome, responder) {
+                let _ = responder.send(outcome);
+            }
+        }
+    });
+    futures::future::join_all(stores).await;
+}
+
+fn ping_interval(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 3).max(Duration::from_millis(100))
+}
+
+fn protocol_close(err: &ProtocolError) -> Option<(u16, String)> {
+    match err.close_code() {
+        Some(code) => {
+            tracing::debug!(error = %err, "closing on protocol error");
+            Some((code, err.to_string()))
+        }
+        None => None,
+    }
+}
+
+fn log_request_error(what: &str, err: &RequestError) {
+    if err.is_internal() {
+        tracing::error!(error = %err, source = ?std::error::Error::source(err), "{what} failed");
+    } else {
+        tracing::debug!(error = %err, "{what} rejected");
+    }
+}

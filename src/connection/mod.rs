@@ -1,0 +1,112 @@
+//! One client's WebSocket: [`Connection`] turns WebSocket messages into
+//! protocol frames and back, and [`handler`] runs the connection's life:
+//! authentication, then the session loop.
+
+pub mod handler;
+pub mod unacked;
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+
+use crate::protocol::ProtocolError;
+use crate::protocol::proto::{ClientFrame, ServerFrame};
+
+/// Something read from the socket.
+// Not boxed: it is moved once per frame, and boxing would allocate per frame.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Inbound {
+    Frame(ClientFrame),
+    /// A ping or pong: proof of life, nothing to answer.
+    Heartbeat,
+}
+
+/// A WebSocket speaking the relay protocol.
+pub struct Connection<S> {
+    /// The socket, configured with the server's frame and buffer limits.
+    ws: WebSocketStream<S>,
+    /// The frame limit, for the error message when a frame exceeds it.
+    max_frame: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(ws: WebSocketStream<S>, max_frame: usize) -> Self {
+        Connection { ws, max_frame }
+    }
+
+    /// Reads the next frame. `Ok(None)` means the peer closed. Cancel-safe.
+    pub async fn read(&mut self) -> Result<Option<Inbound>, ProtocolError> {
+        loop {
+            let message = match self.ws.next().await {
+                None => return Ok(None),
+                Some(Ok(message)) => message,
+                Some(Err(tungstenite::Error::Capacity(_))) => {
+                    return Err(ProtocolError::TooLarge {
+                        limit: self.max_frame,
+                    });
+                }
+                Some(Err(
+                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                )) => return Ok(None),
+                Some(Err(err)) => return Err(ProtocolError::Transport(err)),
+            };
+            return match message {
+                WsMessage::Binary(bytes) => ClientFrame::decode(bytes)
+                    .map(|f| Some(Inbound::Frame(f)))
+                    .map_err(ProtocolError::Malformed),
+                WsMessage::Text(_) => Err(ProtocolError::TextFrame),
+                WsMessage::Close(_) => Ok(None),
+                WsMessage::Ping(_) => {
+                    // tungstenite queued the pong; send it now.
+                    self.ws.flush().await.map_err(ProtocolError::Transport)?;
+                    Ok(Some(Inbound::Heartbeat))
+                }
+                WsMessage::Pong(_) => Ok(Some(Inbound::Heartbeat)),
+                WsMessage::Frame(_) => continue,
+            };
+        }
+    }
+
+    /// Queues a frame without flushing; follow with [`Connection::flush`].
+    pub async fn feed(&mut self, frame: &ServerFrame) -> Result<(), tungstenite::Error> {
+        self.ws
+            .feed(WsMessage::Binary(frame.encode_to_vec().into()))
+            .await
+    }
+
+    pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
+        self.ws.flush().await
+    }
+
+    /// Writes and flushes one frame.
+    pub async fn send(&mut self, frame: &ServerFrame) -> Result<(), tungstenite::Error> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+
+    pub async fn ping(&mut self) -> Result<(), tungstenite::Error> {
+        self.ws.send(WsMessage::Ping(Default::default())).await
+    }
+
+    /// Sends a close frame and waits briefly for the peer's, so the close is
+    /// clean when the peer is well-behaved and bounded when it is not.
+    pub async fn close(mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let closing = async {
+            if self.ws.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+    }
+}

@@ -1,0 +1,175 @@
+//! Delivering stored messages to a connected recipient, oldest first.
+//!
+//! A [`Drain`] belongs to one connection. It reads storage in batches by
+//! sequence number, never past a message that is still on its way to storage
+//! (see [`Registry::drain_bound`]), and reads the next batch while the
+//! connection writes the current one. When a read comes back empty and the
+//! registry agrees nothing arrived meanwhile, the connection goes live and
+//! the client is told the queue is empty, once per connection.
+
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::Message;
+use crate::registry::{DrainBound, Registry};
+use crate::storage::{self, StorageError};
+
+/// Most content bytes one drain read holds, beyond its first message.
+const BATCH_BYTE_BUDGET: i64 = 1 << 20;
+
+type Read = JoinHandle<Result<(Vec<Message>, DrainBound), StorageError>>;
+
+#[derive(Debug)]
+enum State {
+    /// Nothing stored is waiting; live delivery is on.
+    Live,
+    /// Must read storage; waiting for the connection to flush what it had
+    /// queued live first.
+    Wanted,
+    /// A read is in flight.
+    Reading(Read),
+    /// Storage was empty but a store is in flight; waiting for it.
+    Waiting,
+}
+
+/// What the connection should do after a drain step.
+#[derive(Debug)]
+pub enum Step {
+    /// Write these, in order.
+    Deliver(Vec<Message>),
+    /// Caught up: tell the client its queue is empty.
+    QueueEmpty,
+    /// Nothing to do until woken.
+    Idle,
+}
+
+/// One connection's drain. See the module docs.
+pub struct Drain {
+    /// Storage to read from.
+    db: PgPool,
+    /// Decides when the drain may end.
+    registry: Registry,
+    /// The recipient.
+    user: Uuid,
+    /// The connection draining, so a displaced one cannot go live.
+    conn_id: u64,
+    /// Highest sequence number written to this connection.
+    cursor: i64,
+    /// Most messages per read.
+    batch: i64,
+    state: State,
+    /// Queue-empty is sent once per connection.
+    announced_empty: bool,
+}
+
+impl Drain {
+    /// A drain that starts wanted: a new connection first empties its queue.
+    pub fn new(db: PgPool, registry: Registry, user: Uuid, conn_id: u64, batch: usize) -> Self {
+        Drain {
+            db,
+            registry,
+            user,
+            conn_id,
+            cursor: 0,
+            batch: batch.max(1) as i64,
+            state: State::Wanted,
+            announced_empty: false,
+        }
+    }
+
+    /// Records that a message was written live, so the drain never reads it
+    /// back if it is stored later (after an ack timeout).
+    pub fn delivered_live(&mut self, seq: i64) {
+        self.cursor = self.cursor.max(seq);
+    }
+
+    /// True when the connection should stop taking live messages from its
+    /// queue and start a read as soon as it has written what it holds.
+    pub fn wanted(&self) -> bool {
+        matches!(self.state, State::Wanted)
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, State::Live)
+    }
+
+    /// Called when the registry's wake-up fires: a store finished, or live
+    /// delivery overflowed to storage.
+    pub fn woken(&mut self) {
+        match self.state {
+            State::Waiting => self.state = State::Wanted,
+            State::Live if self.registry.is_draining(self.user) => self.state = State::Wanted,
+            _ => {}
+        }
+    }
+
+    /// Starts a read. The connection calls this once its live queue is
+    /// flushed, when [`Drain::wanted`] is true.
+    pub fn start(&mut self) {
+        let bound = self.registry.drain_bound(self.user);
+        let db = self.db.clone();
+        let (user, after, limit) = (self.user, self.cursor, self.batch);
+        self.state = State::Reading(tokio::spawn(async move {
+            let rows = storage::messages::fetch_for_drain(
+                &db,
+                user,
+                after,
+                bound.below,
+                limit,
+                BATCH_BYTE_BUDGET,
+            )
+            .await?;
+            Ok((rows, bound))
+        }));
+    }
+
+    /// Waits for the read in flight, if any (pending forever otherwise, for
+    /// use in `select!`), and decides the next step. A non-empty batch
+    /// starts the next read at once, so reading overlaps writing.
+    pub async fn step(&mut self) -> Result<Step, StorageError> {
+        let State::Reading(read) = &mut self.state else {
+            return std::future::pending().await;
+        };
+        let result = read.await;
+        self.state = State::Waiting;
+        let (rows, bound) = match result {
+            Ok(result) => result?,
+            Err(join) => {
+                self.state = State::Wanted;
+                return Err(StorageError::Task(join));
+            }
+        };
+        if let Some(last) = rows.last() {
+            self.cursor = self.cursor.max(last.seq);
+            self.start();
+            return Ok(Step::Deliver(rows));
+        }
+        if self
+            .registry
+            .try_go_live(self.user, self.conn_id, bound.generation)
+        {
+            self.state = State::Live;
+            if !self.announced_empty {
+                self.announced_empty = true;
+                return Ok(Step::QueueEmpty);
+            }
+            return Ok(Step::Idle);
+        }
+        // Something is being stored, or was stored since the read began:
+        // wait for the wake-up (or read again at once if it already came).
+        let now = self.registry.drain_bound(self.user);
+        if now.below.is_none() && now.generation != bound.generation {
+            self.state = State::Wanted;
+        }
+        Ok(Step::Idle)
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        if let State::Reading(read) = &self.state {
+            read.abort();
+        }
+    }
+}

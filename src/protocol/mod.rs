@@ -1,0 +1,54 @@
+//! The wire protocol: the generated protobuf types of `proto/relay.proto`,
+//! the status codes every request answers with, and the domain newtypes that
+//! requests are parsed into at the edge.
+
+mod error;
+pub mod ids;
+
+pub use error::{ProtocolError, RequestError};
+
+/// Types generated from `proto/relay.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/relay.v1.rs"));
+}
+
+use proto::{Response, ServerFrame, response, server_frame};
+
+/// Builds the frame answering `request_id` with `result`.
+pub fn ok(request_id: u64, result: response::Result) -> ServerFrame {
+    ServerFrame {
+        kind: Some(server_frame::Kind::Response(Response {
+            request_id,
+            status: proto::Status::Ok as i32,
+            message: String::new(),
+            retry_after_ms: 0,
+            result: Some(result),
+        })),
+    }
+}
+
+/// Builds the frame answering `request_id` with an error.
+pub fn error(request_id: u64, err: &RequestError) -> ServerFrame {
+    ServerFrame {
+        kind: Some(server_frame::Kind::Response(Response {
+            request_id,
+            status: err.status() as i32,
+            message: err.client_message(),
+            retry_after_ms: err.retry_after().map_or(0, |d| d.as_millis() as u64),
+            result: None,
+        })),
+    }
+}
+
+/// Wraps a push event in a frame.
+pub fn push(event: proto::push::Event) -> ServerFrame {
+    ServerFrame {
+        kind: Some(server_frame::Kind::Push(proto::Push { event: Some(event) })),
+    }
+}
+
+/// The empty OK result.
+pub fn empty() -> response::Result {
+    response::Result::Empty(proto::Empty {})
+}

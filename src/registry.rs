@@ -1,0 +1,390 @@
+//! The connection registry: which users are online, and the one place where
+//! a message's route (live or stored) is decided.
+//!
+//! One [`Slot`] per user who is connected or has messages on their way to
+//! storage. Every decision that must be atomic with respect to connects,
+//! disconnects and drains happens in one synchronous method holding that
+//! user's DashMap shard lock, so the methods here never `.await` and no
+//! guard escapes them.
+//!
+//! Ordering rule: a message goes live only if the recipient's connection is
+//! past its drain and no message for them is on its way to storage;
+//! otherwise it is stored. The sequence number is taken under the same lock,
+//! so per-recipient sequence order is routing order.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::messages::{Delivery, Message};
+use crate::protocol::proto;
+
+/// What a connection is sent through its bounded outbound queue. Boxed so
+/// an idle connection's queue costs little.
+#[derive(Debug)]
+pub enum Outbound {
+    Deliver(Box<LiveDelivery>),
+    Push(Box<proto::push::Event>),
+}
+
+/// A message routed live, and the sender waiting to hear what became of it.
+#[derive(Debug)]
+pub struct LiveDelivery {
+    pub message: Message,
+    /// Told `Delivered` on ack, `Queued` once stored after a timeout or
+    /// disconnect, `Dropped` for an ephemeral message that was not acked.
+    /// Dropping it unanswered tells the sender the delivery failed.
+    pub responder: Option<oneshot::Sender<Delivery>>,
+}
+
+/// Why the server closes a connection from outside its own loop.
+#[derive(Debug, Clone)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    pub const DISPLACED: CloseReason = CloseReason {
+        code: 4409,
+        reason: "replaced by a newer connection of this user",
+    };
+}
+
+/// A connection as the rest of the server sees it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    /// Tells this connection apart from a newer one of the same user.
+    pub id: u64,
+    /// The connection's bounded outbound queue.
+    tx: mpsc::Sender<Outbound>,
+    /// Cancelled to make the connection close with `close_reason`.
+    kick: CancellationToken,
+    /// Set once, before `kick` is cancelled.
+    close_reason: Arc<OnceLock<CloseReason>>,
+    /// Cancelled by the connection when it has stored everything it held, so
+    /// a successor may start draining.
+    finished: CancellationToken,
+}
+
+/// The connection's own side of its [`ConnHandle`].
+pub struct ConnEnds {
+    pub rx: mpsc::Receiver<Outbound>,
+    pub kick: CancellationToken,
+    pub close_reason: Arc<OnceLock<CloseReason>>,
+    pub finished: CancellationToken,
+}
+
+impl ConnHandle {
+    /// Asks the connection to close with `reason`.
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self.close_reason.set(reason);
+        self.kick.cancel();
+    }
+
+    /// Resolves when the connection has handed off everything it held.
+    pub async fn finished(&self) {
+        self.finished.cancelled().await
+    }
+}
+
+/// One user's routing state. Only touched under the shard lock.
+#[derive(Debug)]
+struct Slot {
+    /// The user's connection, if online.
+    conn: Option<ConnHandle>,
+    /// True while stored messages must be delivered before anything live:
+    /// from connect until the drain catches up, and after an overflow.
+    draining: bool,
+    /// Sequence numbers of this user's messages on their way to storage. The
+    /// drain never reads past the lowest, so it cannot skip one that commits
+    /// late.
+    storing: BTreeSet<i64>,
+    /// Bumped whenever a store for this user finishes, so a drain can tell
+    /// that something arrived between its last read and going live.
+    stored_generation: u64,
+    /// Wakes the connection's drain when a store finishes or live delivery
+    /// overflowed.
+    wake: Arc<Notify>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            conn: None,
+            draining: false,
+            storing: BTreeSet::new(),
+            stored_generation: 0,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.conn.is_none() && self.storing.is_empty()
+    }
+}
+
+/// How the registry routed a message.
+pub enum Route {
+    /// Queued on the recipient's connection; the receiver hears the outcome.
+    Live(oneshot::Receiver<Delivery>),
+    /// Must be stored; the ticket keeps the drain from passing it until it is
+    /// dropped, which the store writer does after the commit.
+    Store(Message, StoreTicket),
+    /// Ephemeral and the recipient is not reachable.
+    Dropped,
+}
+
+/// Marks a message on its way to storage. Dropping it (after the commit, or
+/// on failure) lets the recipient's drain move past it.
+#[derive(Debug)]
+pub struct StoreTicket {
+    registry: Registry,
+    recipient: Uuid,
+    seq: i64,
+}
+
+impl Drop for StoreTicket {
+    fn drop(&mut self) {
+        self.registry.store_finished(self.recipient, self.seq);
+    }
+}
+
+/// What a drain may read: messages with `seq < below` (if set), and the
+/// store generation when it looked.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainBound {
+    pub below: Option<i64>,
+    pub generation: u64,
+}
+
+/// The registry. Cheap to clone; clones share one map.
+///
+/// Locking: each method takes one user's shard lock (through DashMap) for
+/// its whole decision and releases it before returning. Nothing awaits while
+/// holding it, and no method calls another that locks the same user.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// User id to routing state.
+    slots: DashMap<Uuid, Slot>,
+    /// Source of connection ids.
+    next_conn_id: AtomicU64,
+    /// Source of message sequence numbers; strictly increasing, seeded at
+    /// start-up above every stored one.
+    next_seq: AtomicI64,
+    /// Capacity of each connection's outbound queue.
+    outbound_queue: usize,
+}
+
+impl Registry {
+    /// `first_seq` must exceed every `seq` in storage.
+    pub fn new(first_seq: i64, outbound_queue: usize) -> Self {
+        Registry {
+            inner: Arc::new(Inner {
+                slots: DashMap::new(),
+                next_conn_id: AtomicU64::new(1),
+                next_seq: AtomicI64::new(first_seq),
+                outbound_queue: outbound_queue.max(1),
+            }),
+        }
+    }
+
+    /// Makes a handle for a new connection of some user, and its own ends.
+    pub fn new_connection(&self) -> (ConnHandle, ConnEnds) {
+        let (tx, rx) = mpsc::channel(self.inner.outbound_queue);
+        let kick = CancellationToken::new();
+        let close_reason = Arc::new(OnceLock::new());
+        let finished = CancellationToken::new();
+        let handle = ConnHandle {
+            id: self.inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            tx,
+            kick: kick.clone(),
+            close_reason: close_reason.clone(),
+            finished: finished.clone(),
+        };
+        let ends = ConnEnds {
+            rx,
+            kick,
+            close_reason,
+            finished,
+        };
+        (handle, ends)
+    }
+
+    /// Makes `handle` the user's connection, in draining mode. Returns the
+    /// connection it displaces, which the caller must close and wait for,
+    /// and the notifier that wakes the new connection's drain.
+    pub fn connect(&self, user: Uuid, handle: ConnHandle) -> (Option<ConnHandle>, Arc<Notify>) {
+        let mut slot = self.inner.slots.entry(user).or_insert_with(Slot::new);
+        let old = slot.conn.replace(handle);
+        slot.draining = true;
+        (old, slot.wake.clone())
+    }
+
+    /// Removes the user's connection if it is still `conn_id`. After this
+    /// returns, nothing new is routed to that connection.
+    pub fn disconnect(&self, user: Uuid, conn_id: u64) {
+        if let Some(mut slot) = self.inner.slots.get_mut(&user)
+            && slot.conn.as_ref().is_some_and(|c| c.id == conn_id)
+        {
+            slot.conn = None;
+        }
+        self.inner.slots.remove_if(&user, |_, slot| slot.is_idle());
+    }
+
+    /// The user's current connection, if online.
+    pub fn connection(&self, user: Uuid) -> Option<ConnHandle> {
+        self.inner.slots.get(&user).and_then(|s| s.conn.clone())
+    }
+
+    pub fn is_online(&self, user: Uuid) -> bool {
+        self.connection(user).is_some()
+    }
+
+    /// Number of users online.
+    pub fn online(&self) -> usize {
+        self.inner.slots.iter().filter(|s| s.conn.is_some()).count()
+    }
+
+    /// Accepts a message for `recipient`: assigns its sequence number and
+    /// decides its route, atomically with respect to connects and drains.
+    /// `build` makes the message from its sequence number.
+    pub fn route(
+        &self,
+        recipient: Uuid,
+        ephemeral: bool,
+        build: impl FnOnce(i64) -> Message,
+    ) -> Route {
+        if ephemeral {
+            return self.route_ephemeral(recipient, build);
+        }
+        let mut slot = self.inner.slots.entry(recipient).or_insert_with(Slot::new);
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut message = build(seq);
+        if slot.conn.is_some() && !slot.draining && slot.storing.is_empty() {
+            let (responder, outcome) = oneshot::channel();
+            let live = Box::new(LiveDelivery {
+                message,
+                responder: Some(responder),
+            });
+            let conn = slot.conn.as_ref().expect("checked above");
+            match conn.tx.try_send(Outbound::Deliver(live)) {
+                Ok(()) => return Route::Live(outcome),
+                Err(refused) => {
+                    let Outbound::Deliver(live) = refused.into_inner() else {
+                        unreachable!("try_send hands back the item it was given")
+                    };
+                    // The recipient is not keeping up (or is closing).
+                    // Everything from here on goes through storage, behind
+                    // what is already queued, until the connection drains it.
+                    message = live.message;
+                    slot.draining = true;
+                    slot.wake.notify_one();
+                }
+            }
+        }
+        slot.storing.insert(seq);
+        let ticket = StoreTicket {
+            registry: self.clone(),
+            recipient,
+            seq,
+        };
+        Route::Store(message, ticket)
+    }
+
+    fn route_ephemeral(&self, recipient: Uuid, build: impl FnOnce(i64) -> Message) -> Route {
+        let Some(slot) = self.inner.slots.get(&recipient) else {
+            return Route::Dropped;
+        };
+        let Some(conn) = &slot.conn else {
+            return Route::Dropped;
+        };
+        // Ephemeral messages (typing indicators) skip the queue order: they
+        // are never stored, so there is nothing to wait behind.
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (responder, outcome) = oneshot::channel();
+        let live = Box::new(LiveDelivery {
+            message: build(seq),
+            responder: Some(responder),
+        });
+        match conn.tx.try_send(Outbound::Deliver(live)) {
+            Ok(()) => Route::Live(outcome),
+            Err(_) => Route::Dropped,
+        }
+    }
+
+    /// Pushes an event to the user if online and their queue has room.
+    /// Advisory events are dropped rather than waited for.
+    pub fn push(&self, user: Uuid, event: proto::push::Event) -> bool {
+        match self.inner.slots.get(&user).and_then(|s| s.conn.clone()) {
+            Some(conn) => conn.tx.try_send(Outbound::Push(Box::new(event))).is_ok(),
+            None => false,
+        }
+    }
+
+    /// What the drain of `conn_id` may read now.
+    pub fn drain_bound(&self, user: Uuid) -> DrainBound {
+        match self.inner.slots.get(&user) {
+            Some(slot) => DrainBound {
+                below: slot.storing.first().copied(),
+                generation: slot.stored_generation,
+            },
+            None => DrainBound {
+                below: None,
+                generation: 0,
+            },
+        }
+    }
+
+    /// Whether the user's connection must (again) drain storage.
+    pub fn is_draining(&self, user: Uuid) -> bool {
+        self.inner.slots.get(&user).is_some_and(|s| s.draining)
+    }
+
+    /// Ends the drain of `conn_id` if storage holds nothing it has not read:
+    /// no store in flight and none finished since `generation`.
+    pub fn try_go_live(&self, user: Uuid, conn_id: u64, generation: u64) -> bool {
+        let Some(mut slot) = self.inner.slots.get_mut(&user) else {
+            return false;
+        };
+        let mine = slot.conn.as_ref().is_some_and(|c| c.id == conn_id);
+        if mine && slot.storing.is_empty() && slot.stored_generation == generation {
+            slot.draining = false;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn store_finished(&self, user: Uuid, seq: i64) {
+        if let Some(mut slot) = self.inner.slots.get_mut(&user) {
+            slot.storing.remove(&seq);
+            slot.stored_generation += 1;
+            slot.wake.notify_one();
+        }
+        self.inner.slots.remove_if(&user, |_, slot| slot.is_idle());
+    }
+
+    /// Closes every connection with `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        let conns: Vec<ConnHandle> = self
+            .inner
+            .slots
+            .iter()
+            .filter_map(|s| s.conn.clone())
+            .collect();
+        for conn in conns {
+            conn.close(reason.clone());
+        }
+    }
+}

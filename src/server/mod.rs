@@ -1,0 +1,177 @@
+//! The server: accept TCP connections (optionally TLS), upgrade them at
+//! `/v1/websocket`, and hand each to the connection handler; run the
+//! background sweeper; shut down as a protocol.
+//!
+//! Shutdown: when `shutdown` is cancelled the listener closes, every
+//! connection closes with 1001 after storing what it held, in-flight stores
+//! commit, and the whole thing gives up at the configured deadline.
+
+pub mod handshake;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Limits};
+use crate::connection::handler;
+use crate::messages::sweeper;
+use crate::state::AppState;
+use crate::storage::{self, StorageError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("storage is not available")]
+    Storage(#[from] StorageError),
+    #[error("TLS configuration is invalid")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Runs the server on `listener` until `shutdown` is cancelled, then shuts
+/// down gracefully. Tests pass a listener bound to port 0.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let tls = match (&config.tls.tls_cert, &config.tls.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let db = storage::connect(&config.database_url, config.db_pool).await?;
+    let background = TaskTracker::new();
+    let state = AppState::new(db.clone(), config.limits.clone(), &background).await?;
+    background.spawn(sweeper::run(
+        state.clone(),
+        config.limits.sweep_interval(),
+        shutdown.clone(),
+    ));
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, tls = tls.is_some(), "relay listening");
+
+    let connections = TaskTracker::new();
+    let capacity = Arc::new(Semaphore::new(config.limits.max_connections));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Typically out of file descriptors: back off, don't spin.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let permit = capacity.clone().try_acquire_owned().ok();
+        connections.spawn(serve_socket(
+            state.clone(),
+            stream,
+            peer,
+            tls.clone(),
+            permit,
+            shutdown.clone(),
+        ));
+    }
+    drop(listener);
+
+    let grace = config.limits.shutdown_grace();
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(connections = connections.len(), "shutting down");
+    connections.close();
+    if tokio::time::timeout_at(deadline, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = connections.len(),
+            "shutdown deadline passed with connections open"
+        );
+    }
+    // The store writers stop once the last state handle is gone and their
+    // queue is empty, after committing what was in it.
+    drop(state);
+    background.close();
+    if tokio::time::timeout_at(deadline, background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown deadline passed with background work unfinished");
+    }
+    db.close().await;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// The WebSocket settings derived from the limits.
+pub fn websocket_config(limits: &Limits) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(limits.read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limits.max_frame_bytes.saturating_mul(2).max(64 * 1024))
+        .max_message_size(Some(limits.max_frame_bytes))
+        .max_frame_size(Some(limits.max_frame_bytes))
+}
+
+async fn serve_socket(
+    state: AppState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    permit: Option<OwnedSemaphorePermit>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let handshake_timeout = state.limits().auth_timeout();
+    match tls {
+        None => upgrade(state, stream, permit, shutdown).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => upgrade(state, stream, permit, shutdown).await,
+                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn upgrade<S>(
+    state: AppState,
+    mut stream: S,
+    permit: Option<OwnedSemaphorePermit>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = state.limits().auth_timeout();
+    let Some(_permit) = permit else {
+        // Read the request first so the client sees the answer, not a reset.
+        let _ = handshake::accept_head_only(&mut stream, timeout).await;
+        handshake::reject(
+            &mut stream,
+            &handshake::Reject::unavailable("server is at its connection limit"),
+        )
+        .await;
+        return;
+    };
+    let upgrade = match handshake::accept(&mut stream, &state, timeout).await {
+        Ok(upgrade) => upgrade,
+        Err(Some(reject)) => return handshake::reject(&mut stream, &reject).await,
+        Err(None) => return,
+    };
+    let config = Some(websocket_config(state.limits()));
+    let ws =
+        WebSocketStream::from_partially_read(stream, upgrade.leftover, Role::Server, config).await;
+    handler::serve(state, ws, upgrade.auth, shutdown).await;
+}

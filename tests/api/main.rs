@@ -1,0 +1,10 @@
+//! Integration tests: each test gets its own PostgreSQL database and a real
+//! server on port 0, and speaks to it over real WebSockets through the
+//! library's client.
+
+mod auth;
+mod connection;
+mod helpers;
+mod messaging;
+mod shutdown;
+mod tls;
