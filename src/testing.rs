@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::client::{AuthInfo, Client, Events};
 use crate::config::Config;
+use crate::registry::Registry;
 use crate::server;
 
 /// Where test databases are created: `RELAY_TEST_DATABASE_URL`, or the
@@ -38,6 +39,8 @@ pub struct TestApp {
     pub shutdown: CancellationToken,
     /// The server task; resolves when shutdown completes.
     pub server: Option<JoinHandle<Result<(), server::ServerError>>>,
+    /// The running server's registry: who is online, as the server sees it.
+    pub registry: Registry,
 }
 
 /// Creates a fresh, empty database and returns its URL. Panics with a clear
@@ -102,7 +105,7 @@ pub async fn spawn_on(config: Config, db_name: String) -> TestApp {
     let db = crate::storage::connect(&config.database_url, 4)
         .await
         .unwrap_or_else(|e| panic!("test database {db_url}: {e}"));
-    let server = tokio::spawn(server::run(listener, config.clone(), shutdown.clone()));
+    let (server, registry) = start(listener, config.clone(), shutdown.clone()).await;
     TestApp {
         addr,
         url,
@@ -111,7 +114,22 @@ pub async fn spawn_on(config: Config, db_name: String) -> TestApp {
         db_name,
         shutdown,
         server: Some(server),
+        registry,
     }
+}
+
+type ServerTask = JoinHandle<Result<(), server::ServerError>>;
+
+async fn start(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> (ServerTask, Registry) {
+    let built = server::Server::build(config)
+        .await
+        .unwrap_or_else(|e| panic!("server failed to start: {e}"));
+    let registry = built.state().registry().clone();
+    (tokio::spawn(built.run(listener, shutdown)), registry)
 }
 
 impl TestApp {
@@ -137,6 +155,23 @@ impl TestApp {
         let (client, events) = self.connect().await;
         client.resume(token).await.expect("resume");
         (client, events)
+    }
+
+    /// Stops the server gracefully and starts a new one on the same database
+    /// (on a new port), as an operator's restart would.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.listen = "127.0.0.1:0".parse().expect("valid address");
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .expect("bind test listener");
+        self.addr = listener.local_addr().expect("local addr");
+        self.url = format!("ws://{}/v1/websocket", self.addr);
+        self.shutdown = CancellationToken::new();
+        let (server, registry) = start(listener, config, self.shutdown.clone()).await;
+        self.server = Some(server);
+        self.registry = registry;
     }
 
     /// Stops the server gracefully and waits for it.

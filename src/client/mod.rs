@@ -117,7 +117,9 @@ pub struct AuthInfo {
     pub token_expires_at_ms: i64,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<proto::Response>>>>;
+/// Requests awaiting their response; `None` once the connection ended, so a
+/// request made after that fails at once instead of waiting forever.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<proto::Response>>>>>;
 
 /// The request half of a connection. Cheap to clone.
 #[derive(Clone)]
@@ -180,7 +182,7 @@ impl Client {
         let (out, mut out_rx) = mpsc::channel::<WsMessage>(1024);
         let (events_tx, events_rx) = mpsc::channel(event_buffer.max(1));
         let (closed_tx, closed_rx) = watch::channel(None);
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
 
         tokio::spawn(async move {
             while let Some(first) = out_rx.recv().await {
@@ -223,7 +225,8 @@ impl Client {
                         let waiter = reader_pending
                             .lock()
                             .expect("pending lock")
-                            .remove(&response.request_id);
+                            .as_mut()
+                            .and_then(|p| p.remove(&response.request_id));
                         if let Some(waiter) = waiter {
                             let _ = waiter.send(response);
                         }
@@ -241,7 +244,7 @@ impl Client {
                     _ => {}
                 }
             }
-            reader_pending.lock().expect("pending lock").clear();
+            reader_pending.lock().expect("pending lock").take();
             let _ = closed_tx.send(Some(close));
         });
 
@@ -278,10 +281,10 @@ impl Client {
     pub async fn request_raw(&self, request: Request) -> Result<proto::Response, ClientError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("pending lock")
-            .insert(request_id, tx);
+        match self.pending.lock().expect("pending lock").as_mut() {
+            Some(pending) => pending.insert(request_id, tx),
+            None => return Err(self.closed_error()),
+        };
         let frame = ClientFrame {
             request_id,
             request: Some(request),
@@ -292,10 +295,9 @@ impl Client {
             .await
             .is_err()
         {
-            self.pending
-                .lock()
-                .expect("pending lock")
-                .remove(&request_id);
+            if let Some(pending) = self.pending.lock().expect("pending lock").as_mut() {
+                pending.remove(&request_id);
+            }
             return Err(self.closed_error());
         }
         rx.await.map_err(|_| self.closed_error())

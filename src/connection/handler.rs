@@ -234,7 +234,7 @@ where
             let take_live = self.drain.is_live() && self.unacked.has_room();
             let read_more = self.requests.len() < limits.max_inflight_requests;
             let result = tokio::select! {
-                _ = shutdown.cancelled() => return End::Close(1001, "server shutting down".into()),
+                _ = shutdown.cancelled() => return self.wind_down().await,
                 _ = self.kick.cancelled() => {
                     let reason = self.close_reason.get().cloned().unwrap_or(CloseReason::DISPLACED);
                     return End::Close(reason.code, reason.reason.into());
@@ -258,6 +258,42 @@ where
                 return end;
             }
         }
+    }
+
+    /// Shutdown, step by step: take no new work, store what we hold so its
+    /// senders hear `queued`, answer the requests already in flight, then
+    /// close with 1001. The server's grace deadline bounds all of it.
+    async fn wind_down(&mut self) -> End {
+        self.state
+            .registry()
+            .disconnect(self.auth.user_id, self.handle.id);
+        let held = self.take_held();
+        self.handoffs
+            .push(hand_off(self.state.clone(), held).boxed());
+        loop {
+            tokio::select! {
+                Some((request_id, outcome)) = self.requests.next() => {
+                    if let Err(end) = self.on_reply(request_id, outcome).await {
+                        return end;
+                    }
+                }
+                Some(()) = self.handoffs.next() => {}
+                else => return End::Close(1001, "server shutting down".into()),
+            }
+        }
+    }
+
+    /// Closes our queue and takes every live message we still hold:
+    /// written but unacked, or queued but unwritten.
+    fn take_held(&mut self) -> Vec<LiveDelivery> {
+        self.rx.close();
+        let mut held = self.unacked.take_all();
+        while let Ok(item) = self.rx.try_recv() {
+            if let Outbound::Deliver(delivery) = item {
+                held.push(*delivery);
+            }
+        }
+        held
     }
 
     async fn on_inbound(
@@ -415,13 +451,7 @@ where
         let registry = self.state.registry().clone();
         registry.disconnect(self.auth.user_id, self.handle.id);
         // Nothing new can be routed to us now; collect what was.
-        self.rx.close();
-        let mut held = self.unacked.take_all();
-        while let Ok(item) = self.rx.try_recv() {
-            if let Outbound::Deliver(delivery) = item {
-                held.push(*delivery);
-            }
-        }
+        let held = self.take_held();
         let stored = hand_off(self.state.clone(), held);
         let pending = std::mem::take(&mut self.handoffs).collect::<Vec<()>>();
         let closed = async {

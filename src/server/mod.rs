@@ -44,74 +44,119 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let tls = match (&config.tls.tls_cert, &config.tls.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
-        _ => None,
-    };
-    let db = storage::connect(&config.database_url, config.db_pool).await?;
-    let background = TaskTracker::new();
-    let state = AppState::new(db.clone(), config.limits.clone(), &background).await?;
-    background.spawn(sweeper::run(
-        state.clone(),
-        config.limits.sweep_interval(),
-        shutdown.clone(),
-    ));
-    let addr = listener.local_addr().ok();
-    tracing::info!(?addr, tls = tls.is_some(), "relay listening");
+    Server::build(config).await?.run(listener, shutdown).await
+}
 
-    let connections = TaskTracker::new();
-    let capacity = Arc::new(Semaphore::new(config.limits.max_connections));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Typically out of file descriptors: back off, don't spin.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+/// A server that is connected to its database and ready to accept.
+pub struct Server {
+    /// Limits and settings.
+    config: Config,
+    /// Set when TLS is configured.
+    tls: Option<TlsAcceptor>,
+    /// State shared by every connection.
+    state: AppState,
+    /// The store writers and the sweeper; shutdown waits for them.
+    background: TaskTracker,
+}
+
+impl Server {
+    /// Loads TLS material, connects to (and migrates) the database, and
+    /// starts the store writers.
+    pub async fn build(config: Config) -> Result<Server, ServerError> {
+        let tls = match (&config.tls.tls_cert, &config.tls.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
         };
-        let permit = capacity.clone().try_acquire_owned().ok();
-        connections.spawn(serve_socket(
+        let db = storage::connect(&config.database_url, config.db_pool).await?;
+        let background = TaskTracker::new();
+        let state = AppState::new(db, config.limits.clone(), &background).await?;
+        Ok(Server {
+            config,
+            tls,
+            state,
+            background,
+        })
+    }
+
+    /// The shared state, for inspection (tests, embedding).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Accepts connections until `shutdown`, then shuts down gracefully.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
+        let Server {
+            config,
+            tls,
+            state,
+            background,
+        } = self;
+        background.spawn(sweeper::run(
             state.clone(),
-            stream,
-            peer,
-            tls.clone(),
-            permit,
+            config.limits.sweep_interval(),
             shutdown.clone(),
         ));
-    }
-    drop(listener);
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, tls = tls.is_some(), "relay listening");
 
-    let grace = config.limits.shutdown_grace();
-    let deadline = tokio::time::Instant::now() + grace;
-    tracing::info!(connections = connections.len(), "shutting down");
-    connections.close();
-    if tokio::time::timeout_at(deadline, connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            remaining = connections.len(),
-            "shutdown deadline passed with connections open"
-        );
+        let connections = TaskTracker::new();
+        let capacity = Arc::new(Semaphore::new(config.limits.max_connections));
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Typically out of file descriptors: back off, don't spin.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let permit = capacity.clone().try_acquire_owned().ok();
+            connections.spawn(serve_socket(
+                state.clone(),
+                stream,
+                peer,
+                tls.clone(),
+                permit,
+                shutdown.clone(),
+            ));
+        }
+        drop(listener);
+
+        let deadline = tokio::time::Instant::now() + config.limits.shutdown_grace();
+        tracing::info!(connections = connections.len(), "shutting down");
+        connections.close();
+        if tokio::time::timeout_at(deadline, connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = connections.len(),
+                "shutdown deadline passed with connections open"
+            );
+        }
+        // The store writers stop once the last state handle is gone and their
+        // queue is empty, after committing what was in it.
+        let db = state.db().clone();
+        drop(state);
+        background.close();
+        if tokio::time::timeout_at(deadline, background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown deadline passed with background work unfinished");
+        }
+        db.close().await;
+        tracing::info!("shut down");
+        Ok(())
     }
-    // The store writers stop once the last state handle is gone and their
-    // queue is empty, after committing what was in it.
-    drop(state);
-    background.close();
-    if tokio::time::timeout_at(deadline, background.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown deadline passed with background work unfinished");
-    }
-    db.close().await;
-    tracing::info!("shut down");
-    Ok(())
 }
 
 /// The WebSocket settings derived from the limits.
