@@ -1,12 +1,14 @@
-//! Typed server configuration: command-line flags, each with an environment
-//! variable fallback and a default, so a bare `relay` runs against a local
-//! PostgreSQL with no set-up. Every limit the server enforces lives here.
+//! Typed server configuration, layered: built-in defaults, then an optional
+//! TOML file (`--config`), then environment variables, then command-line
+//! flags. A bare `relay` runs against a local PostgreSQL with no set-up.
+//! Every limit the server enforces lives here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use secrecy::SecretString;
 
 /// Everything the `relay` binary can be told. Tests build it with
@@ -14,6 +16,12 @@ use secrecy::SecretString;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "relay", version, about = "Signal Protocol relay server")]
 pub struct Config {
+    /// TOML file of settings, keyed by flag name (`max_connections = 100`
+    /// or `max-connections = 100`). Environment variables and flags win
+    /// over it.
+    #[arg(long, env = "RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on. Port 0 picks a free port.
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -228,7 +236,92 @@ impl Limits {
     }
 }
 
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML")]
+    Toml {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config file {path}: unknown setting {key:?}")]
+    UnknownKey { path: String, key: String },
+    #[error("config file {path}: setting {key:?} must be a string, number or boolean")]
+    BadValue { path: String, key: String },
+    #[error(transparent)]
+    Invalid(#[from] clap::Error),
+}
+
 impl Config {
+    /// Parses the process's arguments and environment, layered over the
+    /// `--config` file if one is named.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// As [`Config::load`], for the given arguments.
+    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let command = Self::command();
+        let matches = command.clone().try_get_matches_from(&args)?;
+        let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+            return Ok(Self::from_arg_matches(&matches)?);
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let table: toml::Table = text.parse().map_err(|source| ConfigError::Toml {
+            path: shown.clone(),
+            source,
+        })?;
+        // The file fills in only what neither the environment nor a flag
+        // set: it is injected as flags placed before the real ones, for
+        // settings still at their default.
+        let mut layered = vec![args.first().cloned().unwrap_or_else(|| "relay".into())];
+        for (key, value) in &table {
+            let id = key.replace('-', "_");
+            let known = command.get_arguments().any(|a| a.get_id() == id.as_str());
+            if !known || id == "config" {
+                return Err(ConfigError::UnknownKey {
+                    path: shown,
+                    key: key.clone(),
+                });
+            }
+            if matches.value_source(&id) != Some(ValueSource::DefaultValue) {
+                continue;
+            }
+            let value = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        path: shown,
+                        key: key.clone(),
+                    });
+                }
+            };
+            layered.push(format!("--{}", id.replace('_', "-")).into());
+            layered.push(value.into());
+        }
+        layered.extend(args.into_iter().skip(1));
+        Ok(Self::try_parse_from(layered)?)
+    }
+
     /// The defaults, as if no flag or variable were given, pointed at
     /// `database_url` and an ephemeral port on loopback.
     pub fn for_tests(database_url: &str) -> Self {
@@ -237,5 +330,35 @@ impl Config {
         config.listen = "127.0.0.1:0".parse().expect("valid address");
         config.tls = TlsConfig::default();
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_fills_defaults_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("relay-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(
+            &path,
+            "max-connections = 7\nidle_timeout_secs = 9\nlisten = \"127.0.0.1:9999\"\n",
+        )
+        .unwrap();
+        let path = path.to_str().unwrap();
+        let config =
+            Config::load_from(["relay", "--config", path, "--idle-timeout-secs", "3"]).unwrap();
+        assert_eq!(config.limits.max_connections, 7, "from the file");
+        assert_eq!(config.limits.idle_timeout_secs, 3, "the flag wins");
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.limits.max_frame_bytes, 512 * 1024, "default kept");
+
+        std::fs::write(dir.join("bad.toml"), "no_such_setting = 1\n").unwrap();
+        let bad = dir.join("bad.toml");
+        let err = Config::load_from(["relay", "--config", bad.to_str().unwrap()]).unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownKey { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -2,13 +2,17 @@
 //! until SIGINT or SIGTERM.
 
 use anyhow::Context;
-use clap::Parser;
 use signal_relay::{Config, server, telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config = match Config::load() {
+        Ok(config) => config,
+        // --help and --version print and exit; real errors exit non-zero.
+        Err(signal_relay::config::ConfigError::Invalid(err)) => err.exit(),
+        Err(err) => return Err(err.into()),
+    };
     telemetry::init(config.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -8,7 +8,7 @@ use signal_relay::testing::{spawn_app, spawn_app_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::helpers::{WAIT, close_code, expect_queue_empty};
+use crate::helpers::{WAIT, close_code, expect_queue_empty, wait_until};
 
 async fn http_status(addr: std::net::SocketAddr, request: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

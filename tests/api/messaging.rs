@@ -9,7 +9,7 @@ use signal_relay::proto::{EnvelopeType, SendOutcome, Status};
 use signal_relay::testing::{TestApp, spawn_app, spawn_app_with};
 use uuid::Uuid;
 
-use crate::helpers::{WAIT, expect_queue_empty, next_delivery, next_event};
+use crate::helpers::{WAIT, expect_queue_empty, next_delivery, next_event, wait_until};
 
 /// Registers `name`, waits for its (empty) queue, and returns its token.
 async fn online(app: &TestApp, name: &str) -> (Client, Events, Uuid, Vec<u8>) {
@@ -385,11 +385,10 @@ async fn acking_a_queued_message_sends_the_sender_a_receipt() {
     alice.close().await;
     alice.closed().await;
     bob.ack(&[id_of(&m2)]).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stored_count(&app, alice_id).await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "no stored receipt");
-        tokio::task::yield_now().await;
-    }
+    wait_until("the receipt is stored", || async {
+        stored_count(&app, alice_id).await == 1
+    })
+    .await;
     let (_alice, mut alice_events) = app.resume(&alice_token).await;
     let stored = next_event(&mut alice_events).await;
     assert_eq!(stored.receipt_for(), Some(second.message_id));
