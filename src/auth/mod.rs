@@ -8,6 +8,7 @@ pub mod credentials;
 pub mod password;
 pub mod token;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -68,7 +69,8 @@ impl From<AuthError> for RequestError {
 #[derive(Debug, Clone)]
 pub struct Authenticated {
     pub user_id: Uuid,
-    pub username: String,
+    /// Shared, because every message this user sends carries it.
+    pub username: Arc<str>,
     /// The hash of the session token this socket is bound to; `Logout`
     /// revokes it.
     pub token_hash: [u8; 32],
@@ -137,7 +139,7 @@ impl Authenticator {
         match storage::sessions::find_live(&self.db, &token_hash).await? {
             Some((user_id, username)) => Ok(Authenticated {
                 user_id,
-                username,
+                username: username.into(),
                 token_hash,
             }),
             None => Err(AuthError::InvalidToken),
@@ -176,7 +178,7 @@ impl Authenticator {
         Ok(IssuedSession {
             auth: Authenticated {
                 user_id,
-                username,
+                username: username.into(),
                 token_hash,
             },
             token,

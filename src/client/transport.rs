@@ -98,7 +98,7 @@ pub(super) async fn connect(
     }
     let config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(16 * 1024)
         .max_message_size(Some(16 << 20))
         .max_frame_size(Some(16 << 20));
     match tokio_tungstenite::client_async_with_config(request, io, Some(config)).await {

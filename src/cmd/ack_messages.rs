@@ -4,7 +4,6 @@
 //! nothing of this user's are reported back as unknown, with no effect.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -85,7 +84,7 @@ impl AckMessages {
 async fn send_receipts(state: &AppState, acker: &Authenticated, acked: Vec<Acked>) {
     let now = messages::now_ms();
     let ttl = state.limits().max_ttl().as_millis() as i64;
-    let username: Arc<str> = Arc::from(acker.username.as_str());
+    let username = acker.username.clone();
     let stores = acked
         .into_iter()
         .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())

@@ -33,7 +33,7 @@ impl Register {
 pub(crate) fn session_result(issued: IssuedSession) -> (Authenticated, response::Result) {
     let result = response::Result::Auth(proto::AuthResult {
         user_id: Bytes::copy_from_slice(issued.auth.user_id.as_bytes()),
-        username: issued.auth.username.clone(),
+        username: issued.auth.username.to_string(),
         token: Bytes::copy_from_slice(issued.token.as_bytes()),
         token_expires_at_ms: issued.expires_at.timestamp_millis(),
     });

@@ -25,7 +25,7 @@ impl Resume {
         let auth = state.auth().resume(&self.token).await?;
         let result = response::Result::Auth(proto::AuthResult {
             user_id: Bytes::copy_from_slice(auth.user_id.as_bytes()),
-            username: auth.username.clone(),
+            username: auth.username.to_string(),
             token: Bytes::new(),
             token_expires_at_ms: 0,
         });

@@ -3,8 +3,6 @@
 //! `queued` once it is committed, `dropped` for an ephemeral message nobody
 //! could take.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures::FutureExt;
 use uuid::Uuid;
@@ -101,7 +99,7 @@ impl SendMessage {
             },
         };
         let now = messages::now_ms();
-        let sender_username: Arc<str> = Arc::from(ctx.auth.username.as_str());
+        let sender_username = ctx.auth.username.clone();
         let route = state
             .registry()
             .route(self.recipient.0, self.ephemeral, |seq| Message {

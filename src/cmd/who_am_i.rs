@@ -16,7 +16,7 @@ impl WhoAmI {
         ready(Ok(Done::reply(response::Result::WhoAmI(
             proto::WhoAmIResult {
                 user_id: Bytes::copy_from_slice(ctx.auth.user_id.as_bytes()),
-                username: ctx.auth.username.clone(),
+                username: ctx.auth.username.to_string(),
             },
         ))))
     }

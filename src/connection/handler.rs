@@ -165,6 +165,8 @@ struct Session<S> {
     last_heard: Instant,
     /// When to ping next.
     next_ping: Instant,
+    /// Frames were written to the socket's buffer since the last flush.
+    unflushed: bool,
 }
 
 impl<S> Session<S>
@@ -211,6 +213,7 @@ where
             handoffs: FuturesUnordered::new(),
             last_heard: now,
             next_ping: now + ping_interval(limits.idle_timeout()),
+            unflushed: false,
             state,
         };
         let end = session.serve(&shutdown).await;
@@ -257,6 +260,11 @@ where
             if let Err(end) = result {
                 return end;
             }
+            if self.unflushed
+                && let Err(end) = self.flush().await
+            {
+                return end;
+            }
         }
     }
 
@@ -274,6 +282,9 @@ where
             tokio::select! {
                 Some((request_id, outcome)) = self.requests.next() => {
                     if let Err(end) = self.on_reply(request_id, outcome).await {
+                        return end;
+                    }
+                    if let Err(end) = self.bounded(|conn| conn.flush().boxed()).await {
                         return end;
                     }
                 }
@@ -381,10 +392,10 @@ where
             Ok(Step::Deliver(batch)) => {
                 let now = messages::now_ms();
                 for message in batch.iter().filter(|m| !m.is_expired(now)) {
-                    let frame = protocol::push(push::Event::Deliver(message.to_envelope()));
-                    self.bounded(|conn| conn.feed(&frame).boxed()).await?;
+                    self.write(&protocol::push(push::Event::Deliver(message.to_envelope())))
+                        .await?;
                 }
-                self.bounded(|conn| conn.flush().boxed()).await
+                Ok(())
             }
             Ok(Step::QueueEmpty) => {
                 self.write(&protocol::push(push::Event::QueueEmpty(Default::default())))
@@ -419,8 +430,36 @@ where
         self.bounded(|conn| conn.ping().boxed()).await
     }
 
+    /// Queues a frame in the socket's write buffer; the loop flushes once
+    /// it has written everything that is ready, so a burst of frames costs
+    /// one syscall rather than one each.
     async fn write(&mut self, frame: &ServerFrame) -> Result<(), End> {
-        self.bounded(|conn| conn.send(frame).boxed()).await
+        self.unflushed = true;
+        self.bounded(|conn| conn.feed(frame).boxed()).await
+    }
+
+    /// Before flushing, writes whatever else is ready right now (live
+    /// messages, finished requests), up to a bound, so it shares the flush.
+    async fn flush(&mut self) -> Result<(), End> {
+        const GATHER: usize = 64;
+        for _ in 0..GATHER {
+            let mut progressed = false;
+            if self.drain.is_live() && self.unacked.has_room() {
+                if let Ok(item) = self.rx.try_recv() {
+                    self.write_outbound(item).await?;
+                    progressed = true;
+                }
+            }
+            if let Some(Some((request_id, outcome))) = self.requests.next().now_or_never() {
+                self.on_reply(request_id, outcome).await?;
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.unflushed = false;
+        self.bounded(|conn| conn.flush().boxed()).await
     }
 
     /// Runs a write with the write timeout: a peer that stops reading is cut

@@ -163,7 +163,9 @@ impl Server {
 pub fn websocket_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(limits.read_buffer_bytes)
-        .write_buffer_size(0)
+        // Frames collect in the write buffer until the connection flushes
+        // (or this much is pending), so bursts share syscalls.
+        .write_buffer_size(16 * 1024)
         .max_write_buffer_size(limits.max_frame_bytes.saturating_mul(2).max(64 * 1024))
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes))
