@@ -1,8 +1,12 @@
-//! PLACEHOLDER: replaced by the key-directory implementation.
+//! `GetPreKeyCount`: how many one-time EC and one-time Kyber pre-keys the
+//! user has left, so the client knows when to upload more.
 
-use super::{Ctx, Reply, ready};
+use futures::FutureExt;
+
+use super::{Ctx, Done, Reply};
+use crate::keys;
 use crate::protocol::RequestError;
-use crate::protocol::proto;
+use crate::protocol::proto::{self, response};
 
 pub struct GetPreKeyCount;
 
@@ -11,7 +15,18 @@ impl GetPreKeyCount {
         Ok(GetPreKeyCount)
     }
 
-    pub fn apply(self, _: &mut Ctx<'_>) -> Reply {
-        ready(Err(RequestError::NotFound("not yet".into())))
+    pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
+        let state = ctx.state.clone();
+        let user = ctx.auth.user_id;
+        async move {
+            let counts = keys::count(state.db(), user).await?;
+            Ok(Done::reply(response::Result::PreKeyCount(
+                proto::PreKeyCount {
+                    one_time_pre_keys: counts.one_time,
+                    kyber_pre_keys: counts.kyber,
+                },
+            )))
+        }
+        .boxed()
     }
 }

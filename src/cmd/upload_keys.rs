@@ -1,17 +1,38 @@
-//! PLACEHOLDER: replaced by the key-directory implementation.
+//! `UploadKeys`: publish some or all of the user's keys. Formats, ids and
+//! counts are checked here at the edge; signatures and the upload rules in
+//! [`crate::keys::upload`], inside one transaction.
 
-use super::{Ctx, Reply, ready};
+use futures::FutureExt;
+
+use super::{Ctx, Done, Reply};
+use crate::keys::upload::{self, Upload};
 use crate::protocol::RequestError;
-use crate::protocol::proto;
+use crate::protocol::proto::{self, response};
 
-pub struct UploadKeys;
+pub struct UploadKeys {
+    /// The parsed, format-checked upload.
+    upload: Upload,
+}
 
 impl UploadKeys {
-    pub fn from_frame(_: proto::UploadKeys) -> Result<Self, RequestError> {
-        Ok(UploadKeys)
+    pub fn from_frame(request: proto::UploadKeys) -> Result<Self, RequestError> {
+        Ok(UploadKeys {
+            upload: Upload::parse(request)?,
+        })
     }
 
-    pub fn apply(self, _: &mut Ctx<'_>) -> Reply {
-        ready(Err(RequestError::NotFound("not yet".into())))
+    pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
+        let state = ctx.state.clone();
+        let user = ctx.auth.user_id;
+        async move {
+            let counts = upload::store(state.db(), user, self.upload).await?;
+            Ok(Done::reply(response::Result::UploadKeys(
+                proto::UploadKeysResult {
+                    one_time_pre_keys: counts.one_time,
+                    kyber_pre_keys: counts.kyber,
+                },
+            )))
+        }
+        .boxed()
     }
 }

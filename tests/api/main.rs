@@ -5,6 +5,7 @@
 mod auth;
 mod connection;
 mod helpers;
+mod keys;
 mod messaging;
 mod shutdown;
 mod tls;
