@@ -1,0 +1,108 @@
+//! The baseline: a bare WebSocket forwarder on the relay's own stack (tokio,
+//! tokio-tungstenite, the relay's WebSocket settings) with no
+//! authentication, no protobuf and no registry beyond a map from pair to
+//! socket. B connects to `/b/<pair>`, A to `/a/<pair>`, and every frame A
+//! sends is written to B as is. It is what the machine can do at all, so
+//! relay throughput is quoted as a ratio to it, measured in the same run.
+//!
+//! Its shape mirrors the relay's so the ratio prices the relay's work, not a
+//! different architecture: a reader per socket, a bounded queue per
+//! recipient, and a writer that batches whatever is queued into one flush.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+type Inboxes = Arc<Mutex<HashMap<u64, mpsc::Sender<Message>>>>;
+
+/// The relay's default per-connection queue (RELAY_OUTBOUND_QUEUE).
+const QUEUE: usize = 256;
+
+/// Serves until killed. Prints `listening ADDR` once bound.
+/// `write_buffer` overrides the relay's WebSocket write buffer (0: every
+/// frame is written to the socket as soon as it is fed), to try the effect
+/// of write batching without touching the relay.
+pub async fn run(listen: SocketAddr, write_buffer: Option<usize>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("listening {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let inboxes: Inboxes = Arc::default();
+    let limits = signal_relay::Config::for_tests("postgres://unused").limits;
+    let mut config = signal_relay::server::websocket_config(&limits);
+    if let Some(bytes) = write_buffer {
+        config = config.write_buffer_size(bytes);
+    }
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(serve(stream, inboxes.clone(), config));
+    }
+}
+
+async fn serve(stream: TcpStream, inboxes: Inboxes, config: WebSocketConfig) {
+    let _ = stream.set_nodelay(true);
+    let mut path = String::new();
+    // The signature is tungstenite's; its error type is not ours to shrink.
+    #[allow(clippy::result_large_err)]
+    let callback = |request: &Request, response: Response| {
+        path = request.uri().path().to_owned();
+        Ok(response)
+    };
+    let Ok(ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
+    else {
+        return;
+    };
+    let mut parts = path.trim_start_matches('/').split('/');
+    let (Some(role), Some(Ok(pair))) = (parts.next(), parts.next().map(str::parse::<u64>)) else {
+        return;
+    };
+    let (mut sink, mut stream) = ws.split();
+    match role {
+        "b" => {
+            let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
+            inboxes.lock().expect("inboxes lock").insert(pair, tx);
+            let writer = async {
+                while let Some(first) = rx.recv().await {
+                    let mut result = sink.feed(first).await;
+                    while result.is_ok() {
+                        match rx.try_recv() {
+                            Ok(next) => result = sink.feed(next).await,
+                            Err(_) => break,
+                        }
+                    }
+                    if result.is_err() || sink.flush().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            // B sends nothing; reading only notices the close.
+            let reader = async { while let Some(Ok(_)) = stream.next().await {} };
+            tokio::select! {
+                _ = writer => {}
+                _ = reader => {}
+            }
+            inboxes.lock().expect("inboxes lock").remove(&pair);
+        }
+        "a" => {
+            let Some(tx) = inboxes.lock().expect("inboxes lock").get(&pair).cloned() else {
+                return;
+            };
+            while let Some(Ok(message)) = stream.next().await {
+                if let Message::Binary(_) = message
+                    && tx.send(message).await.is_err()
+                {
+                    break;
+                }
+            }
+        }
+        _ => {}
+    }
+}

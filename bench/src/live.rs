@@ -1,0 +1,588 @@
+//! The live-traffic generator: N pairs, A sending to B, against the relay
+//! or the bare forwarder, closed-loop (a window of messages in flight per
+//! pair, as fast as they complete) or open-loop (a fixed offered rate).
+//!
+//! Every payload starts with the time the message was *meant* to be sent
+//! (nanoseconds since the run's epoch). In open loop that is the schedule,
+//! not the moment the generator got round to it, so a stall anywhere
+//! (server, socket, or generator) shows up in the latency of every message
+//! it delayed: latency is corrected for coordinated omission.
+//!
+//! A message is complete when its protocol says so: for the relay, when the
+//! sender is answered (which happens only after the recipient acked it); for
+//! the forwarder, which has no answers, when B receives it. The closed-loop
+//! window counts messages until complete.
+//!
+//! Open-loop pacing: tokio's timers have millisecond resolution, which
+//! would add up to 1 ms of the generator's own lateness to every latency.
+//! A dedicated thread ticks every `tick` (100 µs by default) with
+//! high-resolution sleeps and wakes the sender tasks, which send everything
+//! that is due.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, SplitStream};
+use futures::{FutureExt, SinkExt, StreamExt};
+use signal_relay::client::{Client, ConnectOptions, Event, Events, Outgoing};
+use signal_relay::proto::SendOutcome;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::metrics::{Kind, Metrics};
+use crate::seed::Account;
+
+/// Bytes of every payload taken by the header (intended send time, sequence).
+pub const HEADER: usize = 16;
+
+/// Most ids in one ack (the relay's default RELAY_MAX_ACK_IDS).
+pub const MAX_ACK_IDS: usize = 1000;
+
+/// How messages are offered.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// At most `window` messages in flight per pair.
+    Closed { window: usize },
+    /// `rate` messages per second in total, spread evenly over the pairs.
+    Open { rate: f64, tick: Duration },
+}
+
+/// What the pairs talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Relay,
+    Baseline,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Relay => "relay",
+            Target::Baseline => "baseline",
+        }
+    }
+}
+
+type RawStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+enum SendHalf {
+    Relay { client: Client, recipient: Uuid },
+    Raw { tx: mpsc::Sender<WsMessage> },
+}
+
+enum RecvHalf {
+    Relay {
+        client: Client,
+        events: Events,
+    },
+    Raw {
+        stream: SplitStream<RawStream>,
+        /// B's sending half; B never sends, but the socket lives with it.
+        _sink: futures::stream::SplitSink<RawStream, WsMessage>,
+    },
+}
+
+struct Pair {
+    send: SendHalf,
+    recv: RecvHalf,
+}
+
+/// Connected pairs, ready to carry traffic.
+pub struct Pairs {
+    target: Target,
+    pairs: Vec<Pair>,
+}
+
+/// Connects a relay client and authenticates it with its session token.
+pub async fn connect_relay(url: &str, account: &Account) -> anyhow::Result<(Client, Events)> {
+    let (client, events) = Client::connect_with(url, ConnectOptions::default())
+        .await
+        .with_context(|| format!("connect to {url}"))?;
+    client
+        .resume(&account.token)
+        .await
+        .context("resume with a seeded session token")?;
+    Ok((client, events))
+}
+
+/// Waits for the push that says the recipient's stored queue is empty: only
+/// then does the relay route live messages to it (before, it stores them).
+pub async fn wait_queue_empty(events: &mut Events) -> anyhow::Result<()> {
+    loop {
+        match events.next().await {
+            Some(Event::QueueEmpty) => return Ok(()),
+            Some(_) => {}
+            None => anyhow::bail!("the connection closed before the queue-empty push"),
+        }
+    }
+}
+
+impl Pairs {
+    /// Connects `accounts.len() / 2` relay pairs: account 2i sends to 2i+1.
+    pub async fn relay(url: &str, accounts: &[Account]) -> anyhow::Result<Pairs> {
+        let pairs = futures::stream::iter(accounts.chunks_exact(2))
+            .map(|two| async move {
+                let (b, mut b_events) = connect_relay(url, &two[1]).await?;
+                wait_queue_empty(&mut b_events).await?;
+                let (a, a_events) = connect_relay(url, &two[0]).await?;
+                // A receives nothing in this scenario but must not stall
+                // its reader; dropping its events is fine (pushes are then
+                // discarded by the client).
+                drop(a_events);
+                Ok::<_, anyhow::Error>(Pair {
+                    send: SendHalf::Relay {
+                        client: a,
+                        recipient: two[1].user_id,
+                    },
+                    recv: RecvHalf::Relay {
+                        client: b,
+                        events: b_events,
+                    },
+                })
+            })
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Pairs {
+            target: Target::Relay,
+            pairs,
+        })
+    }
+
+    /// Connects `n` pairs to the forwarder at `url` (`ws://host:port`),
+    /// numbered from `base` (pair numbers must not repeat within a
+    /// forwarder's life).
+    pub async fn baseline(
+        url: &str,
+        base: usize,
+        n: usize,
+        write_buffer: Option<usize>,
+    ) -> anyhow::Result<Pairs> {
+        // The client library's socket settings, for the same per-frame costs.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(write_buffer.unwrap_or(16 * 1024));
+        let pairs = futures::stream::iter(base..base + n)
+            .map(|i| async move {
+                let (b, _) = tokio_tungstenite::connect_async_with_config(
+                    format!("{url}/b/{i}"),
+                    Some(config),
+                    true,
+                )
+                .await?;
+                let (a, _) = tokio_tungstenite::connect_async_with_config(
+                    format!("{url}/a/{i}"),
+                    Some(config),
+                    true,
+                )
+                .await?;
+                let (mut a_sink, _a_stream) = a.split();
+                let (b_sink, b_stream) = b.split();
+                // The same writer shape as the client library: a queue and
+                // a task that batches whatever is queued into one flush.
+                let (tx, mut rx) = mpsc::channel::<WsMessage>(1024);
+                tokio::spawn(async move {
+                    while let Some(first) = rx.recv().await {
+                        let mut result = a_sink.feed(first).await;
+                        while result.is_ok() {
+                            match rx.try_recv() {
+                                Ok(next) => result = a_sink.feed(next).await,
+                                Err(_) => break,
+                            }
+                        }
+                        if result.is_err() || a_sink.flush().await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = a_sink.close().await;
+                });
+                Ok::<_, anyhow::Error>(Pair {
+                    send: SendHalf::Raw { tx },
+                    recv: RecvHalf::Raw {
+                        stream: b_stream,
+                        _sink: b_sink,
+                    },
+                })
+            })
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Pairs {
+            target: Target::Baseline,
+            pairs,
+        })
+    }
+
+    /// Starts the traffic; it runs until [`Running::stop`].
+    pub fn start(self, load: Load, size: usize, metrics: &Metrics) -> Running {
+        let stop = CancellationToken::new();
+        let target = self.target;
+        let n = self.pairs.len().max(1);
+        let mut tasks = Vec::new();
+        let mut senders = Vec::new();
+        let windows: Vec<Option<Arc<Semaphore>>> = self
+            .pairs
+            .iter()
+            .map(|_| match load {
+                Load::Closed { window } => Some(Arc::new(Semaphore::new(window.max(1)))),
+                Load::Open { .. } => None,
+            })
+            .collect();
+        for (i, pair) in self.pairs.into_iter().enumerate() {
+            let release = match target {
+                Target::Baseline => windows[i].clone(),
+                Target::Relay => None,
+            };
+            tasks.push(tokio::spawn(receive(
+                pair.recv,
+                release,
+                metrics.clone(),
+                stop.clone(),
+            )));
+            senders.push((pair.send, windows[i].clone()));
+        }
+        let pacer_stop = Arc::new(AtomicBool::new(false));
+        match load {
+            Load::Closed { .. } => {
+                for (i, (send, window)) in senders.into_iter().enumerate() {
+                    let window = window.expect("closed loop has windows");
+                    tasks.push(tokio::spawn(send_closed(
+                        send,
+                        window,
+                        payload_template(size, i),
+                        metrics.clone(),
+                        stop.clone(),
+                    )));
+                }
+            }
+            Load::Open { rate, tick } => {
+                // One sender task per generator thread, each with its share
+                // of the pairs and of the rate.
+                let groups = std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(n);
+                let mut grouped: Vec<Vec<SendHalf>> = (0..groups).map(|_| Vec::new()).collect();
+                for (i, (send, _)) in senders.into_iter().enumerate() {
+                    grouped[i % groups].push(send);
+                }
+                let wakes: Vec<Arc<Notify>> =
+                    (0..groups).map(|_| Arc::new(Notify::new())).collect();
+                let thread_wakes = wakes.clone();
+                let thread_stop = pacer_stop.clone();
+                std::thread::spawn(move || {
+                    while !thread_stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(tick);
+                        for w in &thread_wakes {
+                            w.notify_one();
+                        }
+                    }
+                });
+                let period_ns = groups as f64 * 1e9 / rate.max(1e-3);
+                for (g, sends) in grouped.into_iter().enumerate() {
+                    let offset = (period_ns * g as f64 / groups as f64) as u64;
+                    tasks.push(tokio::spawn(send_open(
+                        sends,
+                        period_ns,
+                        offset,
+                        wakes[g].clone(),
+                        size,
+                        metrics.clone(),
+                        stop.clone(),
+                    )));
+                }
+            }
+        }
+        Running {
+            stop,
+            pacer_stop,
+            tasks,
+        }
+    }
+}
+
+/// Traffic in progress.
+pub struct Running {
+    stop: CancellationToken,
+    pacer_stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops sending, lets what is in flight finish (a few seconds at most),
+    /// then closes the connections.
+    pub async fn stop(self) {
+        self.pacer_stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// How long senders and receivers keep going after the stop, for what is
+/// in flight.
+const GRACE: Duration = Duration::from_secs(3);
+
+fn payload_template(size: usize, pair: usize) -> BytesMut {
+    let size = size.max(HEADER);
+    let mut b = BytesMut::with_capacity(size);
+    b.put_bytes(0, HEADER);
+    // Filler that does not compress to nothing, should anything compress.
+    b.extend((0..size - HEADER).map(|i| (i as u8).wrapping_mul(31).wrapping_add(pair as u8)));
+    b
+}
+
+fn payload(template: &BytesMut, intended_ns: u64, seq: u64) -> Bytes {
+    let mut b = template.clone();
+    b[..8].copy_from_slice(&intended_ns.to_le_bytes());
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    b.freeze()
+}
+
+fn intended_of(content: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(content.get(..8)?.try_into().ok()?))
+}
+
+type Answer = futures::future::BoxFuture<'static, (u64, Result<SendOutcome, String>)>;
+
+/// Hands one message to the transport. For the relay, returns the future of
+/// the sender's answer.
+async fn send_one(
+    send: &SendHalf,
+    content: Bytes,
+    intended: u64,
+) -> Result<Option<Answer>, String> {
+    match send {
+        SendHalf::Relay { client, recipient } => {
+            let client = client.clone();
+            let out = Outgoing::new(*recipient, content);
+            Ok(Some(
+                async move {
+                    let result = client
+                        .send(out)
+                        .await
+                        .map(|sent| sent.outcome)
+                        .map_err(|e| format!("send: {e}"));
+                    (intended, result)
+                }
+                .boxed(),
+            ))
+        }
+        SendHalf::Raw { tx } => tx
+            .send(WsMessage::Binary(content))
+            .await
+            .map(|()| None)
+            .map_err(|_| "send: forwarder connection closed".to_string()),
+    }
+}
+
+fn record_answer(metrics: &Metrics, intended: u64, result: Result<SendOutcome, String>) {
+    match result {
+        Ok(SendOutcome::Delivered) => metrics.record_since(Kind::Answer, intended),
+        Ok(other) => {
+            // The live path failed (ack timeout or a full recipient queue);
+            // the message went to storage instead.
+            metrics.record_since(Kind::Answer, intended);
+            metrics.error(format!("answer {other:?} instead of Delivered"));
+        }
+        Err(e) => metrics.error(e),
+    }
+}
+
+async fn send_closed(
+    send: SendHalf,
+    window: Arc<Semaphore>,
+    template: BytesMut,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let mut answers = FuturesUnordered::new();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some((intended, result)) = answers.next() => {
+                record_answer(&metrics, intended, result);
+                window.add_permits(1);
+            }
+            permit = window.acquire() => {
+                let Ok(permit) = permit else { break };
+                permit.forget();
+                let intended = metrics.now_ns();
+                seq += 1;
+                match send_one(&send, payload(&template, intended, seq), intended).await {
+                    Ok(Some(answer)) => answers.push(answer),
+                    Ok(None) => {}
+                    Err(e) => {
+                        metrics.error(e);
+                        break;
+                    }
+                }
+                metrics.sent(1);
+            }
+        }
+    }
+    finish_answers(answers, &metrics).await;
+}
+
+async fn finish_answers(mut answers: FuturesUnordered<Answer>, metrics: &Metrics) {
+    let _ = tokio::time::timeout(GRACE, async {
+        while let Some((intended, result)) = answers.next().await {
+            record_answer(metrics, intended, result);
+        }
+    })
+    .await;
+}
+
+async fn send_open(
+    sends: Vec<SendHalf>,
+    period_ns: f64,
+    offset_ns: u64,
+    wake: Arc<Notify>,
+    size: usize,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let templates: Vec<BytesMut> = (0..sends.len())
+        .map(|i| payload_template(size, i))
+        .collect();
+    let mut answers = FuturesUnordered::new();
+    let start = metrics.now_ns() + offset_ns;
+    let mut k = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some((intended, result)) = answers.next() => record_answer(&metrics, intended, result),
+            _ = wake.notified() => {
+                let now = metrics.now_ns();
+                loop {
+                    let intended = start + (k as f64 * period_ns) as u64;
+                    if intended > now {
+                        break;
+                    }
+                    let i = (k % sends.len() as u64) as usize;
+                    k += 1;
+                    match send_one(&sends[i], payload(&templates[i], intended, k), intended).await {
+                        Ok(Some(answer)) => answers.push(answer),
+                        Ok(None) => {}
+                        Err(e) => metrics.error(e),
+                    }
+                    metrics.sent(1);
+                }
+            }
+        }
+    }
+    finish_answers(answers, &metrics).await;
+}
+
+async fn receive(
+    recv: RecvHalf,
+    release: Option<Arc<Semaphore>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    match recv {
+        RecvHalf::Raw { mut stream, _sink } => {
+            let run = async {
+                while let Some(Ok(message)) = stream.next().await {
+                    if let WsMessage::Binary(bytes) = message {
+                        if let Some(intended) = intended_of(&bytes) {
+                            metrics.record_since(Kind::Delivery, intended);
+                        }
+                        if let Some(w) = &release {
+                            w.add_permits(1);
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = run => {}
+                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+            }
+        }
+        RecvHalf::Relay { client, events } => {
+            let run = receive_relay(&client, events, &metrics);
+            tokio::select! {
+                _ = run => {}
+                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+            }
+            client.close().await;
+        }
+    }
+}
+
+/// Receives deliveries, records their latency and acks them in batches:
+/// whatever arrived together is acked in one request.
+pub async fn receive_relay(client: &Client, mut events: Events, metrics: &Metrics) {
+    let mut acks = FuturesUnordered::new();
+    let mut ids: Vec<Uuid> = Vec::new();
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            Some(result) = acks.next() => {
+                check_ack(metrics, result);
+                continue;
+            }
+        };
+        let Some(mut event) = event else { break };
+        loop {
+            if let Event::Deliver(envelope) = &event {
+                if envelope.r#type == signal_relay::proto::EnvelopeType::Receipt as i32 {
+                    metrics.count("receipts", 1);
+                } else if let Some(intended) = intended_of(&envelope.content) {
+                    metrics.record_since(Kind::Delivery, intended);
+                }
+                if let Ok(id) = Uuid::from_slice(&envelope.message_id) {
+                    ids.push(id);
+                }
+            }
+            if ids.len() >= MAX_ACK_IDS {
+                break;
+            }
+            match events.next().now_or_never() {
+                Some(Some(next)) => event = next,
+                _ => break,
+            }
+        }
+        if !ids.is_empty() {
+            let batch = std::mem::take(&mut ids);
+            let client = client.clone();
+            acks.push(async move { (batch.len(), client.ack(&batch).await) });
+        }
+    }
+    while let Some(result) = acks.next().await {
+        check_ack(metrics, result);
+    }
+}
+
+type AckResult = (
+    usize,
+    Result<(Vec<Uuid>, Vec<Uuid>), signal_relay::client::ClientError>,
+);
+
+fn check_ack(metrics: &Metrics, (asked, result): AckResult) {
+    match result {
+        Ok((acked, unknown)) => {
+            metrics.count("acked", acked.len() as u64);
+            if !unknown.is_empty() || acked.len() != asked {
+                metrics.error(format!("ack: {} ids unknown", unknown.len()));
+            }
+        }
+        Err(e) => metrics.error(format!("ack: {e}")),
+    }
+}

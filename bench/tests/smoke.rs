@@ -1,0 +1,232 @@
+//! Smoke test: every scenario of relay-bench, at a tiny size, against a real
+//! relay (in this process, on a fresh database) so the tool cannot rot.
+//! Benchmark numbers are never asserted; only that each scenario completes,
+//! reports well-formed JSON, and did what it says (counts, no errors).
+
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use signal_relay::testing::{TestApp, spawn_app_with};
+
+async fn app() -> TestApp {
+    spawn_app_with(|config| {
+        // What the bench does for a relay it starts itself: the generator is
+        // one very busy client on purpose.
+        config.limits.send_rate_per_sec = 1e9;
+        config.limits.send_burst = 1e9;
+        config.limits.bundle_rate_per_sec = 1e9;
+        config.limits.bundle_burst = 1e9;
+    })
+    .await
+}
+
+/// Runs `relay-bench <args> --json` against `app` and returns its report.
+async fn bench(app: &TestApp, args: &[&str]) -> Value {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-bench"))
+        .args(args)
+        .args(["--json", "--quiet", "--server-url", &app.url])
+        .args(["--server-pid", &std::process::id().to_string()])
+        .args(["--database-url", app.config.database_url.expose_secret()])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run relay-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "relay-bench {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("relay-bench {args:?} printed no JSON report ({e}):\n{stdout}"));
+    assert_eq!(report["scenario"], args[0]);
+    assert!(report["timeline"].is_array());
+    assert!(report["cpus"].as_u64().is_some_and(|n| n >= 1));
+    report
+}
+
+fn rows(report: &Value) -> &Vec<Value> {
+    let rows = report["rows"].as_array().expect("rows");
+    assert!(!rows.is_empty(), "no rows in {report:#}");
+    rows
+}
+
+fn assert_no_errors(report: &Value) {
+    for row in rows(report) {
+        let errors = row["errors"].as_object().expect("errors map");
+        assert!(
+            errors.is_empty(),
+            "row {} had errors: {errors:?}",
+            row["name"]
+        );
+    }
+}
+
+fn summary(report: &Value, key: &str) -> Value {
+    report["summary"]
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| panic!("summary has no {key}: {:#}", report["summary"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_runs_closed_and_open_loop_against_relay_and_baseline() {
+    let app = app().await;
+    let plot = std::env::temp_dir().join(format!("relay-bench-smoke-{}.svg", std::process::id()));
+    let report = bench(
+        &app,
+        &[
+            "live",
+            "--pairs",
+            "2",
+            "--window",
+            "4",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--plot",
+            plot.to_str().expect("utf-8 path"),
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    let targets: Vec<&str> = rows(&report)
+        .iter()
+        .map(|r| r["target"].as_str().expect("target"))
+        .collect();
+    assert_eq!(targets, ["relay", "baseline", "relay", "baseline"]);
+    for row in rows(&report) {
+        assert!(
+            row["latency_ms"]["delivery"]["count"].as_u64() > Some(0),
+            "{row:#}"
+        );
+    }
+    assert!(summary(&report, "relay_to_baseline_ratio_median").is_number());
+    let svg = std::fs::read_to_string(&plot).expect("plot written");
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"));
+    let _ = std::fs::remove_file(plot);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_stores_then_drains_everything() {
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "offline",
+            "--messages",
+            "200",
+            "--senders",
+            "2",
+            "--recipients",
+            "2",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    assert_eq!(summary(&report, "stored_rows_counted_in_db"), 200);
+    assert_eq!(summary(&report, "drain_received"), 200);
+    assert_eq!(summary(&report, "rows_left_after_acks"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_held_by_several_agents() {
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "connections",
+            "--connections",
+            "40",
+            "--per-agent",
+            "20",
+            "--hold",
+            "0.2",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    assert_eq!(summary(&report, "connections_held"), 40);
+    assert_eq!(summary(&report, "agents"), 2);
+    assert!(summary(&report, "server_rss_per_connection_kib").is_number());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_brings_every_client_back() {
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "reconnect",
+            "--clients",
+            "40",
+            "--per-agent",
+            "20",
+            "--pairs",
+            "1",
+            "--rate",
+            "100",
+            "--calm",
+            "0.3",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    assert_eq!(summary(&report, "reconnected"), 40);
+    assert!(summary(&report, "seconds_to_full_reconnection").is_number());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_storm_logs_in() {
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "login",
+            "--logins",
+            "4",
+            "--concurrency",
+            "2",
+            "--accounts",
+            "2",
+            "--pairs",
+            "1",
+            "--rate",
+            "100",
+            "--calm",
+            "0.3",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    assert_eq!(summary(&report, "logins_ok"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prekeys_fetches_bundles_and_consumes_one_time_keys() {
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "prekeys",
+            "--targets",
+            "2",
+            "--keys",
+            "120",
+            "--fetchers",
+            "2",
+            "--window",
+            "2",
+            "--duration",
+            "0.3",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    assert_eq!(summary(&report, "targets_uploaded"), 2);
+    let fetch = rows(&report)
+        .iter()
+        .find(|r| r["name"] == "fetch bundles")
+        .expect("fetch row");
+    assert!(fetch["latency_ms"]["op"]["count"].as_u64() > Some(0));
+}
