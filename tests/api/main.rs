@@ -4,6 +4,7 @@
 
 mod auth;
 mod connection;
+mod crash;
 mod helpers;
 mod keys;
 mod messaging;
