@@ -185,6 +185,11 @@ pub struct Limits {
     #[arg(long, env = "RELAY_BUNDLE_BURST", default_value_t = 100.0)]
     pub bundle_burst: f64,
 
+    /// One-time pre-keys of each kind (EC, Kyber) kept per user; an upload
+    /// that would exceed it is refused.
+    #[arg(long, env = "RELAY_MAX_STORED_PRE_KEYS", default_value_t = 1_000)]
+    pub max_stored_pre_keys: u32,
+
     /// Push "pre-keys low" when a fetch leaves fewer one-time keys than this.
     #[arg(long, env = "RELAY_PREKEY_LOW_THRESHOLD", default_value_t = 10)]
     pub prekey_low_threshold: u32,

@@ -25,7 +25,8 @@ impl UploadKeys {
         let state = ctx.state.clone();
         let user = ctx.auth.user_id;
         async move {
-            let counts = upload::store(state.db(), user, self.upload).await?;
+            let max_stored = state.limits().max_stored_pre_keys;
+            let counts = upload::store(state.db(), user, self.upload, max_stored).await?;
             Ok(Done::reply(response::Result::UploadKeys(
                 proto::UploadKeysResult {
                     one_time_pre_keys: counts.one_time,

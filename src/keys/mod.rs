@@ -83,6 +83,15 @@ pub enum KeyError {
         id: KeyId,
         first: Field,
     },
+    #[error(
+        "this upload would leave {have} one-time {kind} pre-keys stored; \
+         at most {max} are kept per user"
+    )]
+    TooManyStored {
+        kind: &'static str,
+        have: i64,
+        max: u32,
+    },
     #[error("registration_id is required with identity_key")]
     RegistrationIdMissing,
     #[error("registration_id is only accepted together with identity_key")]
@@ -137,6 +146,7 @@ impl From<KeyError> for RequestError {
             | KeyError::KeyIdRange { .. }
             | KeyError::RegistrationIdRange { .. }
             | KeyError::TooMany { .. }
+            | KeyError::TooManyStored { .. }
             | KeyError::DuplicateId { .. }
             | KeyError::RegistrationIdMissing
             | KeyError::RegistrationIdAlone

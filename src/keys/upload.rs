@@ -218,8 +218,15 @@ async fn verify_blocking(
 }
 
 /// Applies `upload` for `user` in one transaction. Returns the one-time
-/// key counts after it.
-pub async fn store(db: &PgPool, user: Uuid, upload: Upload) -> Result<PreKeyCounts, KeyError> {
+/// key counts after it. An upload that would leave more than `max_stored`
+/// one-time keys of either kind is refused whole, so a client cannot grow
+/// its rows without bound 100 keys at a time.
+pub async fn store(
+    db: &PgPool,
+    user: Uuid,
+    upload: Upload,
+    max_stored: u32,
+) -> Result<PreKeyCounts, KeyError> {
     // With the identity key in the upload, the signatures can be checked
     // before the transaction: whatever is stored, they must verify against
     // this key (it is either the stored one or its replacement).
@@ -311,6 +318,16 @@ pub async fn store(db: &PgPool, user: Uuid, upload: Upload) -> Result<PreKeyCoun
         .await?;
     }
     let counts = store::counts(&mut *tx, user).await?;
+    for (kind, have) in [("EC", counts.one_time), ("Kyber", counts.kyber)] {
+        if have > i64::from(max_stored) {
+            // Dropping the transaction rolls the whole upload back.
+            return Err(KeyError::TooManyStored {
+                kind,
+                have,
+                max: max_stored,
+            });
+        }
+    }
     tx.commit().await?;
     Ok(PreKeyCounts::from(counts))
 }

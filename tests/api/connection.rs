@@ -162,16 +162,12 @@ async fn the_connection_cap_answers_503() {
     // A slot frees when a connection ends.
     b.close().await;
     b.closed().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    wait_until("a connection slot frees", || async {
         match Client::connect(&app.url).await {
-            Ok(_) => break,
-            Err(ClientError::Http { status: 503, .. })
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tokio::task::yield_now().await
-            }
+            Ok(_) => true,
+            Err(ClientError::Http { status: 503, .. }) => false,
             Err(e) => panic!("{e}"),
         }
-    }
+    })
+    .await;
 }

@@ -1071,3 +1071,34 @@ async fn concurrent_first_uploads(app: &TestApp) {
     );
     assert_eq!(key_rows(app, auth.user_id).await, [1, 1, 3, 2, 1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_one_time_keys_are_capped_per_user() {
+    let app = spawn_app_with(|c| c.limits.max_stored_pre_keys = 150).await;
+    let me = TestIdentity::generate();
+    let (alice, _events, _) = app.register(&unique("alice")).await;
+    alice
+        .upload_keys(me.upload(7, 1..=100, 1..=100, 1000))
+        .await
+        .unwrap();
+    let more = proto::UploadKeys {
+        one_time_pre_keys: (101..=200).map(one_time_pre_key).collect(),
+        ..Default::default()
+    };
+    assert_bad_request(
+        alice.upload_keys(more).await,
+        "this upload would leave 200 one-time EC pre-keys stored; at most 150 are kept per user",
+    );
+    assert_eq!(
+        count(&alice).await,
+        (100, 100),
+        "nothing of the refused upload was stored"
+    );
+    // Replacing existing ids does not grow the count, so it is allowed.
+    let replace = proto::UploadKeys {
+        one_time_pre_keys: (51..=150).map(one_time_pre_key).collect(),
+        ..Default::default()
+    };
+    alice.upload_keys(replace).await.unwrap();
+    assert_eq!(count(&alice).await, (150, 100));
+}
