@@ -21,6 +21,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::messages::dedupe::Attempt;
 use crate::messages::{Delivery, Message};
 use crate::protocol::proto;
 
@@ -32,14 +33,36 @@ pub enum Outbound {
     Push(Box<proto::push::Event>),
 }
 
-/// A message routed live, and the sender waiting to hear what became of it.
+/// A message routed live, and who waits to hear what became of it.
 #[derive(Debug)]
 pub struct LiveDelivery {
     pub message: Message,
-    /// Told `Delivered` on ack, `Queued` once stored after a timeout or
-    /// disconnect, `Dropped` for an ephemeral message that was not acked.
-    /// Dropping it unanswered tells the sender the delivery failed.
+    pub waiter: Waiter,
+}
+
+/// Who hears a message's outcome: `Delivered` on ack, `Queued` once stored
+/// after a timeout or disconnect, `Dropped` for an ephemeral message nobody
+/// took. Dropping it unanswered tells the sender the delivery failed.
+#[derive(Debug, Default)]
+pub struct Waiter {
+    /// The sender's request, if it is still waiting.
     pub responder: Option<oneshot::Sender<Delivery>>,
+    /// The idempotency record of a send with a client message id. It
+    /// travels with the message rather than with the sender's request, so a
+    /// retry after the sender disconnected still finds it in progress and
+    /// cannot make a second copy.
+    pub attempt: Option<Attempt>,
+}
+
+impl Waiter {
+    pub fn finish(self, outcome: Delivery) {
+        if let Some(attempt) = self.attempt {
+            attempt.complete(outcome);
+        }
+        if let Some(responder) = self.responder {
+            let _ = responder.send(outcome);
+        }
+    }
 }
 
 /// Why the server closes a connection from outside its own loop.
@@ -135,7 +158,7 @@ pub enum Route {
     Live(oneshot::Receiver<Delivery>),
     /// Must be stored; the ticket keeps the drain from passing it until it is
     /// dropped, which the store writer does after the commit.
-    Store(Message, StoreTicket),
+    Store(Message, StoreTicket, Option<Attempt>),
     /// Ephemeral and the recipient is not reachable.
     Dropped,
 }
@@ -155,11 +178,11 @@ impl Drop for StoreTicket {
     }
 }
 
-/// What a drain may read: messages with `seq < below` (if set), and the
-/// store generation when it looked.
+/// What a drain may read: messages with `seq < below`, and the store
+/// generation when it looked.
 #[derive(Debug, Clone, Copy)]
 pub struct DrainBound {
-    pub below: Option<i64>,
+    pub below: i64,
     pub generation: u64,
 }
 
@@ -228,7 +251,22 @@ impl Registry {
         let mut slot = self.inner.slots.entry(user).or_insert_with(Slot::new);
         let old = slot.conn.replace(handle);
         slot.draining = true;
+        // A fresh notifier: a displaced connection still running must not
+        // consume the new one's wake-ups.
+        slot.wake = Arc::new(Notify::new());
         (old, slot.wake.clone())
+    }
+
+    /// Starts closing `conn_id`: from now on the user's messages go to
+    /// storage, behind whatever the connection still holds, while it stays
+    /// registered. A successor that connects meanwhile displaces it and so
+    /// waits for it to hand off what it held before draining.
+    pub fn closing(&self, user: Uuid, conn_id: u64) {
+        if let Some(mut slot) = self.inner.slots.get_mut(&user)
+            && slot.conn.as_ref().is_some_and(|c| c.id == conn_id)
+        {
+            slot.draining = true;
+        }
     }
 
     /// Removes the user's connection if it is still `conn_id`. After this
@@ -263,10 +301,11 @@ impl Registry {
         &self,
         recipient: Uuid,
         ephemeral: bool,
+        mut attempt: Option<Attempt>,
         build: impl FnOnce(i64) -> Message,
     ) -> Route {
         if ephemeral {
-            return self.route_ephemeral(recipient, build);
+            return self.route_ephemeral(recipient, attempt, build);
         }
         let mut slot = self.inner.slots.entry(recipient).or_insert_with(Slot::new);
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -275,7 +314,10 @@ impl Registry {
             let (responder, outcome) = oneshot::channel();
             let live = Box::new(LiveDelivery {
                 message,
-                responder: Some(responder),
+                waiter: Waiter {
+                    responder: Some(responder),
+                    attempt,
+                },
             });
             let conn = slot.conn.as_ref().expect("checked above");
             match conn.tx.try_send(Outbound::Deliver(live)) {
@@ -288,6 +330,7 @@ impl Registry {
                     // Everything from here on goes through storage, behind
                     // what is already queued, until the connection drains it.
                     message = live.message;
+                    attempt = live.waiter.attempt;
                     slot.draining = true;
                     slot.wake.notify_one();
                 }
@@ -299,14 +342,20 @@ impl Registry {
             recipient,
             seq,
         };
-        Route::Store(message, ticket)
+        Route::Store(message, ticket, attempt)
     }
 
-    fn route_ephemeral(&self, recipient: Uuid, build: impl FnOnce(i64) -> Message) -> Route {
-        let Some(slot) = self.inner.slots.get(&recipient) else {
-            return Route::Dropped;
-        };
-        let Some(conn) = &slot.conn else {
+    fn route_ephemeral(
+        &self,
+        recipient: Uuid,
+        attempt: Option<Attempt>,
+        build: impl FnOnce(i64) -> Message,
+    ) -> Route {
+        let slot = self.inner.slots.get(&recipient);
+        let Some(conn) = slot.as_ref().and_then(|s| s.conn.as_ref()) else {
+            if let Some(attempt) = attempt {
+                attempt.complete(Delivery::Dropped);
+            }
             return Route::Dropped;
         };
         // Ephemeral messages (typing indicators) skip the queue order: they
@@ -315,11 +364,19 @@ impl Registry {
         let (responder, outcome) = oneshot::channel();
         let live = Box::new(LiveDelivery {
             message: build(seq),
-            responder: Some(responder),
+            waiter: Waiter {
+                responder: Some(responder),
+                attempt,
+            },
         });
         match conn.tx.try_send(Outbound::Deliver(live)) {
             Ok(()) => Route::Live(outcome),
-            Err(_) => Route::Dropped,
+            Err(refused) => {
+                if let Outbound::Deliver(live) = refused.into_inner() {
+                    live.waiter.finish(Delivery::Dropped);
+                }
+                Route::Dropped
+            }
         }
     }
 
@@ -332,15 +389,21 @@ impl Registry {
         }
     }
 
-    /// What the drain of `conn_id` may read now.
+    /// What a drain may read now: only sequence numbers already allocated,
+    /// and none at or past a message still on its way to storage. Reading
+    /// past either could move the drain's cursor beyond a message that
+    /// commits later. Taken under the user's lock, so every sequence number
+    /// the user gets from now on is at or above `below`.
     pub fn drain_bound(&self, user: Uuid) -> DrainBound {
-        match self.inner.slots.get(&user) {
+        let slot = self.inner.slots.get(&user);
+        let next = self.inner.next_seq.load(Ordering::Relaxed);
+        match slot {
             Some(slot) => DrainBound {
-                below: slot.storing.first().copied(),
+                below: slot.storing.first().copied().unwrap_or(next),
                 generation: slot.stored_generation,
             },
             None => DrainBound {
-                below: None,
+                below: next,
                 generation: 0,
             },
         }
@@ -386,5 +449,151 @@ impl Registry {
         for conn in conns {
             conn.close(reason.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::messages::EnvelopeType;
+
+    fn message(recipient: Uuid, seq: i64) -> Message {
+        Message {
+            id: Uuid::new_v4(),
+            seq,
+            sender_id: None,
+            sender_username: Arc::from(""),
+            recipient_id: recipient,
+            envelope_type: EnvelopeType::Ciphertext,
+            content: Bytes::from_static(b"x"),
+            server_timestamp_ms: 0,
+            client_timestamp_ms: 0,
+            expires_at_ms: i64::MAX,
+            ephemeral: false,
+        }
+    }
+
+    #[test]
+    fn the_drain_never_reads_past_a_message_on_its_way_to_storage() {
+        let registry = Registry::new(100, 8);
+        let user = Uuid::new_v4();
+        // Offline: stored, with a ticket.
+        let Route::Store(first, ticket, _) =
+            registry.route(user, false, None, |s| message(user, s))
+        else {
+            panic!("offline messages are stored")
+        };
+        let Route::Store(_, later, _) = registry.route(user, false, None, |s| message(user, s))
+        else {
+            panic!("stored")
+        };
+        assert_eq!(registry.drain_bound(user).below, first.seq);
+        drop(ticket);
+        assert_eq!(registry.drain_bound(user).below, first.seq + 1);
+        drop(later);
+        // Nothing in flight: the bound is the next sequence number, so a
+        // read cannot cover one allocated after it.
+        assert_eq!(registry.drain_bound(user).below, first.seq + 2);
+        assert_eq!(
+            registry.drain_bound(user).generation,
+            0,
+            "slot removed once idle"
+        );
+    }
+
+    #[test]
+    fn live_only_after_the_drain_and_behind_stores() {
+        let registry = Registry::new(1, 8);
+        let user = Uuid::new_v4();
+        let (handle, mut ends) = registry.new_connection();
+        let (displaced, _wake) = registry.connect(user, handle.clone());
+        assert!(displaced.is_none());
+        // Draining: stored.
+        let Route::Store(_, ticket, _) = registry.route(user, false, None, |s| message(user, s))
+        else {
+            panic!("stored while draining")
+        };
+        let bound = registry.drain_bound(user);
+        assert!(
+            !registry.try_go_live(user, handle.id, bound.generation),
+            "a store is in flight"
+        );
+        drop(ticket);
+        assert!(
+            !registry.try_go_live(user, handle.id, bound.generation),
+            "one finished since"
+        );
+        let bound = registry.drain_bound(user);
+        assert!(registry.try_go_live(user, handle.id, bound.generation));
+        assert!(matches!(
+            registry.route(user, false, None, |s| message(user, s)),
+            Route::Live(_)
+        ));
+        assert!(ends.rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn overflow_switches_to_storage_until_drained() {
+        let registry = Registry::new(1, 1);
+        let user = Uuid::new_v4();
+        let (handle, _ends) = registry.new_connection();
+        registry.connect(user, handle.clone());
+        let bound = registry.drain_bound(user);
+        assert!(registry.try_go_live(user, handle.id, bound.generation));
+        assert!(matches!(
+            registry.route(user, false, None, |s| message(user, s)),
+            Route::Live(_)
+        ));
+        // The queue (capacity 1) is full: this one and every later one is stored.
+        assert!(matches!(
+            registry.route(user, false, None, |s| message(user, s)),
+            Route::Store(..)
+        ));
+        assert!(registry.is_draining(user));
+        assert!(matches!(
+            registry.route(user, false, None, |s| message(user, s)),
+            Route::Store(..)
+        ));
+    }
+
+    #[test]
+    fn a_closing_connection_stays_registered_but_takes_nothing_live() {
+        let registry = Registry::new(1, 8);
+        let user = Uuid::new_v4();
+        let (old, _old_ends) = registry.new_connection();
+        registry.connect(user, old.clone());
+        let bound = registry.drain_bound(user);
+        assert!(registry.try_go_live(user, old.id, bound.generation));
+        registry.closing(user, old.id);
+        assert!(matches!(
+            registry.route(user, false, None, |s| message(user, s)),
+            Route::Store(..)
+        ));
+        // A successor displaces it (and so waits for it) rather than finding
+        // an empty slot.
+        let (new, _new_ends) = registry.new_connection();
+        let (displaced, _) = registry.connect(user, new.clone());
+        assert_eq!(displaced.map(|c| c.id), Some(old.id));
+        registry.disconnect(user, old.id);
+        assert_eq!(
+            registry.connection(user).map(|c| c.id),
+            Some(new.id),
+            "the old id no longer matches"
+        );
+    }
+
+    #[test]
+    fn ephemeral_messages_are_dropped_for_offline_users() {
+        let registry = Registry::new(1, 8);
+        let user = Uuid::new_v4();
+        assert!(matches!(
+            registry.route(user, true, None, |s| message(user, s)),
+            Route::Dropped
+        ));
+        assert!(!registry.is_online(user));
     }
 }

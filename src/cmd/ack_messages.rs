@@ -95,7 +95,7 @@ async fn send_receipts(state: &AppState, acker: &Authenticated, acked: Vec<Acked
             let mut key = b"receipt:".to_vec();
             key.extend_from_slice(original.as_bytes());
             let id = messages::message_id(acker.user_id, Some(&key));
-            let route = state.registry().route(sender, false, |seq| Message {
+            let route = state.registry().route(sender, false, None, |seq| Message {
                 id,
                 seq,
                 sender_id: Some(acker.user_id),
@@ -111,11 +111,11 @@ async fn send_receipts(state: &AppState, acker: &Authenticated, acked: Vec<Acked
             match route {
                 // The sender's connection stores it if they never ack it.
                 Route::Live(_) | Route::Dropped => None,
-                Route::Store(message, ticket) => Some((message, ticket)),
+                Route::Store(message, ticket, _) => Some((message, ticket)),
             }
         })
         .map(|(message, ticket)| async move {
-            if let Err(err) = state.store().store(message, Some(ticket)).await {
+            if let Err(err) = state.store().store(message, Some(ticket), None).await {
                 tracing::warn!(error = %err, "storing a delivery receipt failed");
             }
         });

@@ -102,7 +102,7 @@ impl SendMessage {
         let sender_username = ctx.auth.username.clone();
         let route = state
             .registry()
-            .route(self.recipient.0, self.ephemeral, |seq| Message {
+            .route(self.recipient.0, self.ephemeral, attempt, |seq| Message {
                 id,
                 seq,
                 sender_id: Some(sender),
@@ -122,8 +122,8 @@ impl SendMessage {
                     RequestError::Unavailable("delivery was interrupted; retry".into())
                 })?,
                 Route::Dropped => Delivery::Dropped,
-                Route::Store(message, ticket) => {
-                    match state.store().store(message, Some(ticket)).await {
+                Route::Store(message, ticket, attempt) => {
+                    match state.store().store(message, Some(ticket), attempt).await {
                         Ok(Stored::Inserted | Stored::AlreadyStored) => Delivery::Queued,
                         Ok(Stored::UnknownRecipient) => {
                             return Err(RequestError::NotFound(format!(
@@ -134,9 +134,6 @@ impl SendMessage {
                     }
                 }
             };
-            if let Some(attempt) = attempt {
-                attempt.complete(outcome);
-            }
             Ok(sent(id, outcome))
         }
         .boxed()

@@ -15,6 +15,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::unacked::Unacked;
 use super::{Connection, Inbound};
@@ -25,7 +26,7 @@ use crate::messages::store::Stored;
 use crate::messages::{self, Delivery};
 use crate::protocol::proto::{ServerFrame, push};
 use crate::protocol::{self, ProtocolError, RequestError};
-use crate::registry::{CloseReason, ConnHandle, LiveDelivery, Outbound};
+use crate::registry::{CloseReason, ConnHandle, LiveDelivery, Outbound, Registry};
 use crate::state::AppState;
 
 /// How long a new connection waits for the one it displaced to store what
@@ -149,8 +150,9 @@ struct Session<S> {
     kick: CancellationToken,
     /// Why we were kicked.
     close_reason: Arc<OnceLock<CloseReason>>,
-    /// Cancelled once we have stored everything we held.
-    finished: CancellationToken,
+    /// Leaves the registry and lets a successor drain when dropped: at the
+    /// end of `finish`, or while unwinding from a panic.
+    departure: Departure,
     /// Registry wake-ups for the drain.
     wake: Arc<Notify>,
     /// Requests in flight, answered as they finish.
@@ -190,6 +192,12 @@ where
                 tracing::warn!(user_id = %auth.user_id, "displaced connection did not finish in time");
             }
         }
+        let departure = Departure {
+            registry: registry.clone(),
+            user: auth.user_id,
+            conn_id: handle.id,
+            finished: ends.finished,
+        };
         let limits = state.limits();
         let now = Instant::now();
         let mut session = Session {
@@ -207,7 +215,7 @@ where
             rx: ends.rx,
             kick: ends.kick,
             close_reason: ends.close_reason,
-            finished: ends.finished,
+            departure,
             wake,
             requests: FuturesUnordered::new(),
             handoffs: FuturesUnordered::new(),
@@ -235,7 +243,10 @@ where
             }
             let ack_deadline = self.unacked.next_deadline();
             let take_live = self.drain.is_live() && self.unacked.has_room();
-            let read_more = self.requests.len() < limits.max_inflight_requests;
+            // Keep reading past the in-flight limit (new requests beyond it
+            // are refused, see `on_inbound`) so acks still get through: two
+            // clients that each wait on the other's acks must not stall.
+            let read_more = self.requests.len() < 2 * limits.max_inflight_requests;
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return self.wind_down().await,
                 _ = self.kick.cancelled() => {
@@ -274,7 +285,7 @@ where
     async fn wind_down(&mut self) -> End {
         self.state
             .registry()
-            .disconnect(self.auth.user_id, self.handle.id);
+            .closing(self.auth.user_id, self.handle.id);
         let held = self.take_held();
         self.handoffs
             .push(hand_off(self.state.clone(), held).boxed());
@@ -328,7 +339,16 @@ where
             .request
             .ok_or_else(|| RequestError::bad_request("frame carries no request"))
             .and_then(|request| Command::from_frame(request, self.state.limits()));
+        let limit = self.state.limits().max_inflight_requests;
         match command {
+            Ok(command)
+                if self.requests.len() >= limit && !matches!(command, Command::AckMessages(_)) =>
+            {
+                let err = RequestError::RateLimited {
+                    retry_after: Duration::from_millis(50),
+                };
+                self.on_reply(request_id, Err(err)).await
+            }
             Ok(command) => {
                 let mut ctx = Ctx {
                     state: &self.state,
@@ -370,13 +390,15 @@ where
             Outbound::Deliver(delivery) => {
                 let delivery = *delivery;
                 if delivery.message.is_expired(messages::now_ms()) {
-                    if let Some(responder) = delivery.responder {
-                        let _ = responder.send(Delivery::Dropped);
-                    }
+                    delivery.waiter.finish(Delivery::Dropped);
                     return Ok(());
                 }
                 let frame = protocol::push(push::Event::Deliver(delivery.message.to_envelope()));
-                self.drain.delivered_live(delivery.message.seq);
+                if !delivery.message.ephemeral {
+                    // Ephemeral messages skip the queue order, so their
+                    // sequence numbers say nothing about what was read.
+                    self.drain.delivered_live(delivery.message.seq);
+                }
                 let deadline = Instant::now() + self.state.limits().ack_timeout();
                 self.unacked.insert(delivery, deadline);
                 self.write(&frame).await
@@ -463,7 +485,8 @@ where
     }
 
     /// Runs a write with the write timeout: a peer that stops reading is cut
-    /// off rather than holding our buffers.
+    /// off rather than holding our buffers. A displaced connection abandons
+    /// a stuck write at once, so its successor need not wait for it.
     async fn bounded<'a>(
         &'a mut self,
         op: impl FnOnce(
@@ -471,7 +494,12 @@ where
         ) -> BoxFuture<'a, Result<(), tokio_tungstenite::tungstenite::Error>>,
     ) -> Result<(), End> {
         let limit = self.state.limits().write_timeout();
-        match timeout(limit, op(&mut self.conn)).await {
+        let kick = self.kick.clone();
+        let write = tokio::select! {
+            write = timeout(limit, op(&mut self.conn)) => write,
+            _ = kick.cancelled() => return Err(End::Gone),
+        };
+        match write {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => {
@@ -484,23 +512,43 @@ where
         }
     }
 
-    /// Leaves the registry, stores what we still hold, closes the socket,
-    /// then lets a successor drain.
+    /// Stores what we still hold while routing everything new to storage,
+    /// then leaves the registry so a successor may drain, then closes the
+    /// socket.
     async fn finish(mut self, end: End) {
         let registry = self.state.registry().clone();
-        registry.disconnect(self.auth.user_id, self.handle.id);
-        // Nothing new can be routed to us now; collect what was.
+        // Still registered while we hand off, so a successor that connects
+        // now displaces us and waits for `finished` before it drains: what
+        // we hold is older than anything it will read.
+        registry.closing(self.auth.user_id, self.handle.id);
         let held = self.take_held();
-        let stored = hand_off(self.state.clone(), held);
         let pending = std::mem::take(&mut self.handoffs).collect::<Vec<()>>();
-        let closed = async {
-            if let End::Close(code, reason) = &end {
-                self.conn.close(*code, reason).await;
-            }
-        };
-        futures::join!(stored, pending, closed);
-        self.finished.cancel();
+        futures::join!(hand_off(self.state.clone(), held), pending);
+        drop(self.departure);
+        if let End::Close(code, reason) = &end {
+            self.conn.close(*code, reason).await;
+        }
         tracing::debug!(user_id = %self.auth.user_id, "connection finished");
+    }
+}
+
+/// Leaving the registry, done on drop so a panicking connection cannot leave
+/// its slot behind or its successor waiting.
+struct Departure {
+    /// Where we are registered.
+    registry: Registry,
+    /// Whose connection this was.
+    user: Uuid,
+    /// Which connection of theirs.
+    conn_id: u64,
+    /// Cancelled to tell a successor everything we held is stored.
+    finished: CancellationToken,
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        self.registry.disconnect(self.user, self.conn_id);
+        self.finished.cancel();
     }
 }
 
@@ -511,21 +559,18 @@ async fn hand_off(state: AppState, deliveries: Vec<LiveDelivery>) {
     let stores = deliveries.into_iter().map(|delivery| {
         let state = state.clone();
         async move {
-            let LiveDelivery { message, responder } = delivery;
-            let outcome = if message.ephemeral {
-                Some(Delivery::Dropped)
-            } else {
-                match state.store().store(message, None).await {
-                    Ok(Stored::Inserted | Stored::AlreadyStored) => Some(Delivery::Queued),
-                    Ok(Stored::UnknownRecipient) => Some(Delivery::Dropped),
-                    Err(err) => {
-                        tracing::error!(error = %err, "storing an unacked live message failed");
-                        None
-                    }
+            let LiveDelivery { message, waiter } = delivery;
+            if message.ephemeral {
+                return waiter.finish(Delivery::Dropped);
+            }
+            match state.store().store(message, None, None).await {
+                Ok(Stored::Inserted | Stored::AlreadyStored) => waiter.finish(Delivery::Queued),
+                // The recipient deleted their account meanwhile.
+                Ok(Stored::UnknownRecipient) => waiter.finish(Delivery::Dropped),
+                // Unanswered: the sender's request fails and it may retry.
+                Err(err) => {
+                    tracing::error!(error = %err, source = ?std::error::Error::source(&err), "storing an unacked live message failed");
                 }
-            };
-            if let (Some(outcome), Some(responder)) = (outcome, responder) {
-                let _ = responder.send(outcome);
             }
         }
     });

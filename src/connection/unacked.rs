@@ -43,9 +43,7 @@ impl Unacked {
     pub fn ack(&mut self, id: Uuid) -> bool {
         match self.entries.shift_remove(&id) {
             Some((delivery, _)) => {
-                if let Some(responder) = delivery.responder {
-                    let _ = responder.send(Delivery::Delivered);
-                }
+                delivery.waiter.finish(Delivery::Delivered);
                 true
             }
             None => false,

@@ -15,9 +15,17 @@ use uuid::Uuid;
 use super::Delivery;
 
 #[derive(Debug)]
-enum Entry {
+enum State {
     InProgress(watch::Receiver<Option<Delivery>>),
     Done(Delivery),
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Tells this entry apart from an earlier one for the same id in the
+    /// eviction order.
+    generation: u64,
+    state: State,
 }
 
 /// What a send with a client message id should do.
@@ -46,8 +54,26 @@ pub struct Dedupe {
 struct Inner {
     /// Message id to the state of its send.
     entries: HashMap<Uuid, Entry>,
-    /// Insertion order, for eviction. May hold ids already removed.
-    order: VecDeque<Uuid>,
+    /// Insertion order, for eviction, with each entry's generation; stale
+    /// items (removed or re-added ids) are skipped and compacted away.
+    order: VecDeque<(Uuid, u64)>,
+    /// Source of generations.
+    next_generation: u64,
+}
+
+impl Inner {
+    fn evict_oldest(&mut self) {
+        while let Some((id, generation)) = self.order.pop_front() {
+            if self
+                .entries
+                .get(&id)
+                .is_some_and(|e| e.generation == generation)
+            {
+                self.entries.remove(&id);
+                return;
+            }
+        }
+    }
 }
 
 impl Dedupe {
@@ -60,22 +86,31 @@ impl Dedupe {
 
     pub fn begin(&self, id: Uuid) -> Begin {
         let mut inner = self.inner.lock().expect("dedupe lock");
-        match inner.entries.get(&id) {
-            Some(Entry::Done(outcome)) => return Begin::Done(*outcome),
-            Some(Entry::InProgress(rx)) => return Begin::InProgress(rx.clone()),
+        match inner.entries.get(&id).map(|e| &e.state) {
+            Some(State::Done(outcome)) => return Begin::Done(*outcome),
+            Some(State::InProgress(rx)) => return Begin::InProgress(rx.clone()),
             None => {}
         }
-        while inner.entries.len() >= self.capacity {
-            match inner.order.pop_front() {
-                Some(old) => {
-                    inner.entries.remove(&old);
-                }
-                None => break,
-            }
+        while inner.entries.len() >= self.capacity && !inner.order.is_empty() {
+            inner.evict_oldest();
+        }
+        // Failed attempts leave stale ids behind in the order; keep it
+        // within a constant factor of the live entries.
+        if inner.order.len() > 2 * self.capacity {
+            let Inner { entries, order, .. } = &mut *inner;
+            order.retain(|(id, g)| entries.get(id).is_some_and(|e| e.generation == *g));
         }
         let (tx, rx) = watch::channel(None);
-        inner.entries.insert(id, Entry::InProgress(rx));
-        inner.order.push_back(id);
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        inner.entries.insert(
+            id,
+            Entry {
+                generation,
+                state: State::InProgress(rx),
+            },
+        );
+        inner.order.push_back((id, generation));
         Begin::New(Attempt {
             dedupe: self.clone(),
             id,
@@ -88,7 +123,7 @@ impl Dedupe {
         match outcome {
             Some(outcome) => {
                 if let Some(entry) = inner.entries.get_mut(&id) {
-                    *entry = Entry::Done(outcome);
+                    entry.state = State::Done(outcome);
                 }
             }
             None => {
@@ -100,6 +135,7 @@ impl Dedupe {
 
 /// The first attempt of an idempotent send. Dropping it without
 /// [`Attempt::complete`] forgets the attempt, so a retry can go ahead.
+#[derive(Debug)]
 pub struct Attempt {
     dedupe: Dedupe,
     id: Uuid,
@@ -120,5 +156,56 @@ impl Drop for Attempt {
         if self.tx.is_some() {
             self.dedupe.finish(self.id, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_remembered_and_failures_forgotten() {
+        let dedupe = Dedupe::new(2);
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let Begin::New(first) = dedupe.begin(a) else {
+            panic!("new")
+        };
+        assert!(matches!(dedupe.begin(a), Begin::InProgress(_)));
+        first.complete(Delivery::Queued);
+        assert!(matches!(dedupe.begin(a), Begin::Done(Delivery::Queued)));
+
+        let Begin::New(failed) = dedupe.begin(b) else {
+            panic!("new")
+        };
+        drop(failed);
+        assert!(
+            matches!(dedupe.begin(b), Begin::New(_)),
+            "a failed attempt may be retried"
+        );
+
+        // Capacity 2: with a and c remembered, a third id evicts a.
+        let Begin::New(third) = dedupe.begin(c) else {
+            panic!("new")
+        };
+        third.complete(Delivery::Delivered);
+        let Begin::New(fourth) = dedupe.begin(Uuid::new_v4()) else {
+            panic!("new")
+        };
+        fourth.complete(Delivery::Queued);
+        assert!(matches!(dedupe.begin(c), Begin::Done(Delivery::Delivered)));
+        assert!(matches!(dedupe.begin(a), Begin::New(_)), "oldest evicted");
+    }
+
+    #[test]
+    fn failed_attempts_do_not_grow_the_order_without_bound() {
+        let dedupe = Dedupe::new(4);
+        for _ in 0..1000 {
+            let Begin::New(attempt) = dedupe.begin(Uuid::new_v4()) else {
+                panic!("new")
+            };
+            drop(attempt);
+        }
+        let inner = dedupe.inner.lock().unwrap();
+        assert!(inner.order.len() <= 2 * 4 + 1, "{}", inner.order.len());
     }
 }

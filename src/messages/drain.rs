@@ -158,8 +158,7 @@ impl Drain {
         }
         // Something is being stored, or was stored since the read began:
         // wait for the wake-up (or read again at once if it already came).
-        let now = self.registry.drain_bound(self.user);
-        if now.below.is_none() && now.generation != bound.generation {
+        if self.registry.drain_bound(self.user).generation != bound.generation {
             self.state = State::Wanted;
         }
         Ok(Step::Idle)

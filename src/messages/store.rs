@@ -14,7 +14,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::Delivery;
 use super::Message;
+use super::dedupe::Attempt;
 use crate::registry::StoreTicket;
 use crate::storage::{self, StorageError};
 
@@ -41,6 +43,8 @@ struct Job {
     message: Message,
     /// Held until the commit; see the module docs.
     ticket: Option<StoreTicket>,
+    /// Completed as `Queued` once the message is stored.
+    attempt: Option<Attempt>,
     done: oneshot::Sender<Result<Stored, Arc<StorageError>>>,
 }
 
@@ -71,16 +75,20 @@ impl StoreWriter {
     }
 
     /// Stores `message`, waiting for room in the queue and for the commit.
+    /// The writer completes `attempt` itself, so the outcome is recorded even
+    /// if the caller stops waiting.
     pub async fn store(
         &self,
         message: Message,
         ticket: Option<StoreTicket>,
+        attempt: Option<Attempt>,
     ) -> Result<Stored, StoreError> {
         let (done, result) = oneshot::channel();
         self.tx
             .send(Job {
                 message,
                 ticket,
+                attempt,
                 done,
             })
             .await
@@ -107,22 +115,33 @@ async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usiz
             let Job {
                 message,
                 ticket,
+                attempt,
                 done,
             } = job;
             let outcome = match &result {
                 Ok((inserted, _)) if inserted.contains(&message.id) => Ok(Stored::Inserted),
-                Ok((_, existing)) if existing.contains(&message.id) => Ok(Stored::AlreadyStored),
+                Ok((_, recipients)) if recipients.contains(&message.recipient_id) => {
+                    Ok(Stored::AlreadyStored)
+                }
                 Ok(_) => Ok(Stored::UnknownRecipient),
                 Err(err) => Err(err.clone()),
             };
             // Release the drain before telling the sender, so a recipient
             // that is online starts reading it as early as possible.
             drop(ticket);
+            if let (Some(attempt), Ok(Stored::Inserted | Stored::AlreadyStored)) =
+                (attempt, &outcome)
+            {
+                attempt.complete(Delivery::Queued);
+            }
             let _ = done.send(outcome);
         }
     }
 }
 
+/// The ids inserted, and of the messages not inserted, the recipients that
+/// exist: for those the id was already stored (an idempotent retry, possibly
+/// acked since), for the others the recipient is unknown.
 type BatchResult = Result<(HashSet<Uuid>, HashSet<Uuid>), Arc<StorageError>>;
 
 async fn write_batch(db: &PgPool, jobs: &[Job]) -> BatchResult {
@@ -132,24 +151,21 @@ async fn write_batch(db: &PgPool, jobs: &[Job]) -> BatchResult {
         .map_err(Arc::new)?
         .into_iter()
         .collect();
-    let missing: Vec<Uuid> = messages
+    let skipped: Vec<Uuid> = messages
         .iter()
-        .map(|m| m.id)
-        .filter(|id| !inserted.contains(id))
+        .filter(|m| !inserted.contains(&m.id))
+        .map(|m| m.recipient_id)
         .collect();
-    let existing = if missing.is_empty() {
+    let recipients = if skipped.is_empty() {
         HashSet::new()
     } else {
-        storage::messages::existing(db, &missing)
+        storage::users::existing(db, &skipped)
             .await
             .map_err(Arc::new)?
             .into_iter()
             .collect()
     };
-    if !inserted.is_empty() {
-        tracing::trace!(count = inserted.len(), "stored messages");
-    }
-    Ok((inserted, existing))
+    Ok((inserted, recipients))
 }
 
 /// A user deleted between the existence check and the insert makes the

@@ -71,16 +71,6 @@ pub async fn insert_batch(db: &PgPool, messages: &[&Message]) -> Result<Vec<Uuid
     Ok(inserted)
 }
 
-/// Of `ids`, those already stored.
-pub async fn existing(db: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, StorageError> {
-    Ok(
-        sqlx::query_scalar("SELECT id FROM messages WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(db)
-            .await?,
-    )
-}
-
 #[derive(sqlx::FromRow)]
 struct Row {
     id: Uuid,
@@ -101,7 +91,7 @@ pub async fn fetch_for_drain(
     db: &PgPool,
     recipient: Uuid,
     after: i64,
-    below: Option<i64>,
+    below: i64,
     limit: i64,
     byte_budget: i64,
 ) -> Result<Vec<Message>, StorageError> {
@@ -118,7 +108,7 @@ pub async fn fetch_for_drain(
     )
     .bind(recipient)
     .bind(after)
-    .bind(below.unwrap_or(i64::MAX))
+    .bind(below)
     .bind(limit)
     .bind(byte_budget)
     .fetch_all(db)

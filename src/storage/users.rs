@@ -63,3 +63,13 @@ pub async fn delete(db: &PgPool, id: Uuid) -> Result<bool, StorageError> {
         .await?;
     Ok(result.rows_affected() == 1)
 }
+
+/// Of `ids`, those of existing users.
+pub async fn existing(db: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, StorageError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM users WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(db)
+            .await?,
+    )
+}
