@@ -337,6 +337,7 @@ pub struct ProcWindow {
     pg_start: f64,
     gen_start: f64,
     rss_start: Option<u64>,
+    machine_start: Option<(u64, u64)>,
     started: Instant,
 }
 
@@ -348,6 +349,9 @@ pub struct Usage {
     pub server_rss_end_kib: Option<u64>,
     pub generator_cpu_percent: f64,
     pub postgres_cpu_percent: f64,
+    /// The whole machine, percent of all CPUs: everything above plus agents
+    /// and anything else running.
+    pub machine_busy_percent: Option<f64>,
 }
 
 impl ProcWindow {
@@ -358,6 +362,7 @@ impl ProcWindow {
             pg_start: procfs::postgres_cpu_seconds(),
             gen_start: procfs::cpu_seconds(std::process::id()).unwrap_or(0.0),
             rss_start: pid.and_then(procfs::rss_kib),
+            machine_start: procfs::cpu_jiffies(),
             started: Instant::now(),
         }
     }
@@ -377,6 +382,12 @@ impl ProcWindow {
                 self.gen_start,
             ),
             postgres_cpu_percent: pct(procfs::postgres_cpu_seconds(), self.pg_start),
+            machine_busy_percent: match (self.machine_start, procfs::cpu_jiffies()) {
+                (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                    Some(100.0 * (b1 - b0) as f64 / (t1 - t0) as f64)
+                }
+                _ => None,
+            },
         }
     }
 }

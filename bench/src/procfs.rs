@@ -119,7 +119,7 @@ impl CpuMeter {
 }
 
 /// (busy, total) jiffies of all CPUs, from the first line of /proc/stat.
-fn cpu_jiffies() -> Option<(u64, u64)> {
+pub fn cpu_jiffies() -> Option<(u64, u64)> {
     let stat = fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?.strip_prefix("cpu ")?;
     let v: Vec<u64> = line

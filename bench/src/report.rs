@@ -102,7 +102,7 @@ impl Report {
             println!("machine busy before the run: {busy:.0}% of all CPUs (other work adds noise)");
         }
         println!(
-            "{:<28} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8}",
+            "{:<28} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
             "phase",
             "target",
             "rate/s",
@@ -115,7 +115,8 @@ impl Report {
             "srv CPU%",
             "srv MiB",
             "gen CPU%",
-            "pg CPU%"
+            "pg CPU%",
+            "machine%"
         );
         for row in &self.rows {
             let p = row
@@ -124,7 +125,7 @@ impl Report {
                 .cloned()
                 .unwrap_or_default();
             println!(
-                "{:<28} {:>8} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.2} {:>7} {:>8} {:>8} {:>8.0} {:>8.0}",
+                "{:<28} {:>8} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.2} {:>7} {:>8} {:>8} {:>8.0} {:>8.0} {:>8}",
                 row.name,
                 row.target,
                 row.rate_per_sec,
@@ -142,6 +143,9 @@ impl Report {
                     .map_or("-".into(), |r| format!("{:.1}", r as f64 / 1024.0)),
                 row.usage.generator_cpu_percent,
                 row.usage.postgres_cpu_percent,
+                row.usage
+                    .machine_busy_percent
+                    .map_or("-".into(), |m| format!("{m:.0}")),
             );
             for (kind, p) in &row.latency_ms {
                 if *kind != row.primary && p.count > 0 {

@@ -477,6 +477,15 @@ pub struct OfflineArgs {
     pub window: usize,
     #[arg(long, default_value_t = 256)]
     pub size: usize,
+    /// Store only: leave the messages queued (with --keep-db, to study the
+    /// drain's queries by hand).
+    #[arg(long)]
+    pub skip_drain: bool,
+    /// Experiment: run ANALYZE on the messages table before the drain, so
+    /// the drain's queries are planned with statistics that know about the
+    /// burst just stored (autovacuum would do it within a minute or so).
+    #[arg(long)]
+    pub analyze_before_drain: bool,
 }
 
 /// PostgreSQL's own counters, read before and after the store phase. Both
@@ -628,6 +637,16 @@ async fn offline_scenario(run: &mut Run, a: OfflineArgs) -> anyhow::Result<serde
         );
     }
 
+    if a.skip_drain {
+        for client in &clients {
+            client.close().await;
+        }
+        return Ok(params);
+    }
+    if a.analyze_before_drain {
+        sqlx::query("ANALYZE messages").execute(&db).await?;
+        run.summary("analyzed_before_drain", true);
+    }
     run.phase("drain");
     let window = ProcWindow::start(run.relay.pid);
     let drains = recipients.iter().map(|account| {
