@@ -46,7 +46,9 @@ pub async fn serve<S>(
     let mut conn = Connection::new(ws, state.limits().max_frame_bytes);
     let auth = match pre_auth {
         Some(auth) => auth,
-        None => match authenticate(&state, &mut conn, &shutdown).await {
+        // Boxed: authentication (Argon2, SQL) is large and short-lived; the
+        // connection task should not carry its size for its whole life.
+        None => match Box::pin(authenticate(&state, &mut conn, &shutdown)).await {
             Ok(auth) => auth,
             Err(Some((code, reason))) => return conn.close(code, &reason).await,
             Err(None) => return,
@@ -225,7 +227,7 @@ where
             state,
         };
         let end = session.serve(&shutdown).await;
-        session.finish(end).await;
+        Box::pin(session.finish(end)).await;
     }
 
     async fn serve(&mut self, shutdown: &CancellationToken) -> End {
@@ -248,7 +250,7 @@ where
             // clients that each wait on the other's acks must not stall.
             let read_more = self.requests.len() < 2 * limits.max_inflight_requests;
             let result = tokio::select! {
-                _ = shutdown.cancelled() => return self.wind_down().await,
+                _ = shutdown.cancelled() => return Box::pin(self.wind_down()).await,
                 _ = self.kick.cancelled() => {
                     let reason = self.close_reason.get().cloned().unwrap_or(CloseReason::DISPLACED);
                     return End::Close(reason.code, reason.reason.into());
@@ -256,7 +258,7 @@ where
                 inbound = self.conn.read(), if read_more => self.on_inbound(inbound).await,
                 Some((request_id, outcome)) = self.requests.next() => self.on_reply(request_id, outcome).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
-                step = self.drain.step() => self.on_drain(step).await,
+                step = self.drain.step() => Box::pin(self.on_drain(step)).await,
                 _ = self.wake.notified() => {
                     self.drain.woken();
                     Ok(())
@@ -596,5 +598,30 @@ fn log_request_error(what: &str, err: &RequestError) {
         tracing::error!(error = %err, source = ?std::error::Error::source(err), "{what} failed");
     } else {
         tracing::debug!(error = %err, "{what} rejected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn returned_size<F, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(
+            AppState,
+            WebSocketStream<tokio::net::TcpStream>,
+            Option<Authenticated>,
+            CancellationToken,
+        ) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// The session future is allocated for as long as the socket lives, so
+    /// it bounds what an idle connection costs; keep it in check.
+    #[test]
+    fn the_session_future_stays_small() {
+        let size = returned_size(&serve::<tokio::net::TcpStream>);
+        assert!(size <= 6 * 1024, "the session future is {size} bytes");
     }
 }

@@ -184,7 +184,7 @@ async fn serve_socket(
     match tls {
         None => upgrade(state, stream, permit, shutdown).await,
         Some(acceptor) => {
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream))).await {
                 Ok(Ok(stream)) => upgrade(state, stream, permit, shutdown).await,
                 Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -201,24 +201,60 @@ async fn upgrade<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Every step before the session is boxed: the connection task's future
+    // is as large as its largest state, and it lives as long as the socket,
+    // so only the (boxed) session should stay allocated (see the test).
     let timeout = state.limits().auth_timeout();
     let Some(_permit) = permit else {
-        // Read the request first so the client sees the answer, not a reset.
-        let _ = handshake::accept_head_only(&mut stream, timeout).await;
-        handshake::reject(
-            &mut stream,
-            &handshake::Reject::unavailable("server is at its connection limit"),
-        )
-        .await;
-        return;
+        let refuse = async move {
+            // Read the request first so the client sees the answer, not a reset.
+            let _ = handshake::accept_head_only(&mut stream, timeout).await;
+            let full = handshake::Reject::unavailable("server is at its connection limit");
+            handshake::reject(&mut stream, &full).await;
+        };
+        return Box::pin(refuse).await;
     };
-    let upgrade = match handshake::accept(&mut stream, &state, timeout).await {
+    let upgrade = match Box::pin(handshake::accept(&mut stream, &state, timeout)).await {
         Ok(upgrade) => upgrade,
-        Err(Some(reject)) => return handshake::reject(&mut stream, &reject).await,
+        Err(Some(reject)) => return Box::pin(handshake::reject(&mut stream, &reject)).await,
         Err(None) => return,
     };
     let config = Some(websocket_config(state.limits()));
-    let ws =
-        WebSocketStream::from_partially_read(stream, upgrade.leftover, Role::Server, config).await;
-    handler::serve(state, ws, upgrade.auth, shutdown).await;
+    let ws = Box::pin(WebSocketStream::from_partially_read(
+        stream,
+        upgrade.leftover,
+        Role::Server,
+        config,
+    ))
+    .await;
+    Box::pin(handler::serve(state, ws, upgrade.auth, shutdown)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future a function returns, without calling it.
+    fn returned_size<F, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(
+            AppState,
+            TcpStream,
+            SocketAddr,
+            Option<TlsAcceptor>,
+            Option<OwnedSemaphorePermit>,
+            CancellationToken,
+        ) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every idle connection is one spawned task holding this future, so its
+    /// size is most of a connection's memory: large, short-lived steps
+    /// (handshake, authentication, shutdown) are boxed to keep it small.
+    #[test]
+    fn an_idle_connection_future_stays_small() {
+        let size = returned_size(&serve_socket);
+        assert!(size <= 5 * 1024, "serve_socket's future is {size} bytes");
+    }
 }
