@@ -468,11 +468,12 @@ where
         const GATHER: usize = 64;
         for _ in 0..GATHER {
             let mut progressed = false;
-            if self.drain.is_live() && self.unacked.has_room() {
-                if let Ok(item) = self.rx.try_recv() {
-                    self.write_outbound(item).await?;
-                    progressed = true;
-                }
+            if self.drain.is_live()
+                && self.unacked.has_room()
+                && let Ok(item) = self.rx.try_recv()
+            {
+                self.write_outbound(item).await?;
+                progressed = true;
             }
             if let Some(Some((request_id, outcome))) = self.requests.next().now_or_never() {
                 self.on_reply(request_id, outcome).await?;
