@@ -15,9 +15,9 @@
 //!
 //! Open-loop pacing: tokio's timers have millisecond resolution, which
 //! would add up to 1 ms of the generator's own lateness to every latency.
-//! A dedicated thread ticks every `tick` (100 µs by default) with
-//! high-resolution sleeps and wakes the sender tasks, which send everything
-//! that is due.
+//! A dedicated thread ticks every `tick` (100 µs by default, or the mean
+//! gap between messages if that is longer) with high-resolution sleeps and
+//! wakes the sender tasks, which send everything that is due.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -282,6 +282,9 @@ impl Pairs {
                     (0..groups).map(|_| Arc::new(Notify::new())).collect();
                 let thread_wakes = wakes.clone();
                 let thread_stop = pacer_stop.clone();
+                // Waking more often than messages are due only burns the
+                // generator's CPU, which the server shares.
+                let tick = tick.max(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
                 std::thread::spawn(move || {
                     while !thread_stop.load(Ordering::Relaxed) {
                         std::thread::sleep(tick);

@@ -154,6 +154,20 @@ impl Metrics {
         self.record_us(kind, latency.as_micros() as u64);
     }
 
+    /// Records latencies measured elsewhere (by agents) and reported in one
+    /// go: into the totals only, since the per-second timeline would show
+    /// them all in the second they arrived.
+    pub fn record_reported(&self, kind: Kind, latencies: impl IntoIterator<Item = Duration>) {
+        let mut h = self.inner.hists[kind as usize]
+            .lock()
+            .expect("histogram lock");
+        for latency in latencies {
+            let _ = h
+                .total
+                .record((latency.as_micros() as u64).clamp(1, 600_000_000));
+        }
+    }
+
     fn record_us(&self, kind: Kind, us: u64) {
         let us = us.clamp(1, 600_000_000);
         let mut h = self.inner.hists[kind as usize]

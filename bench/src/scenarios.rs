@@ -226,7 +226,7 @@ pub struct LiveArgs {
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
     /// Closed loop: messages in flight per pair.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub window: usize,
     #[arg(long, value_enum, default_value = "both")]
     pub mode: Mode,
@@ -823,9 +823,13 @@ async fn collect_reports(
         merged.ok += report.ok;
         merged.failed += report.failed;
         merged.seconds = merged.seconds.max(report.seconds);
-        for us in &report.latencies_us {
-            run.metrics.record(Kind::Op, Duration::from_micros(*us));
-        }
+        run.metrics.record_reported(
+            Kind::Op,
+            report
+                .latencies_us
+                .iter()
+                .map(|us| Duration::from_micros(*us)),
+        );
         for (e, n) in report.errors {
             for _ in 0..n {
                 run.metrics.error(format!("{what}: {e}"));
