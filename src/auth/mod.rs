@@ -35,8 +35,8 @@ pub enum AuthError {
     Busy,
     #[error("password hashing failed")]
     Hashing(#[source] argon2::password_hash::Error),
-    #[error("password hashing task failed")]
-    Task(#[source] tokio::task::JoinError),
+    #[error("password hashing worker stopped")]
+    WorkerGone,
     #[error("auth storage failed")]
     Storage(#[source] StorageError),
 }
@@ -58,7 +58,7 @@ impl From<AuthError> for RequestError {
             }
             AuthError::UsernameTaken => RequestError::Conflict(err.to_string()),
             AuthError::Busy => RequestError::Unavailable(err.to_string()),
-            AuthError::Hashing(_) | AuthError::Task(_) | AuthError::Storage(_) => {
+            AuthError::Hashing(_) | AuthError::WorkerGone | AuthError::Storage(_) => {
                 RequestError::internal(err)
             }
         }
