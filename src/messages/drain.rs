@@ -27,7 +27,11 @@ enum State {
     /// Must read storage; waiting for the connection to flush what it had
     /// queued live first.
     Wanted,
-    /// A read is in flight.
+    /// A read is in flight. It is never aborted: it runs in a transaction,
+    /// and cancelling a task mid-transaction can hand its pooled connection
+    /// to the next user with the transaction's rollback still pending (seen:
+    /// a registration's INSERT rolled back). A read is short and bounded,
+    /// so a connection that goes away simply lets it finish.
     Reading(Read),
     /// Storage was empty but a store is in flight; waiting for it.
     Waiting,
@@ -162,13 +166,5 @@ impl Drain {
             self.state = State::Wanted;
         }
         Ok(Step::Idle)
-    }
-}
-
-impl Drop for Drain {
-    fn drop(&mut self) {
-        if let State::Reading(read) = &self.state {
-            read.abort();
-        }
     }
 }

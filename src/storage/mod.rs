@@ -40,10 +40,6 @@ pub async fn connect(url: &SecretString, pool_size: u32) -> Result<PgPool, Stora
     create_database_if_missing(&options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
-        // sqlx pings every connection it hands out by default: a round trip
-        // per query that showed as 7% of the relay's CPU in a reconnect
-        // storm. A dead connection still surfaces as a query error.
-        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await?;
