@@ -289,11 +289,6 @@ impl Registry {
         self.connection(user).is_some()
     }
 
-    /// Number of users online.
-    pub fn online(&self) -> usize {
-        self.inner.slots.iter().filter(|s| s.conn.is_some()).count()
-    }
-
     /// Accepts a message for `recipient`: assigns its sequence number and
     /// decides its route, atomically with respect to connects and drains.
     /// `build` makes the message from its sequence number.
@@ -436,19 +431,6 @@ impl Registry {
             slot.wake.notify_one();
         }
         self.inner.slots.remove_if(&user, |_, slot| slot.is_idle());
-    }
-
-    /// Closes every connection with `reason`.
-    pub fn close_all(&self, reason: CloseReason) {
-        let conns: Vec<ConnHandle> = self
-            .inner
-            .slots
-            .iter()
-            .filter_map(|s| s.conn.clone())
-            .collect();
-        for conn in conns {
-            conn.close(reason.clone());
-        }
     }
 }
 

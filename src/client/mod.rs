@@ -11,7 +11,7 @@
 mod transport;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -526,13 +526,5 @@ fn auth_info(result: Option<response::Result>) -> Result<AuthInfo, ClientError> 
             token_expires_at_ms: a.token_expires_at_ms,
         }),
         _ => Err(ClientError::UnexpectedResponse),
-    }
-}
-
-/// Where a CA certificate may be given for `wss://` to a local server.
-pub fn ca_from_file(path: impl Into<PathBuf>) -> ConnectOptions {
-    ConnectOptions {
-        ca_cert: Some(path.into()),
-        ..ConnectOptions::default()
     }
 }

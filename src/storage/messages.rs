@@ -189,13 +189,3 @@ pub async fn max_seq(db: &PgPool) -> Result<Option<i64>, StorageError> {
         .fetch_one(db)
         .await?)
 }
-
-/// Stored messages waiting for `recipient` (for tests and operators).
-pub async fn count_for(db: &PgPool, recipient: Uuid) -> Result<i64, StorageError> {
-    Ok(
-        sqlx::query_scalar("SELECT count(*) FROM messages WHERE recipient_id = $1")
-            .bind(recipient)
-            .fetch_one(db)
-            .await?,
-    )
-}
