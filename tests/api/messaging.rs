@@ -503,6 +503,8 @@ async fn a_slow_reader_overflows_to_storage_and_a_stalled_one_is_closed() {
         c.limits.max_unacked = 4;
         c.limits.write_timeout_secs = 1;
         c.limits.send_burst = 10_000.0;
+        // All sends below are in flight at once.
+        c.limits.max_inflight_requests = 1_024;
     })
     .await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
