@@ -4,7 +4,10 @@
 //! connection still held (live messages not yet acked or not yet written) is
 //! stored before a successor may start draining, so nothing is lost.
 
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -20,7 +23,7 @@ use uuid::Uuid;
 use super::unacked::Unacked;
 use super::{Connection, Inbound};
 use crate::auth::Authenticated;
-use crate::cmd::{AuthCommand, Command, Ctx, Done};
+use crate::cmd::{AuthCommand, Command, Ctx, Done, Reply};
 use crate::messages::drain::{Drain, Step};
 use crate::messages::store::Stored;
 use crate::messages::{self, Delivery};
@@ -134,7 +137,26 @@ enum End {
     Close(u16, String),
 }
 
-type RequestFuture = BoxFuture<'static, (u64, Result<Done, RequestError>)>;
+/// A request's reply, with the id to answer it under. Its own future
+/// type, so a request in flight costs the command's one allocation, not two.
+struct Tagged {
+    /// The request being answered.
+    request_id: u64,
+    /// The command's asynchronous rest.
+    reply: Reply,
+}
+
+impl Future for Tagged {
+    type Output = (u64, Result<Done, RequestError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let request_id = self.request_id;
+        self.reply
+            .as_mut()
+            .poll(cx)
+            .map(|outcome| (request_id, outcome))
+    }
+}
 
 /// An authenticated connection. See the module docs.
 struct Session<S> {
@@ -158,17 +180,19 @@ struct Session<S> {
     /// Registry wake-ups for the drain.
     wake: Arc<Notify>,
     /// Requests in flight, answered as they finish.
-    requests: FuturesUnordered<RequestFuture>,
+    requests: FuturesUnordered<Tagged>,
     /// Stores of live messages that were not acked in time.
     handoffs: FuturesUnordered<BoxFuture<'static, ()>>,
     /// Live messages written but not yet acked.
     unacked: Unacked,
     /// Reads stored messages for us.
     drain: Drain,
-    /// Last time the peer sent anything; for the idle timeout.
+    /// The peer sent something since the last heartbeat tick. A flag rather
+    /// than a timestamp, so a frame costs no clock read; the idle timeout
+    /// is therefore checked at heartbeat granularity.
+    heard: bool,
+    /// Last heartbeat tick at which the peer had been heard from.
     last_heard: Instant,
-    /// When to ping next.
-    next_ping: Instant,
     /// Frames were written to the socket's buffer since the last flush.
     unflushed: bool,
 }
@@ -221,8 +245,8 @@ where
             wake,
             requests: FuturesUnordered::new(),
             handoffs: FuturesUnordered::new(),
+            heard: false,
             last_heard: now,
-            next_ping: now + ping_interval(limits.idle_timeout()),
             unflushed: false,
             state,
         };
@@ -232,6 +256,21 @@ where
 
     async fn serve(&mut self, shutdown: &CancellationToken) -> End {
         let limits = self.state.limits().clone();
+        // The loop's long-lived waits are made once and polled again each
+        // time round: re-creating them would register and deregister a
+        // waiter or a timer for each of them on every frame.
+        let kick = self.kick.clone();
+        let wake = self.wake.clone();
+        let mut shutting_down = pin!(shutdown.cancelled());
+        let mut kicked = pin!(kick.cancelled());
+        let mut woken = pin!(wake.notified());
+        let ping_every = ping_interval(limits.idle_timeout());
+        let mut ping = pin!(sleep_until(Instant::now() + ping_every));
+        // Armed at the oldest unacked deadline. Acks only move that deadline
+        // later, so the timer is left as it is and may fire early, finding
+        // nothing due; it is re-armed after firing.
+        let mut ack_timer = pin!(sleep_until(Instant::now()));
+        let mut ack_armed = false;
         loop {
             if self.drain.wanted() {
                 // Live messages queued before the switch to storage are older
@@ -243,15 +282,18 @@ where
                 }
                 self.drain.start();
             }
-            let ack_deadline = self.unacked.next_deadline();
+            if !ack_armed && let Some(deadline) = self.unacked.next_deadline() {
+                ack_timer.as_mut().reset(deadline);
+                ack_armed = true;
+            }
             let take_live = self.drain.is_live() && self.unacked.has_room();
             // Keep reading past the in-flight limit (new requests beyond it
             // are refused, see `on_inbound`) so acks still get through: two
             // clients that each wait on the other's acks must not stall.
             let read_more = self.requests.len() < 2 * limits.max_inflight_requests;
             let result = tokio::select! {
-                _ = shutdown.cancelled() => return Box::pin(self.wind_down()).await,
-                _ = self.kick.cancelled() => {
+                _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
+                _ = &mut kicked => {
                     let reason = self.close_reason.get().cloned().unwrap_or(CloseReason::DISPLACED);
                     return End::Close(reason.code, reason.reason.into());
                 }
@@ -259,16 +301,21 @@ where
                 Some((request_id, outcome)) = self.requests.next() => self.on_reply(request_id, outcome).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
                 step = self.drain.step() => Box::pin(self.on_drain(step)).await,
-                _ = self.wake.notified() => {
+                _ = &mut woken => {
+                    woken.set(wake.notified());
                     self.drain.woken();
                     Ok(())
                 }
-                _ = sleep_until(ack_deadline.unwrap_or_else(Instant::now)), if ack_deadline.is_some() => {
+                _ = &mut ack_timer, if ack_armed => {
+                    ack_armed = false;
                     self.hand_off_expired();
                     Ok(())
                 }
                 Some(()) = self.handoffs.next() => Ok(()),
-                _ = sleep_until(self.next_ping) => self.heartbeat(limits.idle_timeout()).await,
+                _ = &mut ping => {
+                    ping.as_mut().reset(Instant::now() + ping_every);
+                    self.heartbeat(limits.idle_timeout()).await
+                }
             };
             if let Err(end) = result {
                 return end;
@@ -324,7 +371,7 @@ where
         &mut self,
         inbound: Result<Option<Inbound>, ProtocolError>,
     ) -> Result<(), End> {
-        self.last_heard = Instant::now();
+        self.heard = true;
         let frame = match inbound {
             Ok(Some(Inbound::Frame(frame))) => frame,
             Ok(Some(Inbound::Heartbeat)) => return Ok(()),
@@ -357,10 +404,16 @@ where
                     auth: &self.auth,
                     unacked: &mut self.unacked,
                 };
-                let reply = command.apply(&mut ctx);
-                self.requests
-                    .push(reply.map(move |outcome| (request_id, outcome)).boxed());
-                Ok(())
+                let mut reply = command.apply(&mut ctx);
+                // Many commands answer at once: write those now rather
+                // than through the set of requests in flight.
+                match (&mut reply).now_or_never() {
+                    Some(outcome) => self.on_reply(request_id, outcome).await,
+                    None => {
+                        self.requests.push(Tagged { request_id, reply });
+                        Ok(())
+                    }
+                }
             }
             Err(err) => self.on_reply(request_id, Err(err)).await,
         }
@@ -447,10 +500,11 @@ where
     }
 
     async fn heartbeat(&mut self, idle_timeout: Duration) -> Result<(), End> {
-        if self.last_heard.elapsed() >= idle_timeout {
+        if std::mem::take(&mut self.heard) {
+            self.last_heard = Instant::now();
+        } else if self.last_heard.elapsed() >= idle_timeout {
             return Err(End::Close(1001, "idle timeout".into()));
         }
-        self.next_ping = Instant::now() + ping_interval(idle_timeout);
         self.bounded(|conn| conn.ping().boxed()).await
     }
 
@@ -459,7 +513,13 @@ where
     /// one syscall rather than one each.
     async fn write(&mut self, frame: &ServerFrame) -> Result<(), End> {
         self.unflushed = true;
-        self.bounded(|conn| conn.feed(frame).boxed()).await
+        // Queueing a frame waits only when the socket is backed up; try it
+        // without the timeout's timer first.
+        match self.conn.feed(frame).now_or_never() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(End::Gone),
+            None => self.bounded(|conn| conn.feed(frame).boxed()).await,
+        }
     }
 
     /// Before flushing, writes whatever else is ready right now (live
@@ -484,7 +544,11 @@ where
             }
         }
         self.unflushed = false;
-        self.bounded(|conn| conn.flush().boxed()).await
+        match self.conn.flush().now_or_never() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(End::Gone),
+            None => self.bounded(|conn| conn.flush().boxed()).await,
+        }
     }
 
     /// Runs a write with the write timeout: a peer that stops reading is cut

@@ -7,6 +7,7 @@ pub mod unacked;
 
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,11 +35,23 @@ pub struct Connection<S> {
     ws: WebSocketStream<S>,
     /// The frame limit, for the error message when a frame exceeds it.
     max_frame: usize,
+    /// Outgoing frames are encoded here. tungstenite copies each into its
+    /// write buffer and drops it before the next is encoded, so the
+    /// allocation is reclaimed and reused: writing a frame allocates nothing.
+    encoded: BytesMut,
 }
+
+/// Most encode-buffer capacity kept between frames: one large frame must not
+/// leave every idle connection holding its size.
+const KEEP_ENCODE_CAPACITY: usize = 16 * 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(ws: WebSocketStream<S>, max_frame: usize) -> Self {
-        Connection { ws, max_frame }
+        Connection {
+            ws,
+            max_frame,
+            encoded: BytesMut::new(),
+        }
     }
 
     /// Reads the next frame. `Ok(None)` means the peer closed. Cancel-safe.
@@ -75,10 +88,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Queues a frame without flushing; follow with [`Connection::flush`].
+    /// Cancel-safe: it waits only for room, before queueing, so a feed that
+    /// did not complete queued nothing.
     pub async fn feed(&mut self, frame: &ServerFrame) -> Result<(), tungstenite::Error> {
-        self.ws
-            .feed(WsMessage::Binary(frame.encode_to_vec().into()))
-            .await
+        let bytes = self.encode(frame);
+        self.ws.feed(WsMessage::Binary(bytes)).await
+    }
+
+    fn encode(&mut self, frame: &ServerFrame) -> Bytes {
+        self.encoded.reserve(frame.encoded_len());
+        frame
+            .encode(&mut self.encoded)
+            .expect("the buffer was reserved for the whole frame");
+        let bytes = self.encoded.split().freeze();
+        if self.encoded.capacity() > KEEP_ENCODE_CAPACITY {
+            self.encoded = BytesMut::new();
+        }
+        bytes
     }
 
     pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
