@@ -205,6 +205,13 @@ pub struct Limits {
     /// After SIGINT/SIGTERM, how long in-flight work may take before exit.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    /// Connections the kernel may hold completed but not yet accepted
+    /// (listen backlog; Linux caps it at net.core.somaxconn). Too small a
+    /// queue drops handshakes during a reconnect storm, and each dropped one
+    /// costs its client a one-second retransmission.
+    #[arg(long, env = "RELAY_LISTEN_BACKLOG", default_value_t = 4_096)]
+    pub listen_backlog: u32,
 }
 
 fn default_argon2_concurrency() -> usize {

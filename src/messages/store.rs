@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -102,15 +102,16 @@ impl StoreWriter {
 }
 
 async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usize) {
+    let mut conn = OwnConnection::new(db);
     let mut jobs = Vec::with_capacity(batch);
     loop {
         {
             let mut rx = rx.lock().await;
             if rx.recv_many(&mut jobs, batch).await == 0 {
-                return; // every sender is gone and the queue is empty
+                break; // every sender is gone and the queue is empty
             }
         }
-        let result = write_batch(&db, &jobs).await;
+        let result = write_batch(&mut conn, &jobs).await;
         for job in jobs.drain(..) {
             let Job {
                 message,
@@ -137,6 +138,55 @@ async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usiz
             let _ = done.send(outcome);
         }
     }
+    conn.close().await;
+}
+
+/// A writer's own connection, outside the pool. Through the pool every
+/// batch cost two extra round trips (sqlx pings a connection when it is
+/// taken and again when it is given back) and competed with reconnecting
+/// clients for the pool's connections. The writer task owns it and always
+/// runs its statements to the end, so nothing can abandon it mid-statement.
+struct OwnConnection {
+    /// Where the connection settings come from (the pool's own).
+    db: PgPool,
+    /// Opened on first use, and again after an error that may have broken it.
+    conn: Option<PgConnection>,
+}
+
+impl OwnConnection {
+    fn new(db: PgPool) -> Self {
+        OwnConnection { db, conn: None }
+    }
+
+    /// Runs `f` on the connection, opening it first if needed. After an
+    /// error that is not PostgreSQL refusing a statement (I/O, protocol),
+    /// the connection is dropped and the next call opens a new one.
+    async fn run<T, F>(&mut self, f: F) -> Result<T, StorageError>
+    where
+        F: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
+    {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let conn = self.db.connect_options().connect().await?;
+                self.conn.insert(conn)
+            }
+        };
+        let result = f(conn).await;
+        if let Err(err) = &result
+            && !matches!(err, StorageError::Query(sqlx::Error::Database(_)))
+        {
+            self.conn = None;
+        }
+        result
+    }
+
+    /// Closes the connection politely, if open.
+    async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close().await;
+        }
+    }
 }
 
 /// The ids inserted, and of the messages not inserted, the recipients that
@@ -144,9 +194,10 @@ async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usiz
 /// acked since), for the others the recipient is unknown.
 type BatchResult = Result<(HashSet<Uuid>, HashSet<Uuid>), Arc<StorageError>>;
 
-async fn write_batch(db: &PgPool, jobs: &[Job]) -> BatchResult {
+async fn write_batch(conn: &mut OwnConnection, jobs: &[Job]) -> BatchResult {
     let messages: Vec<&Message> = jobs.iter().map(|j| &j.message).collect();
-    let inserted: HashSet<Uuid> = insert_with_retry(db, &messages)
+    let inserted: HashSet<Uuid> = conn
+        .run(async |c| insert_with_retry(c, &messages).await)
         .await
         .map_err(Arc::new)?
         .into_iter()
@@ -159,7 +210,7 @@ async fn write_batch(db: &PgPool, jobs: &[Job]) -> BatchResult {
     let recipients = if skipped.is_empty() {
         HashSet::new()
     } else {
-        storage::users::existing(db, &skipped)
+        conn.run(async |c| storage::users::existing(c, &skipped).await)
             .await
             .map_err(Arc::new)?
             .into_iter()
@@ -170,12 +221,15 @@ async fn write_batch(db: &PgPool, jobs: &[Job]) -> BatchResult {
 
 /// A user deleted between the existence check and the insert makes the
 /// statement fail on a foreign key; the retry re-checks and skips them.
-async fn insert_with_retry(db: &PgPool, messages: &[&Message]) -> Result<Vec<Uuid>, StorageError> {
-    match storage::messages::insert_batch(db, messages).await {
+async fn insert_with_retry(
+    conn: &mut PgConnection,
+    messages: &[&Message],
+) -> Result<Vec<Uuid>, StorageError> {
+    match storage::messages::insert_batch(conn, messages).await {
         Err(StorageError::Query(sqlx::Error::Database(e)))
             if e.code().as_deref() == Some("23503") =>
         {
-            storage::messages::insert_batch(db, messages).await
+            storage::messages::insert_batch(conn, messages).await
         }
         other => other,
     }

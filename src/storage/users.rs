@@ -65,7 +65,10 @@ pub async fn delete(db: &PgPool, id: Uuid) -> Result<bool, StorageError> {
 }
 
 /// Of `ids`, those of existing users.
-pub async fn existing(db: &PgPool, ids: &[Uuid]) -> Result<Vec<Uuid>, StorageError> {
+pub async fn existing(
+    db: impl sqlx::PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, StorageError> {
     Ok(
         sqlx::query_scalar("SELECT id FROM users WHERE id = ANY($1)")
             .bind(ids)
