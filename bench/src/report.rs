@@ -49,6 +49,10 @@ pub struct Row {
     pub errors: BTreeMap<String, u64>,
     pub counts: BTreeMap<String, u64>,
     pub usage: Usage,
+    /// Server CPU time per completed operation, in microseconds. Less
+    /// sensitive than the rate to other work sharing the machine, so the
+    /// number to compare between builds on a noisy box.
+    pub server_cpu_us_per_op: Option<f64>,
 }
 
 impl Row {
@@ -63,7 +67,17 @@ impl Row {
             errors: snap.errors.clone(),
             counts: snap.counts.clone(),
             usage,
+            server_cpu_us_per_op: None,
         }
+        .with_cpu_per_op()
+    }
+
+    fn with_cpu_per_op(mut self) -> Row {
+        self.server_cpu_us_per_op = match self.usage.server_cpu_percent {
+            Some(cpu) if self.rate_per_sec > 0.0 => Some(cpu / 100.0 * 1e6 / self.rate_per_sec),
+            _ => None,
+        };
+        self
     }
 
     /// A row whose rate is `count / seconds` for an operation counted
@@ -75,7 +89,7 @@ impl Row {
         } else {
             0.0
         };
-        self
+        self.with_cpu_per_op()
     }
 
     /// Keeps only these latencies (rows that share a phase's snapshot show
@@ -102,7 +116,7 @@ impl Report {
             println!("machine busy before the run: {busy:.0}% of all CPUs (other work adds noise)");
         }
         println!(
-            "{:<28} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "{:<28} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
             "phase",
             "target",
             "rate/s",
@@ -113,6 +127,7 @@ impl Report {
             "max ms",
             "errors",
             "srv CPU%",
+            "srv µs/op",
             "srv MiB",
             "gen CPU%",
             "pg CPU%",
@@ -125,7 +140,7 @@ impl Report {
                 .cloned()
                 .unwrap_or_default();
             println!(
-                "{:<28} {:>8} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.2} {:>7} {:>8} {:>8} {:>8.0} {:>8.0} {:>8}",
+                "{:<28} {:>8} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.2} {:>7} {:>8} {:>9} {:>8} {:>8.0} {:>8.0} {:>8}",
                 row.name,
                 row.target,
                 row.rate_per_sec,
@@ -138,6 +153,8 @@ impl Report {
                 row.usage
                     .server_cpu_percent
                     .map_or("-".into(), |c| format!("{c:.0}")),
+                row.server_cpu_us_per_op
+                    .map_or("-".into(), |us| format!("{us:.2}")),
                 row.usage
                     .server_rss_end_kib
                     .map_or("-".into(), |r| format!("{:.1}", r as f64 / 1024.0)),
