@@ -156,6 +156,20 @@ pub struct Limits {
     #[arg(long, env = "RELAY_STORE_WRITERS", default_value_t = 4)]
     pub store_writers: usize,
 
+    /// Dedicated connections (beyond the pool) answering session lookups
+    /// and drain reads in batches.
+    #[arg(long, env = "RELAY_DB_READERS", default_value_t = 2)]
+    pub db_readers: usize,
+
+    /// Most session lookups or drain reads answered by one statement.
+    #[arg(long, env = "RELAY_DB_READ_BATCH", default_value_t = 128)]
+    pub db_read_batch: usize,
+
+    /// Session lookups and drain reads that may wait for a reader
+    /// connection; beyond this, connections wait for room.
+    #[arg(long, env = "RELAY_DB_READ_QUEUE", default_value_t = 4_096)]
+    pub db_read_queue: usize,
+
     /// Stored messages read per query while draining.
     #[arg(long, env = "RELAY_DRAIN_BATCH", default_value_t = 512)]
     pub drain_batch: usize,
@@ -245,6 +259,13 @@ impl Limits {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+    pub fn reader(&self) -> crate::storage::reader::ReaderLimits {
+        crate::storage::reader::ReaderLimits {
+            connections: self.db_readers,
+            batch: self.db_read_batch,
+            queue: self.db_read_queue,
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use crate::messages::dedupe::Dedupe;
 use crate::messages::store::StoreWriter;
 use crate::ratelimit::RateLimiter;
 use crate::registry::Registry;
-use crate::storage::{self, StorageError};
+use crate::storage::{self, Database, StorageError};
 
 /// Shared server state. Cloning copies one `Arc`.
 ///
@@ -26,8 +26,8 @@ pub struct AppState {
 struct Inner {
     /// Every bound the server enforces.
     limits: Limits,
-    /// The PostgreSQL pool.
-    db: PgPool,
+    /// The PostgreSQL pool and the batched reader.
+    db: Database,
     /// Registration, login and sessions.
     auth: Authenticator,
     /// Who is online; where messages are routed.
@@ -54,11 +54,12 @@ impl AppState {
         // growing across restarts even if the table is empty: seed from both
         // the table and the clock (microseconds since the epoch).
         let stored = storage::messages::max_seq(&db).await?.unwrap_or(0);
+        let db = Database::new(db, limits.reader(), tasks);
         let clock = chrono::Utc::now().timestamp_micros();
         let registry = Registry::new(stored.max(clock) + 1, limits.outbound_queue);
         let hasher = PasswordHasher::new(limits.argon2_concurrency, limits.argon2_queue);
         let store = StoreWriter::spawn(
-            db.clone(),
+            db.pool().clone(),
             limits.store_queue,
             limits.store_batch,
             limits.store_writers,
@@ -81,7 +82,7 @@ impl AppState {
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
     }
-    pub fn db(&self) -> &PgPool {
+    pub fn db(&self) -> &Database {
         &self.inner.db
     }
     pub fn auth(&self) -> &Authenticator {

@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::protocol::RequestError;
-use crate::storage::{self, StorageError};
+use crate::storage::{self, Database, StorageError};
 pub use credentials::{Password, Username};
 pub use password::PasswordHasher;
 pub use token::SessionToken;
@@ -88,7 +87,7 @@ pub struct IssuedSession {
 #[derive(Clone)]
 pub struct Authenticator {
     /// Where users and sessions live.
-    db: PgPool,
+    db: Database,
     /// Bounded Argon2 worker.
     hasher: PasswordHasher,
     /// Lifetime of issued session tokens.
@@ -96,7 +95,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(db: PgPool, hasher: PasswordHasher, session_ttl: Duration) -> Self {
+    pub fn new(db: Database, hasher: PasswordHasher, session_ttl: Duration) -> Self {
         Self {
             db,
             hasher,
@@ -136,7 +135,9 @@ impl Authenticator {
     /// Authenticates with a session token. No password hashing.
     pub async fn resume(&self, token: &SessionToken) -> Result<Authenticated, AuthError> {
         let token_hash = token.hash();
-        match storage::sessions::find_live(&self.db, &token_hash).await? {
+        // Through the batched reader: every reconnect makes this lookup, and
+        // a storm of them shares statements instead of pool round trips.
+        match self.db.reader().session(token_hash).await? {
             Some((user_id, username)) => Ok(Authenticated {
                 user_id,
                 username: username.into(),

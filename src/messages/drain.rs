@@ -7,13 +7,13 @@
 //! registry agrees nothing arrived meanwhile, the connection goes live and
 //! the client is told the queue is empty, once per connection.
 
-use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::Message;
 use crate::registry::{DrainBound, Registry};
-use crate::storage::{self, StorageError};
+use crate::storage::messages::DrainRead;
+use crate::storage::{Database, StorageError};
 
 /// Most content bytes one drain read holds, beyond its first message.
 const BATCH_BYTE_BUDGET: i64 = 1 << 20;
@@ -27,11 +27,8 @@ enum State {
     /// Must read storage; waiting for the connection to flush what it had
     /// queued live first.
     Wanted,
-    /// A read is in flight. It is never aborted: it runs in a transaction,
-    /// and cancelling a task mid-transaction can hand its pooled connection
-    /// to the next user with the transaction's rollback still pending (seen:
-    /// a registration's INSERT rolled back). A read is short and bounded,
-    /// so a connection that goes away simply lets it finish.
+    /// A read is in flight, queued for the storage reader, which runs every
+    /// statement to the end whether or not anyone still waits for it.
     Reading(Read),
     /// Storage was empty but a store is in flight; waiting for it.
     Waiting,
@@ -50,8 +47,8 @@ pub enum Step {
 
 /// One connection's drain. See the module docs.
 pub struct Drain {
-    /// Storage to read from.
-    db: PgPool,
+    /// Storage to read from (through its batched reader).
+    db: Database,
     /// Decides when the drain may end.
     registry: Registry,
     /// The recipient.
@@ -69,7 +66,7 @@ pub struct Drain {
 
 impl Drain {
     /// A drain that starts wanted: a new connection first empties its queue.
-    pub fn new(db: PgPool, registry: Registry, user: Uuid, conn_id: u64, batch: usize) -> Self {
+    pub fn new(db: Database, registry: Registry, user: Uuid, conn_id: u64, batch: usize) -> Self {
         Drain {
             db,
             registry,
@@ -115,15 +112,14 @@ impl Drain {
         let db = self.db.clone();
         let (user, after, limit) = (self.user, self.cursor, self.batch);
         self.state = State::Reading(tokio::spawn(async move {
-            let rows = storage::messages::fetch_for_drain(
-                &db,
-                user,
+            let read = DrainRead {
+                recipient: user,
                 after,
-                bound.below,
+                below: bound.below,
                 limit,
-                BATCH_BYTE_BUDGET,
-            )
-            .await?;
+                byte_budget: BATCH_BYTE_BUDGET,
+            };
+            let rows = db.reader().drain(read).await?;
             Ok((rows, bound))
         }));
     }

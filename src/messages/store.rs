@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -18,7 +18,7 @@ use super::Delivery;
 use super::Message;
 use super::dedupe::Attempt;
 use crate::registry::StoreTicket;
-use crate::storage::{self, StorageError};
+use crate::storage::{self, OwnConnection, StorageError};
 
 /// What became of a message handed to the writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,10 @@ impl StoreWriter {
 }
 
 async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usize) {
+    // Its own connection, outside the pool: through the pool every batch
+    // cost two extra round trips (sqlx pings a connection when it is taken
+    // and again when it is given back) and competed with reconnecting
+    // clients for the pool's connections.
     let mut conn = OwnConnection::new(db);
     let mut jobs = Vec::with_capacity(batch);
     loop {
@@ -139,54 +143,6 @@ async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usiz
         }
     }
     conn.close().await;
-}
-
-/// A writer's own connection, outside the pool. Through the pool every
-/// batch cost two extra round trips (sqlx pings a connection when it is
-/// taken and again when it is given back) and competed with reconnecting
-/// clients for the pool's connections. The writer task owns it and always
-/// runs its statements to the end, so nothing can abandon it mid-statement.
-struct OwnConnection {
-    /// Where the connection settings come from (the pool's own).
-    db: PgPool,
-    /// Opened on first use, and again after an error that may have broken it.
-    conn: Option<PgConnection>,
-}
-
-impl OwnConnection {
-    fn new(db: PgPool) -> Self {
-        OwnConnection { db, conn: None }
-    }
-
-    /// Runs `f` on the connection, opening it first if needed. After an
-    /// error that is not PostgreSQL refusing a statement (I/O, protocol),
-    /// the connection is dropped and the next call opens a new one.
-    async fn run<T, F>(&mut self, f: F) -> Result<T, StorageError>
-    where
-        F: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
-    {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => {
-                let conn = self.db.connect_options().connect().await?;
-                self.conn.insert(conn)
-            }
-        };
-        let result = f(conn).await;
-        if let Err(err) = &result
-            && !matches!(err, StorageError::Query(sqlx::Error::Database(_)))
-        {
-            self.conn = None;
-        }
-        result
-    }
-
-    /// Closes the connection politely, if open.
-    async fn close(self) {
-        if let Some(conn) = self.conn {
-            let _ = conn.close().await;
-        }
-    }
 }
 
 /// The ids inserted, and of the messages not inserted, the recipients that

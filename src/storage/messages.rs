@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::postgres::PgArguments;
-use sqlx::{PgConnection, PgExecutor, PgPool, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
 use uuid::Uuid;
 
 use super::StorageError;
@@ -147,56 +147,111 @@ impl<'a> Columns<'a> {
 
 #[derive(sqlx::FromRow)]
 struct Row {
+    /// `messages.id`.
     id: Uuid,
+    /// `messages.seq`.
     seq: i64,
+    /// `messages.sender_id`; NULL once the sender deleted their account.
     sender_id: Option<Uuid>,
+    /// The sender's current username, if they still exist.
     sender_username: Option<String>,
+    /// `messages.envelope_type`.
     envelope_type: i16,
+    /// `messages.content`.
     content: Vec<u8>,
+    /// `messages.created_at`: when the relay accepted it.
     created_at: Option<DateTime<Utc>>,
+    /// `messages.expires_at`.
     expires_at: DateTime<Utc>,
+    /// `messages.client_timestamp`.
     client_timestamp: i64,
 }
 
-/// The recipient's unexpired stored messages with `after < seq < below`, in
-/// order: at most `limit` rows, and no more content than `byte_budget`
-/// beyond the first row, so one read never holds an unbounded amount.
-pub async fn fetch_for_drain(
-    db: impl PgExecutor<'_>,
-    recipient: Uuid,
-    after: i64,
-    below: i64,
-    limit: i64,
-    byte_budget: i64,
-) -> Result<Vec<Message>, StorageError> {
-    // One statement: the function (see its migration) pins the plan to the
+/// One drain read: the recipient's unexpired stored messages with
+/// `after < seq < below`, in order: at most `limit` rows, and no more
+/// content than `byte_budget` beyond the first row, so one read never holds
+/// an unbounded amount.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainRead {
+    /// Whose messages.
+    pub recipient: Uuid,
+    /// Sequence numbers up to this one were delivered already.
+    pub after: i64,
+    /// Nothing at or beyond this sequence number may be read yet: a message
+    /// before it may still be on its way to storage.
+    pub below: i64,
+    /// Most rows.
+    pub limit: i64,
+    /// Most content bytes beyond the first row.
+    pub byte_budget: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ReadRow {
+    /// Which read of the batch (1-based) the row answers.
+    ord: i64,
+    #[sqlx(flatten)]
+    row: Row,
+}
+
+/// Runs several drain reads in one statement; the answer to each, in the
+/// order of `reads`.
+pub async fn fetch_for_drain_many(
+    conn: &mut PgConnection,
+    reads: &[DrainRead],
+) -> Result<Vec<Vec<Message>>, StorageError> {
+    let column = |f: fn(&DrainRead) -> i64| reads.iter().map(f).collect::<Vec<i64>>();
+    let recipients: Vec<Uuid> = reads.iter().map(|r| r.recipient).collect();
+    // The function (see its migration) pins each read's plan to the
     // (recipient_id, seq) index whatever the statistics say, without the
     // transaction that used to cost every read four extra round trips.
-    let rows: Vec<Row> = sqlx::query_as("SELECT * FROM relay_drain_read($1, $2, $3, $4, $5)")
-        .bind(recipient)
-        .bind(after)
-        .bind(below)
-        .bind(limit)
-        .bind(byte_budget)
-        .fetch_all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Message {
-            id: r.id,
-            seq: r.seq,
-            sender_id: r.sender_id,
-            sender_username: Arc::from(r.sender_username.unwrap_or_default()),
+    let rows: Vec<ReadRow> = sqlx::query_as(
+        "SELECT r.ord, d.* \
+         FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
+              WITH ORDINALITY AS r(recipient, after, below, row_limit, budget, ord) \
+         CROSS JOIN LATERAL relay_drain_read(r.recipient, r.after, r.below, r.row_limit, r.budget) d",
+    )
+    .bind(&recipients)
+    .bind(column(|r| r.after))
+    .bind(column(|r| r.below))
+    .bind(column(|r| r.limit))
+    .bind(column(|r| r.byte_budget))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut answers: Vec<Vec<Message>> = reads.iter().map(|_| Vec::new()).collect();
+    for ReadRow { ord, row } in rows {
+        let Some(i) = usize::try_from(ord - 1).ok().filter(|&i| i < reads.len()) else {
+            continue;
+        };
+        answers[i].push(row.into_message(reads[i].recipient));
+    }
+    // Each call returns its rows in order and a nested loop keeps them so,
+    // but SQL promises nothing without an ORDER BY: make sure, cheaply.
+    for answer in &mut answers {
+        if !answer.is_sorted_by_key(|m| m.seq) {
+            answer.sort_by_key(|m| m.seq);
+        }
+    }
+    Ok(answers)
+}
+
+impl Row {
+    fn into_message(self, recipient: Uuid) -> Message {
+        Message {
+            id: self.id,
+            seq: self.seq,
+            sender_id: self.sender_id,
+            sender_username: Arc::from(self.sender_username.unwrap_or_default()),
             recipient_id: recipient,
-            envelope_type: EnvelopeType::from_code(r.envelope_type)
+            envelope_type: EnvelopeType::from_code(self.envelope_type)
                 .unwrap_or(EnvelopeType::Ciphertext),
-            content: Bytes::from(r.content),
-            server_timestamp_ms: r.created_at.map_or(0, |t| t.timestamp_millis()),
-            client_timestamp_ms: r.client_timestamp,
-            expires_at_ms: r.expires_at.timestamp_millis(),
+            content: Bytes::from(self.content),
+            server_timestamp_ms: self.created_at.map_or(0, |t| t.timestamp_millis()),
+            client_timestamp_ms: self.client_timestamp,
+            expires_at_ms: self.expires_at.timestamp_millis(),
             ephemeral: false,
-        })
-        .collect())
+        }
+    }
 }
 
 /// A stored message removed by an ack.

@@ -4,15 +4,22 @@
 
 pub mod keys;
 pub mod messages;
+pub mod reader;
 pub mod sessions;
 pub mod users;
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::ops::Deref;
+use std::sync::Arc;
+
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use tokio_util::task::TaskTracker;
+
+pub use reader::Reader;
 
 /// Errors of the storage layer. Only the first variants are the client's
 /// fault; a `Query` or `Migrate` error is ours.
@@ -28,6 +35,94 @@ pub enum StorageError {
     Task(#[source] tokio::task::JoinError),
     #[error("invalid database URL")]
     Url(#[source] sqlx::Error),
+    /// A batched read failed; every request in the batch gets the same error.
+    #[error("batched database read failed")]
+    Batch(#[source] Arc<StorageError>),
+    #[error("the database reader has shut down")]
+    ReaderClosed,
+}
+
+/// The database as the server uses it: the pool, plus the [`Reader`]'s
+/// dedicated connections for the reads every reconnect makes. It derefs to
+/// the pool, so everything that runs ordinary queries takes `&PgPool` as
+/// before.
+#[derive(Clone)]
+pub struct Database {
+    /// The shared pool.
+    pool: PgPool,
+    /// Batched session lookups and drain reads on dedicated connections.
+    reader: Reader,
+}
+
+impl Database {
+    /// Wraps `pool`, starting the reader's tasks on `tasks`.
+    pub fn new(pool: PgPool, reader: reader::ReaderLimits, tasks: &TaskTracker) -> Self {
+        let reader = Reader::spawn(pool.clone(), reader, tasks);
+        Database { pool, reader }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn reader(&self) -> &Reader {
+        &self.reader
+    }
+}
+
+impl Deref for Database {
+    type Target = PgPool;
+
+    fn deref(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// A connection a single task owns, outside the pool: for hot paths that
+/// would otherwise pay sqlx's two pool pings (on acquire and on release) per
+/// statement. The owning task always runs its statements to the end, so
+/// nothing can leave the connection mid-statement or mid-transaction.
+pub struct OwnConnection {
+    /// Where the connection settings come from (the pool's own).
+    db: PgPool,
+    /// Opened on first use, and again after an error that may have broken it.
+    conn: Option<PgConnection>,
+}
+
+impl OwnConnection {
+    pub fn new(db: PgPool) -> Self {
+        OwnConnection { db, conn: None }
+    }
+
+    /// Runs `f` on the connection, opening it first if needed. After an
+    /// error that is not PostgreSQL refusing a statement (I/O, protocol),
+    /// the connection is dropped and the next call opens a new one.
+    pub async fn run<T, F>(&mut self, f: F) -> Result<T, StorageError>
+    where
+        F: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
+    {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let conn = self.db.connect_options().connect().await?;
+                self.conn.insert(conn)
+            }
+        };
+        let result = f(conn).await;
+        if let Err(err) = &result
+            && !matches!(err, StorageError::Query(sqlx::Error::Database(_)))
+        {
+            self.conn = None;
+        }
+        result
+    }
+
+    /// Closes the connection politely, if open.
+    pub async fn close(self) {
+        if let Some(conn) = self.conn {
+            let _ = conn.close().await;
+        }
+    }
 }
 
 /// Connects to the database named in `url`, creating it first if it does not

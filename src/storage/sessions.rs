@@ -21,17 +21,18 @@ pub async fn insert(
     Ok(())
 }
 
-/// The user and username a live (unexpired) session belongs to.
-pub async fn find_live(
-    db: &PgPool,
-    token_hash: &[u8; 32],
-) -> Result<Option<(Uuid, String)>, StorageError> {
+/// Of `token_hashes`, those of live (unexpired) sessions, in one
+/// statement: (hash, user id, username).
+pub async fn find_live_many(
+    conn: &mut sqlx::PgConnection,
+    token_hashes: &[&[u8]],
+) -> Result<Vec<(Vec<u8>, Uuid, String)>, StorageError> {
     Ok(sqlx::query_as(
-        "SELECT u.id, u.username FROM sessions s JOIN users u ON u.id = s.user_id \
-         WHERE s.token_hash = $1 AND s.expires_at > now()",
+        "SELECT s.token_hash, u.id, u.username FROM sessions s JOIN users u ON u.id = s.user_id \
+         WHERE s.token_hash = ANY($1) AND s.expires_at > now()",
     )
-    .bind(&token_hash[..])
-    .fetch_optional(db)
+    .bind(token_hashes)
+    .fetch_all(conn)
     .await?)
 }
 

@@ -574,3 +574,45 @@ async fn a_slow_reader_overflows_to_storage_and_a_stalled_one_is_closed() {
         assert!(seen.contains(&id), "message {id} was lost");
     }
 }
+
+/// Reconnects share the storage reader's statements (session lookups and
+/// drain reads are batched over its connections). Many at once through a
+/// single reader connection must still each get exactly their own session
+/// and their own queue, in order, while a bad token among them is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reconnects_each_get_their_own_session_and_queue() {
+    let app = spawn_app_with(|c| {
+        c.limits.db_readers = 1;
+        c.limits.drain_batch = 3;
+    })
+    .await;
+    let (alice, _ae, _, _) = online(&app, "alice").await;
+    let mut users = Vec::new();
+    for u in 0..8 {
+        let (id, token) = offline(&app, &format!("user{u}")).await;
+        for i in 0..5 {
+            let sent = alice.send(text(id, &format!("u{u}m{i}"))).await.unwrap();
+            assert_eq!(sent.outcome, SendOutcome::Queued);
+        }
+        users.push((u, token));
+    }
+
+    let app = &app;
+    let reconnects = users.iter().map(|(u, token)| async move {
+        let (client, mut events) = app.resume(token).await;
+        for i in 0..5 {
+            let envelope = next_delivery(&mut events).await;
+            assert_eq!(envelope.content.as_ref(), format!("u{u}m{i}").as_bytes());
+        }
+        expect_queue_empty(&mut events).await;
+        assert_eq!(
+            client.who_am_i().await.unwrap().username,
+            format!("user{u}")
+        );
+    });
+    let impostor = async {
+        let (client, _events) = app.connect().await;
+        assert!(client.resume(&[7u8; 32]).await.is_err());
+    };
+    tokio::join!(futures::future::join_all(reconnects), impostor);
+}
