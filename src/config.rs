@@ -86,6 +86,11 @@ pub struct Limits {
     #[arg(long, env = "RELAY_READ_BUFFER_BYTES", default_value_t = 4 * 1024)]
     pub read_buffer_bytes: usize,
 
+    /// Most bytes read from a socket per syscall. The buffer exists only
+    /// while it holds unread data, so idle sockets do not pay for it.
+    #[arg(long, env = "RELAY_READ_AHEAD_BYTES", default_value_t = 32 * 1024)]
+    pub read_ahead_bytes: usize,
+
     /// Frames queued for one connection before live messages overflow to
     /// storage.
     #[arg(long, env = "RELAY_OUTBOUND_QUEUE", default_value_t = 256)]

@@ -6,8 +6,9 @@
 //! relay throughput is quoted as a ratio to it, measured in the same run.
 //!
 //! Its shape mirrors the relay's so the ratio prices the relay's work, not a
-//! different architecture: a reader per socket, a bounded queue per
-//! recipient, and a writer that batches whatever is queued into one flush.
+//! different architecture: the relay's read-ahead under each socket, a
+//! reader per socket, a bounded queue per recipient, and a writer that
+//! batches whatever is queued into one flush.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use futures::{SinkExt, StreamExt};
+use signal_relay::connection::read_ahead::ReadAhead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -42,12 +44,18 @@ pub async fn run(listen: SocketAddr, write_buffer: Option<usize>) -> anyhow::Res
     }
     loop {
         let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve(stream, inboxes.clone(), config));
+        tokio::spawn(serve(
+            stream,
+            inboxes.clone(),
+            config,
+            limits.read_ahead_bytes,
+        ));
     }
 }
 
-async fn serve(stream: TcpStream, inboxes: Inboxes, config: WebSocketConfig) {
+async fn serve(stream: TcpStream, inboxes: Inboxes, config: WebSocketConfig, read_ahead: usize) {
     let _ = stream.set_nodelay(true);
+    let stream = ReadAhead::new(stream, read_ahead);
     let mut path = String::new();
     // The signature is tungstenite's; its error type is not ours to shrink.
     #[allow(clippy::result_large_err)]

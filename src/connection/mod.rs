@@ -3,6 +3,7 @@
 //! authentication, then the session loop.
 
 pub mod handler;
+pub mod read_ahead;
 pub mod unacked;
 
 use std::time::Duration;

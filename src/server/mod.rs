@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Limits};
 use crate::connection::handler;
+use crate::connection::read_ahead::ReadAhead;
 use crate::messages::sweeper;
 use crate::state::AppState;
 use crate::storage::{self, StorageError};
@@ -248,6 +249,7 @@ async fn upgrade<S>(
         Err(None) => return,
     };
     let config = Some(websocket_config(state.limits()));
+    let stream = ReadAhead::new(stream, state.limits().read_ahead_bytes);
     let ws = Box::pin(WebSocketStream::from_partially_read(
         stream,
         upgrade.leftover,
