@@ -149,7 +149,10 @@ impl Server {
         }
         // The store writers stop once the last state handle is gone and their
         // queue is empty, after committing what was in it.
-        let db = state.db().clone();
+        // The pool alone: a clone of the whole Database would keep the
+        // reader's queue open, and its tasks (which shutdown waits for)
+        // alive until the deadline.
+        let db = state.db().pool().clone();
         drop(state);
         background.close();
         if tokio::time::timeout_at(deadline, background.wait())

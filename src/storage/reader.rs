@@ -137,12 +137,14 @@ async fn look_up_sessions(
         .await;
     match result {
         Ok(found) => {
-            let mut found: HashMap<Vec<u8>, (Uuid, String)> = found
+            let found: HashMap<Vec<u8>, (Uuid, String)> = found
                 .into_iter()
                 .map(|(hash, user, name)| (hash, (user, name)))
                 .collect();
+            // Not `remove`: the same token may be asked twice in one batch
+            // (a client reconnecting while its old socket is still open).
             for (hash, done) in batch.drain(..) {
-                let _ = done.send(Ok(found.remove(&hash[..])));
+                let _ = done.send(Ok(found.get(&hash[..]).cloned()));
             }
         }
         Err(err) => {

@@ -171,3 +171,37 @@ async fn the_connection_cap_answers_503() {
     })
     .await;
 }
+
+/// Graceful shutdown ends when the work does, not at the grace deadline:
+/// the storage reader's and store writers' tasks, which shutdown waits for,
+/// must stop once the last connection has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_the_grace_deadline() {
+    let mut app = spawn_app_with(|c| c.limits.shutdown_grace_secs = 600).await;
+    let (alice, mut alice_events, auth) = app.register("alice").await;
+    expect_queue_empty(&mut alice_events).await;
+    alice.close().await;
+    // A reconnect exercises the reader (session lookup and drain read).
+    let (_again, mut again_events) = app.resume(&auth.token).await;
+    expect_queue_empty(&mut again_events).await;
+    tokio::time::timeout(WAIT, app.stop())
+        .await
+        .expect("the server stopped without waiting for its grace deadline");
+}
+
+/// Session lookups are batched, so two resumes with the same token can be
+/// answered by one statement: both must authenticate (the later connection
+/// then displaces the earlier, as usual).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_token_twice_at_once_authenticates_both() {
+    let app = spawn_app_with(|c| c.limits.db_readers = 1).await;
+    let (alice, mut alice_events, auth) = app.register("alice").await;
+    expect_queue_empty(&mut alice_events).await;
+    alice.close().await;
+    for _ in 0..5 {
+        let ((first, _fe), (second, _se)) =
+            tokio::join!(app.resume(&auth.token), app.resume(&auth.token));
+        first.close().await;
+        second.close().await;
+    }
+}
