@@ -16,8 +16,6 @@ mkdir -p "$out"
   --quiet --json --plot "$out/live.svg" > "$out/live.json"
 for i in $(seq 1 "$runs"); do
   "$bench" offline --messages 200000 --senders 16 --quiet --json > "$out/offline-$i.json"
-  "$bench" offline --messages 200000 --senders 16 --analyze-before-drain \
-    --quiet --json > "$out/offline-analyzed-$i.json"
   "$bench" connections --connections 19000 --per-agent 9500 --hold 5 \
     --quiet --json > "$out/connections-$i.json"
   "$bench" reconnect --clients 10000 --per-agent 5000 --concurrency 1000 \

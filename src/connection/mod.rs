@@ -101,8 +101,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         frame
             .encode(&mut self.encoded)
             .expect("the buffer was reserved for the whole frame");
+        // Measured before the split, which leaves only the spare room
+        // behind while the empty buffer still holds the whole allocation.
+        let oversized = self.encoded.capacity() > KEEP_ENCODE_CAPACITY;
         let bytes = self.encoded.split().freeze();
-        if self.encoded.capacity() > KEEP_ENCODE_CAPACITY {
+        if oversized {
             self.encoded = BytesMut::new();
         }
         bytes

@@ -6,9 +6,13 @@
 //! load (a 4 KiB buffer took ~20 % more relay CPU per message than a 16 KiB
 //! one, see BENCHMARKS.md). [`ReadAhead`] sits between the two: it reads up
 //! to `capacity` bytes per syscall into a buffer it allocates when a read
-//! needs one and frees as soon as everything in it was handed on, so an idle
-//! connection holds none of it, and tungstenite's own buffer can stay small.
+//! needs one and gives up as soon as everything in it was handed on, so an
+//! idle connection holds none of it, and tungstenite's own buffer can stay
+//! small. A buffer given up waits in a one-buffer cache per thread for the
+//! next socket that reads: a read attempt that finds nothing (most of them,
+//! for a busy connection's task) costs no allocation.
 
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -36,9 +40,27 @@ impl<S> ReadAhead<S> {
         }
     }
 
-    fn release(&mut self) {
-        self.buffered = BytesMut::new();
+    fn acquire(&mut self) {
+        if self.buffered.capacity() == 0 {
+            self.buffered = SPARE.with(Cell::take).unwrap_or_default();
+        }
+        // Reclaims the cached buffer's whole allocation (nothing else
+        // refers to it) or allocates one.
+        self.buffered.reserve(self.capacity);
     }
+
+    fn release(&mut self) {
+        let mut buffer = std::mem::take(&mut self.buffered);
+        buffer.clear();
+        // Replacing an older spare frees it: one buffer per thread at most.
+        SPARE.with(|spare| spare.set(Some(buffer)));
+    }
+}
+
+thread_local! {
+    /// An empty read buffer given up by a socket on this thread, for the
+    /// next one that reads.
+    static SPARE: Cell<Option<BytesMut>> = const { Cell::new(None) };
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
@@ -54,7 +76,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             if out.remaining() >= this.capacity {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            this.buffered.reserve(this.capacity);
+            this.acquire();
             let read =
                 tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buffered);
             match read {
@@ -136,6 +158,10 @@ mod tests {
         }
         assert_eq!(got, sent);
         assert_eq!(ahead.buffered.capacity(), 0);
+        let spare = SPARE
+            .with(Cell::take)
+            .expect("the drained buffer is kept for reuse");
+        assert!(spare.is_empty());
     }
 
     #[tokio::test]

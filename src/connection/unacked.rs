@@ -1,12 +1,14 @@
 //! Live messages written to this connection and waiting for the recipient's
 //! ack, oldest first. Their senders are still waiting for an answer.
 //!
-//! A plain queue in write order: clients ack in the order they received, so
-//! the acked message is almost always at the front and an ack costs O(1).
-//! An out-of-order ack scans, which the caller's bound on the queue's length
-//! (`max_unacked`) keeps cheap; no hashing on the hot path.
+//! A queue in write order: clients ack in the order they received, so the
+//! acked message is almost always at the front and an ack pops it. A count
+//! per id answers acks of ids not waiting here (stored messages, during a
+//! drain) without a scan; an out-of-order ack scans, which the caller's
+//! bound on the queue's length (`max_unacked`) keeps cheap.
 
-use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -19,6 +21,10 @@ pub struct Unacked {
     /// Deliveries with their ack deadlines, in write order; the deadlines
     /// are therefore ascending.
     entries: VecDeque<(LiveDelivery, Instant)>,
+    /// How many entries carry each id. Usually one; a send retried with the
+    /// same client message id can be delivered again before the first copy
+    /// is acked, and one ack then settles both.
+    ids: HashMap<Uuid, u32>,
     /// Most entries before the connection stops taking live messages.
     limit: usize,
 }
@@ -27,6 +33,7 @@ impl Unacked {
     pub fn new(limit: usize) -> Self {
         Unacked {
             entries: VecDeque::new(),
+            ids: HashMap::new(),
             limit: limit.max(1),
         }
     }
@@ -40,21 +47,35 @@ impl Unacked {
     }
 
     pub fn insert(&mut self, delivery: LiveDelivery, deadline: Instant) {
+        *self.ids.entry(delivery.message.id).or_default() += 1;
         self.entries.push_back((delivery, deadline));
     }
 
     /// Acks a live message: its sender hears `Delivered`. False if `id` is
     /// not waiting here.
     pub fn ack(&mut self, id: Uuid) -> bool {
-        let Some(at) = self
-            .entries
-            .iter()
-            .position(|(delivery, _)| delivery.message.id == id)
-        else {
+        let Some(copies) = self.ids.remove(&id) else {
             return false;
         };
-        let (delivery, _) = self.entries.remove(at).expect("position is in range");
-        delivery.waiter.finish(Delivery::Delivered);
+        if copies == 1 {
+            let at = self
+                .entries
+                .iter()
+                .position(|(delivery, _)| delivery.message.id == id)
+                .expect("a counted id is queued");
+            let (delivery, _) = self.entries.remove(at).expect("position is in range");
+            delivery.waiter.finish(Delivery::Delivered);
+        } else {
+            let mut kept = VecDeque::with_capacity(self.entries.len());
+            for (delivery, deadline) in self.entries.drain(..) {
+                if delivery.message.id == id {
+                    delivery.waiter.finish(Delivery::Delivered);
+                } else {
+                    kept.push_back((delivery, deadline));
+                }
+            }
+            self.entries = kept;
+        }
         true
     }
 
@@ -69,10 +90,112 @@ impl Unacked {
             .iter()
             .take_while(|(_, deadline)| *deadline <= now)
             .count();
-        self.entries.drain(..due).map(|(d, _)| d).collect()
+        let expired: Vec<LiveDelivery> = self.entries.drain(..due).map(|(d, _)| d).collect();
+        for delivery in &expired {
+            if let Entry::Occupied(mut copies) = self.ids.entry(delivery.message.id) {
+                *copies.get_mut() -= 1;
+                if *copies.get() == 0 {
+                    copies.remove();
+                }
+            }
+        }
+        expired
     }
 
     pub fn take_all(&mut self) -> Vec<LiveDelivery> {
+        self.ids.clear();
         self.entries.drain(..).map(|(d, _)| d).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::messages::{EnvelopeType, Message};
+    use crate::registry::Waiter;
+
+    fn delivery(id: Uuid) -> (LiveDelivery, oneshot::Receiver<Delivery>) {
+        let (responder, outcome) = oneshot::channel();
+        let message = Message {
+            id,
+            seq: 1,
+            sender_id: None,
+            sender_username: "alice".into(),
+            recipient_id: Uuid::new_v4(),
+            envelope_type: EnvelopeType::Ciphertext,
+            content: Bytes::from_static(b"x"),
+            server_timestamp_ms: 0,
+            client_timestamp_ms: 0,
+            expires_at_ms: i64::MAX,
+            ephemeral: false,
+        };
+        let waiter = Waiter {
+            responder: Some(responder),
+            attempt: None,
+        };
+        (LiveDelivery { message, waiter }, outcome)
+    }
+
+    #[test]
+    fn acks_in_any_order_answer_delivered_and_unknown_ids_are_refused() {
+        let mut unacked = Unacked::new(10);
+        let now = Instant::now();
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let mut outcomes = Vec::new();
+        for id in &ids {
+            let (d, outcome) = delivery(*id);
+            unacked.insert(d, now);
+            outcomes.push(outcome);
+        }
+        assert!(!unacked.ack(Uuid::new_v4()));
+        assert!(unacked.ack(ids[1]));
+        assert!(!unacked.ack(ids[1]), "an id is acked once");
+        assert!(unacked.ack(ids[0]));
+        assert!(unacked.ack(ids[2]));
+        assert!(unacked.is_empty());
+        for mut outcome in outcomes {
+            assert_eq!(outcome.try_recv().unwrap(), Delivery::Delivered);
+        }
+    }
+
+    #[test]
+    fn one_ack_settles_every_copy_of_a_retried_message() {
+        let mut unacked = Unacked::new(10);
+        let now = Instant::now();
+        let id = Uuid::new_v4();
+        let other = Uuid::new_v4();
+        let (first, mut first_outcome) = delivery(id);
+        let (between, _between_outcome) = delivery(other);
+        let (second, mut second_outcome) = delivery(id);
+        unacked.insert(first, now);
+        unacked.insert(between, now);
+        unacked.insert(second, now);
+        assert!(unacked.ack(id));
+        assert_eq!(first_outcome.try_recv().unwrap(), Delivery::Delivered);
+        assert_eq!(second_outcome.try_recv().unwrap(), Delivery::Delivered);
+        assert!(!unacked.ack(id));
+        assert!(unacked.ack(other));
+        assert!(unacked.is_empty());
+    }
+
+    #[test]
+    fn expired_deliveries_leave_and_cannot_be_acked_here_any_more() {
+        let mut unacked = Unacked::new(10);
+        let now = Instant::now();
+        let (early, late) = (Uuid::new_v4(), Uuid::new_v4());
+        unacked.insert(delivery(early).0, now);
+        unacked.insert(delivery(late).0, now + Duration::from_secs(5));
+        assert_eq!(unacked.next_deadline(), Some(now));
+        let expired = unacked.take_expired(now + Duration::from_secs(1));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].message.id, early);
+        assert!(!unacked.ack(early), "handed off to storage; acked there");
+        assert_eq!(unacked.next_deadline(), Some(now + Duration::from_secs(5)));
+        assert!(unacked.ack(late));
     }
 }
