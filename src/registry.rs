@@ -436,27 +436,10 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-
     use super::*;
-    use crate::messages::EnvelopeType;
 
     fn message(recipient: Uuid, seq: i64) -> Message {
-        Message {
-            id: Uuid::new_v4(),
-            seq,
-            sender_id: None,
-            sender_username: Arc::from(""),
-            recipient_id: recipient,
-            envelope_type: EnvelopeType::Ciphertext,
-            content: Bytes::from_static(b"x"),
-            server_timestamp_ms: 0,
-            client_timestamp_ms: 0,
-            expires_at_ms: i64::MAX,
-            ephemeral: false,
-        }
+        Message::for_test(Uuid::new_v4(), recipient, seq)
     }
 
     #[test]

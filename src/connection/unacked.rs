@@ -112,28 +112,15 @@ impl Unacked {
 mod tests {
     use std::time::Duration;
 
-    use bytes::Bytes;
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::messages::{EnvelopeType, Message};
+    use crate::messages::Message;
     use crate::registry::Waiter;
 
     fn delivery(id: Uuid) -> (LiveDelivery, oneshot::Receiver<Delivery>) {
         let (responder, outcome) = oneshot::channel();
-        let message = Message {
-            id,
-            seq: 1,
-            sender_id: None,
-            sender_username: "alice".into(),
-            recipient_id: Uuid::new_v4(),
-            envelope_type: EnvelopeType::Ciphertext,
-            content: Bytes::from_static(b"x"),
-            server_timestamp_ms: 0,
-            client_timestamp_ms: 0,
-            expires_at_ms: i64::MAX,
-            ephemeral: false,
-        };
+        let message = Message::for_test(id, Uuid::new_v4(), 1);
         let waiter = Waiter {
             responder: Some(responder),
             attempt: None,

@@ -88,6 +88,24 @@ pub struct Message {
 }
 
 impl Message {
+    /// A small ciphertext with placeholder fields, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: Uuid, recipient: Uuid, seq: i64) -> Message {
+        Message {
+            id,
+            seq,
+            sender_id: None,
+            sender_username: Arc::from(""),
+            recipient_id: recipient,
+            envelope_type: EnvelopeType::Ciphertext,
+            content: Bytes::from_static(b"x"),
+            server_timestamp_ms: 0,
+            client_timestamp_ms: 0,
+            expires_at_ms: i64::MAX,
+            ephemeral: false,
+        }
+    }
+
     pub fn is_expired(&self, now_ms: i64) -> bool {
         self.expires_at_ms <= now_ms
     }
