@@ -179,6 +179,11 @@ pub struct Limits {
     #[arg(long, env = "RELAY_DRAIN_BATCH", default_value_t = 512)]
     pub drain_batch: usize,
 
+    /// Most content bytes one drain read holds beyond its first message
+    /// (which is read whatever its size, so a read always progresses).
+    #[arg(long, env = "RELAY_DRAIN_BATCH_BYTES", default_value_t = 1 << 20)]
+    pub drain_batch_bytes: usize,
+
     /// Most message ids in one ack request.
     #[arg(long, env = "RELAY_MAX_ACK_IDS", default_value_t = 1_000)]
     pub max_ack_ids: usize,

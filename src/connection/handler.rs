@@ -233,6 +233,7 @@ where
                 auth.user_id,
                 handle.id,
                 limits.drain_batch,
+                limits.drain_batch_bytes,
             ),
             unacked: Unacked::new(limits.max_unacked),
             conn,

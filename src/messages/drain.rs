@@ -15,9 +15,6 @@ use crate::registry::{DrainBound, Registry};
 use crate::storage::messages::DrainRead;
 use crate::storage::{Database, StorageError};
 
-/// Most content bytes one drain read holds, beyond its first message.
-const BATCH_BYTE_BUDGET: i64 = 1 << 20;
-
 type Read = JoinHandle<Result<(Vec<Message>, DrainBound), StorageError>>;
 
 #[derive(Debug)]
@@ -59,6 +56,8 @@ pub struct Drain {
     cursor: i64,
     /// Most messages per read.
     batch: i64,
+    /// Most content bytes per read beyond its first message.
+    batch_bytes: i64,
     state: State,
     /// Queue-empty is sent once per connection.
     announced_empty: bool,
@@ -66,7 +65,14 @@ pub struct Drain {
 
 impl Drain {
     /// A drain that starts wanted: a new connection first empties its queue.
-    pub fn new(db: Database, registry: Registry, user: Uuid, conn_id: u64, batch: usize) -> Self {
+    pub fn new(
+        db: Database,
+        registry: Registry,
+        user: Uuid,
+        conn_id: u64,
+        batch: usize,
+        batch_bytes: usize,
+    ) -> Self {
         Drain {
             db,
             registry,
@@ -74,6 +80,7 @@ impl Drain {
             conn_id,
             cursor: 0,
             batch: batch.max(1) as i64,
+            batch_bytes: i64::try_from(batch_bytes).unwrap_or(i64::MAX),
             state: State::Wanted,
             announced_empty: false,
         }
@@ -110,14 +117,15 @@ impl Drain {
     pub fn start(&mut self) {
         let bound = self.registry.drain_bound(self.user);
         let db = self.db.clone();
-        let (user, after, limit) = (self.user, self.cursor, self.batch);
+        let (user, after, limit, byte_budget) =
+            (self.user, self.cursor, self.batch, self.batch_bytes);
         self.state = State::Reading(tokio::spawn(async move {
             let read = DrainRead {
                 recipient: user,
                 after,
                 below: bound.below,
                 limit,
-                byte_budget: BATCH_BYTE_BUDGET,
+                byte_budget,
             };
             let rows = db.reader().drain(read).await?;
             Ok((rows, bound))

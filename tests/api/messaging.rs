@@ -103,6 +103,33 @@ async fn offline_messages_drain_in_order_then_queue_empty() {
     assert_eq!(stored_count(&app, bob_id).await, 0);
 }
 
+/// A byte budget smaller than any message still drains everything, one
+/// message per read, in order: a read always takes its first message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_drain_byte_budget_still_drains_everything_in_order() {
+    let app = spawn_app_with(|c| c.limits.drain_batch_bytes = 1).await;
+    let (alice, _ae, _, _) = online(&app, "alice").await;
+    let (bob_id, bob_token) = offline(&app, "bob").await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let sent = alice
+            .send(text(bob_id, &format!("message {i}")))
+            .await
+            .unwrap();
+        ids.push(sent.message_id);
+    }
+
+    let (bob, mut bob_events) = app.resume(&bob_token).await;
+    for (i, id) in ids.iter().enumerate() {
+        let envelope = next_delivery(&mut bob_events).await;
+        assert_eq!(id_of(&envelope), *id);
+        assert_eq!(envelope.content.as_ref(), format!("message {i}").as_bytes());
+    }
+    expect_queue_empty(&mut bob_events).await;
+    let (acked, _) = bob.ack(&ids).await.unwrap();
+    assert_eq!(acked.len(), 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_during_a_drain_arrive_after_the_drained_ones() {
     let app = spawn_app_with(|c| {
