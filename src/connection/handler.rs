@@ -256,7 +256,10 @@ where
     }
 
     async fn serve(&mut self, shutdown: &CancellationToken) -> End {
-        let limits = self.state.limits().clone();
+        // Copied out rather than cloning `Limits`, which would then sit in
+        // every idle connection's future.
+        let idle_timeout = self.state.limits().idle_timeout();
+        let max_in_flight = self.state.limits().max_inflight_requests;
         // The loop's long-lived waits are made once and polled again each
         // time round: re-creating them would register and deregister a
         // waiter or a timer for each of them on every frame.
@@ -265,7 +268,7 @@ where
         let mut shutting_down = pin!(shutdown.cancelled());
         let mut kicked = pin!(kick.cancelled());
         let mut woken = pin!(wake.notified());
-        let ping_every = ping_interval(limits.idle_timeout());
+        let ping_every = ping_interval(idle_timeout);
         let mut ping = pin!(sleep_until(Instant::now() + ping_every));
         // Armed at the oldest unacked deadline. Acks only move that deadline
         // later, so the timer is left as it is and may fire early, finding
@@ -291,7 +294,7 @@ where
             // Keep reading past the in-flight limit (new requests beyond it
             // are refused, see `on_inbound`) so acks still get through: two
             // clients that each wait on the other's acks must not stall.
-            let read_more = self.requests.len() < 2 * limits.max_inflight_requests;
+            let read_more = self.requests.len() < 2 * max_in_flight;
             let result = tokio::select! {
                 _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
                 _ = &mut kicked => {
@@ -315,7 +318,7 @@ where
                 Some(()) = self.handoffs.next() => Ok(()),
                 _ = &mut ping => {
                     ping.as_mut().reset(Instant::now() + ping_every);
-                    self.heartbeat(limits.idle_timeout()).await
+                    self.heartbeat(idle_timeout).await
                 }
             };
             if let Err(end) = result {
@@ -675,7 +678,7 @@ mod tests {
     where
         F: FnOnce(
             AppState,
-            WebSocketStream<tokio::net::TcpStream>,
+            WebSocketStream<Plain>,
             Option<Authenticated>,
             CancellationToken,
         ) -> Fut,
@@ -683,11 +686,14 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
+    /// The stream type a plain (non-TLS) connection is served on.
+    type Plain = crate::connection::read_ahead::ReadAhead<tokio::net::TcpStream>;
+
     /// The session future is allocated for as long as the socket lives, so
     /// it bounds what an idle connection costs; keep it in check.
     #[test]
     fn the_session_future_stays_small() {
-        let size = returned_size(&serve::<tokio::net::TcpStream>);
+        let size = returned_size(&serve::<Plain>);
         assert!(size <= 6 * 1024, "the session future is {size} bytes");
     }
 }
