@@ -2,12 +2,13 @@
 //! tokio-tungstenite, the relay's WebSocket settings) with no
 //! authentication, no protobuf and no registry beyond a map from pair to
 //! socket. B connects to `/b/<pair>`, A to `/a/<pair>`, and every frame A
-//! sends is written to B as is. It is what the machine can do at all, so
-//! relay throughput is quoted as a ratio to it, measured in the same run.
+//! sends is written to B as is, and every frame B sends (the answered
+//! baseline's answers) to A. It is what the machine can do at all, so relay
+//! throughput is quoted as a ratio to it, measured in the same run.
 //!
 //! Its shape mirrors the relay's so the ratio prices the relay's work, not a
 //! different architecture: the relay's read-ahead under each socket, a
-//! reader per socket, a bounded queue per recipient, and a writer that
+//! reader per socket, a bounded queue per socket, and a writer that
 //! batches whatever is queued into one flush.
 
 use std::collections::HashMap;
@@ -72,45 +73,54 @@ async fn serve(stream: TcpStream, inboxes: Inboxes, config: WebSocketConfig, rea
     let (Some(role), Some(Ok(pair))) = (parts.next(), parts.next().map(str::parse::<u64>)) else {
         return;
     };
+    let me = match role {
+        "a" => inbox_key(pair, false),
+        "b" => inbox_key(pair, true),
+        _ => return,
+    };
+    let peer = me ^ 1;
     let (mut sink, mut stream) = ws.split();
-    match role {
-        "b" => {
-            let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
-            inboxes.lock().expect("inboxes lock").insert(pair, tx);
-            let writer = async {
-                while let Some(first) = rx.recv().await {
-                    let mut result = sink.feed(first).await;
-                    while result.is_ok() {
-                        match rx.try_recv() {
-                            Ok(next) => result = sink.feed(next).await,
-                            Err(_) => break,
-                        }
-                    }
-                    if result.is_err() || sink.flush().await.is_err() {
-                        break;
-                    }
-                }
-            };
-            // B sends nothing; reading only notices the close.
-            let reader = async { while let Some(Ok(_)) = stream.next().await {} };
-            tokio::select! {
-                _ = writer => {}
-                _ = reader => {}
-            }
-            inboxes.lock().expect("inboxes lock").remove(&pair);
-        }
-        "a" => {
-            let Some(tx) = inboxes.lock().expect("inboxes lock").get(&pair).cloned() else {
-                return;
-            };
-            while let Some(Ok(message)) = stream.next().await {
-                if let Message::Binary(_) = message
-                    && tx.send(message).await.is_err()
-                {
-                    break;
+    let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
+    inboxes.lock().expect("inboxes lock").insert(me, tx);
+    let writer = async {
+        while let Some(first) = rx.recv().await {
+            let mut result = sink.feed(first).await;
+            while result.is_ok() {
+                match rx.try_recv() {
+                    Ok(next) => result = sink.feed(next).await,
+                    Err(_) => break,
                 }
             }
+            if result.is_err() || sink.flush().await.is_err() {
+                break;
+            }
         }
-        _ => {}
+    };
+    // The peer's inbox is looked up at the first frame and kept: B connects
+    // before A, and answers only once A has sent.
+    let reader = async {
+        let mut to_peer: Option<mpsc::Sender<Message>> = None;
+        while let Some(Ok(message)) = stream.next().await {
+            if !matches!(message, Message::Binary(_)) {
+                continue;
+            }
+            if to_peer.is_none() {
+                to_peer = inboxes.lock().expect("inboxes lock").get(&peer).cloned();
+            }
+            let Some(tx) = &to_peer else { break };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
     }
+    inboxes.lock().expect("inboxes lock").remove(&me);
+}
+
+/// A's inbox and B's of one pair differ in the lowest bit.
+fn inbox_key(pair: u64, b: bool) -> u64 {
+    pair << 1 | u64::from(b)
 }

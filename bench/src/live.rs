@@ -10,8 +10,9 @@
 //!
 //! A message is complete when its protocol says so: for the relay, when the
 //! sender is answered (which happens only after the recipient acked it); for
-//! the forwarder, which has no answers, when B receives it. The closed-loop
-//! window counts messages until complete.
+//! the forwarder, which has no answers, when B receives it; for the answered
+//! forwarder, when B's answer reaches A. The closed-loop window counts
+//! messages until complete.
 //!
 //! Open-loop pacing: tokio's timers have millisecond resolution, which
 //! would add up to 1 ms of the generator's own lateness to every latency.
@@ -46,13 +47,24 @@ pub const HEADER: usize = 16;
 /// Most ids in one ack (the relay's default RELAY_MAX_ACK_IDS).
 pub const MAX_ACK_IDS: usize = 1000;
 
+/// Open loop: unanswered messages per pair at most, by default.
+pub const OPEN_MAX_IN_FLIGHT: usize = 128;
+
 /// How messages are offered.
 #[derive(Debug, Clone, Copy)]
 pub enum Load {
     /// At most `window` messages in flight per pair.
     Closed { window: usize },
     /// `rate` messages per second in total, spread evenly over the pairs.
-    Open { rate: f64, tick: Duration },
+    /// A pair with `max_in_flight` messages unanswered holds back the
+    /// sending (and the latency of what it delays is charged, since it is
+    /// measured from the schedule): the generator's memory stays bounded,
+    /// and it stays below the relay's in-flight limit per connection.
+    Open {
+        rate: f64,
+        tick: Duration,
+        max_in_flight: usize,
+    },
 }
 
 /// What the pairs talk to.
@@ -61,6 +73,10 @@ pub enum Load {
 pub enum Target {
     Relay,
     Baseline,
+    /// The forwarder, with B answering every message back to A through it:
+    /// the relay's frames (one to the recipient, one back to the sender per
+    /// message) and its completion rule, with none of its work.
+    Answered,
 }
 
 impl Target {
@@ -68,6 +84,7 @@ impl Target {
         match self {
             Target::Relay => "relay",
             Target::Baseline => "baseline",
+            Target::Answered => "answered",
         }
     }
 }
@@ -86,7 +103,17 @@ enum RecvHalf {
     },
     Raw {
         stream: SplitStream<RawStream>,
-        /// B's sending half; B never sends, but the socket lives with it.
+        /// B's writer when B answers (the answered baseline), else unused:
+        /// the socket lives with it.
+        answer: RawWriter,
+    },
+}
+
+/// A raw socket's sending side: in the answered baseline, a queue to a
+/// writer task; otherwise the idle half, kept so the socket stays open.
+enum RawWriter {
+    Queue(mpsc::Sender<WsMessage>),
+    Idle {
         _sink: futures::stream::SplitSink<RawStream, WsMessage>,
     },
 }
@@ -94,6 +121,8 @@ enum RecvHalf {
 struct Pair {
     send: SendHalf,
     recv: RecvHalf,
+    /// A's reading half in the answered baseline, where B's answers arrive.
+    answers: Option<SplitStream<RawStream>>,
 }
 
 /// Connected pairs, ready to carry traffic.
@@ -147,6 +176,7 @@ impl Pairs {
                         client: b,
                         events: b_events,
                     },
+                    answers: None,
                 })
             })
             .buffered(32)
@@ -162,12 +192,14 @@ impl Pairs {
 
     /// Connects `n` pairs to the forwarder at `url` (`ws://host:port`),
     /// numbered from `base` (pair numbers must not repeat within a
-    /// forwarder's life).
+    /// forwarder's life). With `answered`, B answers every message back to
+    /// A (the [`Target::Answered`] baseline).
     pub async fn baseline(
         url: &str,
         base: usize,
         n: usize,
         write_buffer: Option<usize>,
+        answered: bool,
     ) -> anyhow::Result<Pairs> {
         // The client library's socket settings, for the same per-frame costs.
         let config = WebSocketConfig::default()
@@ -187,32 +219,20 @@ impl Pairs {
                     true,
                 )
                 .await?;
-                let (mut a_sink, _a_stream) = a.split();
+                let (a_sink, a_stream) = a.split();
                 let (b_sink, b_stream) = b.split();
-                // The same writer shape as the client library: a queue and
-                // a task that batches whatever is queued into one flush.
-                let (tx, mut rx) = mpsc::channel::<WsMessage>(1024);
-                tokio::spawn(async move {
-                    while let Some(first) = rx.recv().await {
-                        let mut result = a_sink.feed(first).await;
-                        while result.is_ok() {
-                            match rx.try_recv() {
-                                Ok(next) => result = a_sink.feed(next).await,
-                                Err(_) => break,
-                            }
-                        }
-                        if result.is_err() || a_sink.flush().await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = a_sink.close().await;
-                });
                 Ok::<_, anyhow::Error>(Pair {
-                    send: SendHalf::Raw { tx },
+                    send: SendHalf::Raw {
+                        tx: raw_writer(a_sink),
+                    },
                     recv: RecvHalf::Raw {
                         stream: b_stream,
-                        _sink: b_sink,
+                        answer: match answered {
+                            true => RawWriter::Queue(raw_writer(b_sink)),
+                            false => RawWriter::Idle { _sink: b_sink },
+                        },
                     },
+                    answers: answered.then_some(a_stream),
                 })
             })
             .buffered(32)
@@ -221,7 +241,10 @@ impl Pairs {
             .into_iter()
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Pairs {
-            target: Target::Baseline,
+            target: match answered {
+                true => Target::Answered,
+                false => Target::Baseline,
+            },
             pairs,
         })
     }
@@ -242,9 +265,11 @@ impl Pairs {
             })
             .collect();
         for (i, pair) in self.pairs.into_iter().enumerate() {
+            // The window opens when a message is complete: for the
+            // baseline at B's receipt, else at the sender's answer.
             let release = match target {
                 Target::Baseline => windows[i].clone(),
-                Target::Relay => None,
+                Target::Relay | Target::Answered => None,
             };
             tasks.push(tokio::spawn(receive(
                 pair.recv,
@@ -252,6 +277,14 @@ impl Pairs {
                 metrics.clone(),
                 stop.clone(),
             )));
+            if let Some(answers) = pair.answers {
+                tasks.push(tokio::spawn(receive_answers(
+                    answers,
+                    windows[i].clone(),
+                    metrics.clone(),
+                    stop.clone(),
+                )));
+            }
             senders.push((pair.send, windows[i].clone()));
         }
         let pacer_stop = Arc::new(AtomicBool::new(false));
@@ -268,7 +301,11 @@ impl Pairs {
                     )));
                 }
             }
-            Load::Open { rate, tick } => {
+            Load::Open {
+                rate,
+                tick,
+                max_in_flight,
+            } => {
                 // One sender task per generator thread, each with its share
                 // of the pairs and of the rate.
                 let groups = std::thread::available_parallelism()
@@ -296,15 +333,25 @@ impl Pairs {
                 let period_ns = groups as f64 * 1e9 / rate.max(1e-3);
                 for (g, sends) in grouped.into_iter().enumerate() {
                     let offset = (period_ns * g as f64 / groups as f64) as u64;
-                    tasks.push(tokio::spawn(send_open(
+                    // One task awaits every unanswered message of its
+                    // pairs, thousands when the relay lags. Under tokio's
+                    // cooperative budget it is made to yield after 128 of
+                    // them and is re-polled spuriously; measured at 80k
+                    // msg/s with 64 pairs, that made the generator, not the
+                    // relay, the bottleneck (4 of 4 runs fell to 45-64k
+                    // msg/s with the generator at 117-126 % CPU; 0 of 4
+                    // without the budget). Its loop yields whenever nothing
+                    // is ready, so it cannot starve the receivers.
+                    tasks.push(tokio::spawn(tokio::task::unconstrained(send_open(
                         sends,
                         period_ns,
                         offset,
                         wakes[g].clone(),
+                        max_in_flight,
                         size,
                         metrics.clone(),
                         stop.clone(),
-                    )));
+                    ))));
                 }
             }
         }
@@ -314,6 +361,30 @@ impl Pairs {
             tasks,
         }
     }
+}
+
+/// The same writer shape as the client library: a queue and a task that
+/// batches whatever is queued into one flush.
+fn raw_writer(
+    mut sink: futures::stream::SplitSink<RawStream, WsMessage>,
+) -> mpsc::Sender<WsMessage> {
+    let (tx, mut rx) = mpsc::channel::<WsMessage>(1024);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut result = sink.feed(first).await;
+            while result.is_ok() {
+                match rx.try_recv() {
+                    Ok(next) => result = sink.feed(next).await,
+                    Err(_) => break,
+                }
+            }
+            if result.is_err() || sink.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    tx
 }
 
 /// Traffic in progress.
@@ -451,11 +522,13 @@ async fn finish_answers(mut answers: FuturesUnordered<Answer>, metrics: &Metrics
     .await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn send_open(
     sends: Vec<SendHalf>,
     period_ns: f64,
     offset_ns: u64,
     wake: Arc<Notify>,
+    max_in_flight: usize,
     size: usize,
     metrics: Metrics,
     stop: CancellationToken,
@@ -464,33 +537,50 @@ async fn send_open(
         .map(|i| payload_template(size, i))
         .collect();
     let mut answers = FuturesUnordered::new();
+    // Unanswered messages per pair.
+    let mut in_flight = vec![0usize; sends.len()];
     let start = metrics.now_ns() + offset_ns;
     let mut k = 0u64;
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            Some((intended, result)) = answers.next() => record_answer(&metrics, intended, result),
-            _ = wake.notified() => {
-                let now = metrics.now_ns();
-                loop {
-                    let intended = start + (k as f64 * period_ns) as u64;
-                    if intended > now {
-                        break;
-                    }
-                    let i = (k % sends.len() as u64) as usize;
-                    k += 1;
-                    match send_one(&sends[i], payload(&templates[i], intended, k), intended).await {
-                        Ok(Some(answer)) => answers.push(answer),
-                        Ok(None) => {}
-                        Err(e) => metrics.error(e),
-                    }
-                    metrics.sent(1);
-                }
+            Some((i, intended, result)) = answers.next() => {
+                in_flight[i] -= 1;
+                record_answer(&metrics, intended, result);
             }
+            _ = wake.notified() => {}
+        }
+        // Send everything that is due, unless the next pair is at its limit.
+        let now = metrics.now_ns();
+        loop {
+            let intended = start + (k as f64 * period_ns) as u64;
+            if intended > now {
+                break;
+            }
+            let i = (k % sends.len() as u64) as usize;
+            if in_flight[i] >= max_in_flight {
+                metrics.count("open_loop_held_back", 1);
+                break;
+            }
+            k += 1;
+            match send_one(&sends[i], payload(&templates[i], intended, k), intended).await {
+                Ok(Some(answer)) => {
+                    in_flight[i] += 1;
+                    answers.push(answer.map(move |(intended, result)| (i, intended, result)));
+                }
+                Ok(None) => {}
+                Err(e) => metrics.error(e),
+            }
+            metrics.sent(1);
         }
     }
-    finish_answers(answers, &metrics).await;
+    let _ = tokio::time::timeout(GRACE, async {
+        while let Some((_, intended, result)) = answers.next().await {
+            record_answer(&metrics, intended, result);
+        }
+    })
+    .await;
 }
 
 async fn receive(
@@ -500,7 +590,7 @@ async fn receive(
     stop: CancellationToken,
 ) {
     match recv {
-        RecvHalf::Raw { mut stream, _sink } => {
+        RecvHalf::Raw { mut stream, answer } => {
             let run = async {
                 while let Some(Ok(message)) = stream.next().await {
                     if let WsMessage::Binary(bytes) = message {
@@ -509,6 +599,15 @@ async fn receive(
                         }
                         if let Some(w) = &release {
                             w.add_permits(1);
+                        }
+                        if let RawWriter::Queue(tx) = &answer {
+                            // The header (intended send time, sequence) is
+                            // the answer, about the size of the relay's.
+                            let header = bytes.slice(..HEADER.min(bytes.len()));
+                            if tx.send(WsMessage::Binary(header)).await.is_err() {
+                                metrics.error("answer: forwarder connection closed".to_string());
+                                break;
+                            }
                         }
                     }
                 }
@@ -526,6 +625,31 @@ async fn receive(
             }
             client.close().await;
         }
+    }
+}
+
+/// A's side of the answered baseline: each answer completes its message.
+async fn receive_answers(
+    mut stream: SplitStream<RawStream>,
+    window: Option<Arc<Semaphore>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let run = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if let WsMessage::Binary(bytes) = message {
+                if let Some(intended) = intended_of(&bytes) {
+                    metrics.record_since(Kind::Answer, intended);
+                }
+                if let Some(w) = &window {
+                    w.add_permits(1);
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = run => {}
+        _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
     }
 }
 

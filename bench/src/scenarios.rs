@@ -245,6 +245,18 @@ pub struct LiveArgs {
     /// Open-loop pacing tick, microseconds.
     #[arg(long, default_value_t = 100)]
     pub tick_us: u64,
+    /// Open loop: unanswered messages per pair beyond which sending waits
+    /// (what it delays is still charged from the schedule). Below the
+    /// relay's RELAY_MAX_INFLIGHT_REQUESTS (256), so the generator is not
+    /// refused for having too many requests open.
+    #[arg(long, default_value_t = live::OPEN_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+    /// Also run the answered baseline after the baseline: the forwarder
+    /// with B answering every message back to A, so the relay's frames per
+    /// message (one to the recipient, one back to the sender) with none of
+    /// its work, and a message complete at the answer as on the relay.
+    #[arg(long)]
+    pub answered_baseline: bool,
     /// Experiment: the baseline's WebSocket write buffer in bytes, on both
     /// ends (0: one write syscall per frame). By default the forwarder uses
     /// the relay's settings and its clients the client library's, so the
@@ -285,18 +297,28 @@ async fn live_scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json:
         "pairs": a.pairs, "size": a.size, "duration_s": a.duration, "warmup_s": a.warmup,
         "window": a.window, "mode": format!("{:?}", a.mode), "target": format!("{:?}", a.target),
         "runs": a.runs, "rate": a.rate, "rate_fraction": a.rate_fraction, "tick_us": a.tick_us,
+        "max_in_flight": a.max_in_flight, "answered_baseline": a.answered_baseline,
     });
     if a.mode == Mode::Open && a.rate.is_none() {
         bail!("--mode open needs --rate (or use --mode both)");
     }
-    let relay_on = a.target != Targets::Baseline;
-    let baseline_on = a.target != Targets::Relay;
+    let mut targets = Vec::new();
+    if a.target != Targets::Baseline {
+        targets.push(Target::Relay);
+    }
+    if a.target != Targets::Relay {
+        targets.push(Target::Baseline);
+        if a.answered_baseline {
+            targets.push(Target::Answered);
+        }
+    }
+    let relay_on = targets.contains(&Target::Relay);
     let accounts = if relay_on {
         run.seed("live", a.pairs * 2).await?
     } else {
         Vec::new()
     };
-    let forwarder = if baseline_on {
+    let forwarder = if targets.len() > usize::from(relay_on) {
         Some(Forwarder::start(a.baseline_write_buffer)?)
     } else {
         None
@@ -304,108 +326,67 @@ async fn live_scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json:
     let url = run.relay.url.clone();
     let relay_pid = run.relay.pid;
     let mut pair_base = 0;
-    let mut connect_baseline = |n| {
+    // Connects fresh pairs for one phase against `target`.
+    let mut connect = async |target: Target| -> anyhow::Result<(Pairs, Option<u32>)> {
+        if target == Target::Relay {
+            return Ok((Pairs::relay(&url, &accounts).await?, relay_pid));
+        }
         let f = forwarder.as_ref().expect("forwarder started");
         let base = pair_base;
-        pair_base += n;
-        (f.url.clone(), base)
+        pair_base += a.pairs;
+        let answered = target == Target::Answered;
+        let pairs = Pairs::baseline(&f.url, base, a.pairs, a.baseline_write_buffer, answered);
+        Ok((pairs.await?, Some(f.pid)))
     };
 
-    let mut relay_rates = Vec::new();
-    let mut baseline_rates = Vec::new();
-    let mut ratios = Vec::new();
+    // Closed-loop rates per target, in `targets` order.
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     if a.mode != Mode::Open {
         let load = Load::Closed { window: a.window };
         for r in 1..=a.runs.max(1) {
-            let mut relay_rate = None;
-            if relay_on {
-                let pairs = Pairs::relay(&url, &accounts).await?;
+            for (t, &target) in targets.iter().enumerate() {
+                let (pairs, pid) = connect(target).await?;
+                let name = format!("closed #{r}");
                 let row = measure_live(
-                    run,
-                    &format!("closed #{r}"),
-                    pairs,
-                    Target::Relay,
-                    relay_pid,
-                    load,
-                    a.size,
-                    a.warmup,
-                    a.duration,
+                    run, &name, pairs, target, pid, load, a.size, a.warmup, a.duration,
                 )
                 .await;
-                relay_rate = Some(row.rate_per_sec);
-                relay_rates.push(row.rate_per_sec);
-                run.rows.push(row);
-            }
-            if baseline_on {
-                let (furl, base) = connect_baseline(a.pairs);
-                let pairs = Pairs::baseline(&furl, base, a.pairs, a.baseline_write_buffer).await?;
-                let pid = forwarder.as_ref().map(|f| f.pid);
-                let row = measure_live(
-                    run,
-                    &format!("closed #{r}"),
-                    pairs,
-                    Target::Baseline,
-                    pid,
-                    load,
-                    a.size,
-                    a.warmup,
-                    a.duration,
-                )
-                .await;
-                baseline_rates.push(row.rate_per_sec);
-                if let Some(rr) = relay_rate
-                    && row.rate_per_sec > 0.0
-                {
-                    ratios.push(rr / row.rate_per_sec);
-                }
+                rates[t].push(row.rate_per_sec);
                 run.rows.push(row);
             }
         }
-        if !relay_rates.is_empty() {
+        for (t, target) in targets.iter().enumerate() {
+            let name = target.name();
             run.summary(
-                "relay_closed_loop_msgs_per_s_median",
-                median(&mut relay_rates.clone()).round(),
+                &format!("{name}_closed_loop_msgs_per_s_median"),
+                median(&mut rates[t].clone()).round(),
             );
             run.summary(
-                "relay_closed_loop_msgs_per_s_runs",
-                relay_rates.iter().map(|r| r.round()).collect::<Vec<_>>(),
+                &format!("{name}_closed_loop_msgs_per_s_runs"),
+                rates[t].iter().map(|r| r.round()).collect::<Vec<_>>(),
             );
-        }
-        if !baseline_rates.is_empty() {
-            run.summary(
-                "baseline_closed_loop_msgs_per_s_median",
-                median(&mut baseline_rates.clone()).round(),
-            );
-            run.summary(
-                "baseline_closed_loop_msgs_per_s_runs",
-                baseline_rates.iter().map(|r| r.round()).collect::<Vec<_>>(),
-            );
-        }
-        if !ratios.is_empty() {
-            run.summary(
-                "relay_to_baseline_ratio_median",
-                (median(&mut ratios.clone()) * 1000.0).round() / 1000.0,
-            );
-            run.summary(
-                "relay_to_baseline_ratio_runs",
-                ratios
+            if relay_on && t > 0 {
+                // Ratios per run (same invocation, alternating), then the
+                // median.
+                let ratios: Vec<f64> = rates[0]
                     .iter()
-                    .map(|r| (r * 1000.0).round() / 1000.0)
-                    .collect::<Vec<_>>(),
-            );
+                    .zip(&rates[t])
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(r, b)| (r / b * 1000.0).round() / 1000.0)
+                    .collect();
+                run.summary(
+                    &format!("relay_to_{name}_ratio_median"),
+                    median(&mut ratios.clone()),
+                );
+                run.summary(&format!("relay_to_{name}_ratio_runs"), ratios);
+            }
         }
     }
     if a.mode != Mode::Closed {
         let rate = match a.rate {
             Some(rate) => rate,
-            None => {
-                let reference = if relay_rates.is_empty() {
-                    &mut baseline_rates
-                } else {
-                    &mut relay_rates
-                };
-                median(reference) * a.rate_fraction
-            }
+            // The relay's closed-loop median if it ran, else the baseline's.
+            None => median(&mut rates[0]) * a.rate_fraction,
         };
         if rate <= 0.0 {
             bail!("no open-loop rate: the closed loop completed nothing");
@@ -414,44 +395,19 @@ async fn live_scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json:
         let load = Load::Open {
             rate,
             tick: Duration::from_micros(a.tick_us.max(10)),
+            max_in_flight: a.max_in_flight.max(1),
         };
-        if relay_on {
-            let pairs = Pairs::relay(&url, &accounts).await?;
+        for &target in &targets {
+            let (pairs, pid) = connect(target).await?;
             let row = measure_live(
-                run,
-                "open",
-                pairs,
-                Target::Relay,
-                relay_pid,
-                load,
-                a.size,
-                a.warmup,
-                a.duration,
+                run, "open", pairs, target, pid, load, a.size, a.warmup, a.duration,
             )
             .await;
             if let Some(p) = row.latency_ms.get(&Kind::Delivery) {
-                run.summary("relay_open_loop_delivery_p99_ms", p.p99);
-            }
-            run.rows.push(row);
-        }
-        if baseline_on {
-            let (furl, base) = connect_baseline(a.pairs);
-            let pairs = Pairs::baseline(&furl, base, a.pairs, a.baseline_write_buffer).await?;
-            let pid = forwarder.as_ref().map(|f| f.pid);
-            let row = measure_live(
-                run,
-                "open",
-                pairs,
-                Target::Baseline,
-                pid,
-                load,
-                a.size,
-                a.warmup,
-                a.duration,
-            )
-            .await;
-            if let Some(p) = row.latency_ms.get(&Kind::Delivery) {
-                run.summary("baseline_open_loop_delivery_p99_ms", p.p99);
+                run.summary(
+                    &format!("{}_open_loop_delivery_p99_ms", target.name()),
+                    p.p99,
+                );
             }
             run.rows.push(row);
         }
@@ -938,6 +894,7 @@ async fn start_background(
     let load = Load::Open {
         rate: b.rate,
         tick: Duration::from_micros(100),
+        max_in_flight: live::OPEN_MAX_IN_FLIGHT,
     };
     run.phase("warmup");
     let running = pairs.start(load, b.size, &run.metrics);

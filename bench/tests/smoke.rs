@@ -69,7 +69,7 @@ fn summary(report: &Value, key: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_runs_closed_and_open_loop_against_relay_and_baseline() {
+async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     let app = app().await;
     let plot = std::env::temp_dir().join(format!("relay-bench-smoke-{}.svg", std::process::id()));
     let report = bench(
@@ -84,6 +84,9 @@ async fn live_runs_closed_and_open_loop_against_relay_and_baseline() {
             "0.5",
             "--warmup",
             "0.2",
+            "--answered-baseline",
+            "--max-in-flight",
+            "2",
             "--plot",
             plot.to_str().expect("utf-8 path"),
         ],
@@ -94,14 +97,24 @@ async fn live_runs_closed_and_open_loop_against_relay_and_baseline() {
         .iter()
         .map(|r| r["target"].as_str().expect("target"))
         .collect();
-    assert_eq!(targets, ["relay", "baseline", "relay", "baseline"]);
+    let each = ["relay", "baseline", "answered"];
+    assert_eq!(targets, [each, each].concat());
     for row in rows(&report) {
         assert!(
             row["latency_ms"]["delivery"]["count"].as_u64() > Some(0),
             "{row:#}"
         );
+        if row["target"] != "baseline" {
+            // Both the relay and the answered baseline answer the sender.
+            assert!(
+                row["latency_ms"]["answer"]["count"].as_u64() > Some(0),
+                "{row:#}"
+            );
+        }
     }
     assert!(summary(&report, "relay_to_baseline_ratio_median").is_number());
+    assert!(summary(&report, "relay_to_answered_ratio_median").is_number());
+    assert!(summary(&report, "answered_open_loop_delivery_p99_ms").is_number());
     let svg = std::fs::read_to_string(&plot).expect("plot written");
     assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"));
     let _ = std::fs::remove_file(plot);
