@@ -175,8 +175,11 @@ pub struct Limits {
     #[arg(long, env = "RELAY_DB_READ_QUEUE", default_value_t = 4_096)]
     pub db_read_queue: usize,
 
-    /// Stored messages read per query while draining.
-    #[arg(long, env = "RELAY_DRAIN_BATCH", default_value_t = 512)]
+    /// Most stored messages one drain read returns. Each read is a round
+    /// trip and a function call in PostgreSQL, so larger reads drain
+    /// faster; what one read holds in memory is capped by
+    /// `drain_batch_bytes` whatever this is.
+    #[arg(long, env = "RELAY_DRAIN_BATCH", default_value_t = 2_048)]
     pub drain_batch: usize,
 
     /// Most content bytes one drain read holds beyond its first message
