@@ -245,10 +245,11 @@ pub struct LiveArgs {
     /// Open-loop pacing tick, microseconds.
     #[arg(long, default_value_t = 100)]
     pub tick_us: u64,
-    /// Open loop: unanswered messages per pair beyond which sending waits
-    /// (what it delays is still charged from the schedule). Below the
-    /// relay's RELAY_MAX_INFLIGHT_REQUESTS (256), so the generator is not
-    /// refused for having too many requests open.
+    /// Open loop, relay pairs: unanswered messages per pair beyond which
+    /// sending waits (what it delays is still charged from the schedule).
+    /// Below the relay's RELAY_MAX_INFLIGHT_REQUESTS (256), so the generator
+    /// is not refused for having too many requests open. The baselines'
+    /// sends wait on their writer's queue (1,024 frames) instead.
     #[arg(long, default_value_t = live::OPEN_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
     /// Also run the answered baseline after the baseline: the forwarder
@@ -301,6 +302,9 @@ async fn live_scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json:
     });
     if a.mode == Mode::Open && a.rate.is_none() {
         bail!("--mode open needs --rate (or use --mode both)");
+    }
+    if a.answered_baseline && a.target == Targets::Relay {
+        bail!("--answered-baseline needs --target baseline or both");
     }
     let mut targets = Vec::new();
     if a.target != Targets::Baseline {
@@ -368,17 +372,22 @@ async fn live_scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json:
             if relay_on && t > 0 {
                 // Ratios per run (same invocation, alternating), then the
                 // median.
-                let ratios: Vec<f64> = rates[0]
+                let mut ratios: Vec<f64> = rates[0]
                     .iter()
                     .zip(&rates[t])
                     .filter(|(_, b)| **b > 0.0)
-                    .map(|(r, b)| (r / b * 1000.0).round() / 1000.0)
+                    .map(|(r, b)| r / b)
                     .collect();
+                if ratios.is_empty() {
+                    continue;
+                }
+                let round = |r: f64| (r * 1000.0).round() / 1000.0;
+                let runs: Vec<f64> = ratios.iter().copied().map(round).collect();
                 run.summary(
                     &format!("relay_to_{name}_ratio_median"),
-                    median(&mut ratios.clone()),
+                    round(median(&mut ratios)),
                 );
-                run.summary(&format!("relay_to_{name}_ratio_runs"), ratios);
+                run.summary(&format!("relay_to_{name}_ratio_runs"), runs);
             }
         }
     }
