@@ -20,7 +20,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, StreamExt};
 use signal_relay::connection::read_ahead::ReadAhead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -90,20 +90,7 @@ async fn serve(stream: TcpStream, inboxes: Inboxes, config: WebSocketConfig, rea
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
     inboxes.lock().expect("inboxes lock").insert(me, tx);
-    let writer = async {
-        while let Some(first) = rx.recv().await {
-            let mut result = sink.feed(first).await;
-            while result.is_ok() {
-                match rx.try_recv() {
-                    Ok(next) => result = sink.feed(next).await,
-                    Err(_) => break,
-                }
-            }
-            if result.is_err() || sink.flush().await.is_err() {
-                break;
-            }
-        }
-    };
+    let writer = write_batched(&mut sink, &mut rx);
     // The peer's inbox is looked up at the first frame and kept: B connects
     // before A, and answers only once A has sent.
     let reader = async {
@@ -135,6 +122,28 @@ async fn serve(stream: TcpStream, inboxes: Inboxes, config: WebSocketConfig, rea
         _ = reader => {}
     }
     inboxes.lock().expect("inboxes lock").remove(&me);
+}
+
+/// Writes what `rx` yields to `sink`, feeding whatever else is already
+/// queued before each flush: the client library's writer, shared by the
+/// forwarder and the baselines' raw clients so both ends batch alike.
+/// Returns when `rx` closes or the socket fails.
+pub async fn write_batched<S>(sink: &mut S, rx: &mut mpsc::Receiver<Message>)
+where
+    S: Sink<Message> + Unpin,
+{
+    while let Some(first) = rx.recv().await {
+        let mut result = sink.feed(first).await;
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(next) => result = sink.feed(next).await,
+                Err(_) => break,
+            }
+        }
+        if result.is_err() || sink.flush().await.is_err() {
+            break;
+        }
+    }
 }
 
 /// A's inbox and B's of one pair differ in the lowest bit.

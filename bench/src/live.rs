@@ -372,18 +372,7 @@ fn raw_writer(
 ) -> mpsc::Sender<WsMessage> {
     let (tx, mut rx) = mpsc::channel::<WsMessage>(1024);
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut result = sink.feed(first).await;
-            while result.is_ok() {
-                match rx.try_recv() {
-                    Ok(next) => result = sink.feed(next).await,
-                    Err(_) => break,
-                }
-            }
-            if result.is_err() || sink.flush().await.is_err() {
-                break;
-            }
-        }
+        crate::forwarder::write_batched(&mut sink, &mut rx).await;
         let _ = sink.close().await;
     });
     tx
