@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::client::{AuthInfo, Client, Events};
+use crate::client::{AuthInfo, Client, Event, Events};
 use crate::config::Config;
 use crate::registry::Registry;
 use crate::server;
@@ -147,6 +147,28 @@ impl TestApp {
             .register(username, "password123")
             .await
             .expect("register");
+        (client, events, auth)
+    }
+
+    /// Registers `username` and waits for the queue-empty push: only from
+    /// then on does the relay deliver to this connection live (before, a
+    /// message to it is stored, and acking it from the queue sends its
+    /// sender a RECEIPT). Panics on a delivery, which a new account cannot
+    /// have, and after 30 s.
+    pub async fn register_live(&self, username: &str) -> (Client, Events, AuthInfo) {
+        let (client, mut events, auth) = self.register(username).await;
+        let live = async {
+            loop {
+                match events.next().await.expect("connection open") {
+                    Event::QueueEmpty => break,
+                    Event::PreKeysLow(_) => {}
+                    Event::Deliver(envelope) => panic!("a new account got {envelope:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), live)
+            .await
+            .expect("queue-empty push in time");
         (client, events, auth)
     }
 

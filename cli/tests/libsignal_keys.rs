@@ -20,7 +20,7 @@ use libsignal_protocol_syft::{
     SignedPreKeyStore, Timestamp, kem, message_decrypt, message_encrypt, process_prekey_bundle,
 };
 use rand::Rng;
-use signal_relay::client::{AuthInfo, Client, Event, Events, Outgoing};
+use signal_relay::client::{Client, Event, Events, Outgoing};
 use signal_relay::proto::{self, EnvelopeType};
 use signal_relay::testing::{TestApp, spawn_app};
 use uuid::Uuid;
@@ -247,28 +247,9 @@ async fn first_message(
 /// A registered user with a libsignal store of their own (keys not
 /// uploaded: only Alice publishes).
 async fn sender(app: &TestApp, name: &str) -> (Client, Events, Uuid, InMemSignalProtocolStore) {
-    let (client, events, auth) = online(app, name).await;
+    let (client, events, auth) = app.register_live(&unique(name)).await;
     let (store, _) = libsignal_account(0, 0).await;
     (client, events, auth.user_id, store)
-}
-
-/// Registers and waits until the relay delivers to this connection live.
-/// Until then a message to it is stored, and acking it from the queue
-/// sends its sender a RECEIPT envelope this test does not expect.
-async fn online(app: &TestApp, name: &str) -> (Client, Events, AuthInfo) {
-    let (client, mut events, auth) = app.register(&unique(name)).await;
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match events.next().await.expect("connected") {
-                Event::QueueEmpty => break,
-                Event::PreKeysLow(_) => {}
-                Event::Deliver(envelope) => panic!("a new account got {envelope:?}"),
-            }
-        }
-    })
-    .await
-    .expect("queue-empty in time");
-    (client, events, auth)
 }
 
 fn unique(prefix: &str) -> String {
@@ -280,7 +261,7 @@ async fn a_libsignal_session_starts_from_a_bundle_fetched_through_the_relay() {
     let app = spawn_app().await;
 
     let (mut alice_store, upload) = libsignal_account(1, 1).await;
-    let (alice, mut alice_events, alice_auth) = online(&app, "alice").await;
+    let (alice, mut alice_events, alice_auth) = app.register_live(&unique("alice")).await;
     let alice_id = alice_auth.user_id;
     let counts = alice
         .upload_keys(upload.clone())

@@ -13,8 +13,7 @@ use crate::helpers::{WAIT, expect_queue_empty, next_delivery, next_event, wait_u
 
 /// Registers `name`, waits for its (empty) queue, and returns its token.
 async fn online(app: &TestApp, name: &str) -> (Client, Events, Uuid, Vec<u8>) {
-    let (client, mut events, auth) = app.register(name).await;
-    expect_queue_empty(&mut events).await;
+    let (client, events, auth) = app.register_live(name).await;
     (client, events, auth.user_id, auth.token)
 }
 
@@ -77,19 +76,19 @@ async fn live_delivery_is_acked_and_reported_delivered() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_messages_drain_in_order_then_queue_empty() {
-    let app = spawn_app_with(|c| c.limits.drain_batch = 7).await;
-    let (alice, _ae, _, _) = online(&app, "alice").await;
-    let (bob_id, bob_token) = offline(&app, "bob").await;
+/// Queues `n` messages for an offline Bob; on reconnecting he gets each in
+/// order, then queue-empty, and acking them all empties his queue.
+async fn queue_then_drain_in_order(app: &TestApp, n: usize) {
+    let (alice, _ae, _, _) = online(app, "alice").await;
+    let (bob_id, bob_token) = offline(app, "bob").await;
 
     let mut ids = Vec::new();
-    for i in 0..50 {
+    for i in 0..n {
         let sent = alice.send(text(bob_id, &format!("m{i}"))).await.unwrap();
         assert_eq!(sent.outcome, SendOutcome::Queued);
         ids.push(sent.message_id);
     }
-    assert_eq!(stored_count(&app, bob_id).await, 50);
+    assert_eq!(stored_count(app, bob_id).await, n as i64);
 
     let (bob, mut bob_events) = app.resume(&bob_token).await;
     for (i, id) in ids.iter().enumerate() {
@@ -99,8 +98,14 @@ async fn offline_messages_drain_in_order_then_queue_empty() {
     }
     expect_queue_empty(&mut bob_events).await;
     let (acked, _) = bob.ack(&ids).await.unwrap();
-    assert_eq!(acked.len(), 50);
-    assert_eq!(stored_count(&app, bob_id).await, 0);
+    assert_eq!(acked.len(), n);
+    assert_eq!(stored_count(app, bob_id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_messages_drain_in_order_then_queue_empty() {
+    let app = spawn_app_with(|c| c.limits.drain_batch = 7).await;
+    queue_then_drain_in_order(&app, 50).await;
 }
 
 /// A byte budget smaller than any message still drains everything, one
@@ -108,26 +113,7 @@ async fn offline_messages_drain_in_order_then_queue_empty() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_drain_byte_budget_still_drains_everything_in_order() {
     let app = spawn_app_with(|c| c.limits.drain_batch_bytes = 1).await;
-    let (alice, _ae, _, _) = online(&app, "alice").await;
-    let (bob_id, bob_token) = offline(&app, "bob").await;
-    let mut ids = Vec::new();
-    for i in 0..20 {
-        let sent = alice
-            .send(text(bob_id, &format!("message {i}")))
-            .await
-            .unwrap();
-        ids.push(sent.message_id);
-    }
-
-    let (bob, mut bob_events) = app.resume(&bob_token).await;
-    for (i, id) in ids.iter().enumerate() {
-        let envelope = next_delivery(&mut bob_events).await;
-        assert_eq!(id_of(&envelope), *id);
-        assert_eq!(envelope.content.as_ref(), format!("message {i}").as_bytes());
-    }
-    expect_queue_empty(&mut bob_events).await;
-    let (acked, _) = bob.ack(&ids).await.unwrap();
-    assert_eq!(acked.len(), 20);
+    queue_then_drain_in_order(&app, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
