@@ -348,7 +348,7 @@ where
                     if let Err(end) = self.on_reply(request_id, outcome).await {
                         return end;
                     }
-                    if let Err(end) = self.bounded(|conn| conn.flush().boxed()).await {
+                    if let Err(end) = self.bounded(|conn| conn.flush()).await {
                         return end;
                     }
                 }
@@ -509,7 +509,7 @@ where
         } else if self.last_heard.elapsed() >= idle_timeout {
             return Err(End::Close(1001, "idle timeout".into()));
         }
-        self.bounded(|conn| conn.ping().boxed()).await
+        self.bounded(|conn| conn.ping()).await
     }
 
     /// Queues a frame in the socket's write buffer; the loop flushes once
@@ -517,13 +517,7 @@ where
     /// one syscall rather than one each.
     async fn write(&mut self, frame: &ServerFrame) -> Result<(), End> {
         self.unflushed = true;
-        // Queueing a frame waits only when the socket is backed up; try it
-        // without the timeout's timer first.
-        match self.conn.feed(frame).now_or_never() {
-            Some(Ok(())) => Ok(()),
-            Some(Err(_)) => Err(End::Gone),
-            None => self.bounded(|conn| conn.feed(frame).boxed()).await,
-        }
+        self.bounded(|conn| conn.feed(frame)).await
     }
 
     /// Before flushing, writes whatever else is ready right now (live
@@ -548,33 +542,52 @@ where
             }
         }
         self.unflushed = false;
-        match self.conn.flush().now_or_never() {
-            Some(Ok(())) => Ok(()),
-            Some(Err(_)) => Err(End::Gone),
-            None => self.bounded(|conn| conn.flush().boxed()).await,
-        }
+        self.bounded(|conn| conn.flush()).await
     }
 
     /// Runs a write with the write timeout: a peer that stops reading is cut
     /// off rather than holding our buffers. A displaced connection abandons
-    /// a stuck write at once, so its successor need not wait for it.
-    async fn bounded<'a>(
+    /// a stuck write at once, so its successor need not wait for it. Most
+    /// writes complete at once (the socket has room): the write is tried
+    /// once first, and only one that must wait is boxed and gets the timer,
+    /// so this stays cheap per frame and small in the session's future.
+    async fn bounded<'a, W>(
         &'a mut self,
-        op: impl FnOnce(
-            &'a mut Connection<S>,
-        ) -> BoxFuture<'a, Result<(), tokio_tungstenite::tungstenite::Error>>,
-    ) -> Result<(), End> {
-        let limit = self.state.limits().write_timeout();
-        let kick = self.kick.clone();
-        let write = tokio::select! {
-            write = timeout(limit, op(&mut self.conn)) => write,
-            _ = kick.cancelled() => return Err(End::Gone),
+        op: impl FnOnce(&'a mut Connection<S>) -> W,
+    ) -> Result<(), End>
+    where
+        W: Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>> + Unpin + 'a,
+    {
+        // Disjoint borrows: the write holds the connection, the rest stays
+        // readable.
+        let Session {
+            conn,
+            kick,
+            auth,
+            state,
+            ..
+        } = self;
+        // Scoped, so the unboxed write is no part of this future's state
+        // while it waits.
+        let tried = {
+            let mut write = op(conn);
+            match (&mut write).now_or_never() {
+                Some(done) => Ok(done),
+                None => Err(Box::new(write)),
+            }
+        };
+        let write = match tried {
+            Ok(done) => Ok(done),
+            Err(waiting) => tokio::select! {
+                write = timeout(state.limits().write_timeout(), waiting) => write,
+                _ = kick.cancelled() => return Err(End::Gone),
+            },
         };
         match write {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => {
-                tracing::info!(user_id = %self.auth.user_id, "closing a socket that stopped reading");
+                tracing::info!(user_id = %auth.user_id, "closing a socket that stopped reading");
                 Err(End::Close(
                     1008,
                     "write timeout: the client stopped reading".into(),

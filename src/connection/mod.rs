@@ -9,6 +9,7 @@ pub mod unacked;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::sink::{Feed, Flush, Send};
 use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -90,10 +91,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Queues a frame without flushing; follow with [`Connection::flush`].
     /// Cancel-safe: it waits only for room, before queueing, so a feed that
-    /// did not complete queued nothing.
-    pub async fn feed(&mut self, frame: &ServerFrame) -> Result<(), tungstenite::Error> {
+    /// did not complete queued nothing. The write futures here are `Unpin`,
+    /// so a caller can try one once and move it elsewhere only if it waits.
+    pub fn feed(&mut self, frame: &ServerFrame) -> Feed<'_, WebSocketStream<S>, WsMessage> {
         let bytes = self.encode(frame);
-        self.ws.feed(WsMessage::Binary(bytes)).await
+        self.ws.feed(WsMessage::Binary(bytes))
     }
 
     fn encode(&mut self, frame: &ServerFrame) -> Bytes {
@@ -111,8 +113,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         bytes
     }
 
-    pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
-        self.ws.flush().await
+    pub fn flush(&mut self) -> Flush<'_, WebSocketStream<S>, WsMessage> {
+        self.ws.flush()
     }
 
     /// Writes and flushes one frame.
@@ -121,8 +123,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.flush().await
     }
 
-    pub async fn ping(&mut self) -> Result<(), tungstenite::Error> {
-        self.ws.send(WsMessage::Ping(Default::default())).await
+    pub fn ping(&mut self) -> Send<'_, WebSocketStream<S>, WsMessage> {
+        self.ws.send(WsMessage::Ping(Default::default()))
     }
 
     /// Sends a close frame and waits briefly for the peer's, so the close is
