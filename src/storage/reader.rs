@@ -147,12 +147,7 @@ async fn look_up_sessions(
                 let _ = done.send(Ok(found.get(&hash[..]).cloned()));
             }
         }
-        Err(err) => {
-            let err = Arc::new(err);
-            for (_, done) in batch.drain(..) {
-                let _ = done.send(Err(err.clone()));
-            }
-        }
+        Err(err) => fail_all(batch, err),
     }
 }
 
@@ -167,11 +162,14 @@ async fn read_drains(conn: &mut OwnConnection, batch: &mut Vec<(DrainRead, Reply
                 let _ = done.send(Ok(rows));
             }
         }
-        Err(err) => {
-            let err = Arc::new(err);
-            for (_, done) in batch.drain(..) {
-                let _ = done.send(Err(err.clone()));
-            }
-        }
+        Err(err) => fail_all(batch, err),
+    }
+}
+
+/// Gives every request of a failed batch the batch's error.
+fn fail_all<K, T>(batch: &mut Vec<(K, Reply<T>)>, err: StorageError) {
+    let err = Arc::new(err);
+    for (_, done) in batch.drain(..) {
+        let _ = done.send(Err(err.clone()));
     }
 }
