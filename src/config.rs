@@ -69,15 +69,44 @@ pub enum LogFormat {
     Json,
 }
 
-/// Every bound the server enforces. Durations are given in seconds or
-/// milliseconds as the flag name says.
+/// Every bound the server enforces, grouped by the layer that enforces it
+/// so each layer is handed only its own group. Durations are given in
+/// seconds or milliseconds as the flag name says; flag and variable names
+/// are the field names, so they are the same whatever the grouping.
 #[derive(Debug, Clone, Args)]
 pub struct Limits {
+    #[command(flatten, next_help_heading = "Connections")]
+    pub connection: ConnectionLimits,
+
+    #[command(flatten, next_help_heading = "Messaging and storage")]
+    pub messaging: MessagingLimits,
+
+    #[command(flatten, next_help_heading = "Database reader")]
+    pub reader: ReaderLimits,
+
+    #[command(flatten, next_help_heading = "Authentication")]
+    pub auth: AuthLimits,
+
+    #[command(flatten, next_help_heading = "Rate limits")]
+    pub rates: RateLimits,
+
+    #[command(flatten, next_help_heading = "Pre-keys")]
+    pub keys: KeyLimits,
+
+    #[command(flatten, next_help_heading = "Sweeping and shutdown")]
+    pub housekeeping: Housekeeping,
+}
+
+/// What one socket may hold and how long it may take: the server's and the
+/// connection handler's bounds.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionLimits {
     /// Most WebSocket connections held at once; more get HTTP 503.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 25_000)]
     pub max_connections: usize,
 
-    /// Largest WebSocket frame or message accepted, in bytes (close 1009).
+    /// Largest WebSocket frame or message accepted, in bytes; a larger one
+    /// closes the socket as too big.
     #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = 512 * 1024)]
     pub max_frame_bytes: usize,
 
@@ -90,17 +119,6 @@ pub struct Limits {
     /// while it holds unread data, so idle sockets do not pay for it.
     #[arg(long, env = "RELAY_READ_AHEAD_BYTES", default_value_t = 32 * 1024)]
     pub read_ahead_bytes: usize,
-
-    /// Frames queued for one connection before live messages overflow to
-    /// storage.
-    #[arg(long, env = "RELAY_OUTBOUND_QUEUE", default_value_t = 256)]
-    pub outbound_queue: usize,
-
-    /// Live messages written to one connection and not yet acked; beyond
-    /// this the connection takes no more live messages, so they overflow to
-    /// storage.
-    #[arg(long, env = "RELAY_MAX_UNACKED", default_value_t = 1_024)]
-    pub max_unacked: usize,
 
     /// Requests one connection may have in progress; reading pauses beyond.
     #[arg(long, env = "RELAY_MAX_INFLIGHT_REQUESTS", default_value_t = 256)]
@@ -119,6 +137,98 @@ pub struct Limits {
     #[arg(long, env = "RELAY_AUTH_TIMEOUT_SECS", default_value_t = 30)]
     pub auth_timeout_secs: u64,
 
+    /// Connections the kernel may hold completed but not yet accepted
+    /// (listen backlog; Linux caps it at net.core.somaxconn). Too small a
+    /// queue drops handshakes during a reconnect storm, and each dropped one
+    /// costs its client a one-second retransmission.
+    #[arg(long, env = "RELAY_LISTEN_BACKLOG", default_value_t = 4_096)]
+    pub listen_backlog: u32,
+}
+
+/// How messages move: their size and lifetime, the live path's queues and
+/// the store writer's and drain's batches.
+#[derive(Debug, Clone, Args)]
+pub struct MessagingLimits {
+    /// Largest message content, in bytes.
+    #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 96 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Longest time a message is kept queued; also the default TTL.
+    #[arg(long, env = "RELAY_MAX_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    pub max_ttl_secs: u64,
+
+    /// How long a live delivery waits for the recipient's ack before the
+    /// message is stored and the sender told `queued`.
+    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub ack_timeout_ms: u64,
+
+    /// Frames queued for one connection before live messages overflow to
+    /// storage.
+    #[arg(long, env = "RELAY_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Live messages written to one connection and not yet acked; beyond
+    /// this the connection takes no more live messages, so they overflow to
+    /// storage.
+    #[arg(long, env = "RELAY_MAX_UNACKED", default_value_t = 1_024)]
+    pub max_unacked: usize,
+
+    /// Most message ids in one ack request.
+    #[arg(long, env = "RELAY_MAX_ACK_IDS", default_value_t = 1_000)]
+    pub max_ack_ids: usize,
+
+    /// Recent client message ids remembered for idempotent retries of
+    /// messages that were delivered live and never stored.
+    #[arg(long, env = "RELAY_DEDUPE_CAPACITY", default_value_t = 100_000)]
+    pub dedupe_capacity: usize,
+
+    /// Messages sent to the store writer that may wait for it.
+    #[arg(long, env = "RELAY_STORE_QUEUE", default_value_t = 16_384)]
+    pub store_queue: usize,
+
+    /// Most messages written in one storage transaction.
+    #[arg(long, env = "RELAY_STORE_BATCH", default_value_t = 1_024)]
+    pub store_batch: usize,
+
+    /// Parallel storage transactions of the store writer.
+    #[arg(long, env = "RELAY_STORE_WRITERS", default_value_t = 4)]
+    pub store_writers: usize,
+
+    /// Most stored messages one drain read returns. Each read is a round
+    /// trip and a function call in PostgreSQL, so larger reads drain
+    /// faster; what one read holds in memory is capped by
+    /// `drain_batch_bytes` whatever this is.
+    #[arg(long, env = "RELAY_DRAIN_BATCH", default_value_t = 2_048)]
+    pub drain_batch: usize,
+
+    /// Most content bytes one drain read holds beyond its first message
+    /// (which is read whatever its size, so a read always progresses).
+    #[arg(long, env = "RELAY_DRAIN_BATCH_BYTES", default_value_t = 1 << 20)]
+    pub drain_batch_bytes: usize,
+}
+
+/// The dedicated connections that answer every reconnect's reads (session
+/// lookup, drain read) in batches.
+#[derive(Debug, Clone, Args)]
+pub struct ReaderLimits {
+    /// Dedicated connections (beyond the pool) answering session lookups
+    /// and drain reads in batches.
+    #[arg(long, env = "RELAY_DB_READERS", default_value_t = 2)]
+    pub db_readers: usize,
+
+    /// Most session lookups or drain reads answered by one statement.
+    #[arg(long, env = "RELAY_DB_READ_BATCH", default_value_t = 128)]
+    pub db_read_batch: usize,
+
+    /// Session lookups and drain reads that may wait for a reader
+    /// connection; beyond this, connections wait for room.
+    #[arg(long, env = "RELAY_DB_READ_QUEUE", default_value_t = 4_096)]
+    pub db_read_queue: usize,
+}
+
+/// Passwords and sessions.
+#[derive(Debug, Clone, Args)]
+pub struct AuthLimits {
     /// Failed authentication attempts allowed on one socket.
     #[arg(long, env = "RELAY_MAX_AUTH_ATTEMPTS", default_value_t = 5)]
     pub max_auth_attempts: u32,
@@ -135,67 +245,11 @@ pub struct Limits {
     /// `unavailable` rather than piling up.
     #[arg(long, env = "RELAY_ARGON2_QUEUE", default_value_t = 1024)]
     pub argon2_queue: usize,
+}
 
-    /// Largest message content, in bytes.
-    #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 96 * 1024)]
-    pub max_message_bytes: usize,
-
-    /// Longest time a message is kept queued; also the default TTL.
-    #[arg(long, env = "RELAY_MAX_TTL_SECS", default_value_t = 30 * 24 * 3600)]
-    pub max_ttl_secs: u64,
-
-    /// How long a live delivery waits for the recipient's ack before the
-    /// message is stored and the sender told `queued`.
-    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 5_000)]
-    pub ack_timeout_ms: u64,
-
-    /// Messages sent to the store writer that may wait for it.
-    #[arg(long, env = "RELAY_STORE_QUEUE", default_value_t = 16_384)]
-    pub store_queue: usize,
-
-    /// Most messages written in one storage transaction.
-    #[arg(long, env = "RELAY_STORE_BATCH", default_value_t = 1_024)]
-    pub store_batch: usize,
-
-    /// Parallel storage transactions of the store writer.
-    #[arg(long, env = "RELAY_STORE_WRITERS", default_value_t = 4)]
-    pub store_writers: usize,
-
-    /// Dedicated connections (beyond the pool) answering session lookups
-    /// and drain reads in batches.
-    #[arg(long, env = "RELAY_DB_READERS", default_value_t = 2)]
-    pub db_readers: usize,
-
-    /// Most session lookups or drain reads answered by one statement.
-    #[arg(long, env = "RELAY_DB_READ_BATCH", default_value_t = 128)]
-    pub db_read_batch: usize,
-
-    /// Session lookups and drain reads that may wait for a reader
-    /// connection; beyond this, connections wait for room.
-    #[arg(long, env = "RELAY_DB_READ_QUEUE", default_value_t = 4_096)]
-    pub db_read_queue: usize,
-
-    /// Most stored messages one drain read returns. Each read is a round
-    /// trip and a function call in PostgreSQL, so larger reads drain
-    /// faster; what one read holds in memory is capped by
-    /// `drain_batch_bytes` whatever this is.
-    #[arg(long, env = "RELAY_DRAIN_BATCH", default_value_t = 2_048)]
-    pub drain_batch: usize,
-
-    /// Most content bytes one drain read holds beyond its first message
-    /// (which is read whatever its size, so a read always progresses).
-    #[arg(long, env = "RELAY_DRAIN_BATCH_BYTES", default_value_t = 1 << 20)]
-    pub drain_batch_bytes: usize,
-
-    /// Most message ids in one ack request.
-    #[arg(long, env = "RELAY_MAX_ACK_IDS", default_value_t = 1_000)]
-    pub max_ack_ids: usize,
-
-    /// Recent client message ids remembered for idempotent retries of
-    /// messages that were delivered live and never stored.
-    #[arg(long, env = "RELAY_DEDUPE_CAPACITY", default_value_t = 100_000)]
-    pub dedupe_capacity: usize,
-
+/// Per-user token buckets on the requests that cost the server most.
+#[derive(Debug, Clone, Args)]
+pub struct RateLimits {
     /// Messages a sender may send per second, sustained.
     #[arg(long, env = "RELAY_SEND_RATE", default_value_t = 200.0)]
     pub send_rate_per_sec: f64,
@@ -211,7 +265,11 @@ pub struct Limits {
     /// Burst of bundle fetches a requester may make at once.
     #[arg(long, env = "RELAY_BUNDLE_BURST", default_value_t = 100.0)]
     pub bundle_burst: f64,
+}
 
+/// The pre-key directory.
+#[derive(Debug, Clone, Args)]
+pub struct KeyLimits {
     /// One-time pre-keys of each kind (EC, Kyber) kept per user; an upload
     /// that would exceed it is refused.
     #[arg(long, env = "RELAY_MAX_STORED_PRE_KEYS", default_value_t = 1_000)]
@@ -220,7 +278,11 @@ pub struct Limits {
     /// Push "pre-keys low" when a fetch leaves fewer one-time keys than this.
     #[arg(long, env = "RELAY_PREKEY_LOW_THRESHOLD", default_value_t = 10)]
     pub prekey_low_threshold: u32,
+}
 
+/// The background sweep, and how long shutdown may take.
+#[derive(Debug, Clone, Args)]
+pub struct Housekeeping {
     /// How often expired messages and sessions are swept.
     #[arg(long, env = "RELAY_SWEEP_INTERVAL_SECS", default_value_t = 60)]
     pub sweep_interval_secs: u64,
@@ -232,13 +294,6 @@ pub struct Limits {
     /// After SIGINT/SIGTERM, how long in-flight work may take before exit.
     #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
-
-    /// Connections the kernel may hold completed but not yet accepted
-    /// (listen backlog; Linux caps it at net.core.somaxconn). Too small a
-    /// queue drops handshakes during a reconnect storm, and each dropped one
-    /// costs its client a one-second retransmission.
-    #[arg(long, env = "RELAY_LISTEN_BACKLOG", default_value_t = 4_096)]
-    pub listen_backlog: u32,
 }
 
 fn default_argon2_concurrency() -> usize {
@@ -248,7 +303,7 @@ fn default_argon2_concurrency() -> usize {
         .unwrap_or(1)
 }
 
-impl Limits {
+impl ConnectionLimits {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
     }
@@ -258,27 +313,29 @@ impl Limits {
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_secs(self.auth_timeout_secs)
     }
-    pub fn session_ttl(&self) -> Duration {
-        Duration::from_secs(self.session_ttl_secs)
-    }
+}
+
+impl MessagingLimits {
     pub fn max_ttl(&self) -> Duration {
         Duration::from_secs(self.max_ttl_secs)
     }
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.ack_timeout_ms)
     }
+}
+
+impl AuthLimits {
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_secs)
+    }
+}
+
+impl Housekeeping {
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_secs(self.sweep_interval_secs)
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
-    }
-    pub fn reader(&self) -> crate::storage::reader::ReaderLimits {
-        crate::storage::reader::ReaderLimits {
-            connections: self.db_readers,
-            batch: self.db_read_batch,
-            queue: self.db_read_queue,
-        }
     }
 }
 
@@ -396,10 +453,17 @@ mod tests {
         let path = path.to_str().unwrap();
         let config =
             Config::load_from(["relay", "--config", path, "--idle-timeout-secs", "3"]).unwrap();
-        assert_eq!(config.limits.max_connections, 7, "from the file");
-        assert_eq!(config.limits.idle_timeout_secs, 3, "the flag wins");
+        assert_eq!(config.limits.connection.max_connections, 7, "from the file");
+        assert_eq!(
+            config.limits.connection.idle_timeout_secs, 3,
+            "the flag wins"
+        );
         assert_eq!(config.listen.port(), 9999);
-        assert_eq!(config.limits.max_frame_bytes, 512 * 1024, "default kept");
+        assert_eq!(
+            config.limits.connection.max_frame_bytes,
+            512 * 1024,
+            "default kept"
+        );
 
         std::fs::write(dir.join("bad.toml"), "no_such_setting = 1\n").unwrap();
         let bad = dir.join("bad.toml");

@@ -7,27 +7,34 @@
 //! PostgreSQL queue when not. It never sees plaintext.
 //!
 //! Where things live:
-//! - [`protocol`] — wire types, status codes, protocol errors;
-//! - [`server`] — listener, TLS, HTTP upgrade, shutdown;
+//! Where things live, top layer first; each module uses only those below
+//! it:
+//! - [`server`] — listener, TLS, HTTP upgrade, the sweeper, shutdown;
 //! - [`connection`] — one socket's frames and life;
 //! - [`cmd`] — one file per request kind;
-//! - [`registry`] — who is online; where each message goes;
-//! - [`messages`] — storing, draining, expiring, deduplicating messages;
+//! - [`state`] — what every connection shares;
+//! - [`messages`] — the messaging front: routing, storing, draining,
+//!   hand-backs, who is online;
 //! - [`keys`] — the pre-key directory and libsignal-exact validation;
-//! - [`auth`] — passwords, sessions;
-//! - [`storage`] — PostgreSQL;
+//! - [`auth`] — passwords, sessions, credentials;
+//! - [`storage`] — PostgreSQL, and its batch workers;
+//! - [`envelope`] — the relayed message every layer above knows;
+//! - [`protocol`], [`config`], [`ratelimit`] — wire types and close codes,
+//!   settings, token buckets;
 //! - [`client`] — a typed async client, used by tests, the CLI and the bench.
+
+#![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod connection;
+pub mod envelope;
 pub mod keys;
 pub mod messages;
 pub mod protocol;
 pub mod ratelimit;
-pub mod registry;
 pub mod server;
 pub mod state;
 pub mod storage;

@@ -7,17 +7,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, PasswordHasher};
 use crate::config::Limits;
-use crate::messages::dedupe::Dedupe;
-use crate::messages::store::StoreWriter;
+use crate::messages::Relay;
 use crate::ratelimit::RateLimiter;
-use crate::registry::Registry;
-use crate::storage::{self, Database, StorageError};
+use crate::storage::{Database, StorageError};
 
 /// Shared server state. Cloning copies one `Arc`.
 ///
 /// Locking rules: nothing in here is behind a lock a caller can hold. The
-/// registry, rate limiters and dedupe cache lock internally, per call, and
-/// never across an `.await`; the pool and the store writer are channels.
+/// relay and the rate limiters lock internally, per call, and never across
+/// an `.await`; the pool is a channel.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -30,12 +28,8 @@ struct Inner {
     db: Database,
     /// Registration, login and sessions.
     auth: Authenticator,
-    /// Who is online; where messages are routed.
-    registry: Registry,
-    /// The batching writer through which messages reach storage.
-    store: StoreWriter,
-    /// Outcomes of recent idempotent sends.
-    dedupe: Dedupe,
+    /// The messaging front: routing, storing, draining, hand-backs.
+    relay: Relay,
     /// Per-sender message rate.
     send_limiter: RateLimiter,
     /// Per-requester bundle fetch rate.
@@ -43,36 +37,23 @@ struct Inner {
 }
 
 impl AppState {
-    /// Builds the state over a migrated pool. Background writers are
+    /// Builds the state over a migrated pool. Background workers are
     /// spawned on `tasks`, which shutdown waits for.
     pub async fn new(
         db: PgPool,
         limits: Limits,
         tasks: &TaskTracker,
     ) -> Result<Self, StorageError> {
-        // Sequence numbers must exceed every stored one, and should keep
-        // growing across restarts even if the table is empty: seed from both
-        // the table and the clock (microseconds since the epoch).
-        let stored = storage::messages::max_seq(&db).await?.unwrap_or(0);
-        let db = Database::new(db, limits.reader(), tasks);
-        let clock = chrono::Utc::now().timestamp_micros();
-        let registry = Registry::new(stored.max(clock) + 1, limits.outbound_queue);
-        let hasher = PasswordHasher::new(limits.argon2_concurrency, limits.argon2_queue);
-        let store = StoreWriter::spawn(
-            db.pool().clone(),
-            limits.store_queue,
-            limits.store_batch,
-            limits.store_writers,
-            tasks,
-        );
+        let db = Database::new(db, &limits.reader, tasks);
+        let relay = Relay::start(db.clone(), &limits.messaging, tasks).await?;
+        let hasher = PasswordHasher::new(limits.auth.argon2_concurrency, limits.auth.argon2_queue);
+        let rates = &limits.rates;
         Ok(AppState {
             inner: Arc::new(Inner {
-                auth: Authenticator::new(db.clone(), hasher, limits.session_ttl()),
-                registry,
-                store,
-                dedupe: Dedupe::new(limits.dedupe_capacity),
-                send_limiter: RateLimiter::new(limits.send_rate_per_sec, limits.send_burst),
-                bundle_limiter: RateLimiter::new(limits.bundle_rate_per_sec, limits.bundle_burst),
+                auth: Authenticator::new(db.clone(), hasher, limits.auth.session_ttl()),
+                relay,
+                send_limiter: RateLimiter::new(rates.send_rate_per_sec, rates.send_burst),
+                bundle_limiter: RateLimiter::new(rates.bundle_rate_per_sec, rates.bundle_burst),
                 db,
                 limits,
             }),
@@ -88,14 +69,8 @@ impl AppState {
     pub fn auth(&self) -> &Authenticator {
         &self.inner.auth
     }
-    pub fn registry(&self) -> &Registry {
-        &self.inner.registry
-    }
-    pub fn store(&self) -> &StoreWriter {
-        &self.inner.store
-    }
-    pub fn dedupe(&self) -> &Dedupe {
-        &self.inner.dedupe
+    pub fn relay(&self) -> &Relay {
+        &self.inner.relay
     }
     pub fn send_limiter(&self) -> &RateLimiter {
         &self.inner.send_limiter

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::client::{AuthInfo, Client, Event, Events};
 use crate::config::Config;
-use crate::registry::Registry;
+use crate::messages::registry::Registry;
 use crate::server;
 
 /// Where test databases are created: `RELAY_TEST_DATABASE_URL`, or the
@@ -40,6 +40,8 @@ pub struct TestApp {
     /// The server task; resolves when shutdown completes.
     pub server: Option<JoinHandle<Result<(), server::ServerError>>>,
     /// The running server's registry: who is online, as the server sees it.
+    /// Not the whole messaging front, whose store writers and reader would
+    /// then outlive the server and hold its shutdown to the deadline.
     pub registry: Registry,
 }
 
@@ -73,7 +75,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let (db_name, url) = create_database().await;
     let mut config = Config::for_tests(&url);
     // Tests create many users; keep Argon2 from serializing them all.
-    config.limits.argon2_concurrency = 4;
+    config.limits.auth.argon2_concurrency = 4;
     adjust(&mut config);
     spawn_on(config, db_name).await
 }
@@ -128,7 +130,7 @@ async fn start(
     let built = server::Server::build(config)
         .await
         .unwrap_or_else(|e| panic!("server failed to start: {e}"));
-    let registry = built.state().registry().clone();
+    let registry = built.state().relay().registry().clone();
     (tokio::spawn(built.run(listener, shutdown)), registry)
 }
 

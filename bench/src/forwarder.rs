@@ -45,7 +45,9 @@ pub async fn run(listen: SocketAddr, write_buffer: Option<usize>) -> anyhow::Res
     println!("listening {}", listener.local_addr()?);
     std::io::stdout().flush()?;
     let inboxes: Inboxes = Arc::default();
-    let limits = signal_relay::Config::for_tests("postgres://unused").limits;
+    let limits = signal_relay::Config::for_tests("postgres://unused")
+        .limits
+        .connection;
     let mut config = signal_relay::server::websocket_config(&limits);
     if let Some(bytes) = write_buffer {
         config = config.write_buffer_size(bytes);

@@ -11,10 +11,10 @@ async fn app() -> TestApp {
     spawn_app_with(|config| {
         // What the bench does for a relay it starts itself: the generator is
         // one very busy client on purpose.
-        config.limits.send_rate_per_sec = 1e9;
-        config.limits.send_burst = 1e9;
-        config.limits.bundle_rate_per_sec = 1e9;
-        config.limits.bundle_burst = 1e9;
+        config.limits.rates.send_rate_per_sec = 1e9;
+        config.limits.rates.send_burst = 1e9;
+        config.limits.rates.bundle_rate_per_sec = 1e9;
+        config.limits.rates.bundle_burst = 1e9;
     })
     .await
 }

@@ -1,8 +1,12 @@
-//! Usernames and passwords, validated once at the edge. Each rule that fails
-//! is named in the error, so a client knows what to fix.
+//! Usernames, passwords and `Authorization` headers, validated once at the
+//! edge. Each rule that fails is named in the error, so a client knows what
+//! to fix.
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use secrecy::{ExposeSecret, SecretString};
 
+use super::SessionToken;
 use crate::protocol::RequestError;
 
 /// A username that obeys the rules: 3 to 50 characters, each an ASCII
@@ -79,9 +83,77 @@ impl Password {
     }
 }
 
+/// What an upgrade request's `Authorization` header carries.
+#[derive(Debug)]
+pub enum HeaderCredentials {
+    /// `Bearer <base64url token>`: resume a session.
+    Bearer(SessionToken),
+    /// `Basic <base64 user:password>`: log in, issuing a new session.
+    Basic(Username, Password),
+}
+
+impl HeaderCredentials {
+    pub fn parse(value: &str) -> Result<Self, RequestError> {
+        let value = value.trim();
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let token = SessionToken::from_base64(rest)
+                .ok_or_else(|| RequestError::Unauthorized("malformed bearer token".into()))?;
+            Ok(HeaderCredentials::Bearer(token))
+        } else if scheme.eq_ignore_ascii_case("basic") {
+            let malformed = || RequestError::Unauthorized("malformed basic credentials".into());
+            let decoded = STANDARD
+                .decode(rest)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(malformed)?;
+            let (user, password) = decoded.split_once(':').ok_or_else(malformed)?;
+            Ok(HeaderCredentials::Basic(
+                Username::parse(user)?,
+                Password::parse(password.to_owned())?,
+            ))
+        } else {
+            Err(RequestError::Unauthorized(
+                "unsupported authorization scheme; use Bearer or Basic".into(),
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorization_headers() {
+        let basic = format!("Basic {}", STANDARD.encode("alice:correct horse"));
+        assert!(matches!(
+            HeaderCredentials::parse(&basic),
+            Ok(HeaderCredentials::Basic(user, _)) if user.as_ref() == "alice"
+        ));
+        let token = SessionToken::generate();
+        let bearer = format!("bearer  {} ", token.to_base64());
+        assert!(matches!(
+            HeaderCredentials::parse(&bearer),
+            Ok(HeaderCredentials::Bearer(t)) if t.hash() == token.hash()
+        ));
+        for bad in [
+            "Basic !!!",
+            "Basic YWxpY2U=", // no colon
+            "Bearer not-a-token",
+            "Digest abc",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    HeaderCredentials::parse(bad),
+                    Err(RequestError::Unauthorized(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn username_rules() {

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::protocol::RequestError;
 use crate::storage::{self, Database, StorageError};
-pub use credentials::{Password, Username};
+pub use credentials::{HeaderCredentials, Password, Username};
 pub use password::PasswordHasher;
 pub use token::SessionToken;
 
@@ -129,6 +129,21 @@ impl Authenticator {
         match user {
             Some(user) if ok => self.issue(user.id, user.username).await,
             _ => Err(AuthError::InvalidCredentials),
+        }
+    }
+
+    /// Authenticates an upgrade request's `Authorization` header. A `Basic`
+    /// login also returns the session token it issued, to hand over.
+    pub async fn from_header(
+        &self,
+        credentials: HeaderCredentials,
+    ) -> Result<(Authenticated, Option<SessionToken>), AuthError> {
+        match credentials {
+            HeaderCredentials::Bearer(token) => Ok((self.resume(&token).await?, None)),
+            HeaderCredentials::Basic(username, password) => {
+                let issued = self.login(username, password).await?;
+                Ok((issued.auth, Some(issued.token)))
+            }
         }
     }
 

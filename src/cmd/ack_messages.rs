@@ -10,22 +10,20 @@ use futures::FutureExt;
 use uuid::Uuid;
 
 use super::{Ctx, Done, Reply, ready};
-use crate::auth::Authenticated;
-use crate::config::Limits;
-use crate::messages::{self, EnvelopeType, Message};
+use crate::config::MessagingLimits;
 use crate::protocol::RequestError;
 use crate::protocol::ids::MessageId;
 use crate::protocol::proto::{self, response};
-use crate::registry::Route;
-use crate::state::AppState;
-use crate::storage::{self, messages::Acked};
 
 pub struct AckMessages {
     ids: Vec<Uuid>,
 }
 
 impl AckMessages {
-    pub fn from_frame(request: proto::AckMessages, limits: &Limits) -> Result<Self, RequestError> {
+    pub fn from_frame(
+        request: proto::AckMessages,
+        limits: &MessagingLimits,
+    ) -> Result<Self, RequestError> {
         if request.message_ids.is_empty() {
             return Err(RequestError::bad_request("message_ids must not be empty"));
         }
@@ -59,67 +57,17 @@ impl AckMessages {
         if stored.is_empty() {
             return ready(Ok(result(acked, Vec::new())));
         }
-        let state = ctx.state.clone();
-        let acker = ctx.auth.clone();
+        let acking =
+            ctx.state
+                .relay()
+                .ack_stored(ctx.auth.user_id, ctx.auth.username.clone(), stored);
         async move {
-            let deleted = storage::messages::delete_acked(state.db(), acker.user_id, &stored)
-                .await
-                .map_err(RequestError::internal)?;
-            let deleted_ids: HashSet<Uuid> = deleted.iter().map(|a| a.id).collect();
-            let unknown = stored
-                .into_iter()
-                .filter(|id| !deleted_ids.contains(id))
-                .collect();
-            acked.extend(deleted_ids);
-            send_receipts(&state, &acker, deleted).await;
-            Ok(result(acked, unknown))
+            let stored = acking.await?;
+            acked.extend(stored.deleted);
+            Ok(result(acked, stored.unknown))
         }
         .boxed()
     }
-}
-
-/// Tells each sender of a stored message that it was delivered: live if
-/// they are online, else as a stored RECEIPT envelope. Receipts for
-/// receipts are not sent.
-async fn send_receipts(state: &AppState, acker: &Authenticated, acked: Vec<Acked>) {
-    let now = messages::now_ms();
-    let ttl = state.limits().max_ttl().as_millis() as i64;
-    let username = acker.username.clone();
-    let stores = acked
-        .into_iter()
-        .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())
-        .filter_map(|a| Some((a.id, a.sender_id?)))
-        .filter_map(|(original, sender)| {
-            // Derived from the original id, so a repeated ack after a crash
-            // cannot store a second receipt.
-            let mut key = b"receipt:".to_vec();
-            key.extend_from_slice(original.as_bytes());
-            let id = messages::message_id(acker.user_id, Some(&key));
-            let route = state.registry().route(sender, false, None, |seq| Message {
-                id,
-                seq,
-                sender_id: Some(acker.user_id),
-                sender_username: username.clone(),
-                recipient_id: sender,
-                envelope_type: EnvelopeType::Receipt,
-                content: Bytes::copy_from_slice(original.as_bytes()),
-                server_timestamp_ms: now,
-                client_timestamp_ms: now,
-                expires_at_ms: now.saturating_add(ttl),
-                ephemeral: false,
-            });
-            match route {
-                // The sender's connection stores it if they never ack it.
-                Route::Live(_) | Route::Dropped => None,
-                Route::Store(message, ticket, _) => Some((message, ticket)),
-            }
-        })
-        .map(|(message, ticket)| async move {
-            if let Err(err) = state.store().store(message, Some(ticket), None).await {
-                tracing::warn!(error = %err, "storing a delivery receipt failed");
-            }
-        });
-    futures::future::join_all(stores).await;
 }
 
 fn result(acked: Vec<Uuid>, unknown: Vec<Uuid>) -> Done {

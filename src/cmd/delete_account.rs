@@ -5,8 +5,7 @@ use futures::FutureExt;
 
 use super::{Ctx, Done, Reply};
 use crate::auth::Password;
-use crate::protocol::{self, RequestError, proto};
-use crate::registry::CloseReason;
+use crate::protocol::{self, Close, RequestError, proto};
 use crate::storage;
 
 pub struct DeleteAccount {
@@ -34,10 +33,7 @@ impl DeleteAccount {
             tracing::info!(%user_id, "account deleted");
             Ok(Done {
                 result: protocol::empty(),
-                close: Some(CloseReason {
-                    code: 1000,
-                    reason: "account deleted",
-                }),
+                close: Some(Close::ACCOUNT_DELETED),
             })
         }
         .boxed()

@@ -52,7 +52,7 @@ impl FetchBundle {
 /// Advisory: a failure is logged and the fetch (whose keys are already
 /// consumed) still answers.
 async fn warn_if_low(state: &AppState, owner: Uuid) {
-    let threshold = state.limits().prekey_low_threshold;
+    let threshold = state.limits().keys.prekey_low_threshold;
     match keys::count(state.db(), owner).await {
         Ok(left) if left.one_time < threshold || left.kyber < threshold => {
             let low = proto::PreKeysLow {
@@ -60,7 +60,7 @@ async fn warn_if_low(state: &AppState, owner: Uuid) {
                 kyber_pre_keys: left.kyber,
                 threshold,
             };
-            state.registry().push(owner, push::Event::PreKeysLow(low));
+            state.relay().push(owner, push::Event::PreKeysLow(low));
         }
         Ok(_) => {}
         Err(err) => {

@@ -3,8 +3,7 @@
 use futures::FutureExt;
 
 use super::{Ctx, Done, Reply};
-use crate::protocol::{self, proto};
-use crate::registry::CloseReason;
+use crate::protocol::{self, Close, proto};
 
 pub struct Logout;
 
@@ -20,10 +19,7 @@ impl Logout {
             auth.logout(&who).await?;
             Ok(Done {
                 result: protocol::empty(),
-                close: Some(CloseReason {
-                    code: 1000,
-                    reason: "logged out",
-                }),
+                close: Some(Close::LOGGED_OUT),
             })
         }
         .boxed()

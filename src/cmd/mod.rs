@@ -21,12 +21,11 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::auth::Authenticated;
-use crate::config::Limits;
-use crate::connection::unacked::Unacked;
-use crate::protocol::RequestError;
+use crate::config::MessagingLimits;
+use crate::messages::Unacked;
 use crate::protocol::proto::client_frame::Request;
 use crate::protocol::proto::response;
-use crate::registry::CloseReason;
+use crate::protocol::{Close, RequestError};
 use crate::state::AppState;
 
 /// A request that authenticates a socket.
@@ -75,7 +74,7 @@ pub enum Command {
 pub struct Done {
     pub result: response::Result,
     /// Close the socket after answering.
-    pub close: Option<CloseReason>,
+    pub close: Option<Close>,
 }
 
 impl Done {
@@ -104,7 +103,7 @@ pub struct Ctx<'a> {
 }
 
 impl Command {
-    pub fn from_frame(request: Request, limits: &Limits) -> Result<Self, RequestError> {
+    pub fn from_frame(request: Request, limits: &MessagingLimits) -> Result<Self, RequestError> {
         Ok(match request {
             Request::Register(_) | Request::Login(_) | Request::Resume(_) => {
                 return Err(RequestError::bad_request(

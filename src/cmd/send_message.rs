@@ -8,14 +8,12 @@ use futures::FutureExt;
 use uuid::Uuid;
 
 use super::{Ctx, Done, Reply, ready};
-use crate::config::Limits;
-use crate::messages::dedupe::Begin;
-use crate::messages::store::Stored;
-use crate::messages::{self, Delivery, EnvelopeType, Message};
+use crate::config::MessagingLimits;
+use crate::envelope::EnvelopeType;
+use crate::messages::{Delivery, Outgoing};
 use crate::protocol::RequestError;
 use crate::protocol::ids::UserId;
 use crate::protocol::proto::{self, response};
-use crate::registry::Route;
 
 /// Longest client message id accepted.
 pub const MAX_CLIENT_MESSAGE_ID: usize = 64;
@@ -31,7 +29,10 @@ pub struct SendMessage {
 }
 
 impl SendMessage {
-    pub fn from_frame(request: proto::SendMessage, limits: &Limits) -> Result<Self, RequestError> {
+    pub fn from_frame(
+        request: proto::SendMessage,
+        limits: &MessagingLimits,
+    ) -> Result<Self, RequestError> {
         let recipient = UserId::parse(&request.recipient_id, "recipient_id")?;
         let envelope_type = EnvelopeType::from_client(request.r#type).ok_or_else(|| {
             RequestError::bad_request(format!(
@@ -73,70 +74,22 @@ impl SendMessage {
     }
 
     pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
-        let state = ctx.state.clone();
         let sender = ctx.auth.user_id;
-        if let Err(retry_after) = state.send_limiter().check(sender) {
+        if let Err(retry_after) = ctx.state.send_limiter().check(sender) {
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
-        let id = messages::message_id(sender, self.client_message_id.as_deref());
-        let attempt = match self.client_message_id {
-            None => None,
-            Some(_) => match state.dedupe().begin(id) {
-                Begin::New(attempt) => Some(attempt),
-                Begin::Done(outcome) => return ready(Ok(sent(id, outcome))),
-                Begin::InProgress(mut first) => {
-                    return async move {
-                        match first.wait_for(Option::is_some).await {
-                            Ok(outcome) => Ok(sent(id, outcome.expect("waited for Some"))),
-                            Err(_) => Err(RequestError::Unavailable(
-                                "an earlier attempt with this client_message_id failed; retry"
-                                    .into(),
-                            )),
-                        }
-                    }
-                    .boxed();
-                }
-            },
-        };
-        let now = messages::now_ms();
-        let sender_username = ctx.auth.username.clone();
-        let route = state
-            .registry()
-            .route(self.recipient.0, self.ephemeral, attempt, |seq| Message {
-                id,
-                seq,
-                sender_id: Some(sender),
-                sender_username,
-                recipient_id: self.recipient.0,
-                envelope_type: self.envelope_type,
-                content: self.content,
-                server_timestamp_ms: now,
-                client_timestamp_ms: self.client_timestamp_ms,
-                expires_at_ms: now.saturating_add(self.ttl_ms),
-                ephemeral: self.ephemeral,
-            });
-        let recipient = self.recipient;
-        async move {
-            let outcome = match route {
-                Route::Live(outcome) => outcome.await.map_err(|_| {
-                    RequestError::Unavailable("delivery was interrupted; retry".into())
-                })?,
-                Route::Dropped => Delivery::Dropped,
-                Route::Store(message, ticket, attempt) => {
-                    match state.store().store(message, Some(ticket), attempt).await {
-                        Ok(Stored::Inserted | Stored::AlreadyStored) => Delivery::Queued,
-                        Ok(Stored::UnknownRecipient) => {
-                            return Err(RequestError::NotFound(format!(
-                                "no user with id {recipient}"
-                            )));
-                        }
-                        Err(err) => return Err(RequestError::internal(err)),
-                    }
-                }
-            };
-            Ok(sent(id, outcome))
-        }
-        .boxed()
+        let (id, outcome) = ctx.state.relay().send(Outgoing {
+            sender_id: sender,
+            sender_username: ctx.auth.username.clone(),
+            recipient: self.recipient.0,
+            envelope_type: self.envelope_type,
+            content: self.content,
+            client_timestamp_ms: self.client_timestamp_ms,
+            ephemeral: self.ephemeral,
+            ttl_ms: self.ttl_ms,
+            client_message_id: self.client_message_id,
+        });
+        async move { Ok(sent(id, outcome.await?)) }.boxed()
     }
 }
 

@@ -25,7 +25,7 @@ impl UploadKeys {
         let state = ctx.state.clone();
         let user = ctx.auth.user_id;
         async move {
-            let max_stored = state.limits().max_stored_pre_keys;
+            let max_stored = state.limits().keys.max_stored_pre_keys;
             let counts = upload::store(state.db(), user, self.upload, max_stored).await?;
             Ok(Done::reply(response::Result::UploadKeys(
                 proto::UploadKeysResult {

@@ -14,27 +14,19 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use super::unacked::Unacked;
 use super::{Connection, Inbound};
 use crate::auth::Authenticated;
 use crate::cmd::{AuthCommand, Command, Ctx, Done, Reply};
-use crate::messages::drain::{Drain, Step};
-use crate::messages::store::Stored;
-use crate::messages::{self, Delivery};
+use crate::envelope;
+use crate::messages::{Delivery, Drain, LiveDelivery, Outbound, Presence, Step, Unacked};
 use crate::protocol::proto::{ServerFrame, push};
-use crate::protocol::{self, ProtocolError, RequestError};
-use crate::registry::{CloseReason, ConnHandle, LiveDelivery, Outbound, Registry};
+use crate::protocol::{self, Close, ProtocolError, RequestError};
 use crate::state::AppState;
-
-/// How long a new connection waits for the one it displaced to store what
-/// it held before draining anyway.
-const DISPLACED_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves one upgraded socket to the end. `pre_auth` is set when the upgrade
 /// request carried valid credentials.
@@ -46,14 +38,14 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = Connection::new(ws, state.limits().max_frame_bytes);
+    let mut conn = Connection::new(ws, state.limits().connection.max_frame_bytes);
     let auth = match pre_auth {
         Some(auth) => auth,
         // Boxed: authentication (Argon2, SQL) is large and short-lived; the
         // connection task should not carry its size for its whole life.
         None => match Box::pin(authenticate(&state, &mut conn, &shutdown)).await {
             Ok(auth) => auth,
-            Err(Some((code, reason))) => return conn.close(code, &reason).await,
+            Err(Some(close)) => return conn.close(close).await,
             Err(None) => return,
         },
     };
@@ -62,23 +54,23 @@ pub async fn serve<S>(
 }
 
 /// Reads requests until one authenticates the socket. `Err` carries the
-/// close code and reason, if the socket should be told why.
+/// close, if the socket should be told why.
 async fn authenticate<S>(
     state: &AppState,
     conn: &mut Connection<S>,
     shutdown: &CancellationToken,
-) -> Result<Authenticated, Option<(u16, String)>>
+) -> Result<Authenticated, Option<Close>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let limits = state.limits();
-    let deadline = Instant::now() + limits.auth_timeout();
+    let deadline = Instant::now() + state.limits().connection.auth_timeout();
+    let max_failures = state.limits().auth.max_auth_attempts;
     let mut failures = 0;
     loop {
         let inbound = tokio::select! {
-            _ = shutdown.cancelled() => return Err(Some((1001, "server shutting down".into()))),
+            _ = shutdown.cancelled() => return Err(Some(Close::SHUTTING_DOWN)),
             read = timeout_at(deadline, conn.read()) => match read {
-                Err(_) => return Err(Some((1008, "authentication timed out".into()))),
+                Err(_) => return Err(Some(Close::AUTH_TIMEOUT)),
                 Ok(read) => read,
             },
         };
@@ -97,7 +89,7 @@ where
                     "authenticate first with register, login or resume".into(),
                 );
                 let _ = conn.send(&protocol::error(request_id, &err)).await;
-                return Err(Some((1008, "not authenticated".into())));
+                return Err(Some(Close::NOT_AUTHENTICATED));
             }
             Some(Err(err)) => Err(err),
         };
@@ -118,11 +110,8 @@ where
                     return Err(None);
                 }
                 failures += 1;
-                if failures >= limits.max_auth_attempts {
-                    return Err(Some((
-                        1008,
-                        "too many failed authentication attempts".into(),
-                    )));
+                if failures >= max_failures {
+                    return Err(Some(Close::TOO_MANY_AUTH_FAILURES));
                 }
             }
         }
@@ -134,7 +123,7 @@ enum End {
     /// The peer closed or the transport broke: nobody to tell.
     Gone,
     /// Close with this code and reason.
-    Close(u16, String),
+    Close(Close),
 }
 
 /// A request's reply, with the id to answer it under. Its own future
@@ -166,22 +155,18 @@ struct Session<S> {
     conn: Connection<S>,
     /// Who is connected, and with which session token.
     auth: Authenticated,
-    /// Our entry in the registry.
-    handle: ConnHandle,
     /// Live messages and pushes routed to us.
     rx: mpsc::Receiver<Outbound>,
     /// Cancelled when someone closes us (displacement).
     kick: CancellationToken,
     /// Why we were kicked.
-    close_reason: Arc<OnceLock<CloseReason>>,
-    /// Leaves the registry and lets a successor drain when dropped: at the
-    /// end of `finish`, or while unwinding from a panic.
-    departure: Departure,
-    /// Registry wake-ups for the drain.
-    wake: Arc<Notify>,
+    close_reason: Arc<OnceLock<Close>>,
+    /// Our registration: leaves the registry and lets a successor drain
+    /// when dropped, at the end of `finish` or while unwinding from a panic.
+    presence: Presence,
     /// Requests in flight, answered as they finish.
     requests: FuturesUnordered<Tagged>,
-    /// Stores of live messages that were not acked in time.
+    /// Hand-backs of live messages that were not acked in time.
     handoffs: FuturesUnordered<BoxFuture<'static, ()>>,
     /// Live messages written but not yet acked.
     unacked: Unacked,
@@ -207,43 +192,17 @@ where
         auth: Authenticated,
         shutdown: CancellationToken,
     ) {
-        let registry = state.registry().clone();
-        let (handle, ends) = registry.new_connection();
-        let (displaced, wake) = registry.connect(auth.user_id, handle.clone());
-        if let Some(old) = displaced {
-            old.close(CloseReason::DISPLACED);
-            // What the old socket still holds is older than what storage
-            // will get from now on; let it store that before we read.
-            if timeout(DISPLACED_GRACE, old.finished()).await.is_err() {
-                tracing::warn!(user_id = %auth.user_id, "displaced connection did not finish in time");
-            }
-        }
-        let departure = Departure {
-            registry: registry.clone(),
-            user: auth.user_id,
-            conn_id: handle.id,
-            finished: ends.finished,
-        };
-        let limits = state.limits();
+        let seat = state.relay().connect(auth.user_id).await;
         let now = Instant::now();
         let mut session = Session {
-            drain: Drain::new(
-                state.db().clone(),
-                registry,
-                auth.user_id,
-                handle.id,
-                limits.drain_batch,
-                limits.drain_batch_bytes,
-            ),
-            unacked: Unacked::new(limits.max_unacked),
+            drain: seat.drain,
+            unacked: Unacked::new(state.limits().messaging.max_unacked),
             conn,
             auth,
-            handle,
-            rx: ends.rx,
-            kick: ends.kick,
-            close_reason: ends.close_reason,
-            departure,
-            wake,
+            rx: seat.rx,
+            kick: seat.kick,
+            close_reason: seat.close_reason,
+            presence: seat.presence,
             requests: FuturesUnordered::new(),
             handoffs: FuturesUnordered::new(),
             heard: false,
@@ -258,16 +217,14 @@ where
     async fn serve(&mut self, shutdown: &CancellationToken) -> End {
         // Copied out rather than cloning `Limits`, which would then sit in
         // every idle connection's future.
-        let idle_timeout = self.state.limits().idle_timeout();
-        let max_in_flight = self.state.limits().max_inflight_requests;
+        let idle_timeout = self.state.limits().connection.idle_timeout();
+        let max_in_flight = self.state.limits().connection.max_inflight_requests;
         // The loop's long-lived waits are made once and polled again each
         // time round: re-creating them would register and deregister a
         // waiter or a timer for each of them on every frame.
         let kick = self.kick.clone();
-        let wake = self.wake.clone();
         let mut shutting_down = pin!(shutdown.cancelled());
         let mut kicked = pin!(kick.cancelled());
-        let mut woken = pin!(wake.notified());
         let ping_every = ping_interval(idle_timeout);
         let mut ping = pin!(sleep_until(Instant::now() + ping_every));
         // Armed at the oldest unacked deadline. Acks only move that deadline
@@ -298,18 +255,13 @@ where
             let result = tokio::select! {
                 _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
                 _ = &mut kicked => {
-                    let reason = self.close_reason.get().cloned().unwrap_or(CloseReason::DISPLACED);
-                    return End::Close(reason.code, reason.reason.into());
+                    let reason = self.close_reason.get().cloned().unwrap_or(Close::DISPLACED);
+                    return End::Close(reason);
                 }
                 inbound = self.conn.read(), if read_more => self.on_inbound(inbound).await,
                 Some((request_id, outcome)) = self.requests.next() => self.on_reply(request_id, outcome).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
                 step = self.drain.step() => Box::pin(self.on_drain(step)).await,
-                _ = &mut woken => {
-                    woken.set(wake.notified());
-                    self.drain.woken();
-                    Ok(())
-                }
                 _ = &mut ack_timer, if ack_armed => {
                     ack_armed = false;
                     self.hand_off_expired();
@@ -336,12 +288,10 @@ where
     /// senders hear `queued`, answer the requests already in flight, then
     /// close with 1001. The server's grace deadline bounds all of it.
     async fn wind_down(&mut self) -> End {
-        self.state
-            .registry()
-            .closing(self.auth.user_id, self.handle.id);
+        self.presence.closing();
         let held = self.take_held();
         self.handoffs
-            .push(hand_off(self.state.clone(), held).boxed());
+            .push(self.state.relay().hand_back(held).boxed());
         loop {
             tokio::select! {
                 Some((request_id, outcome)) = self.requests.next() => {
@@ -353,7 +303,7 @@ where
                     }
                 }
                 Some(()) = self.handoffs.next() => {}
-                else => return End::Close(1001, "server shutting down".into()),
+                else => return End::Close(Close::SHUTTING_DOWN),
             }
         }
     }
@@ -381,18 +331,15 @@ where
             Ok(Some(Inbound::Heartbeat)) => return Ok(()),
             Ok(None) => return Err(End::Gone),
             Err(err) => {
-                return Err(match protocol_close(&err) {
-                    Some((code, reason)) => End::Close(code, reason),
-                    None => End::Gone,
-                });
+                return Err(protocol_close(&err).map_or(End::Gone, End::Close));
             }
         };
         let request_id = frame.request_id;
         let command = frame
             .request
             .ok_or_else(|| RequestError::bad_request("frame carries no request"))
-            .and_then(|request| Command::from_frame(request, self.state.limits()));
-        let limit = self.state.limits().max_inflight_requests;
+            .and_then(|request| Command::from_frame(request, &self.state.limits().messaging));
+        let limit = self.state.limits().connection.max_inflight_requests;
         match command {
             Ok(command)
                 if self.requests.len() >= limit && !matches!(command, Command::AckMessages(_)) =>
@@ -432,7 +379,7 @@ where
             Ok(done) => {
                 self.write(&protocol::ok(request_id, done.result)).await?;
                 match done.close {
-                    Some(reason) => Err(End::Close(reason.code, reason.reason.into())),
+                    Some(close) => Err(End::Close(close)),
                     None => Ok(()),
                 }
             }
@@ -448,7 +395,7 @@ where
             Outbound::Push(event) => self.write(&protocol::push(*event)).await,
             Outbound::Deliver(delivery) => {
                 let delivery = *delivery;
-                if delivery.message.is_expired(messages::now_ms()) {
+                if delivery.message.is_expired(envelope::now_ms()) {
                     delivery.waiter.finish(Delivery::Dropped);
                     return Ok(());
                 }
@@ -458,7 +405,7 @@ where
                     // sequence numbers say nothing about what was read.
                     self.drain.delivered_live(delivery.message.seq);
                 }
-                let deadline = Instant::now() + self.state.limits().ack_timeout();
+                let deadline = Instant::now() + self.state.limits().messaging.ack_timeout();
                 self.unacked.insert(delivery, deadline);
                 self.write(&frame).await
             }
@@ -471,7 +418,7 @@ where
     ) -> Result<(), End> {
         match step {
             Ok(Step::Deliver(batch)) => {
-                let now = messages::now_ms();
+                let now = envelope::now_ms();
                 for message in batch.iter().filter(|m| !m.is_expired(now)) {
                     self.write(&protocol::push(push::Event::Deliver(message.to_envelope())))
                         .await?;
@@ -485,10 +432,7 @@ where
             Ok(Step::Idle) => Ok(()),
             Err(err) => {
                 tracing::error!(error = %err, source = ?std::error::Error::source(&err), "drain failed");
-                Err(End::Close(
-                    1011,
-                    "internal error while reading queued messages".into(),
-                ))
+                Err(End::Close(Close::DRAIN_FAILED))
             }
         }
     }
@@ -499,7 +443,7 @@ where
         let expired = self.unacked.take_expired(Instant::now());
         if !expired.is_empty() {
             self.handoffs
-                .push(hand_off(self.state.clone(), expired).boxed());
+                .push(self.state.relay().hand_back(expired).boxed());
         }
     }
 
@@ -507,7 +451,7 @@ where
         if std::mem::take(&mut self.heard) {
             self.last_heard = Instant::now();
         } else if self.last_heard.elapsed() >= idle_timeout {
-            return Err(End::Close(1001, "idle timeout".into()));
+            return Err(End::Close(Close::IDLE));
         }
         self.bounded(|conn| conn.ping()).await
     }
@@ -579,7 +523,7 @@ where
         let write = match tried {
             Ok(done) => Ok(done),
             Err(waiting) => tokio::select! {
-                write = timeout(state.limits().write_timeout(), waiting) => write,
+                write = timeout(state.limits().connection.write_timeout(), waiting) => write,
                 _ = kick.cancelled() => return Err(End::Gone),
             },
         };
@@ -588,10 +532,7 @@ where
             Ok(Err(_)) => Err(End::Gone),
             Err(_) => {
                 tracing::info!(user_id = %auth.user_id, "closing a socket that stopped reading");
-                Err(End::Close(
-                    1008,
-                    "write timeout: the client stopped reading".into(),
-                ))
+                Err(End::Close(Close::STOPPED_READING))
             }
         }
     }
@@ -600,79 +541,29 @@ where
     /// then leaves the registry so a successor may drain, then closes the
     /// socket.
     async fn finish(mut self, end: End) {
-        let registry = self.state.registry().clone();
-        // Still registered while we hand off, so a successor that connects
+        // Still registered while we hand back, so a successor that connects
         // now displaces us and waits for `finished` before it drains: what
         // we hold is older than anything it will read.
-        registry.closing(self.auth.user_id, self.handle.id);
+        self.presence.closing();
         let held = self.take_held();
         let pending = std::mem::take(&mut self.handoffs).collect::<Vec<()>>();
-        futures::join!(hand_off(self.state.clone(), held), pending);
-        drop(self.departure);
-        if let End::Close(code, reason) = &end {
-            self.conn.close(*code, reason).await;
+        futures::join!(self.state.relay().hand_back(held), pending);
+        drop(self.presence);
+        if let End::Close(close) = end {
+            self.conn.close(close).await;
         }
         tracing::debug!(user_id = %self.auth.user_id, "connection finished");
     }
-}
-
-/// Leaving the registry, done on drop so a panicking connection cannot leave
-/// its slot behind or its successor waiting.
-struct Departure {
-    /// Where we are registered.
-    registry: Registry,
-    /// Whose connection this was.
-    user: Uuid,
-    /// Which connection of theirs.
-    conn_id: u64,
-    /// Cancelled to tell a successor everything we held is stored.
-    finished: CancellationToken,
-}
-
-impl Drop for Departure {
-    fn drop(&mut self) {
-        self.registry.disconnect(self.user, self.conn_id);
-        self.finished.cancel();
-    }
-}
-
-/// Stores live messages that were not acked, answering each sender:
-/// `queued` once stored, `dropped` for ephemeral ones. A failed store leaves
-/// the sender unanswered (its request fails), so it may retry.
-async fn hand_off(state: AppState, deliveries: Vec<LiveDelivery>) {
-    let stores = deliveries.into_iter().map(|delivery| {
-        let state = state.clone();
-        async move {
-            let LiveDelivery { message, waiter } = delivery;
-            if message.ephemeral {
-                return waiter.finish(Delivery::Dropped);
-            }
-            match state.store().store(message, None, None).await {
-                Ok(Stored::Inserted | Stored::AlreadyStored) => waiter.finish(Delivery::Queued),
-                // The recipient deleted their account meanwhile.
-                Ok(Stored::UnknownRecipient) => waiter.finish(Delivery::Dropped),
-                // Unanswered: the sender's request fails and it may retry.
-                Err(err) => {
-                    tracing::error!(error = %err, source = ?std::error::Error::source(&err), "storing an unacked live message failed");
-                }
-            }
-        }
-    });
-    futures::future::join_all(stores).await;
 }
 
 fn ping_interval(idle_timeout: Duration) -> Duration {
     (idle_timeout / 3).max(Duration::from_millis(100))
 }
 
-fn protocol_close(err: &ProtocolError) -> Option<(u16, String)> {
-    match err.close_code() {
-        Some(code) => {
-            tracing::debug!(error = %err, "closing on protocol error");
-            Some((code, err.to_string()))
-        }
-        None => None,
-    }
+fn protocol_close(err: &ProtocolError) -> Option<Close> {
+    let close = err.close()?;
+    tracing::debug!(error = %err, "closing on protocol error");
+    Some(close)
 }
 
 fn log_request_error(what: &str, err: &RequestError) {

@@ -4,7 +4,6 @@
 
 pub mod handler;
 pub mod read_ahead;
-pub mod unacked;
 
 use std::time::Duration;
 
@@ -18,8 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
-use crate::protocol::ProtocolError;
 use crate::protocol::proto::{ClientFrame, ServerFrame};
+use crate::protocol::{Close, ProtocolError};
 
 /// Something read from the socket.
 // Not boxed: it is moved once per frame, and boxing would allocate per frame.
@@ -129,10 +128,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Sends a close frame and waits briefly for the peer's, so the close is
     /// clean when the peer is well-behaved and bounded when it is not.
-    pub async fn close(mut self, code: u16, reason: &str) {
+    pub async fn close(mut self, close: Close) {
         let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
+            code: CloseCode::from(close.code.code()),
+            reason: close.reason.into_owned().into(),
         };
         let closing = async {
             if self.ws.close(Some(frame)).await.is_ok() {

@@ -1,5 +1,5 @@
 //! Idempotent sends. A message sent with a client message id has an id
-//! derived from it ([`super::message_id`]); this bounded cache remembers the
+//! derived from it ([`crate::envelope::message_id`]); this bounded cache remembers the
 //! outcome of recent ones, including those delivered live and never stored,
 //! so a retry gets the first attempt's answer instead of a second copy. A
 //! retry that arrives while the first attempt is still in progress waits for

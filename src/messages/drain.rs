@@ -6,27 +6,38 @@
 //! connection writes the current one. When a read comes back empty and the
 //! registry agrees nothing arrived meanwhile, the connection goes live and
 //! the client is told the queue is empty, once per connection.
+//!
+//! The drain also owns the registry's wake-up for its user (a store
+//! finished, or live delivery overflowed to storage), so the connection
+//! waits on one thing, [`Drain::step`], for everything the drain does.
 
-use tokio::task::JoinHandle;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 use uuid::Uuid;
 
-use super::Message;
-use crate::registry::{DrainBound, Registry};
+use super::registry::{DrainBound, Registry};
+use crate::envelope::Message;
 use crate::storage::messages::DrainRead;
 use crate::storage::{Database, StorageError};
 
-type Read = JoinHandle<Result<(Vec<Message>, DrainBound), StorageError>>;
+/// A read queued for the storage reader, which runs every statement to the
+/// end whether or not anyone still waits for it: dropping this future
+/// (the connection ended) drops only the answer.
+type Read = Pin<Box<dyn Future<Output = Result<Vec<Message>, StorageError>> + Send>>;
 
-#[derive(Debug)]
 enum State {
     /// Nothing stored is waiting; live delivery is on.
     Live,
     /// Must read storage; waiting for the connection to flush what it had
     /// queued live first.
     Wanted,
-    /// A read is in flight, queued for the storage reader, which runs every
-    /// statement to the end whether or not anyone still waits for it.
-    Reading(Read),
+    /// A read is in flight, bounded by what the registry allowed when it
+    /// started.
+    Reading(Read, DrainBound),
     /// Storage was empty but a store is in flight; waiting for it.
     Waiting,
 }
@@ -61,19 +72,26 @@ pub struct Drain {
     state: State,
     /// Queue-empty is sent once per connection.
     announced_empty: bool,
+    /// The registry's wake-up for this connection.
+    wake: Arc<Notify>,
+    /// Waits on `wake`. Made once and re-armed after it fires, rather than
+    /// per poll, so an idle connection registers no waiter per frame.
+    woken: Pin<Box<OwnedNotified>>,
 }
 
 impl Drain {
     /// A drain that starts wanted: a new connection first empties its queue.
-    pub fn new(
+    pub(super) fn new(
         db: Database,
         registry: Registry,
         user: Uuid,
         conn_id: u64,
-        batch: usize,
-        batch_bytes: usize,
+        wake: Arc<Notify>,
+        (batch, batch_bytes): (usize, usize),
     ) -> Self {
         Drain {
+            woken: Box::pin(wake.clone().notified_owned()),
+            wake,
             db,
             registry,
             user,
@@ -104,7 +122,7 @@ impl Drain {
 
     /// Called when the registry's wake-up fires: a store finished, or live
     /// delivery overflowed to storage.
-    pub fn woken(&mut self) {
+    fn woken(&mut self) {
         match self.state {
             State::Waiting => self.state = State::Wanted,
             State::Live if self.registry.is_draining(self.user) => self.state = State::Wanted,
@@ -116,36 +134,45 @@ impl Drain {
     /// flushed, when [`Drain::wanted`] is true.
     pub fn start(&mut self) {
         let bound = self.registry.drain_bound(self.user);
-        let db = self.db.clone();
-        let (user, after, limit, byte_budget) =
-            (self.user, self.cursor, self.batch, self.batch_bytes);
-        self.state = State::Reading(tokio::spawn(async move {
-            let read = DrainRead {
-                recipient: user,
-                after,
-                below: bound.below,
-                limit,
-                byte_budget,
-            };
-            let rows = db.reader().drain(read).await?;
-            Ok((rows, bound))
-        }));
+        let read = DrainRead {
+            recipient: self.user,
+            after: self.cursor,
+            below: bound.below,
+            limit: self.batch,
+            byte_budget: self.batch_bytes,
+        };
+        let reader = self.db.reader().clone();
+        self.state = State::Reading(Box::pin(async move { reader.drain(read).await }), bound);
     }
 
-    /// Waits for the read in flight, if any (pending forever otherwise, for
-    /// use in `select!`), and decides the next step. A non-empty batch
-    /// starts the next read at once, so reading overlaps writing.
+    /// Waits for the read in flight or the registry's wake-up, whichever
+    /// comes first, and decides the next step. A non-empty batch starts the
+    /// next read at once, so reading overlaps writing. Cancel-safe: the
+    /// read and the wake-up live in the drain, not in this future.
     pub async fn step(&mut self) -> Result<Step, StorageError> {
-        let State::Reading(read) = &mut self.state else {
-            return std::future::pending().await;
+        let read = std::future::poll_fn(|cx| {
+            if self.woken.as_mut().poll(cx).is_ready() {
+                let wake = self.wake.clone();
+                self.woken.set(wake.notified_owned());
+                return std::task::Poll::Ready(None);
+            }
+            match &mut self.state {
+                State::Reading(read, bound) => read.as_mut().poll(cx).map(|r| Some((r, *bound))),
+                _ => std::task::Poll::Pending,
+            }
+        })
+        .await;
+        let Some((result, bound)) = read else {
+            self.woken();
+            return Ok(Step::Idle);
         };
-        let result = read.await;
+        // Waiting until a store finishes, unless the read found more.
         self.state = State::Waiting;
-        let (rows, bound) = match result {
-            Ok(result) => result?,
-            Err(join) => {
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(err) => {
                 self.state = State::Wanted;
-                return Err(StorageError::Task(join));
+                return Err(err);
             }
         };
         if let Some(last) = rows.last() {

@@ -1,135 +1,52 @@
-//! Messaging: what a relayed message is, and the machinery that moves it.
+//! The messaging front: every way a message moves through the relay goes
+//! through [`Relay`], and nothing above this module touches the machinery
+//! below it.
 //!
-//! A message is *accepted* when [`Registry::route`](crate::registry::Registry::route)
-//! gives it a sequence number; from then on it goes one of two ways:
-//! live, through the recipient's connection, which answers the sender
-//! `delivered` when the recipient acks; or to PostgreSQL through the
-//! batching [`store::StoreWriter`], which answers `queued` once committed.
-//! A live message that is not acked in time, or whose recipient goes away,
-//! is stored with its original sequence number, so per-recipient order holds
-//! across the live/stored boundary. [`drain`] delivers stored messages to a
-//! connecting recipient; [`sweeper`] deletes expired ones; [`dedupe`] makes
-//! retries with a client message id idempotent.
+//! A message is *accepted* when [`Registry::route`](registry::Registry::route)
+//! gives it a sequence number; from then on it goes one of two ways: live,
+//! through the recipient's connection, which answers the sender `delivered`
+//! when the recipient acks; or to PostgreSQL through the batching
+//! [`store::StoreWriter`], which answers `queued` once committed. A live
+//! message that is not acked in time, or whose recipient goes away, is
+//! handed back and stored with its original sequence number, so
+//! per-recipient order holds across the live/stored boundary. [`drain`]
+//! delivers stored messages to a connecting recipient; [`dedupe`] makes
+//! retries with a client message id idempotent; [`unacked`] is what one
+//! connection holds until its recipient acks.
+//!
+//! [`Relay`]'s operations are the whole interface: send a message, ack
+//! stored messages (which sends their receipts), hand back what a
+//! connection held, take a user's seat (connect), push an event.
 
 pub mod dedupe;
 pub mod drain;
+pub mod registry;
 pub mod store;
-pub mod sweeper;
+pub mod unacked;
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::protocol::proto;
-
-/// Signal's envelope types that may be relayed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EnvelopeType {
-    Ciphertext,
-    PreKeyBundle,
-    /// Made only by the server, when a queued message is acked.
-    Receipt,
-    PlaintextContent,
-}
-
-impl EnvelopeType {
-    /// Parses a type a client may send (not `Receipt`).
-    pub fn from_client(value: i32) -> Option<Self> {
-        match proto::EnvelopeType::try_from(value).ok()? {
-            proto::EnvelopeType::Ciphertext => Some(Self::Ciphertext),
-            proto::EnvelopeType::PrekeyBundle => Some(Self::PreKeyBundle),
-            proto::EnvelopeType::PlaintextContent => Some(Self::PlaintextContent),
-            proto::EnvelopeType::Receipt | proto::EnvelopeType::Unspecified => None,
-        }
-    }
-
-    /// Signal's numeric value, also the value stored in the database.
-    pub fn code(self) -> i16 {
-        match self {
-            Self::Ciphertext => 1,
-            Self::PreKeyBundle => 3,
-            Self::Receipt => 5,
-            Self::PlaintextContent => 8,
-        }
-    }
-
-    pub fn from_code(code: i16) -> Option<Self> {
-        match code {
-            1 => Some(Self::Ciphertext),
-            3 => Some(Self::PreKeyBundle),
-            5 => Some(Self::Receipt),
-            8 => Some(Self::PlaintextContent),
-            _ => None,
-        }
-    }
-}
-
-/// A message the relay has accepted. Immutable; shared by reference between
-/// the sender's request, the recipient's connection and the store writer.
-#[derive(Debug)]
-pub struct Message {
-    pub id: Uuid,
-    /// Position in the recipient's delivery order.
-    pub seq: i64,
-    /// `None` once the sender deleted their account.
-    pub sender_id: Option<Uuid>,
-    pub sender_username: Arc<str>,
-    pub recipient_id: Uuid,
-    pub envelope_type: EnvelopeType,
-    pub content: Bytes,
-    pub server_timestamp_ms: i64,
-    pub client_timestamp_ms: i64,
-    pub expires_at_ms: i64,
-    /// Delivered only if the recipient is online; never stored.
-    pub ephemeral: bool,
-}
-
-impl Message {
-    /// A small ciphertext with placeholder fields, for unit tests.
-    #[cfg(test)]
-    pub(crate) fn for_test(id: Uuid, recipient: Uuid, seq: i64) -> Message {
-        Message {
-            id,
-            seq,
-            sender_id: None,
-            sender_username: Arc::from(""),
-            recipient_id: recipient,
-            envelope_type: EnvelopeType::Ciphertext,
-            content: Bytes::from_static(b"x"),
-            server_timestamp_ms: 0,
-            client_timestamp_ms: 0,
-            expires_at_ms: i64::MAX,
-            ephemeral: false,
-        }
-    }
-
-    pub fn is_expired(&self, now_ms: i64) -> bool {
-        self.expires_at_ms <= now_ms
-    }
-
-    pub fn to_envelope(&self) -> proto::Envelope {
-        proto::Envelope {
-            message_id: Bytes::copy_from_slice(self.id.as_bytes()),
-            sender_id: self
-                .sender_id
-                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-                .unwrap_or_default(),
-            sender_username: self.sender_username.to_string(),
-            r#type: match self.envelope_type {
-                EnvelopeType::Ciphertext => proto::EnvelopeType::Ciphertext,
-                EnvelopeType::PreKeyBundle => proto::EnvelopeType::PrekeyBundle,
-                EnvelopeType::Receipt => proto::EnvelopeType::Receipt,
-                EnvelopeType::PlaintextContent => proto::EnvelopeType::PlaintextContent,
-            } as i32,
-            content: self.content.clone(),
-            server_timestamp_ms: self.server_timestamp_ms.max(0) as u64,
-            client_timestamp_ms: self.client_timestamp_ms.max(0) as u64,
-        }
-    }
-}
+use crate::config::MessagingLimits;
+use crate::envelope::{self, EnvelopeType, Message};
+use crate::protocol::{Close, RequestError, proto};
+use crate::storage::messages::Stored;
+use crate::storage::{self, Database, StorageError};
+use dedupe::{Begin, Dedupe};
+pub use drain::{Drain, Step};
+pub use registry::{LiveDelivery, Outbound};
+use registry::{Registry, Route};
+use store::StoreWriter;
+pub use store::{StoreError, ToStore};
+pub use unacked::Unacked;
 
 /// How a message left the relay's hands, as told to its sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,27 +69,378 @@ impl Delivery {
     }
 }
 
-/// The id of a message sent with a client message id: the same for every
-/// retry, even across a server restart, so recipients can deduplicate and
-/// storage refuses a second copy. Without a client id, ids are random.
-pub fn message_id(sender: Uuid, client_message_id: Option<&[u8]>) -> Uuid {
-    match client_message_id {
-        None => Uuid::new_v4(),
-        Some(client_id) => {
-            let mut hasher = Sha256::new();
-            hasher.update(b"signal-relay message id v1");
-            hasher.update(sender.as_bytes());
-            hasher.update(client_id);
-            let digest = hasher.finalize();
-            let mut bytes = [0u8; 16];
-            bytes.copy_from_slice(&digest[..16]);
-            uuid::Builder::from_custom_bytes(bytes).into_uuid()
+/// Why a message could not be sent or acked. `UnknownRecipient` is the
+/// client's fault; the retryable and storage variants are ours.
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    #[error("no user with id {0}")]
+    UnknownRecipient(Uuid),
+    /// The recipient's connection ended before it acked or handed the
+    /// message back; whether it arrived is unknown, so the sender retries.
+    #[error("delivery was interrupted; retry")]
+    Interrupted,
+    #[error("an earlier attempt with this client_message_id failed; retry")]
+    EarlierAttemptFailed,
+    #[error("storing the message failed")]
+    Store(#[source] StoreError),
+    #[error("deleting acked messages failed")]
+    Ack(#[source] StorageError),
+}
+
+impl From<MessagingError> for RequestError {
+    fn from(err: MessagingError) -> Self {
+        match err {
+            MessagingError::UnknownRecipient(_) => RequestError::NotFound(err.to_string()),
+            MessagingError::Interrupted | MessagingError::EarlierAttemptFailed => {
+                RequestError::Unavailable(err.to_string())
+            }
+            MessagingError::Store(_) | MessagingError::Ack(_) => RequestError::internal(err),
         }
     }
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+/// A message as its sender hands it over, validated at the edge.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub sender_id: Uuid,
+    /// Shared: every message of this sender carries it.
+    pub sender_username: Arc<str>,
+    pub recipient: Uuid,
+    pub envelope_type: EnvelopeType,
+    pub content: Bytes,
+    pub client_timestamp_ms: i64,
+    /// Delivered only if the recipient is online; never stored.
+    pub ephemeral: bool,
+    /// How long it may stay queued, already capped by the server's limit.
+    pub ttl_ms: i64,
+    /// Makes retries idempotent: the same id gives the same message id.
+    pub client_message_id: Option<Bytes>,
+}
+
+impl Outgoing {
+    fn into_message(self, id: Uuid, seq: i64, now_ms: i64) -> Message {
+        Message {
+            id,
+            seq,
+            sender_id: Some(self.sender_id),
+            sender_username: self.sender_username,
+            recipient_id: self.recipient,
+            envelope_type: self.envelope_type,
+            content: self.content,
+            server_timestamp_ms: now_ms,
+            client_timestamp_ms: self.client_timestamp_ms,
+            expires_at_ms: now_ms.saturating_add(self.ttl_ms),
+            ephemeral: self.ephemeral,
+        }
+    }
+}
+
+/// How long a new connection waits for the one it displaced to store what
+/// it held before draining anyway.
+const DISPLACED_GRACE: Duration = Duration::from_secs(10);
+
+/// The messaging front. Cheap to clone (one `Arc`).
+///
+/// Locking: nothing here is behind a lock a caller can hold. The registry
+/// and the dedupe cache lock internally, per call, and never across an
+/// `.await`; the store writer and the reader are channels.
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Who is online; where each message goes.
+    registry: Registry,
+    /// The batching writer through which messages reach storage.
+    store: StoreWriter,
+    /// Outcomes of recent idempotent sends.
+    dedupe: Dedupe,
+    /// Ack deletes, and the drain's reads through its batched reader.
+    db: Database,
+    /// Lifetime of a delivery receipt: the longest a message may be kept.
+    receipt_ttl_ms: i64,
+    /// Most messages, and content bytes, per drain read.
+    drain_batch: (usize, usize),
+}
+
+impl Relay {
+    /// Starts the store writers on `tasks` over a migrated database.
+    pub async fn start(
+        db: Database,
+        limits: &MessagingLimits,
+        tasks: &TaskTracker,
+    ) -> Result<Self, StorageError> {
+        // Sequence numbers must exceed every stored one, and should keep
+        // growing across restarts even if the table is empty: seed from both
+        // the table and the clock (microseconds since the epoch).
+        let stored = storage::messages::max_seq(db.pool()).await?.unwrap_or(0);
+        let clock = chrono::Utc::now().timestamp_micros();
+        Ok(Relay {
+            inner: Arc::new(Inner {
+                registry: Registry::new(stored.max(clock) + 1, limits.outbound_queue),
+                store: StoreWriter::spawn(db.pool().clone(), limits, tasks),
+                dedupe: Dedupe::new(limits.dedupe_capacity),
+                receipt_ttl_ms: limits.max_ttl().as_millis() as i64,
+                drain_batch: (limits.drain_batch, limits.drain_batch_bytes),
+                db,
+            }),
+        })
+    }
+
+    /// Accepts a message and routes it, now, in the caller's order. Returns
+    /// the message id and a future of its outcome: `Delivered` once the
+    /// recipient acked, `Queued` once committed, `Dropped` for an ephemeral
+    /// message nobody could take. A retry with the same client message id
+    /// gets the first attempt's id and outcome, never a second copy.
+    pub fn send(
+        &self,
+        outgoing: Outgoing,
+    ) -> (
+        Uuid,
+        impl Future<Output = Result<Delivery, MessagingError>> + Send + 'static,
+    ) {
+        let id = envelope::message_id(outgoing.sender_id, outgoing.client_message_id.as_deref());
+        let attempt = match outgoing.client_message_id {
+            None => None,
+            Some(_) => match self.inner.dedupe.begin(id) {
+                Begin::New(attempt) => Some(attempt),
+                Begin::Done(outcome) => return (id, Pending::Done(outcome).outcome()),
+                Begin::InProgress(first) => return (id, Pending::Earlier(first).outcome()),
+            },
+        };
+        let now = envelope::now_ms();
+        let pending = match self.inner.registry.route(
+            outgoing.recipient,
+            outgoing.ephemeral,
+            attempt,
+            |seq| outgoing.into_message(id, seq, now),
+        ) {
+            Route::Live(outcome) => Pending::Live(outcome),
+            Route::Dropped => Pending::Done(Delivery::Dropped),
+            Route::Store(order) => Pending::Store(self.inner.store.clone(), order),
+        };
+        (id, pending.outcome())
+    }
+
+    /// Deletes the acker's stored messages among `ids` and tells each
+    /// sender: live if they are online, else as a stored RECEIPT envelope.
+    /// Receipts for receipts are not sent.
+    pub fn ack_stored(
+        &self,
+        acker: Uuid,
+        acker_username: Arc<str>,
+        ids: Vec<Uuid>,
+    ) -> impl Future<Output = Result<StoredAcks, MessagingError>> + Send + 'static {
+        let relay = self.clone();
+        async move {
+            let acked = storage::messages::delete_acked(&relay.inner.db, acker, &ids)
+                .await
+                .map_err(MessagingError::Ack)?;
+            let deleted: HashSet<Uuid> = acked.iter().map(|a| a.id).collect();
+            let unknown = ids.into_iter().filter(|id| !deleted.contains(id)).collect();
+            let now = envelope::now_ms();
+            let receipts = acked
+                .into_iter()
+                .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())
+                .filter_map(|a| Some((a.id, a.sender_id?)))
+                .filter_map(|(original, sender)| {
+                    let route = relay.inner.registry.route(sender, false, None, |seq| {
+                        Message::receipt(
+                            acker,
+                            acker_username.clone(),
+                            original,
+                            sender,
+                            seq,
+                            now,
+                            relay.inner.receipt_ttl_ms,
+                        )
+                    });
+                    match route {
+                        // The sender's connection stores it if they never
+                        // ack it.
+                        Route::Live(_) | Route::Dropped => None,
+                        Route::Store(order) => Some(order),
+                    }
+                })
+                .map(|order| async {
+                    if let Err(err) = relay.inner.store.store(order).await {
+                        tracing::warn!(error = %err, "storing a delivery receipt failed");
+                    }
+                });
+            futures::future::join_all(receipts).await;
+            Ok(StoredAcks {
+                deleted: deleted.into_iter().collect(),
+                unknown,
+            })
+        }
+    }
+
+    /// Stores live messages a connection held but that were not acked,
+    /// answering each sender: `queued` once stored, `dropped` for ephemeral
+    /// ones. A failed store leaves the sender unanswered (its request
+    /// fails), so it may retry.
+    pub fn hand_back(&self, held: Vec<LiveDelivery>) -> impl Future<Output = ()> + Send + 'static {
+        let store = self.inner.store.clone();
+        async move {
+            let stores = held.into_iter().map(|delivery| {
+                let store = &store;
+                async move {
+                    let LiveDelivery { message, waiter } = delivery;
+                    if message.ephemeral {
+                        return waiter.finish(Delivery::Dropped);
+                    }
+                    match store.store(ToStore::handed_back(message)).await {
+                        Ok(Stored::Inserted | Stored::AlreadyStored) => {
+                            waiter.finish(Delivery::Queued)
+                        }
+                        // The recipient deleted their account meanwhile.
+                        Ok(Stored::UnknownRecipient) => waiter.finish(Delivery::Dropped),
+                        // Unanswered: the sender's request fails and it may retry.
+                        Err(err) => {
+                            tracing::error!(error = %err, source = ?std::error::Error::source(&err), "storing an unacked live message failed");
+                        }
+                    }
+                }
+            });
+            futures::future::join_all(stores).await;
+        }
+    }
+
+    /// Makes a new connection the user's, in draining mode. A connection it
+    /// displaces is closed, and waited for (up to a grace period) while it
+    /// hands back what it held: that is older than anything the new
+    /// connection's drain will read.
+    pub async fn connect(&self, user: Uuid) -> Seat {
+        let registry = &self.inner.registry;
+        let (handle, ends) = registry.new_connection();
+        let conn_id = handle.id;
+        let (displaced, wake) = registry.connect(user, handle);
+        if let Some(old) = displaced {
+            old.close(Close::DISPLACED);
+            if tokio::time::timeout(DISPLACED_GRACE, old.finished())
+                .await
+                .is_err()
+            {
+                tracing::warn!(user_id = %user, "displaced connection did not finish in time");
+            }
+        }
+        Seat {
+            drain: Drain::new(
+                self.inner.db.clone(),
+                registry.clone(),
+                user,
+                conn_id,
+                wake,
+                self.inner.drain_batch,
+            ),
+            rx: ends.rx,
+            kick: ends.kick,
+            close_reason: ends.close_reason,
+            presence: Presence {
+                registry: registry.clone(),
+                user,
+                conn_id,
+                finished: ends.finished,
+            },
+        }
+    }
+
+    /// Pushes an event to the user if online and their queue has room.
+    /// Advisory events are dropped rather than waited for.
+    pub fn push(&self, user: Uuid, event: proto::push::Event) -> bool {
+        self.inner.registry.push(user, event)
+    }
+
+    /// Who is online, for tests and operators to look at.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+}
+
+/// What an ack of stored messages found.
+#[derive(Debug)]
+pub struct StoredAcks {
+    /// Deleted now; their senders were sent receipts.
+    pub deleted: Vec<Uuid>,
+    /// Matched nothing of the acker's: already acked, expired, or never
+    /// theirs.
+    pub unknown: Vec<Uuid>,
+}
+
+/// What a send waits on after routing.
+enum Pending {
+    /// Known already.
+    Done(Delivery),
+    /// A retry of an attempt still in progress.
+    Earlier(watch::Receiver<Option<Delivery>>),
+    /// Queued on the recipient's connection.
+    Live(oneshot::Receiver<Delivery>),
+    /// On its way to storage.
+    Store(StoreWriter, ToStore),
+}
+
+impl Pending {
+    async fn outcome(self) -> Result<Delivery, MessagingError> {
+        match self {
+            Pending::Done(outcome) => Ok(outcome),
+            Pending::Earlier(mut first) => match first.wait_for(Option::is_some).await {
+                Ok(outcome) => Ok(outcome.expect("waited for Some")),
+                Err(_) => Err(MessagingError::EarlierAttemptFailed),
+            },
+            Pending::Live(outcome) => outcome.await.map_err(|_| MessagingError::Interrupted),
+            Pending::Store(store, order) => {
+                let recipient = order.message.recipient_id;
+                match store.store(order).await.map_err(MessagingError::Store)? {
+                    Stored::Inserted | Stored::AlreadyStored => Ok(Delivery::Queued),
+                    Stored::UnknownRecipient => Err(MessagingError::UnknownRecipient(recipient)),
+                }
+            }
+        }
+    }
+}
+
+/// A connection's place in the relay, from [`Relay::connect`].
+pub struct Seat {
+    /// Reads this user's stored messages.
+    pub drain: Drain,
+    /// Live messages and pushes routed to this connection.
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Cancelled when someone closes this connection (displacement).
+    pub kick: CancellationToken,
+    /// Why it was kicked; set before `kick` is cancelled.
+    pub close_reason: Arc<OnceLock<Close>>,
+    /// The registration itself.
+    pub presence: Presence,
+}
+
+/// A connection's registration. Dropping it leaves the registry and lets a
+/// successor drain; done on drop so a panicking connection cannot leave its
+/// slot behind or its successor waiting.
+pub struct Presence {
+    /// Where we are registered.
+    registry: Registry,
+    /// Whose connection this is.
+    user: Uuid,
+    /// Which connection of theirs.
+    conn_id: u64,
+    /// Cancelled to tell a successor everything we held is stored.
+    finished: CancellationToken,
+}
+
+impl Presence {
+    /// Starts closing: from now on the user's messages go to storage,
+    /// behind whatever the connection still holds, while it stays
+    /// registered, so a successor that connects meanwhile displaces it and
+    /// waits for it to hand back what it held before draining.
+    pub fn closing(&self) {
+        self.registry.closing(self.user, self.conn_id);
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.registry.disconnect(self.user, self.conn_id);
+        self.finished.cancel();
+    }
 }

@@ -1,50 +1,62 @@
 //! The store writer: the single way messages reach PostgreSQL.
 //!
-//! Senders hand messages to a bounded queue; a few writer tasks each take
-//! whatever is waiting (up to a batch) and insert it in one statement, so
-//! concurrent senders share one transaction and one fsync. A message's
-//! [`StoreTicket`] is released only after its commit, which is what lets the
-//! recipient's drain know it is safe to read past it.
+//! Senders hand a [`ToStore`] to storage's batch workers, so concurrent
+//! senders share one statement and one fsync. A message's [`StoreTicket`]
+//! is released only after its commit, which is what lets the recipient's
+//! drain know it is safe to read past it.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use sqlx::{PgConnection, PgPool};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
-use uuid::Uuid;
 
 use super::Delivery;
-use super::Message;
 use super::dedupe::Attempt;
-use crate::registry::StoreTicket;
-use crate::storage::{self, OwnConnection, StorageError};
+use super::registry::StoreTicket;
+use crate::config::MessagingLimits;
+use crate::envelope::Message;
+use crate::storage::StorageError;
+use crate::storage::batch::{self, Batch, Conn, Source, WorkerLimits, Workers};
+use crate::storage::messages::{self as queries, Stored};
 
-/// What became of a message handed to the writer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stored {
-    /// Committed now.
-    Inserted,
-    /// A message with this id was already stored: an idempotent retry.
-    AlreadyStored,
-    /// The recipient does not exist (any more).
-    UnknownRecipient,
+/// A message on its way to storage, with what must happen once it is
+/// committed. The registry makes it when it routes a message to storage;
+/// the writer takes it as it is.
+#[derive(Debug)]
+pub struct ToStore {
+    pub message: Message,
+    /// Held until the commit; see the module docs. `None` for a message
+    /// whose connection still holds the recipient's drain back itself (a
+    /// hand-off of unacked live messages).
+    pub ticket: Option<StoreTicket>,
+    /// Completed as `Queued` once the message is stored.
+    pub attempt: Option<Attempt>,
+}
+
+impl ToStore {
+    /// A message handed back by a connection: nothing to release.
+    pub fn handed_back(message: Message) -> Self {
+        ToStore {
+            message,
+            ticket: None,
+            attempt: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store writer has shut down")]
-    Closed,
+    Closed(#[from] batch::Closed),
+    #[error("the store writer dropped the message")]
+    Dropped,
     #[error("storing the message failed")]
     Storage(#[source] Arc<StorageError>),
 }
 
 struct Job {
-    message: Message,
-    /// Held until the commit; see the module docs.
-    ticket: Option<StoreTicket>,
-    /// Completed as `Queued` once the message is stored.
-    attempt: Option<Attempt>,
+    order: ToStore,
     done: oneshot::Sender<Result<Stored, Arc<StorageError>>>,
 }
 
@@ -52,85 +64,58 @@ struct Job {
 /// handle is dropped and the queue is empty.
 #[derive(Clone)]
 pub struct StoreWriter {
-    /// The bounded queue the writers take batches from.
-    tx: mpsc::Sender<Job>,
+    workers: Workers<Job>,
 }
 
 impl StoreWriter {
-    /// Starts `writers` tasks on `tracker`, sharing one queue of `queue` jobs
-    /// and writing at most `batch` messages per statement.
-    pub fn spawn(
-        db: PgPool,
-        queue: usize,
-        batch: usize,
-        writers: usize,
-        tracker: &TaskTracker,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel(queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            tracker.spawn(write_loop(db.clone(), rx.clone(), batch.max(1)));
-        }
-        StoreWriter { tx }
+    /// Starts the writers on `tasks`, each on a dedicated connection.
+    pub fn spawn(db: PgPool, limits: &MessagingLimits, tasks: &TaskTracker) -> Self {
+        let limits = WorkerLimits {
+            workers: limits.store_writers,
+            queue: limits.store_queue,
+            batch: limits.store_batch,
+        };
+        let workers = Workers::spawn(db, Source::Dedicated, limits, tasks, || Writes);
+        StoreWriter { workers }
     }
 
-    /// Stores `message`, waiting for room in the queue and for the commit.
-    /// The writer completes `attempt` itself, so the outcome is recorded even
-    /// if the caller stops waiting.
-    pub async fn store(
-        &self,
-        message: Message,
-        ticket: Option<StoreTicket>,
-        attempt: Option<Attempt>,
-    ) -> Result<Stored, StoreError> {
+    /// Stores a message, waiting for room in the queue and for the commit.
+    /// The writer completes the attempt itself, so the outcome is recorded
+    /// even if the caller stops waiting.
+    pub async fn store(&self, order: ToStore) -> Result<Stored, StoreError> {
         let (done, result) = oneshot::channel();
-        self.tx
-            .send(Job {
-                message,
-                ticket,
-                attempt,
-                done,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.workers.submit(Job { order, done }).await?;
         match result.await {
             Ok(Ok(stored)) => Ok(stored),
             Ok(Err(err)) => Err(StoreError::Storage(err)),
-            Err(_) => Err(StoreError::Closed),
+            Err(_) => Err(StoreError::Dropped),
         }
     }
 }
 
-async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usize) {
-    // Its own connection, outside the pool: through the pool every batch
-    // cost two extra round trips (sqlx pings a connection when it is taken
-    // and again when it is given back) and competed with reconnecting
-    // clients for the pool's connections.
-    let mut conn = OwnConnection::new(db);
-    let mut jobs = Vec::with_capacity(batch);
-    loop {
-        {
-            let mut rx = rx.lock().await;
-            if rx.recv_many(&mut jobs, batch).await == 0 {
-                break; // every sender is gone and the queue is empty
-            }
-        }
-        let result = write_batch(&mut conn, &jobs).await;
-        for job in jobs.drain(..) {
-            let Job {
-                message,
-                ticket,
-                attempt,
-                done,
-            } = job;
+/// One writer worker: a batch is one call to storage.
+struct Writes;
+
+impl Batch for Writes {
+    type Job = Job;
+
+    async fn run(&mut self, conn: &mut Conn, jobs: &mut Vec<Job>) {
+        let messages: Vec<&Message> = jobs.iter().map(|j| &j.order.message).collect();
+        let result = conn
+            .run(async |c| queries::store_batch(c, &messages).await)
+            .await
+            .map_err(Arc::new);
+        drop(messages);
+        for (i, Job { order, done }) in jobs.drain(..).enumerate() {
             let outcome = match &result {
-                Ok((inserted, _)) if inserted.contains(&message.id) => Ok(Stored::Inserted),
-                Ok((_, recipients)) if recipients.contains(&message.recipient_id) => {
-                    Ok(Stored::AlreadyStored)
-                }
-                Ok(_) => Ok(Stored::UnknownRecipient),
+                Ok(outcomes) => Ok(outcomes[i]),
                 Err(err) => Err(err.clone()),
             };
+            let ToStore {
+                message: _,
+                ticket,
+                attempt,
+            } = order;
             // Release the drain before telling the sender, so a recipient
             // that is online starts reading it as early as possible.
             drop(ticket);
@@ -141,52 +126,5 @@ async fn write_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>, batch: usiz
             }
             let _ = done.send(outcome);
         }
-    }
-    conn.close().await;
-}
-
-/// The ids inserted, and of the messages not inserted, the recipients that
-/// exist: for those the id was already stored (an idempotent retry, possibly
-/// acked since), for the others the recipient is unknown.
-type BatchResult = Result<(HashSet<Uuid>, HashSet<Uuid>), Arc<StorageError>>;
-
-async fn write_batch(conn: &mut OwnConnection, jobs: &[Job]) -> BatchResult {
-    let messages: Vec<&Message> = jobs.iter().map(|j| &j.message).collect();
-    let inserted: HashSet<Uuid> = conn
-        .run(async |c| insert_with_retry(c, &messages).await)
-        .await
-        .map_err(Arc::new)?
-        .into_iter()
-        .collect();
-    let skipped: Vec<Uuid> = messages
-        .iter()
-        .filter(|m| !inserted.contains(&m.id))
-        .map(|m| m.recipient_id)
-        .collect();
-    let recipients = if skipped.is_empty() {
-        HashSet::new()
-    } else {
-        conn.run(async |c| storage::users::existing(c, &skipped).await)
-            .await
-            .map_err(Arc::new)?
-            .into_iter()
-            .collect()
-    };
-    Ok((inserted, recipients))
-}
-
-/// A user deleted between the existence check and the insert makes the
-/// statement fail on a foreign key; the retry re-checks and skips them.
-async fn insert_with_retry(
-    conn: &mut PgConnection,
-    messages: &[&Message],
-) -> Result<Vec<Uuid>, StorageError> {
-    match storage::messages::insert_batch(conn, messages).await {
-        Err(StorageError::Query(sqlx::Error::Database(e)))
-            if e.code().as_deref() == Some("23503") =>
-        {
-            storage::messages::insert_batch(conn, messages).await
-        }
-        other => other,
     }
 }

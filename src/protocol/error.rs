@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite;
 
+use super::close::{Close, CloseCode};
 use super::proto::Status;
 
 /// A frame the server cannot accept; ends the connection.
@@ -28,15 +29,16 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
-    /// The RFC 6455 close code telling the peer what it did wrong, if it
-    /// still can be told anything.
-    pub fn close_code(&self) -> Option<u16> {
-        match self {
-            ProtocolError::TextFrame => Some(1003),
-            ProtocolError::Malformed(_) => Some(1007),
-            ProtocolError::TooLarge { .. } => Some(1009),
-            ProtocolError::Transport(_) => None,
-        }
+    /// The close telling the peer what it did wrong, if it still can be
+    /// told anything.
+    pub fn close(&self) -> Option<Close> {
+        let code = match self {
+            ProtocolError::TextFrame => CloseCode::Unsupported,
+            ProtocolError::Malformed(_) => CloseCode::InvalidPayload,
+            ProtocolError::TooLarge { .. } => CloseCode::TooBig,
+            ProtocolError::Transport(_) => return None,
+        };
+        Some(Close::new(code, self.to_string()))
     }
 }
 

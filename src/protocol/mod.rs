@@ -2,9 +2,11 @@
 //! the status codes every request answers with, and the domain newtypes that
 //! requests are parsed into at the edge.
 
+pub mod close;
 mod error;
 pub mod ids;
 
+pub use close::{Close, CloseCode};
 pub use error::{ProtocolError, RequestError};
 
 /// Types generated from `proto/relay.proto`.

@@ -6,12 +6,10 @@
 
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::auth::{Authenticated, Password, SessionToken, Username};
+use crate::auth::{Authenticated, HeaderCredentials};
 use crate::protocol::RequestError;
 use crate::state::AppState;
 
@@ -29,6 +27,80 @@ pub struct Upgrade {
     pub leftover: Vec<u8>,
 }
 
+/// Why an upgrade was refused. Every variant but `Gone` is answered with
+/// an HTTP error ([`UpgradeError::response`]) before the socket is dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The peer closed, failed or stalled before its request head was in;
+    /// there is nobody to answer.
+    #[error("no request head arrived")]
+    Gone,
+    #[error("request head too large")]
+    HeadTooLarge,
+    #[error("malformed HTTP request")]
+    Malformed,
+    #[error("not found; the WebSocket endpoint is {WEBSOCKET_PATH}")]
+    NotFound,
+    #[error("use GET with a WebSocket upgrade")]
+    MethodNotAllowed,
+    #[error("this endpoint speaks WebSocket only")]
+    NotWebSocket,
+    #[error("WebSocket version 13 is required")]
+    UnsupportedVersion,
+    #[error("missing Sec-WebSocket-Key")]
+    MissingKey,
+    #[error("server is at its connection limit")]
+    AtCapacity,
+    /// The `Authorization` header's credentials were refused (the client's
+    /// fault), or the server could not check them now (`Unavailable`), or
+    /// failed (`Internal`): the request error says which.
+    #[error("authentication failed")]
+    Auth(#[source] RequestError),
+}
+
+impl UpgradeError {
+    /// The HTTP answer, if the peer can still be told.
+    pub fn response(&self) -> Option<Reject> {
+        let (status, reason, extra_headers) = match self {
+            UpgradeError::Gone => return None,
+            UpgradeError::HeadTooLarge => (431, "Request Header Fields Too Large", ""),
+            UpgradeError::Malformed | UpgradeError::MissingKey => (400, "Bad Request", ""),
+            UpgradeError::NotFound => (404, "Not Found", ""),
+            UpgradeError::MethodNotAllowed => (405, "Method Not Allowed", "Allow: GET\r\n"),
+            UpgradeError::NotWebSocket => (
+                426,
+                "Upgrade Required",
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+            ),
+            UpgradeError::UnsupportedVersion => {
+                (426, "Upgrade Required", "Sec-WebSocket-Version: 13\r\n")
+            }
+            UpgradeError::AtCapacity => (503, "Service Unavailable", ""),
+            UpgradeError::Auth(err) => match err {
+                RequestError::Internal(_) => (500, "Internal Server Error", ""),
+                RequestError::Unavailable(_) => (503, "Service Unavailable", ""),
+                _ => (
+                    401,
+                    "Unauthorized",
+                    "WWW-Authenticate: Bearer, Basic realm=\"relay\"\r\n",
+                ),
+            },
+        };
+        let message = match self {
+            // Never an internal error's detail; the client's own mistake in
+            // full.
+            UpgradeError::Auth(err) => err.client_message(),
+            other => other.to_string(),
+        };
+        Some(Reject {
+            status,
+            reason,
+            message,
+            extra_headers,
+        })
+    }
+}
+
 /// An HTTP error answer.
 #[derive(Debug)]
 pub struct Reject {
@@ -38,71 +110,33 @@ pub struct Reject {
     pub extra_headers: &'static str,
 }
 
-impl Reject {
-    fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Reject {
-            status,
-            reason,
-            message: message.into(),
-            extra_headers: "",
-        }
-    }
-
-    pub fn unavailable(message: &str) -> Self {
-        Reject::new(503, "Service Unavailable", message)
-    }
-}
-
 /// Reads and answers the upgrade request. On `Err` the caller writes the
 /// rejection with [`reject`] (if the socket is still usable) and drops it.
 pub async fn accept<S>(
     stream: &mut S,
     state: &AppState,
     timeout: Duration,
-) -> Result<Upgrade, Option<Reject>>
+) -> Result<Upgrade, UpgradeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (head, leftover) = match tokio::time::timeout(timeout, read_head(stream)).await {
         Ok(Ok(Some(read))) => read,
-        Ok(Ok(None)) => {
-            return Err(Some(Reject::new(
-                431,
-                "Request Header Fields Too Large",
-                "request head too large",
-            )));
-        }
-        Ok(Err(_)) | Err(_) => return Err(None),
+        Ok(Ok(None)) => return Err(UpgradeError::HeadTooLarge),
+        Ok(Err(_)) | Err(_) => return Err(UpgradeError::Gone),
     };
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(&head) {
         Ok(httparse::Status::Complete(_)) => {}
-        _ => {
-            return Err(Some(Reject::new(
-                400,
-                "Bad Request",
-                "malformed HTTP request",
-            )));
-        }
+        _ => return Err(UpgradeError::Malformed),
     }
     let path = request.path.unwrap_or("").split('?').next().unwrap_or("");
     if path != WEBSOCKET_PATH {
-        return Err(Some(Reject::new(
-            404,
-            "Not Found",
-            format!("not found; the WebSocket endpoint is {WEBSOCKET_PATH}"),
-        )));
+        return Err(UpgradeError::NotFound);
     }
     if request.method != Some("GET") {
-        return Err(Some(Reject {
-            extra_headers: "Allow: GET\r\n",
-            ..Reject::new(
-                405,
-                "Method Not Allowed",
-                "use GET with a WebSocket upgrade",
-            )
-        }));
+        return Err(UpgradeError::MethodNotAllowed);
     }
     let header = |name: &str| {
         request
@@ -117,49 +151,32 @@ where
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
     });
     if !upgrade || !connection {
-        return Err(Some(Reject {
-            extra_headers: "Upgrade: websocket\r\nConnection: Upgrade\r\n",
-            ..Reject::new(
-                426,
-                "Upgrade Required",
-                "this endpoint speaks WebSocket only",
-            )
-        }));
+        return Err(UpgradeError::NotWebSocket);
     }
     if header("sec-websocket-version") != Some("13") {
-        return Err(Some(Reject {
-            extra_headers: "Sec-WebSocket-Version: 13\r\n",
-            ..Reject::new(426, "Upgrade Required", "WebSocket version 13 is required")
-        }));
+        return Err(UpgradeError::UnsupportedVersion);
     }
     let Some(key) = header("sec-websocket-key") else {
-        return Err(Some(Reject::new(
-            400,
-            "Bad Request",
-            "missing Sec-WebSocket-Key",
-        )));
+        return Err(UpgradeError::MissingKey);
     };
     let accept_key = derive_accept_key(key.trim().as_bytes());
     let (auth, issued_token) = match header("authorization") {
         None => (None, None),
-        Some(value) => match authenticate(state, value).await {
-            Ok(found) => found,
-            Err(err) if err.is_internal() => {
-                tracing::error!(error = %err, source = ?std::error::Error::source(&err), "header authentication failed");
-                return Err(Some(Reject::new(
-                    500,
-                    "Internal Server Error",
-                    "internal error",
-                )));
+        Some(value) => {
+            let authenticated = async {
+                let credentials = HeaderCredentials::parse(value)?;
+                Ok::<_, RequestError>(state.auth().from_header(credentials).await?)
+            };
+            match authenticated.await {
+                Ok((auth, token)) => (Some(auth), token),
+                Err(err) => {
+                    if err.is_internal() {
+                        tracing::error!(error = %err, source = ?std::error::Error::source(&err), "header authentication failed");
+                    }
+                    return Err(UpgradeError::Auth(err));
+                }
             }
-            Err(RequestError::Unavailable(m)) => return Err(Some(Reject::unavailable(&m))),
-            Err(err) => {
-                return Err(Some(Reject {
-                    extra_headers: "WWW-Authenticate: Bearer, Basic realm=\"relay\"\r\n",
-                    ..Reject::new(401, "Unauthorized", err.client_message())
-                }));
-            }
-        },
+        }
     };
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n"
@@ -174,7 +191,7 @@ where
     }
     response.push_str("\r\n");
     if stream.write_all(response.as_bytes()).await.is_err() {
-        return Err(None);
+        return Err(UpgradeError::Gone);
     }
     Ok(Upgrade { auth, leftover })
 }
@@ -224,41 +241,5 @@ async fn read_head<S: AsyncRead + Unpin>(
         if buf.len() > MAX_HEAD {
             return Ok(None);
         }
-    }
-}
-
-/// `Bearer <base64url token>` resumes a session; `Basic` logs in with a
-/// password and issues a new session token.
-async fn authenticate(
-    state: &AppState,
-    value: &str,
-) -> Result<(Option<Authenticated>, Option<SessionToken>), RequestError> {
-    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
-    if scheme.eq_ignore_ascii_case("bearer") {
-        let token = SessionToken::from_base64(rest.trim())
-            .ok_or_else(|| RequestError::Unauthorized("malformed bearer token".into()))?;
-        let auth = state.auth().resume(&token).await?;
-        Ok((Some(auth), None))
-    } else if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = STANDARD
-            .decode(rest.trim())
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| RequestError::Unauthorized("malformed basic credentials".into()))?;
-        let (user, password) = decoded
-            .split_once(':')
-            .ok_or_else(|| RequestError::Unauthorized("malformed basic credentials".into()))?;
-        let issued = state
-            .auth()
-            .login(
-                Username::parse(user)?,
-                Password::parse(password.to_owned())?,
-            )
-            .await?;
-        Ok((Some(issued.auth), Some(issued.token)))
-    } else {
-        Err(RequestError::Unauthorized(
-            "unsupported authorization scheme; use Bearer or Basic".into(),
-        ))
     }
 }

@@ -1,12 +1,13 @@
 //! The server: accept TCP connections (optionally TLS), upgrade them at
 //! `/v1/websocket`, and hand each to the connection handler; run the
-//! background sweeper; shut down as a protocol.
+//! background [`sweeper`]; shut down as a protocol.
 //!
 //! Shutdown: when `shutdown` is cancelled the listener closes, every
 //! connection closes with 1001 after storing what it held, in-flight stores
 //! commit, and the whole thing gives up at the configured deadline.
 
 pub mod handshake;
+pub mod sweeper;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -22,10 +23,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Limits};
+use crate::config::{Config, ConnectionLimits};
 use crate::connection::handler;
 use crate::connection::read_ahead::ReadAhead;
-use crate::messages::sweeper;
 use crate::state::AppState;
 use crate::storage::{self, StorageError};
 
@@ -98,18 +98,14 @@ impl Server {
             state,
             background,
         } = self;
-        background.spawn(sweeper::run(
-            state.clone(),
-            config.limits.sweep_interval(),
-            shutdown.clone(),
-        ));
-        let listener =
-            with_backlog(listener, config.limits.listen_backlog).map_err(ServerError::Listen)?;
+        background.spawn(sweeper::run(state.clone(), shutdown.clone()));
+        let listener = with_backlog(listener, config.limits.connection.listen_backlog)
+            .map_err(ServerError::Listen)?;
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, tls = tls.is_some(), "relay listening");
 
         let connections = TaskTracker::new();
-        let capacity = Arc::new(Semaphore::new(config.limits.max_connections));
+        let capacity = Arc::new(Semaphore::new(config.limits.connection.max_connections));
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -135,7 +131,7 @@ impl Server {
         }
         drop(listener);
 
-        let deadline = tokio::time::Instant::now() + config.limits.shutdown_grace();
+        let deadline = tokio::time::Instant::now() + config.limits.housekeeping.shutdown_grace();
         tracing::info!(connections = connections.len(), "shutting down");
         connections.close();
         if tokio::time::timeout_at(deadline, connections.wait())
@@ -178,7 +174,7 @@ fn with_backlog(listener: TcpListener, backlog: u32) -> std::io::Result<TcpListe
 }
 
 /// The WebSocket settings derived from the limits.
-pub fn websocket_config(limits: &Limits) -> WebSocketConfig {
+pub fn websocket_config(limits: &ConnectionLimits) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(limits.read_buffer_bytes)
         // Frames collect in the write buffer until the connection flushes
@@ -217,7 +213,7 @@ async fn accept_tls(
     permit: Option<OwnedSemaphorePermit>,
     shutdown: CancellationToken,
 ) {
-    let handshake_timeout = state.limits().auth_timeout();
+    let handshake_timeout = state.limits().connection.auth_timeout();
     match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream))).await {
         Ok(Ok(stream)) => upgrade(state, stream, permit, shutdown).await,
         Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
@@ -236,23 +232,29 @@ async fn upgrade<S>(
     // Every step before the session is boxed: the connection task's future
     // is as large as its largest state, and it lives as long as the socket,
     // so only the (boxed) session should stay allocated (see the test).
-    let timeout = state.limits().auth_timeout();
-    let Some(_permit) = permit else {
-        let refuse = async move {
+    let limits = &state.limits().connection;
+    let timeout = limits.auth_timeout();
+    let upgraded = match permit {
+        Some(permit) => Box::pin(handshake::accept(&mut stream, &state, timeout))
+            .await
+            .map(|upgrade| (upgrade, permit)),
+        None => {
             // Read the request first so the client sees the answer, not a reset.
-            let _ = handshake::accept_head_only(&mut stream, timeout).await;
-            let full = handshake::Reject::unavailable("server is at its connection limit");
-            handshake::reject(&mut stream, &full).await;
-        };
-        return Box::pin(refuse).await;
+            Box::pin(handshake::accept_head_only(&mut stream, timeout)).await;
+            Err(handshake::UpgradeError::AtCapacity)
+        }
     };
-    let upgrade = match Box::pin(handshake::accept(&mut stream, &state, timeout)).await {
-        Ok(upgrade) => upgrade,
-        Err(Some(reject)) => return Box::pin(handshake::reject(&mut stream, &reject)).await,
-        Err(None) => return,
+    let (upgrade, _permit) = match upgraded {
+        Ok(upgraded) => upgraded,
+        Err(err) => {
+            if let Some(reject) = err.response() {
+                Box::pin(handshake::reject(&mut stream, &reject)).await;
+            }
+            return;
+        }
     };
-    let config = Some(websocket_config(state.limits()));
-    let stream = ReadAhead::new(stream, state.limits().read_ahead_bytes);
+    let config = Some(websocket_config(&state.limits().connection));
+    let stream = ReadAhead::new(stream, state.limits().connection.read_ahead_bytes);
     let ws = Box::pin(WebSocketStream::from_partially_read(
         stream,
         upgrade.leftover,

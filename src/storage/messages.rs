@@ -1,6 +1,7 @@
 //! Queries on `messages`: batched inserts, the ordered drain read, batched
 //! ack deletes and the expiry sweep.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -9,8 +10,8 @@ use sqlx::postgres::PgArguments;
 use sqlx::{PgConnection, PgPool, Postgres};
 use uuid::Uuid;
 
-use super::StorageError;
-use crate::messages::{EnvelopeType, Message};
+use super::{StorageError, is_foreign_key_violation, is_unique_violation};
+use crate::envelope::{EnvelopeType, Message};
 
 fn to_time(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms)
@@ -18,18 +19,70 @@ fn to_time(ms: i64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// Inserts `messages` in one statement. Returns the ids actually inserted:
-/// a message whose id is already stored (an idempotent retry) or whose
-/// recipient does not exist is skipped, not an error, so one bad row never
-/// fails the batch.
+/// What became of one message of a stored batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Committed now.
+    Inserted,
+    /// A message with this id was already stored: an idempotent retry
+    /// (possibly acked since).
+    AlreadyStored,
+    /// The recipient does not exist (any more).
+    UnknownRecipient,
+}
+
+/// Stores `messages`, returning each one's outcome in order. One bad row
+/// never fails the batch: a message whose id is stored already or whose
+/// recipient is gone is skipped and reported as such.
+pub async fn store_batch(
+    conn: &mut PgConnection,
+    messages: &[&Message],
+) -> Result<Vec<Stored>, StorageError> {
+    let inserted: HashSet<Uuid> = match insert_batch(conn, messages).await {
+        // A recipient deleted between the guarded statement's join and its
+        // insert; running it again skips them.
+        Err(StorageError::Query(e)) if is_foreign_key_violation(&e) => {
+            insert_batch(conn, messages).await?
+        }
+        other => other?,
+    }
+    .into_iter()
+    .collect();
+    let skipped: Vec<Uuid> = messages
+        .iter()
+        .filter(|m| !inserted.contains(&m.id))
+        .map(|m| m.recipient_id)
+        .collect();
+    let existing: HashSet<Uuid> = if skipped.is_empty() {
+        HashSet::new()
+    } else {
+        super::users::existing(conn, &skipped)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    Ok(messages
+        .iter()
+        .map(|m| {
+            if inserted.contains(&m.id) {
+                Stored::Inserted
+            } else if existing.contains(&m.recipient_id) {
+                Stored::AlreadyStored
+            } else {
+                Stored::UnknownRecipient
+            }
+        })
+        .collect())
+}
+
+/// Inserts `messages`, returning the ids actually inserted.
 ///
-/// Takes a connection rather than the pool because it may run two
-/// statements: nearly every batch is new messages to existing users, so it
-/// first tries the plain insert, and only a batch that trips the primary key
-/// or a foreign key is run again through the guarded statement that skips
-/// the offending rows. Each statement commits on its own; a failed one
-/// inserts nothing, so the second attempt sees the table as the first did.
-pub async fn insert_batch(
+/// Nearly every batch is new messages to existing users, so it first tries
+/// the plain insert, and only a batch that trips the primary key or a
+/// foreign key is run again through the guarded statement that skips the
+/// offending rows. Each statement commits on its own; a failed one inserts
+/// nothing, so the second attempt sees the table as the first did.
+async fn insert_batch(
     conn: &mut PgConnection,
     messages: &[&Message],
 ) -> Result<Vec<Uuid>, StorageError> {
@@ -40,8 +93,7 @@ pub async fn insert_batch(
         .await
     {
         Ok(_) => return Ok(columns.ids),
-        Err(sqlx::Error::Database(e))
-            if matches!(e.code().as_deref(), Some(UNIQUE_VIOLATION | FK_VIOLATION)) => {}
+        Err(e) if is_unique_violation(&e) || is_foreign_key_violation(&e) => {}
         Err(e) => return Err(e.into()),
     }
     Ok(columns
@@ -49,9 +101,6 @@ pub async fn insert_batch(
         .fetch_all(&mut *conn)
         .await?)
 }
-
-const UNIQUE_VIOLATION: &str = "23505";
-const FK_VIOLATION: &str = "23503";
 
 /// The common case, measured on this schema at about three quarters of the
 /// guarded statement's cost: no join against `users` per row (the foreign

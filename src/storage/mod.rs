@@ -1,28 +1,37 @@
 //! PostgreSQL storage: the pool, start-up (create the database if missing,
-//! run the migrations in `migrations/`), and one submodule of queries per
-//! table family. Nothing above this layer writes SQL.
+//! run the migrations in `migrations/`), the batch workers of the hot paths,
+//! and one submodule of queries per table family. Nothing above this layer
+//! writes SQL or knows an SQLSTATE.
 
+pub mod batch;
 pub mod keys;
 pub mod messages;
 pub mod reader;
 pub mod sessions;
 pub mod users;
 
-use std::str::FromStr;
-use std::time::Duration;
-
 use std::ops::Deref;
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio_util::task::TaskTracker;
 
+use crate::config::ReaderLimits;
 pub use reader::Reader;
 
-/// Errors of the storage layer. Only the first variants are the client's
-/// fault; a `Query` or `Migrate` error is ours.
+/// The SQLSTATE codes the storage layer tells apart.
+mod sqlstate {
+    pub const UNIQUE_VIOLATION: &str = "23505";
+    pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+    pub const DUPLICATE_DATABASE: &str = "42P04";
+}
+
+/// Errors of the storage layer. `UsernameTaken` is the client's fault; the
+/// rest are ours.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("username is already taken")]
@@ -31,8 +40,6 @@ pub enum StorageError {
     Query(#[from] sqlx::Error),
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("storage task failed")]
-    Task(#[source] tokio::task::JoinError),
     #[error("invalid database URL")]
     Url(#[source] sqlx::Error),
     /// A batched read failed; every request in the batch gets the same error.
@@ -56,7 +63,7 @@ pub struct Database {
 
 impl Database {
     /// Wraps `pool`, starting the reader's tasks on `tasks`.
-    pub fn new(pool: PgPool, reader: reader::ReaderLimits, tasks: &TaskTracker) -> Self {
+    pub fn new(pool: PgPool, reader: &ReaderLimits, tasks: &TaskTracker) -> Self {
         let reader = Reader::spawn(pool.clone(), reader, tasks);
         Database { pool, reader }
     }
@@ -75,53 +82,6 @@ impl Deref for Database {
 
     fn deref(&self) -> &PgPool {
         &self.pool
-    }
-}
-
-/// A connection a single task owns, outside the pool: for hot paths that
-/// would otherwise pay sqlx's two pool pings (on acquire and on release) per
-/// statement. The owning task always runs its statements to the end, so
-/// nothing can leave the connection mid-statement or mid-transaction.
-pub struct OwnConnection {
-    /// Where the connection settings come from (the pool's own).
-    db: PgPool,
-    /// Opened on first use, and again after an error that may have broken it.
-    conn: Option<PgConnection>,
-}
-
-impl OwnConnection {
-    pub fn new(db: PgPool) -> Self {
-        OwnConnection { db, conn: None }
-    }
-
-    /// Runs `f` on the connection, opening it first if needed. After an
-    /// error that is not PostgreSQL refusing a statement (I/O, protocol),
-    /// the connection is dropped and the next call opens a new one.
-    pub async fn run<T, F>(&mut self, f: F) -> Result<T, StorageError>
-    where
-        F: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
-    {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => {
-                let conn = self.db.connect_options().connect().await?;
-                self.conn.insert(conn)
-            }
-        };
-        let result = f(conn).await;
-        if let Err(err) = &result
-            && !matches!(err, StorageError::Query(sqlx::Error::Database(_)))
-        {
-            self.conn = None;
-        }
-        result
-    }
-
-    /// Closes the connection politely, if open.
-    pub async fn close(self) {
-        if let Some(conn) = self.conn {
-            let _ = conn.close().await;
-        }
     }
 }
 
@@ -160,7 +120,8 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()
         {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Another process created it between our check and our CREATE.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some(sqlstate::DUPLICATE_DATABASE) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -168,7 +129,16 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()
     Ok(())
 }
 
-/// True for a unique-constraint violation, optionally of the named constraint.
+/// True for a unique-constraint violation.
 pub(crate) fn is_unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(e) if e.code().as_deref() == Some("23505"))
+    has_code(err, sqlstate::UNIQUE_VIOLATION)
+}
+
+/// True for a foreign-key violation.
+pub(crate) fn is_foreign_key_violation(err: &sqlx::Error) -> bool {
+    has_code(err, sqlstate::FOREIGN_KEY_VIOLATION)
+}
+
+fn has_code(err: &sqlx::Error, code: &str) -> bool {
+    matches!(err, sqlx::Error::Database(e) if e.code().as_deref() == Some(code))
 }

@@ -3,35 +3,23 @@
 //!
 //! Through the pool each of them cost three round trips (sqlx pings a
 //! connection when it is taken and again when it is given back) and a
-//! statement of its own. Here requests wait in a bounded queue; each reader
-//! task takes whatever is waiting, up to a batch, and answers all the
-//! session lookups with one statement and all the drain reads with another,
-//! on a connection it owns. A request is never cancelled half-way: the
-//! task runs every statement to the end even if the requester has gone.
+//! statement of its own. Here they go through [`batch`](super::batch)
+//! workers: each answers all the session lookups it took with one statement
+//! and all the drain reads with another.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::StorageError;
+use super::batch::{Batch, Conn, Source, WorkerLimits, Workers};
 use super::messages::DrainRead;
-use super::{OwnConnection, StorageError};
-use crate::messages::Message;
-
-/// The reader's bounds.
-#[derive(Debug, Clone, Copy)]
-pub struct ReaderLimits {
-    /// Dedicated connections, one task each.
-    pub connections: usize,
-    /// Most requests answered by one statement.
-    pub batch: usize,
-    /// Requests that may wait for a reader; beyond this, requesters wait
-    /// for room.
-    pub queue: usize,
-}
+use crate::config::ReaderLimits;
+use crate::envelope::Message;
 
 type Reply<T> = oneshot::Sender<Result<T, Arc<StorageError>>>;
 
@@ -55,19 +43,19 @@ enum Request {
 /// handle is dropped and the queue is empty.
 #[derive(Clone)]
 pub struct Reader {
-    /// The bounded queue the reader tasks take batches from.
-    tx: mpsc::Sender<Request>,
+    workers: Workers<Request>,
 }
 
 impl Reader {
     /// Starts the reader tasks on `tasks`.
-    pub fn spawn(db: PgPool, limits: ReaderLimits, tasks: &TaskTracker) -> Self {
-        let (tx, rx) = mpsc::channel(limits.queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..limits.connections.max(1) {
-            tasks.spawn(read_loop(db.clone(), rx.clone(), limits.batch.max(1)));
-        }
-        Reader { tx }
+    pub fn spawn(db: PgPool, limits: &ReaderLimits, tasks: &TaskTracker) -> Self {
+        let limits = WorkerLimits {
+            workers: limits.db_readers,
+            queue: limits.db_read_queue,
+            batch: limits.db_read_batch,
+        };
+        let workers = Workers::spawn(db, Source::Dedicated, limits, tasks, Reads::default);
+        Reader { workers }
     }
 
     /// The user id and username of the live session whose token hashes to
@@ -88,8 +76,8 @@ impl Reader {
         request: Request,
         answer: oneshot::Receiver<Result<T, Arc<StorageError>>>,
     ) -> Result<T, StorageError> {
-        self.tx
-            .send(request)
+        self.workers
+            .submit(request)
             .await
             .map_err(|_| StorageError::ReaderClosed)?;
         match answer.await {
@@ -99,38 +87,34 @@ impl Reader {
     }
 }
 
-async fn read_loop(db: PgPool, rx: Arc<Mutex<mpsc::Receiver<Request>>>, batch: usize) {
-    let mut conn = OwnConnection::new(db);
-    let mut requests = Vec::with_capacity(batch);
-    let mut sessions = Vec::new();
-    let mut drains = Vec::new();
-    loop {
-        {
-            let mut rx = rx.lock().await;
-            if rx.recv_many(&mut requests, batch).await == 0 {
-                break; // every handle is gone and the queue is empty
-            }
-        }
-        for request in requests.drain(..) {
-            match request {
-                Request::Session { hash, done } => sessions.push((hash, done)),
-                Request::Drain { read, done } => drains.push((read, done)),
-            }
-        }
-        if !sessions.is_empty() {
-            look_up_sessions(&mut conn, &mut sessions).await;
-        }
-        if !drains.is_empty() {
-            read_drains(&mut conn, &mut drains).await;
-        }
-    }
-    conn.close().await;
+/// One reader worker: sorts a batch by kind, then answers each kind with
+/// one statement. The vectors are kept between batches.
+#[derive(Default)]
+struct Reads {
+    sessions: Vec<([u8; 32], Reply<SessionOwner>)>,
+    drains: Vec<(DrainRead, Reply<Vec<Message>>)>,
 }
 
-async fn look_up_sessions(
-    conn: &mut OwnConnection,
-    batch: &mut Vec<([u8; 32], Reply<SessionOwner>)>,
-) {
+impl Batch for Reads {
+    type Job = Request;
+
+    async fn run(&mut self, conn: &mut Conn, jobs: &mut Vec<Request>) {
+        for request in jobs.drain(..) {
+            match request {
+                Request::Session { hash, done } => self.sessions.push((hash, done)),
+                Request::Drain { read, done } => self.drains.push((read, done)),
+            }
+        }
+        if !self.sessions.is_empty() {
+            look_up_sessions(conn, &mut self.sessions).await;
+        }
+        if !self.drains.is_empty() {
+            read_drains(conn, &mut self.drains).await;
+        }
+    }
+}
+
+async fn look_up_sessions(conn: &mut Conn, batch: &mut Vec<([u8; 32], Reply<SessionOwner>)>) {
     let hashes: Vec<&[u8]> = batch.iter().map(|(hash, _)| &hash[..]).collect();
     let result = conn
         .run(async |c| super::sessions::find_live_many(c, &hashes).await)
@@ -151,7 +135,7 @@ async fn look_up_sessions(
     }
 }
 
-async fn read_drains(conn: &mut OwnConnection, batch: &mut Vec<(DrainRead, Reply<Vec<Message>>)>) {
+async fn read_drains(conn: &mut Conn, batch: &mut Vec<(DrainRead, Reply<Vec<Message>>)>) {
     let reads: Vec<DrainRead> = batch.iter().map(|(read, _)| *read).collect();
     let result = conn
         .run(async |c| super::messages::fetch_for_drain_many(c, &reads).await)

@@ -66,7 +66,7 @@ async fn garbage_bytes_close_with_1007() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_frames_close_with_1009() {
-    let app = spawn_app_with(|c| c.limits.max_frame_bytes = 4096).await;
+    let app = spawn_app_with(|c| c.limits.connection.max_frame_bytes = 4096).await;
     let (client, mut events, _) = app.register("alice").await;
     expect_queue_empty(&mut events).await;
     client
@@ -119,7 +119,7 @@ async fn a_second_connection_displaces_the_first_with_4409() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_peers_are_closed_after_the_idle_timeout() {
-    let app = spawn_app_with(|c| c.limits.idle_timeout_secs = 1).await;
+    let app = spawn_app_with(|c| c.limits.connection.idle_timeout_secs = 1).await;
     let (_c, _e, auth) = app.register("alice").await;
     let token = {
         use base64::Engine;
@@ -151,7 +151,7 @@ async fn silent_peers_are_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_answers_503() {
-    let app = spawn_app_with(|c| c.limits.max_connections = 2).await;
+    let app = spawn_app_with(|c| c.limits.connection.max_connections = 2).await;
     let (_a, _ea) = app.connect().await;
     let (b, _eb) = app.connect().await;
     match Client::connect_with(&app.url, ConnectOptions::default()).await {
@@ -177,7 +177,7 @@ async fn the_connection_cap_answers_503() {
 /// must stop once the last connection has gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_does_not_wait_for_the_grace_deadline() {
-    let mut app = spawn_app_with(|c| c.limits.shutdown_grace_secs = 600).await;
+    let mut app = spawn_app_with(|c| c.limits.housekeeping.shutdown_grace_secs = 600).await;
     let (alice, _alice_events, auth) = app.register_live("alice").await;
     alice.close().await;
     // A reconnect exercises the reader (session lookup and drain read).
@@ -193,7 +193,7 @@ async fn shutdown_does_not_wait_for_the_grace_deadline() {
 /// then displaces the earlier, as usual).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_token_twice_at_once_authenticates_both() {
-    let app = spawn_app_with(|c| c.limits.db_readers = 1).await;
+    let app = spawn_app_with(|c| c.limits.reader.db_readers = 1).await;
     let (alice, _alice_events, auth) = app.register_live("alice").await;
     alice.close().await;
     for _ in 0..5 {

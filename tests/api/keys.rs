@@ -740,7 +740,7 @@ fn low(one_time: u32, kyber: u32) -> proto::PreKeysLow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_is_told_when_a_fetch_leaves_few_keys() {
     let app = spawn_app().await;
-    assert_eq!(app.config.limits.prekey_low_threshold, 10);
+    assert_eq!(app.config.limits.keys.prekey_low_threshold, 10);
     let me = TestIdentity::generate();
     let (alice, mut events, alice_id) =
         user_with(&app, "alice", me.upload(7, 1..=11, 1..=11, 1000)).await;
@@ -795,8 +795,8 @@ async fn the_owner_is_told_when_a_fetch_leaves_few_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundle_fetches_are_rate_limited_per_requester() {
     let app = spawn_app_with(|config| {
-        config.limits.bundle_burst = 3.0;
-        config.limits.bundle_rate_per_sec = 5.0;
+        config.limits.rates.bundle_burst = 3.0;
+        config.limits.rates.bundle_rate_per_sec = 5.0;
     })
     .await;
     let me = TestIdentity::generate();
@@ -1074,7 +1074,7 @@ async fn concurrent_first_uploads(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_one_time_keys_are_capped_per_user() {
-    let app = spawn_app_with(|c| c.limits.max_stored_pre_keys = 150).await;
+    let app = spawn_app_with(|c| c.limits.keys.max_stored_pre_keys = 150).await;
     let me = TestIdentity::generate();
     let (alice, _events, _) = app.register(&unique("alice")).await;
     alice

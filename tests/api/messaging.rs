@@ -104,7 +104,7 @@ async fn queue_then_drain_in_order(app: &TestApp, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_messages_drain_in_order_then_queue_empty() {
-    let app = spawn_app_with(|c| c.limits.drain_batch = 7).await;
+    let app = spawn_app_with(|c| c.limits.messaging.drain_batch = 7).await;
     queue_then_drain_in_order(&app, 50).await;
 }
 
@@ -112,15 +112,15 @@ async fn offline_messages_drain_in_order_then_queue_empty() {
 /// message per read, in order: a read always takes its first message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_drain_byte_budget_still_drains_everything_in_order() {
-    let app = spawn_app_with(|c| c.limits.drain_batch_bytes = 1).await;
+    let app = spawn_app_with(|c| c.limits.messaging.drain_batch_bytes = 1).await;
     queue_then_drain_in_order(&app, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_during_a_drain_arrive_after_the_drained_ones() {
     let app = spawn_app_with(|c| {
-        c.limits.drain_batch = 4;
-        c.limits.send_burst = 10_000.0;
+        c.limits.messaging.drain_batch = 4;
+        c.limits.rates.send_burst = 10_000.0;
     })
     .await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
@@ -208,7 +208,7 @@ async fn a_recipient_that_disconnects_before_acking_gets_the_message_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacked_live_message_is_stored_after_the_ack_timeout() {
-    let app = spawn_app_with(|c| c.limits.ack_timeout_ms = 200).await;
+    let app = spawn_app_with(|c| c.limits.messaging.ack_timeout_ms = 200).await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
     let (bob, mut bob_events, bob_id, _) = online(&app, "bob").await;
     let send = tokio::spawn({
@@ -304,7 +304,7 @@ async fn ephemeral_messages_to_offline_recipients_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_never_delivered_and_are_swept() {
-    let app = spawn_app_with(|c| c.limits.sweep_interval_secs = 1).await;
+    let app = spawn_app_with(|c| c.limits.housekeeping.sweep_interval_secs = 1).await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
     let (bob_id, bob_token) = offline(&app, "bob").await;
     let mut short = text(bob_id, "expires");
@@ -366,7 +366,7 @@ async fn the_sweeper_deletes_in_bounded_batches() {
         .execute(&app.db)
         .await
         .unwrap();
-    let swept = signal_relay::messages::sweeper::sweep_once(&app.db, 4)
+    let swept = signal_relay::server::sweeper::sweep_once(&app.db, 4)
         .await
         .unwrap();
     assert_eq!(swept, 25);
@@ -437,7 +437,7 @@ async fn acks_of_foreign_or_unknown_ids_have_no_effect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_recipients_bad_types_and_size_limits() {
-    let app = spawn_app_with(|c| c.limits.max_message_bytes = 1024).await;
+    let app = spawn_app_with(|c| c.limits.messaging.max_message_bytes = 1024).await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
     let (bob_id, _) = offline(&app, "bob").await;
     let status = |r: Result<Sent, ClientError>| r.unwrap_err().status().unwrap();
@@ -478,8 +478,8 @@ async fn the_default_size_limit_is_96_kib() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn senders_are_rate_limited_with_retry_after() {
     let app = spawn_app_with(|c| {
-        c.limits.send_burst = 5.0;
-        c.limits.send_rate_per_sec = 0.5;
+        c.limits.rates.send_burst = 5.0;
+        c.limits.rates.send_rate_per_sec = 0.5;
     })
     .await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
@@ -512,12 +512,12 @@ async fn senders_are_rate_limited_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_overflows_to_storage_and_a_stalled_one_is_closed() {
     let app = spawn_app_with(|c| {
-        c.limits.outbound_queue = 4;
-        c.limits.max_unacked = 4;
-        c.limits.write_timeout_secs = 1;
-        c.limits.send_burst = 10_000.0;
+        c.limits.messaging.outbound_queue = 4;
+        c.limits.messaging.max_unacked = 4;
+        c.limits.connection.write_timeout_secs = 1;
+        c.limits.rates.send_burst = 10_000.0;
         // All sends below are in flight at once.
-        c.limits.max_inflight_requests = 1_024;
+        c.limits.connection.max_inflight_requests = 1_024;
     })
     .await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
@@ -595,8 +595,8 @@ async fn a_slow_reader_overflows_to_storage_and_a_stalled_one_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reconnects_each_get_their_own_session_and_queue() {
     let app = spawn_app_with(|c| {
-        c.limits.db_readers = 1;
-        c.limits.drain_batch = 3;
+        c.limits.reader.db_readers = 1;
+        c.limits.messaging.drain_batch = 3;
     })
     .await;
     let (alice, _ae, _, _) = online(&app, "alice").await;

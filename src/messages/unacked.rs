@@ -13,8 +13,8 @@ use std::collections::{HashMap, VecDeque};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::messages::Delivery;
-use crate::registry::LiveDelivery;
+use super::Delivery;
+use super::registry::LiveDelivery;
 
 /// Bounded by the caller: it stops taking live messages when full.
 pub struct Unacked {
@@ -115,8 +115,8 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::messages::Message;
-    use crate::registry::Waiter;
+    use crate::envelope::Message;
+    use crate::messages::registry::Waiter;
 
     fn delivery(id: Uuid) -> (LiveDelivery, oneshot::Receiver<Delivery>) {
         let (responder, outcome) = oneshot::channel();

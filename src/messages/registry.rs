@@ -21,9 +21,11 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::messages::dedupe::Attempt;
-use crate::messages::{Delivery, Message};
-use crate::protocol::proto;
+use super::Delivery;
+use super::dedupe::Attempt;
+use super::store::ToStore;
+use crate::envelope::Message;
+use crate::protocol::{Close, proto};
 
 /// What a connection is sent through its bounded outbound queue. Boxed so
 /// an idle connection's queue costs little.
@@ -65,20 +67,6 @@ impl Waiter {
     }
 }
 
-/// Why the server closes a connection from outside its own loop.
-#[derive(Debug, Clone)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: &'static str,
-}
-
-impl CloseReason {
-    pub const DISPLACED: CloseReason = CloseReason {
-        code: 4409,
-        reason: "replaced by a newer connection of this user",
-    };
-}
-
 /// A connection as the rest of the server sees it. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
@@ -89,7 +77,7 @@ pub struct ConnHandle {
     /// Cancelled to make the connection close with `close_reason`.
     kick: CancellationToken,
     /// Set once, before `kick` is cancelled.
-    close_reason: Arc<OnceLock<CloseReason>>,
+    close_reason: Arc<OnceLock<Close>>,
     /// Cancelled by the connection when it has stored everything it held, so
     /// a successor may start draining.
     finished: CancellationToken,
@@ -99,13 +87,13 @@ pub struct ConnHandle {
 pub struct ConnEnds {
     pub rx: mpsc::Receiver<Outbound>,
     pub kick: CancellationToken,
-    pub close_reason: Arc<OnceLock<CloseReason>>,
+    pub close_reason: Arc<OnceLock<Close>>,
     pub finished: CancellationToken,
 }
 
 impl ConnHandle {
     /// Asks the connection to close with `reason`.
-    pub fn close(&self, reason: CloseReason) {
+    pub fn close(&self, reason: Close) {
         let _ = self.close_reason.set(reason);
         self.kick.cancel();
     }
@@ -156,9 +144,9 @@ impl Slot {
 pub enum Route {
     /// Queued on the recipient's connection; the receiver hears the outcome.
     Live(oneshot::Receiver<Delivery>),
-    /// Must be stored; the ticket keeps the drain from passing it until it is
-    /// dropped, which the store writer does after the commit.
-    Store(Message, StoreTicket, Option<Attempt>),
+    /// Must be stored; its ticket keeps the drain from passing it until the
+    /// store writer drops it after the commit.
+    Store(ToStore),
     /// Ephemeral and the recipient is not reachable.
     Dropped,
 }
@@ -337,7 +325,11 @@ impl Registry {
             recipient,
             seq,
         };
-        Route::Store(message, ticket, attempt)
+        Route::Store(ToStore {
+            message,
+            ticket: Some(ticket),
+            attempt,
+        })
     }
 
     fn route_ephemeral(
@@ -447,15 +439,13 @@ mod tests {
         let registry = Registry::new(100, 8);
         let user = Uuid::new_v4();
         // Offline: stored, with a ticket.
-        let Route::Store(first, ticket, _) =
-            registry.route(user, false, None, |s| message(user, s))
-        else {
+        let Route::Store(first) = registry.route(user, false, None, |s| message(user, s)) else {
             panic!("offline messages are stored")
         };
-        let Route::Store(_, later, _) = registry.route(user, false, None, |s| message(user, s))
-        else {
+        let Route::Store(later) = registry.route(user, false, None, |s| message(user, s)) else {
             panic!("stored")
         };
+        let (first, ticket) = (first.message, first.ticket);
         assert_eq!(registry.drain_bound(user).below, first.seq);
         drop(ticket);
         assert_eq!(registry.drain_bound(user).below, first.seq + 1);
@@ -478,7 +468,8 @@ mod tests {
         let (displaced, _wake) = registry.connect(user, handle.clone());
         assert!(displaced.is_none());
         // Draining: stored.
-        let Route::Store(_, ticket, _) = registry.route(user, false, None, |s| message(user, s))
+        let Route::Store(ToStore { ticket, .. }) =
+            registry.route(user, false, None, |s| message(user, s))
         else {
             panic!("stored while draining")
         };

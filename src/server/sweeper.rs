@@ -25,8 +25,11 @@ pub async fn sweep_once(db: &PgPool, batch: i64) -> Result<u64, StorageError> {
     Ok(messages)
 }
 
-/// Runs [`sweep_once`] every `interval` until `shutdown`.
-pub async fn run(state: AppState, interval: Duration, shutdown: CancellationToken) {
+/// Runs [`sweep_once`] at the configured interval until `shutdown`.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let housekeeping = &state.limits().housekeeping;
+    let interval = housekeeping.sweep_interval();
+    let batch = housekeeping.sweep_batch;
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -34,7 +37,7 @@ pub async fn run(state: AppState, interval: Duration, shutdown: CancellationToke
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match sweep_once(state.db(), state.limits().sweep_batch).await {
+        match sweep_once(state.db(), batch).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(messages = n, "swept expired messages"),
             Err(err) => {

@@ -1,0 +1,173 @@
+//! The relayed message, as every layer knows it: the request that accepts
+//! it, the registry that routes it, the connection that writes it and the
+//! storage that keeps it. It lives below all of them so none of them has to
+//! reach up into another for it.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::protocol::proto;
+
+/// Signal's envelope types that may be relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeType {
+    Ciphertext,
+    PreKeyBundle,
+    /// Made only by the server, when a queued message is acked.
+    Receipt,
+    PlaintextContent,
+}
+
+impl EnvelopeType {
+    /// Parses a type a client may send (not `Receipt`).
+    pub fn from_client(value: i32) -> Option<Self> {
+        match proto::EnvelopeType::try_from(value).ok()? {
+            proto::EnvelopeType::Ciphertext => Some(Self::Ciphertext),
+            proto::EnvelopeType::PrekeyBundle => Some(Self::PreKeyBundle),
+            proto::EnvelopeType::PlaintextContent => Some(Self::PlaintextContent),
+            proto::EnvelopeType::Receipt | proto::EnvelopeType::Unspecified => None,
+        }
+    }
+
+    /// Signal's numeric value, also the value stored in the database.
+    pub fn code(self) -> i16 {
+        match self {
+            Self::Ciphertext => 1,
+            Self::PreKeyBundle => 3,
+            Self::Receipt => 5,
+            Self::PlaintextContent => 8,
+        }
+    }
+
+    pub fn from_code(code: i16) -> Option<Self> {
+        match code {
+            1 => Some(Self::Ciphertext),
+            3 => Some(Self::PreKeyBundle),
+            5 => Some(Self::Receipt),
+            8 => Some(Self::PlaintextContent),
+            _ => None,
+        }
+    }
+}
+
+/// A message the relay has accepted. Immutable; shared by reference between
+/// the sender's request, the recipient's connection and the store writer.
+#[derive(Debug)]
+pub struct Message {
+    pub id: Uuid,
+    /// Position in the recipient's delivery order.
+    pub seq: i64,
+    /// `None` once the sender deleted their account.
+    pub sender_id: Option<Uuid>,
+    pub sender_username: Arc<str>,
+    pub recipient_id: Uuid,
+    pub envelope_type: EnvelopeType,
+    pub content: Bytes,
+    pub server_timestamp_ms: i64,
+    pub client_timestamp_ms: i64,
+    pub expires_at_ms: i64,
+    /// Delivered only if the recipient is online; never stored.
+    pub ephemeral: bool,
+}
+
+impl Message {
+    /// A small ciphertext with placeholder fields, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: Uuid, recipient: Uuid, seq: i64) -> Message {
+        Message {
+            id,
+            seq,
+            sender_id: None,
+            sender_username: Arc::from(""),
+            recipient_id: recipient,
+            envelope_type: EnvelopeType::Ciphertext,
+            content: Bytes::from_static(b"x"),
+            server_timestamp_ms: 0,
+            client_timestamp_ms: 0,
+            expires_at_ms: i64::MAX,
+            ephemeral: false,
+        }
+    }
+
+    /// A delivery receipt telling `original_sender` that `acker` took the
+    /// stored message `original`. Its id is derived from the original's, so
+    /// an ack repeated after a crash cannot store a second receipt.
+    pub fn receipt(
+        acker: Uuid,
+        acker_username: Arc<str>,
+        original: Uuid,
+        original_sender: Uuid,
+        seq: i64,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Message {
+        let mut key = b"receipt:".to_vec();
+        key.extend_from_slice(original.as_bytes());
+        Message {
+            id: message_id(acker, Some(&key)),
+            seq,
+            sender_id: Some(acker),
+            sender_username: acker_username,
+            recipient_id: original_sender,
+            envelope_type: EnvelopeType::Receipt,
+            content: Bytes::copy_from_slice(original.as_bytes()),
+            server_timestamp_ms: now_ms,
+            client_timestamp_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(ttl_ms),
+            ephemeral: false,
+        }
+    }
+
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms <= now_ms
+    }
+
+    pub fn to_envelope(&self) -> proto::Envelope {
+        proto::Envelope {
+            message_id: Bytes::copy_from_slice(self.id.as_bytes()),
+            sender_id: self
+                .sender_id
+                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+                .unwrap_or_default(),
+            sender_username: self.sender_username.to_string(),
+            r#type: match self.envelope_type {
+                EnvelopeType::Ciphertext => proto::EnvelopeType::Ciphertext,
+                EnvelopeType::PreKeyBundle => proto::EnvelopeType::PrekeyBundle,
+                EnvelopeType::Receipt => proto::EnvelopeType::Receipt,
+                EnvelopeType::PlaintextContent => proto::EnvelopeType::PlaintextContent,
+            } as i32,
+            content: self.content.clone(),
+            server_timestamp_ms: self.server_timestamp_ms.max(0) as u64,
+            client_timestamp_ms: self.client_timestamp_ms.max(0) as u64,
+        }
+    }
+}
+
+/// The id of a message sent with a client message id: the same for every
+/// retry, even across a server restart, so recipients can deduplicate and
+/// storage refuses a second copy. Without a client id, ids are random.
+pub fn message_id(sender: Uuid, client_message_id: Option<&[u8]>) -> Uuid {
+    match client_message_id {
+        None => Uuid::new_v4(),
+        Some(client_id) => {
+            let mut hasher = Sha256::new();
+            hasher.update(b"signal-relay message id v1");
+            hasher.update(sender.as_bytes());
+            hasher.update(client_id);
+            let digest = hasher.finalize();
+            let mut bytes = [0u8; 16];
+            bytes.copy_from_slice(&digest[..16]);
+            uuid::Builder::from_custom_bytes(bytes).into_uuid()
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

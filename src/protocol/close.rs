@@ -1,0 +1,118 @@
+//! Why the server closes a WebSocket: the one place close codes are named.
+//! Every close the relay sends is a [`Close`], whether it comes from a bad
+//! frame, the session loop, a command (logout) or another connection
+//! (displacement), so a client sees the same code for the same cause.
+
+use std::borrow::Cow;
+
+/// The close codes the relay sends (RFC 6455 section 7.4, plus one of our
+/// own in the private 4000–4999 range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1000: done as asked (logout, account deleted).
+    Normal,
+    /// 1001: the server is shutting down, or the peer went silent.
+    GoingAway,
+    /// 1003: a frame of a kind the protocol does not use (text).
+    Unsupported,
+    /// 1007: a frame that does not decode as the protocol's message.
+    InvalidPayload,
+    /// 1008: the peer broke a rule (no authentication, stopped reading).
+    PolicyViolation,
+    /// 1009: a frame over the size limit.
+    TooBig,
+    /// 1011: the server failed; the client may reconnect and retry.
+    InternalError,
+    /// 4409: a newer connection of the same user took over (HTTP's 409
+    /// Conflict in the private range).
+    Displaced,
+}
+
+impl CloseCode {
+    /// The number on the wire.
+    pub const fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 1000,
+            CloseCode::GoingAway => 1001,
+            CloseCode::Unsupported => 1003,
+            CloseCode::InvalidPayload => 1007,
+            CloseCode::PolicyViolation => 1008,
+            CloseCode::TooBig => 1009,
+            CloseCode::InternalError => 1011,
+            CloseCode::Displaced => 4409,
+        }
+    }
+}
+
+/// A close frame to send: a code and a reason the client may show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    pub code: CloseCode,
+    /// Static for the fixed causes; owned when it names a detail (which
+    /// limit a frame broke).
+    pub reason: Cow<'static, str>,
+}
+
+impl Close {
+    pub fn new(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> Self {
+        Close {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    pub const fn fixed(code: CloseCode, reason: &'static str) -> Self {
+        Close {
+            code,
+            reason: Cow::Borrowed(reason),
+        }
+    }
+
+    pub const DISPLACED: Close = Close::fixed(
+        CloseCode::Displaced,
+        "replaced by a newer connection of this user",
+    );
+    pub const SHUTTING_DOWN: Close = Close::fixed(CloseCode::GoingAway, "server shutting down");
+    pub const IDLE: Close = Close::fixed(CloseCode::GoingAway, "idle timeout");
+    pub const LOGGED_OUT: Close = Close::fixed(CloseCode::Normal, "logged out");
+    pub const ACCOUNT_DELETED: Close = Close::fixed(CloseCode::Normal, "account deleted");
+    pub const AUTH_TIMEOUT: Close =
+        Close::fixed(CloseCode::PolicyViolation, "authentication timed out");
+    pub const NOT_AUTHENTICATED: Close =
+        Close::fixed(CloseCode::PolicyViolation, "not authenticated");
+    pub const TOO_MANY_AUTH_FAILURES: Close = Close::fixed(
+        CloseCode::PolicyViolation,
+        "too many failed authentication attempts",
+    );
+    pub const STOPPED_READING: Close = Close::fixed(
+        CloseCode::PolicyViolation,
+        "write timeout: the client stopped reading",
+    );
+    pub const DRAIN_FAILED: Close = Close::fixed(
+        CloseCode::InternalError,
+        "internal error while reading queued messages",
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The numbers are the protocol's contract with every client; pin them.
+    #[test]
+    fn codes_on_the_wire() {
+        let all = [
+            (CloseCode::Normal, 1000),
+            (CloseCode::GoingAway, 1001),
+            (CloseCode::Unsupported, 1003),
+            (CloseCode::InvalidPayload, 1007),
+            (CloseCode::PolicyViolation, 1008),
+            (CloseCode::TooBig, 1009),
+            (CloseCode::InternalError, 1011),
+            (CloseCode::Displaced, 4409),
+        ];
+        for (code, number) in all {
+            assert_eq!(code.code(), number, "{code:?}");
+        }
+    }
+}
