@@ -54,8 +54,10 @@ impl EnvelopeType {
     }
 }
 
-/// A message the relay has accepted. Immutable; shared by reference between
-/// the sender's request, the recipient's connection and the store writer.
+/// A message the relay has accepted. Immutable, and owned by one place at a
+/// time: moved from the sender's request to the recipient's connection or
+/// the store writer (and from a connection to the store writer if it is not
+/// acked), never copied; its content is shared `Bytes`.
 #[derive(Debug)]
 pub struct Message {
     pub id: Uuid,

@@ -6,25 +6,25 @@
 use std::borrow::Cow;
 
 /// The close codes the relay sends (RFC 6455 section 7.4, plus one of our
-/// own in the private 4000–4999 range).
+/// own in the private 4000–4999 range); [`CloseCode::code`] is the number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseCode {
-    /// 1000: done as asked (logout, account deleted).
+    /// Done as asked (logout, account deleted).
     Normal,
-    /// 1001: the server is shutting down, or the peer went silent.
+    /// The server is shutting down, or the peer went silent.
     GoingAway,
-    /// 1003: a frame of a kind the protocol does not use (text).
+    /// A frame of a kind the protocol does not use (text).
     Unsupported,
-    /// 1007: a frame that does not decode as the protocol's message.
+    /// A frame that does not decode as the protocol's message.
     InvalidPayload,
-    /// 1008: the peer broke a rule (no authentication, stopped reading).
+    /// The peer broke a rule (no authentication, stopped reading).
     PolicyViolation,
-    /// 1009: a frame over the size limit.
+    /// A frame over the size limit.
     TooBig,
-    /// 1011: the server failed; the client may reconnect and retry.
+    /// The server failed; the client may reconnect and retry.
     InternalError,
-    /// 4409: a newer connection of the same user took over (HTTP's 409
-    /// Conflict in the private range).
+    /// A newer connection of the same user took over (HTTP's 409 Conflict,
+    /// moved into the private range).
     Displaced,
 }
 

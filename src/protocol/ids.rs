@@ -14,10 +14,6 @@ impl UserId {
     pub fn parse(bytes: &[u8], field: &str) -> Result<Self, RequestError> {
         parse_uuid(bytes, field).map(UserId)
     }
-
-    pub fn to_bytes(self) -> Vec<u8> {
-        self.0.as_bytes().to_vec()
-    }
 }
 
 impl std::fmt::Display for UserId {
@@ -33,10 +29,6 @@ pub struct MessageId(pub Uuid);
 impl MessageId {
     pub fn parse(bytes: &[u8], field: &str) -> Result<Self, RequestError> {
         parse_uuid(bytes, field).map(MessageId)
-    }
-
-    pub fn to_bytes(self) -> Vec<u8> {
-        self.0.as_bytes().to_vec()
     }
 }
 

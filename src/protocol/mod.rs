@@ -1,6 +1,8 @@
 //! The wire protocol: the generated protobuf types of `proto/relay.proto`,
-//! the status codes every request answers with, and the domain newtypes that
-//! requests are parsed into at the edge.
+//! the frames the server builds from them, the errors that become a
+//! response's status or a close ([`RequestError`], [`ProtocolError`]), the
+//! close codes ([`close`]), and the id newtypes requests are parsed into at
+//! the edge ([`ids`]).
 
 pub mod close;
 mod error;

@@ -243,3 +243,36 @@ async fn read_head<S: AsyncRead + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each refusal's HTTP answer is what clients and load balancers see;
+    /// pin the status of every kind, and that an internal failure's detail
+    /// never reaches the client.
+    #[test]
+    fn every_refusal_has_its_status() {
+        let status = |err: UpgradeError| err.response().map(|r| r.status);
+        assert_eq!(status(UpgradeError::Gone), None);
+        assert_eq!(status(UpgradeError::HeadTooLarge), Some(431));
+        assert_eq!(status(UpgradeError::Malformed), Some(400));
+        assert_eq!(status(UpgradeError::MissingKey), Some(400));
+        assert_eq!(status(UpgradeError::NotFound), Some(404));
+        assert_eq!(status(UpgradeError::MethodNotAllowed), Some(405));
+        assert_eq!(status(UpgradeError::NotWebSocket), Some(426));
+        assert_eq!(status(UpgradeError::UnsupportedVersion), Some(426));
+        assert_eq!(status(UpgradeError::AtCapacity), Some(503));
+        let auth = |err| status(UpgradeError::Auth(err));
+        assert_eq!(auth(RequestError::Unauthorized("no".into())), Some(401));
+        assert_eq!(auth(RequestError::bad_request("short")), Some(401));
+        assert_eq!(auth(RequestError::Unavailable("busy".into())), Some(503));
+        let internal = UpgradeError::Auth(RequestError::internal(std::io::Error::other(
+            "secret detail",
+        )))
+        .response()
+        .expect("answered");
+        assert_eq!(internal.status, 500);
+        assert!(!internal.message.contains("secret"), "{}", internal.message);
+    }
+}

@@ -9,4 +9,5 @@ mod helpers;
 mod keys;
 mod messaging;
 mod shutdown;
+mod storage;
 mod tls;
