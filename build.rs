@@ -1,8 +1,20 @@
 //! Compiles `proto/*.proto` with protox, a pure-Rust protobuf compiler, so the
-//! server builds without a system `protoc`.
+//! server builds without a system `protoc`; records the git commit for the
+//! build-info metric.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // The commit in relay_build_info; "unknown" outside a git checkout.
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=RELAY_GIT_COMMIT={commit}");
     let descriptors = protox::compile(["proto/relay.proto"], ["proto"])?;
     prost_build::Config::new()
         .bytes(["."])

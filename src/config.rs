@@ -36,6 +36,17 @@ pub struct Config {
     )]
     pub database_url: SecretString,
 
+    /// Address of the admin endpoint (plain HTTP: /metrics, /healthz,
+    /// /readyz), or `off`. Keep it off the public network: metrics tell
+    /// more than clients need to know.
+    #[arg(
+        long,
+        env = "RELAY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090",
+        value_parser = parse_admin_listen
+    )]
+    pub admin_listen: AdminListen,
+
     /// Size of the PostgreSQL connection pool.
     #[arg(long, env = "RELAY_DB_POOL", default_value_t = 16)]
     pub db_pool: u32,
@@ -61,6 +72,20 @@ pub struct TlsConfig {
     /// PEM private key matching --tls-cert.
     #[arg(long, env = "RELAY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+}
+
+/// Where the admin endpoint listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+fn parse_admin_listen(value: &str) -> Result<AdminListen, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(AdminListen(None));
+    }
+    value
+        .parse()
+        .map(|addr| AdminListen(Some(addr)))
+        .map_err(|err| format!("{err}: expected an address such as 127.0.0.1:9090, or off"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -431,6 +456,7 @@ impl Config {
         let mut config = Config::parse_from(["relay"]);
         config.database_url = SecretString::from(database_url.to_owned());
         config.listen = "127.0.0.1:0".parse().expect("valid address");
+        config.admin_listen = AdminListen(Some(config.listen));
         config.tls = TlsConfig::default();
         config
     }
@@ -464,6 +490,14 @@ mod tests {
             512 * 1024,
             "default kept"
         );
+        assert_eq!(
+            config.admin_listen,
+            AdminListen(Some("127.0.0.1:9090".parse().unwrap())),
+            "default kept"
+        );
+        let off = Config::load_from(["relay", "--admin-listen", "off"]).unwrap();
+        assert_eq!(off.admin_listen, AdminListen(None));
+        assert!(Config::load_from(["relay", "--admin-listen", "nowhere"]).is_err());
 
         std::fs::write(dir.join("bad.toml"), "no_such_setting = 1\n").unwrap();
         let bad = dir.join("bad.toml");

@@ -19,6 +19,7 @@
 //! - [`auth`] — passwords, sessions, credentials;
 //! - [`storage`] — PostgreSQL, and its batch workers;
 //! - [`envelope`] — the relayed message every layer above knows;
+//! - [`health`], [`metrics`] — liveness and readiness, Prometheus metrics;
 //! - [`protocol`], [`config`], [`ratelimit`] — wire types and close codes,
 //!   settings, token buckets;
 //! - [`client`] — a typed async client, used by tests, the CLI and the bench.
@@ -31,8 +32,10 @@ pub mod cmd;
 pub mod config;
 pub mod connection;
 pub mod envelope;
+pub mod health;
 pub mod keys;
 pub mod messages;
+pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
 pub mod server;

@@ -7,7 +7,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, PasswordHasher};
 use crate::config::Limits;
+use crate::health::Health;
 use crate::messages::Relay;
+use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::storage::{Database, StorageError};
 
@@ -34,6 +36,10 @@ struct Inner {
     send_limiter: RateLimiter,
     /// Per-requester bundle fetch rate.
     bundle_limiter: RateLimiter,
+    /// What the server counts.
+    metrics: Metrics,
+    /// Whether the server is live and ready, and the database up.
+    health: Health,
 }
 
 impl AppState {
@@ -43,14 +49,29 @@ impl AppState {
         db: PgPool,
         limits: Limits,
         tasks: &TaskTracker,
+        metrics: Metrics,
+        health: Health,
     ) -> Result<Self, StorageError> {
-        let db = Database::new(db, &limits.reader, tasks);
-        let relay = Relay::start(db.clone(), &limits.messaging, tasks).await?;
+        let db = Database::new(db, &limits.reader, tasks, &metrics);
+        let relay = Relay::start(db.clone(), &limits.messaging, tasks, &metrics).await?;
         let hasher = PasswordHasher::new(limits.auth.argon2_concurrency, limits.auth.argon2_queue);
+        metrics.sample_argon2_queue(hasher.depth_reader());
+        let pool = db.pool().clone();
+        metrics.sample_pool(move || {
+            let idle = pool.num_idle() as i64;
+            (idle, i64::from(pool.size()) - idle)
+        });
         let rates = &limits.rates;
         Ok(AppState {
             inner: Arc::new(Inner {
-                auth: Authenticator::new(db.clone(), hasher, limits.auth.session_ttl()),
+                auth: Authenticator::new(
+                    db.clone(),
+                    hasher,
+                    limits.auth.session_ttl(),
+                    health.clone(),
+                ),
+                metrics,
+                health,
                 relay,
                 send_limiter: RateLimiter::new(rates.send_rate_per_sec, rates.send_burst),
                 bundle_limiter: RateLimiter::new(rates.bundle_rate_per_sec, rates.bundle_burst),
@@ -77,5 +98,11 @@ impl AppState {
     }
     pub fn bundle_limiter(&self) -> &RateLimiter {
         &self.inner.bundle_limiter
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+    pub fn health(&self) -> &Health {
+        &self.inner.health
     }
 }

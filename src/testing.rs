@@ -39,6 +39,8 @@ pub struct TestApp {
     pub shutdown: CancellationToken,
     /// The server task; resolves when shutdown completes.
     pub server: Option<JoinHandle<Result<(), server::ServerError>>>,
+    /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     /// The running server's registry: who is online, as the server sees it.
     /// Not the whole messaging front, whose store writers and reader would
     /// then outlive the server and hold its shutdown to the deadline.
@@ -107,31 +109,42 @@ pub async fn spawn_on(config: Config, db_name: String) -> TestApp {
     let db = crate::storage::connect(&config.database_url, 4)
         .await
         .unwrap_or_else(|e| panic!("test database {db_url}: {e}"));
-    let (server, registry) = start(listener, config.clone(), shutdown.clone()).await;
+    let started = start(listener, config.clone(), shutdown.clone()).await;
     TestApp {
+        server: Some(started.server),
+        registry: started.registry,
+        admin_addr: started.admin,
         addr,
         url,
         config,
         db,
         db_name,
         shutdown,
-        server: Some(server),
-        registry,
     }
 }
 
 type ServerTask = JoinHandle<Result<(), server::ServerError>>;
 
+/// What a started server hands the test.
+struct Started {
+    server: ServerTask,
+    registry: Registry,
+    admin: SocketAddr,
+}
+
 async fn start(
     listener: tokio::net::TcpListener,
     config: Config,
     shutdown: CancellationToken,
-) -> (ServerTask, Registry) {
-    let built = server::Server::build(config)
+) -> Started {
+    let built = server::Server::build(config, &shutdown)
         .await
         .unwrap_or_else(|e| panic!("server failed to start: {e}"));
-    let registry = built.state().relay().registry().clone();
-    (tokio::spawn(built.run(listener, shutdown)), registry)
+    Started {
+        registry: built.state().relay().registry().clone(),
+        admin: built.admin_addr().expect("tests run the admin endpoint"),
+        server: tokio::spawn(built.run(listener, shutdown)),
+    }
 }
 
 impl TestApp {
@@ -193,9 +206,10 @@ impl TestApp {
         self.addr = listener.local_addr().expect("local addr");
         self.url = format!("ws://{}/v1/websocket", self.addr);
         self.shutdown = CancellationToken::new();
-        let (server, registry) = start(listener, config, self.shutdown.clone()).await;
-        self.server = Some(server);
-        self.registry = registry;
+        let started = start(listener, config, self.shutdown.clone()).await;
+        self.server = Some(started.server);
+        self.registry = started.registry;
+        self.admin_addr = started.admin;
     }
 
     /// Stops the server gracefully and waits for it.
@@ -235,4 +249,168 @@ impl Drop for TestApp {
         })
         .join();
     }
+}
+
+/// A PostgreSQL server of a test's own, on a free port, for tests that stop
+/// and restart the database under a running relay. Stopped and removed on
+/// drop.
+pub struct PrivatePostgres {
+    /// The server's data directory (and its socket directory).
+    dir: std::path::PathBuf,
+    /// Where PostgreSQL's programs are.
+    bin: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// Creates a cluster (trust authentication, user `postgres`) and starts
+    /// it. Panics with what failed: tests never skip.
+    pub fn start() -> Self {
+        let bin = postgres_bin();
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            probe.local_addr().expect("local addr").port()
+        };
+        let dir = std::env::temp_dir().join(format!("relay-pg-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("create the cluster directory");
+        let pg = PrivatePostgres { dir, bin, port };
+        pg.chown_to_postgres();
+        pg.run(
+            "initdb",
+            &[
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-D",
+                &pg.data(),
+                "--no-sync",
+            ],
+        );
+        pg.start_again();
+        pg
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/NAME`.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops the server at once, as an outage would: every connection is
+    /// terminated.
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the (stopped) server again on the same port and data.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    /// PostgreSQL refuses to run as root: run its programs as `postgres`
+    /// then.
+    fn run(&self, program: &str, args: &[&str]) {
+        let path = self.bin.join(program);
+        let mut command = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            std::process::Command::new(&path)
+        };
+        let output = command
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+        assert!(
+            output.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn chown_to_postgres(&self) {
+        if is_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(&self.dir)
+                .status()
+                .expect("run chown");
+            assert!(status.success(), "chown the cluster directory");
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let path = self.bin.join("pg_ctl");
+        let data = self.data();
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if is_root() {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&path)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&path).args(args).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether this process runs as root (its effective user id is 0).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+    })
+}
+
+/// The directory of PostgreSQL's programs: `pg_config --bindir`, else the
+/// newest Debian install.
+fn postgres_bin() -> std::path::PathBuf {
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        && out.status.success()
+    {
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if std::path::Path::new(&dir).join("initdb").exists() {
+            return dir.into();
+        }
+    }
+    let mut installed: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL's server programs (initdb, pg_ctl) are installed")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    installed.sort();
+    installed
+        .pop()
+        .expect("PostgreSQL's server programs (initdb, pg_ctl) are installed")
 }

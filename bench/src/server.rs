@@ -130,6 +130,9 @@ impl Relay {
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--database-url")
             .arg(&url)
+            // Several relays may run at once (and an older relay ignores
+            // a variable it does not know, where it would refuse a flag).
+            .env("RELAY_ADMIN_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -8,12 +8,15 @@ pub mod credentials;
 pub mod password;
 pub mod token;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::health::Health;
+use crate::metrics::{AuthMethod, AuthResult, Metrics};
 use crate::protocol::RequestError;
 use crate::storage::{self, Database, StorageError};
 pub use credentials::{HeaderCredentials, Password, Username};
@@ -32,6 +35,8 @@ pub enum AuthError {
     UsernameTaken,
     #[error("too many password checks in progress; retry shortly")]
     Busy,
+    #[error("the database is unreachable; retry shortly")]
+    DatabaseDown,
     #[error("password hashing failed")]
     Hashing(#[source] argon2::password_hash::Error),
     #[error("password hashing worker stopped")]
@@ -56,11 +61,34 @@ impl From<AuthError> for RequestError {
                 RequestError::Unauthorized(err.to_string())
             }
             AuthError::UsernameTaken => RequestError::Conflict(err.to_string()),
-            AuthError::Busy => RequestError::Unavailable(err.to_string()),
+            AuthError::Busy | AuthError::DatabaseDown => RequestError::Unavailable(err.to_string()),
             AuthError::Hashing(_) | AuthError::WorkerGone | AuthError::Storage(_) => {
                 RequestError::internal(err)
             }
         }
+    }
+}
+
+/// Counts an authentication attempt, and logs a failed one with the
+/// username tried and where it came from (never the password or token).
+pub fn record_attempt(
+    metrics: &Metrics,
+    method: AuthMethod,
+    username: Option<&str>,
+    peer: SocketAddr,
+    outcome: Result<(), &RequestError>,
+) {
+    let result = AuthResult::of(outcome);
+    metrics.auth(method, result);
+    if let Err(err) = outcome {
+        tracing::info!(
+            ?method,
+            ?result,
+            username = username.unwrap_or(""),
+            %peer,
+            reason = %err.client_message(),
+            "authentication failed"
+        );
     }
 }
 
@@ -92,14 +120,31 @@ pub struct Authenticator {
     hasher: PasswordHasher,
     /// Lifetime of issued session tokens.
     session_ttl: Duration,
+    /// While the database is known to be down, authentication fails at
+    /// once rather than after the pool's acquire timeout.
+    health: Health,
 }
 
 impl Authenticator {
-    pub fn new(db: Database, hasher: PasswordHasher, session_ttl: Duration) -> Self {
+    pub fn new(
+        db: Database,
+        hasher: PasswordHasher,
+        session_ttl: Duration,
+        health: Health,
+    ) -> Self {
         Self {
             db,
             hasher,
             session_ttl,
+            health,
+        }
+    }
+
+    fn database_up(&self) -> Result<(), AuthError> {
+        if self.health.database_down() {
+            Err(AuthError::DatabaseDown)
+        } else {
+            Ok(())
         }
     }
 
@@ -108,6 +153,7 @@ impl Authenticator {
         username: Username,
         password: Password,
     ) -> Result<IssuedSession, AuthError> {
+        self.database_up()?;
         let hash = self.hasher.hash(password).await?;
         let user_id = storage::users::insert(&self.db, username.as_ref(), &hash).await?;
         tracing::info!(%user_id, "user registered");
@@ -119,6 +165,7 @@ impl Authenticator {
         username: Username,
         password: Password,
     ) -> Result<IssuedSession, AuthError> {
+        self.database_up()?;
         let user = storage::users::find_by_username(&self.db, username.as_ref()).await?;
         // An unknown user still costs one Argon2 verification, against a
         // dummy hash, so response time does not reveal which names exist.
@@ -149,6 +196,7 @@ impl Authenticator {
 
     /// Authenticates with a session token. No password hashing.
     pub async fn resume(&self, token: &SessionToken) -> Result<Authenticated, AuthError> {
+        self.database_up()?;
         let token_hash = token.hash();
         // Through the batched reader: every reconnect makes this lookup, and
         // a storm of them shares statements instead of pool round trips.

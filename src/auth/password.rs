@@ -6,6 +6,7 @@
 //! threads left the relay at 1 GB+ after a login storm, while a fixed pool
 //! bounds it to about `concurrency` × 19 MiB.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use argon2::password_hash::{PasswordHash, SaltString, rand_core::OsRng};
@@ -28,6 +29,9 @@ pub struct PasswordHasher {
     /// A real hash of a random password, verified against when the user
     /// does not exist so both paths cost the same.
     dummy_hash: Arc<str>,
+    /// Jobs queued and not yet started, for the queue-depth metric (the
+    /// standard channel does not say).
+    queued: Arc<AtomicUsize>,
 }
 
 impl PasswordHasher {
@@ -69,7 +73,14 @@ impl PasswordHasher {
             jobs,
             params,
             dummy_hash: dummy_hash.into(),
+            queued: Arc::default(),
         }
+    }
+
+    /// Reads how many jobs wait for a worker.
+    pub fn depth_reader(&self) -> impl Fn() -> i64 + Send + Sync + 'static {
+        let queued = self.queued.clone();
+        move || queued.load(Ordering::Relaxed) as i64
     }
 
     pub async fn hash(&self, password: Password) -> Result<String, AuthError> {
@@ -107,10 +118,16 @@ impl PasswordHasher {
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
         let (done, result) = oneshot::channel();
+        let queued = self.queued.clone();
         let job: Job = Box::new(move || {
+            queued.fetch_sub(1, Ordering::Relaxed);
             let _ = done.send(job());
         });
-        self.jobs.try_send(job).map_err(|_| AuthError::Busy)?;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.jobs.try_send(job).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(AuthError::Busy);
+        }
         result.await.map_err(|_| AuthError::WorkerGone)
     }
 }

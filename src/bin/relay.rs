@@ -1,5 +1,5 @@
-//! The `relay` binary: parse configuration, start logging, bind, and run
-//! until SIGINT or SIGTERM.
+//! The `relay` binary: parse configuration, start logging, reach the
+//! database, bind, and run until SIGINT or SIGTERM.
 
 use anyhow::Context;
 use signal_relay::{Config, server, telemetry};
@@ -14,14 +14,19 @@ async fn main() -> anyhow::Result<()> {
         Err(err) => return Err(err.into()),
     };
     telemetry::init(config.log_format);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_on_termination(shutdown.clone()));
-    server::run(listener, config, shutdown)
+    let listen = config.listen;
+    // The public port opens only once the database is reached and
+    // migrated: a load balancer sees nothing rather than a relay that
+    // accepts clients only to fail them.
+    let server = server::Server::build(config, &shutdown)
         .await
-        .context("relay failed")
+        .context("relay failed to start")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    server.run(listener, shutdown).await.context("relay failed")
 }
 
 async fn signal_on_termination(shutdown: CancellationToken) {

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{Ctx, Done, Reply, ready};
@@ -47,8 +48,9 @@ impl AckMessages {
     pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
         let mut acked = Vec::with_capacity(self.ids.len());
         let mut stored = Vec::new();
+        let now = Instant::now();
         for id in self.ids {
-            if ctx.unacked.ack(id) {
+            if ctx.unacked.ack(id, now) {
                 acked.push(id);
             } else {
                 stored.push(id);

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::{Ctx, Done, Reply, ready};
 use crate::keys::bundle::{self, Owner};
 use crate::keys::{self, KeyError};
+use crate::metrics::Limit;
 use crate::protocol::RequestError;
 use crate::protocol::proto::{self, push, response};
 use crate::state::AppState;
@@ -35,6 +36,7 @@ impl FetchBundle {
         }
         let state = ctx.state.clone();
         if let Err(retry_after) = state.bundle_limiter().check(ctx.auth.user_id) {
+            state.metrics().rate_limited(Limit::bundle);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
         async move {
@@ -60,7 +62,9 @@ async fn warn_if_low(state: &AppState, owner: Uuid) {
                 kyber_pre_keys: left.kyber,
                 threshold,
             };
-            state.relay().push(owner, push::Event::PreKeysLow(low));
+            if state.relay().push(owner, push::Event::PreKeysLow(low)) {
+                state.metrics().prekeys_low.inc();
+            }
         }
         Ok(_) => {}
         Err(err) => {

@@ -23,10 +23,13 @@ use futures::future::BoxFuture;
 use crate::auth::Authenticated;
 use crate::config::MessagingLimits;
 use crate::messages::Unacked;
+use crate::metrics::{AuthMethod, DbOp, FetchResult, Metrics};
+use crate::protocol::proto;
 use crate::protocol::proto::client_frame::Request;
 use crate::protocol::proto::response;
 use crate::protocol::{Close, RequestError};
 use crate::state::AppState;
+use crate::storage::StorageError;
 
 /// A request that authenticates a socket.
 pub enum AuthCommand {
@@ -36,6 +39,18 @@ pub enum AuthCommand {
 }
 
 impl AuthCommand {
+    /// How `request` tries to authenticate, and the username it names, if
+    /// it is an authentication request: read before parsing, so a refused
+    /// attempt is counted and logged too.
+    pub fn attempt(request: &Request) -> Option<(AuthMethod, Option<&str>)> {
+        match request {
+            Request::Register(r) => Some((AuthMethod::register, Some(&r.username))),
+            Request::Login(r) => Some((AuthMethod::login, Some(&r.username))),
+            Request::Resume(_) => Some((AuthMethod::resume, None)),
+            _ => None,
+        }
+    }
+
     /// `Ok(None)` when `request` is not an authentication request.
     pub fn from_frame(request: Request) -> Result<Option<Self>, RequestError> {
         Ok(Some(match request {
@@ -56,6 +71,78 @@ impl AuthCommand {
             AuthCommand::Resume(c) => c.apply(state).await,
         }
     }
+}
+
+/// The requests whose answers the server counts; the rest are `Other`.
+/// Known from the frame before it is parsed, so a request refused as
+/// invalid is counted too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Send,
+    Ack,
+    FetchBundle,
+    Other,
+}
+
+impl Counted {
+    pub fn of(request: &Request) -> Self {
+        match request {
+            Request::SendMessage(_) => Counted::Send,
+            Request::AckMessages(_) => Counted::Ack,
+            Request::FetchBundle(_) => Counted::FetchBundle,
+            _ => Counted::Other,
+        }
+    }
+
+    /// Counts one answer: sends by outcome (an error answer is a
+    /// rejection), acked ids, bundle fetches by result.
+    pub fn record(self, metrics: &Metrics, outcome: &Result<Done, RequestError>) {
+        if let Err(err @ RequestError::Internal(_)) = outcome
+            && caused_by_storage(err)
+        {
+            metrics.db_error(DbOp::request);
+        }
+        match (self, outcome) {
+            (Counted::Other, _) => {}
+            (Counted::Send, Ok(done)) => {
+                if let response::Result::Send(sent) = &done.result {
+                    match proto::SendOutcome::try_from(sent.outcome) {
+                        Ok(proto::SendOutcome::Delivered) => metrics.messages_delivered.inc(),
+                        Ok(proto::SendOutcome::Queued) => metrics.messages_queued.inc(),
+                        Ok(proto::SendOutcome::Dropped) => metrics.messages_dropped.inc(),
+                        _ => 0,
+                    };
+                }
+            }
+            (Counted::Send, Err(_)) => {
+                metrics.messages_rejected.inc();
+            }
+            (Counted::Ack, Ok(done)) => {
+                if let response::Result::Ack(acked) = &done.result {
+                    metrics.acks.inc_by(acked.acked.len() as u64);
+                }
+            }
+            (Counted::Ack, Err(_)) => {}
+            (Counted::FetchBundle, outcome) => metrics.prekey_fetch(match outcome {
+                Ok(_) => FetchResult::ok,
+                Err(RequestError::NotFound(_)) => FetchResult::not_found,
+                Err(RequestError::Internal(_)) => FetchResult::error,
+                Err(_) => FetchResult::rejected,
+            }),
+        }
+    }
+}
+
+/// Whether a storage error is somewhere in `err`'s chain of sources.
+fn caused_by_storage(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        if err.is::<StorageError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// A request on an authenticated socket.

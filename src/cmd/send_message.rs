@@ -11,6 +11,7 @@ use super::{Ctx, Done, Reply, ready};
 use crate::config::MessagingLimits;
 use crate::envelope::EnvelopeType;
 use crate::messages::{Delivery, Outgoing};
+use crate::metrics::Limit;
 use crate::protocol::RequestError;
 use crate::protocol::ids::UserId;
 use crate::protocol::proto::{self, response};
@@ -76,6 +77,7 @@ impl SendMessage {
     pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
         let sender = ctx.auth.user_id;
         if let Err(retry_after) = ctx.state.send_limiter().check(sender) {
+            ctx.state.metrics().rate_limited(Limit::send);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
         let (id, outcome) = ctx.state.relay().send(Outgoing {

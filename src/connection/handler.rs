@@ -5,12 +5,13 @@
 //! stored before a successor may start draining, so nothing is lost.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -20,37 +21,85 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{Connection, Inbound};
-use crate::auth::Authenticated;
-use crate::cmd::{AuthCommand, Command, Ctx, Done, Reply};
+use crate::auth::{self, Authenticated};
+use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Reply};
 use crate::envelope;
-use crate::messages::{Delivery, Drain, LiveDelivery, Outbound, Presence, Step, Unacked};
+use crate::messages::{Delivery, Drain, LiveDelivery, Outbound, Presence, Seat, Step, Unacked};
+use crate::metrics::{AuthMethod, Limit};
 use crate::protocol::proto::{ServerFrame, push};
 use crate::protocol::{self, Close, ProtocolError, RequestError};
 use crate::state::AppState;
 
-/// Serves one upgraded socket to the end. `pre_auth` is set when the upgrade
-/// request carried valid credentials.
-pub async fn serve<S>(
+/// Serves one upgraded socket from `peer` to the end. `pre_auth` is set
+/// when the upgrade request carried valid credentials.
+///
+/// Two phases, chained so that they share the future's memory rather than
+/// add up: admission (authentication, taking the user's seat), boxed
+/// because it is large and short-lived, then the session, which is what an
+/// idle connection keeps for its whole life. Each value lives in exactly
+/// one place: an `async fn` taking the connection by value would keep a
+/// second copy of it for as long as it runs.
+pub fn serve<S>(
     state: AppState,
     ws: WebSocketStream<S>,
-    pre_auth: Option<Authenticated>,
+    pre_auth: Option<(Authenticated, AuthMethod)>,
+    peer: SocketAddr,
     shutdown: CancellationToken,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut conn = Connection::new(ws, state.limits().connection.max_frame_bytes);
+    let conn = Connection::new(ws, state.limits().connection.max_frame_bytes);
+    let ledger = Box::new(Ledger {
+        peer,
+        method: pre_auth.as_ref().map(|(_, method)| *method),
+        opened: Instant::now(),
+        sent: 0,
+        received: 0,
+    });
+    let admission = Box::pin(admit(
+        state,
+        conn,
+        pre_auth.map(|(auth, _)| auth),
+        ledger,
+        shutdown.clone(),
+    ));
+    admission.then(|admitted| match admitted {
+        Some(session) => Either::Left(session.run(shutdown)),
+        None => Either::Right(std::future::ready(())),
+    })
+}
+
+/// Authenticates the socket (unless the upgrade did) and takes the user's
+/// seat. `None` when the socket ended first.
+async fn admit<S>(
+    state: AppState,
+    mut conn: Connection<S>,
+    pre_auth: Option<Authenticated>,
+    mut ledger: Box<Ledger>,
+    shutdown: CancellationToken,
+) -> Option<Session<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let auth = match pre_auth {
         Some(auth) => auth,
-        // Boxed: authentication (Argon2, SQL) is large and short-lived; the
-        // connection task should not carry its size for its whole life.
-        None => match Box::pin(authenticate(&state, &mut conn, &shutdown)).await {
-            Ok(auth) => auth,
-            Err(Some(close)) => return conn.close(close).await,
-            Err(None) => return,
+        None => match authenticate(&state, &mut conn, ledger.peer, &shutdown).await {
+            Ok((auth, method)) => {
+                ledger.method = Some(method);
+                auth
+            }
+            Err(Some(close)) => {
+                conn.close(close).await;
+                return None;
+            }
+            Err(None) => return None,
         },
     };
     tracing::debug!(user_id = %auth.user_id, "authenticated");
-    Session::run(state, conn, auth, shutdown).await;
+    let seat = state.relay().connect(auth.user_id).await;
+    ledger.opened = Instant::now();
+    Some(Session::new(state, conn, auth, seat, ledger))
 }
 
 /// Reads requests until one authenticates the socket. `Err` carries the
@@ -58,8 +107,9 @@ pub async fn serve<S>(
 async fn authenticate<S>(
     state: &AppState,
     conn: &mut Connection<S>,
+    peer: SocketAddr,
     shutdown: &CancellationToken,
-) -> Result<Authenticated, Option<Close>>
+) -> Result<(Authenticated, AuthMethod), Option<Close>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -81,6 +131,11 @@ where
             Err(err) => return Err(protocol_close(&err)),
         };
         let request_id = frame.request_id;
+        let attempt = frame.request.as_ref().and_then(AuthCommand::attempt);
+        let (method, username) = match attempt {
+            Some((method, username)) => (Some(method), username.map(str::to_owned)),
+            None => (None, None),
+        };
         let command = match frame.request.map(AuthCommand::from_frame) {
             None => Err(RequestError::bad_request("frame carries no request")),
             Some(Ok(Some(command))) => Ok(command),
@@ -97,12 +152,17 @@ where
             Ok(command) => command.apply(state).await,
             Err(err) => Err(err),
         };
+        if let Some(method) = method {
+            let result = outcome.as_ref().map(|_| ());
+            auth::record_attempt(state.metrics(), method, username.as_deref(), peer, result);
+        }
         match outcome {
             Ok((auth, result)) => {
                 if conn.send(&protocol::ok(request_id, result)).await.is_err() {
                     return Err(None);
                 }
-                return Ok(auth);
+                let method = method.expect("only authentication requests authenticate");
+                return Ok((auth, method));
             }
             Err(err) => {
                 log_request_error("authenticate", &err);
@@ -126,9 +186,27 @@ enum End {
     Close(Close),
 }
 
+/// What a connection's closing log line reports. Boxed: it is read once,
+/// at the end, and an idle connection's future should not carry it (twice,
+/// as a parameter and as a field).
+struct Ledger {
+    /// Where the socket came from.
+    peer: SocketAddr,
+    /// How it authenticated; `None` until it did.
+    method: Option<AuthMethod>,
+    /// When the session began.
+    opened: Instant,
+    /// `SendMessage` requests read.
+    sent: u64,
+    /// Messages written to the client, live and drained.
+    received: u64,
+}
+
 /// A request's reply, with the id to answer it under. Its own future
 /// type, so a request in flight costs the command's one allocation, not two.
 struct Tagged {
+    /// Whose answers are counted, and how.
+    counted: Counted,
     /// The request being answered.
     request_id: u64,
     /// The command's asynchronous rest.
@@ -136,14 +214,14 @@ struct Tagged {
 }
 
 impl Future for Tagged {
-    type Output = (u64, Result<Done, RequestError>);
+    type Output = (Counted, u64, Result<Done, RequestError>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let request_id = self.request_id;
+        let (counted, request_id) = (self.counted, self.request_id);
         self.reply
             .as_mut()
             .poll(cx)
-            .map(|outcome| (request_id, outcome))
+            .map(|outcome| (counted, request_id, outcome))
     }
 }
 
@@ -180,23 +258,34 @@ struct Session<S> {
     last_heard: Instant,
     /// Frames were written to the socket's buffer since the last flush.
     unflushed: bool,
+    /// For the closing log line.
+    ledger: Box<Ledger>,
 }
 
 impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    async fn run(
+    fn new(
         state: AppState,
         conn: Connection<S>,
         auth: Authenticated,
-        shutdown: CancellationToken,
-    ) {
-        let seat = state.relay().connect(auth.user_id).await;
+        seat: Seat,
+        ledger: Box<Ledger>,
+    ) -> Self {
+        let metrics = state.metrics();
+        metrics.connections.inc();
+        metrics.connections_opened.inc();
         let now = Instant::now();
-        let mut session = Session {
+        let messaging = &state.limits().messaging;
+        Session {
             drain: seat.drain,
-            unacked: Unacked::new(state.limits().messaging.max_unacked),
+            unacked: Unacked::new(
+                messaging.max_unacked,
+                messaging.ack_timeout(),
+                metrics.delivery_seconds.clone(),
+            ),
+            ledger,
             conn,
             auth,
             rx: seat.rx,
@@ -209,9 +298,13 @@ where
             last_heard: now,
             unflushed: false,
             state,
-        };
-        let end = session.serve(&shutdown).await;
-        Box::pin(session.finish(end)).await;
+        }
+    }
+
+    /// Serves until the socket ends, then hands back what it held.
+    async fn run(mut self, shutdown: CancellationToken) {
+        let end = self.serve(&shutdown).await;
+        Box::pin(self.finish(end)).await;
     }
 
     async fn serve(&mut self, shutdown: &CancellationToken) -> End {
@@ -259,7 +352,7 @@ where
                     return End::Close(reason);
                 }
                 inbound = self.conn.read(), if read_more => self.on_inbound(inbound).await,
-                Some((request_id, outcome)) = self.requests.next() => self.on_reply(request_id, outcome).await,
+                Some((counted, request_id, outcome)) = self.requests.next() => self.on_reply(counted, request_id, outcome).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
                 step = self.drain.step() => Box::pin(self.on_drain(step)).await,
                 _ = &mut ack_timer, if ack_armed => {
@@ -294,8 +387,8 @@ where
             .push(self.state.relay().hand_back(held).boxed());
         loop {
             tokio::select! {
-                Some((request_id, outcome)) = self.requests.next() => {
-                    if let Err(end) = self.on_reply(request_id, outcome).await {
+                Some((counted, request_id, outcome)) = self.requests.next() => {
+                    if let Err(end) = self.on_reply(counted, request_id, outcome).await {
                         return end;
                     }
                     if let Err(end) = self.bounded(|conn| conn.flush()).await {
@@ -335,6 +428,10 @@ where
             }
         };
         let request_id = frame.request_id;
+        let counted = frame.request.as_ref().map_or(Counted::Other, Counted::of);
+        if counted == Counted::Send {
+            self.ledger.sent += 1;
+        }
         let command = frame
             .request
             .ok_or_else(|| RequestError::bad_request("frame carries no request"))
@@ -347,7 +444,8 @@ where
                 let err = RequestError::RateLimited {
                     retry_after: Duration::from_millis(50),
                 };
-                self.on_reply(request_id, Err(err)).await
+                self.state.metrics().rate_limited(Limit::inflight);
+                self.on_reply(counted, request_id, Err(err)).await
             }
             Ok(command) => {
                 let mut ctx = Ctx {
@@ -359,22 +457,28 @@ where
                 // Many commands answer at once: write those now rather
                 // than through the set of requests in flight.
                 match (&mut reply).now_or_never() {
-                    Some(outcome) => self.on_reply(request_id, outcome).await,
+                    Some(outcome) => self.on_reply(counted, request_id, outcome).await,
                     None => {
-                        self.requests.push(Tagged { request_id, reply });
+                        self.requests.push(Tagged {
+                            counted,
+                            request_id,
+                            reply,
+                        });
                         Ok(())
                     }
                 }
             }
-            Err(err) => self.on_reply(request_id, Err(err)).await,
+            Err(err) => self.on_reply(counted, request_id, Err(err)).await,
         }
     }
 
     async fn on_reply(
         &mut self,
+        counted: Counted,
         request_id: u64,
         outcome: Result<Done, RequestError>,
     ) -> Result<(), End> {
+        counted.record(self.state.metrics(), &outcome);
         match outcome {
             Ok(done) => {
                 self.write(&protocol::ok(request_id, done.result)).await?;
@@ -407,6 +511,7 @@ where
                 }
                 let deadline = Instant::now() + self.state.limits().messaging.ack_timeout();
                 self.unacked.insert(delivery, deadline);
+                self.ledger.received += 1;
                 self.write(&frame).await
             }
         }
@@ -422,6 +527,8 @@ where
                 for message in batch.iter().filter(|m| !m.is_expired(now)) {
                     self.write(&protocol::push(push::Event::Deliver(message.to_envelope())))
                         .await?;
+                    self.ledger.received += 1;
+                    self.state.metrics().messages_drained.inc();
                 }
                 Ok(())
             }
@@ -477,8 +584,9 @@ where
                 self.write_outbound(item).await?;
                 progressed = true;
             }
-            if let Some(Some((request_id, outcome))) = self.requests.next().now_or_never() {
-                self.on_reply(request_id, outcome).await?;
+            if let Some(Some((counted, request_id, outcome))) = self.requests.next().now_or_never()
+            {
+                self.on_reply(counted, request_id, outcome).await?;
                 progressed = true;
             }
             if !progressed {
@@ -548,11 +656,31 @@ where
         let held = self.take_held();
         let pending = std::mem::take(&mut self.handoffs).collect::<Vec<()>>();
         futures::join!(self.state.relay().hand_back(held), pending);
+        let conn_id = self.presence.conn_id();
         drop(self.presence);
-        if let End::Close(close) = end {
+        let metrics = self.state.metrics();
+        metrics.connections.dec();
+        let close = match end {
+            End::Close(close) => Some(close),
+            End::Gone => None,
+        };
+        let code = close.as_ref().map(|c| c.code.code());
+        metrics.connection_closed(code);
+        tracing::info!(
+            conn_id,
+            peer = %self.ledger.peer,
+            user_id = %self.auth.user_id,
+            auth = ?self.ledger.method,
+            close_code = code.map_or_else(|| "none".to_owned(), |c| c.to_string()),
+            close_reason = close.as_ref().map_or("peer went away", |c| &c.reason[..]),
+            duration_ms = self.ledger.opened.elapsed().as_millis() as u64,
+            sent = self.ledger.sent,
+            received = self.ledger.received,
+            "connection ended"
+        );
+        if let Some(close) = close {
             self.conn.close(close).await;
         }
-        tracing::debug!(user_id = %self.auth.user_id, "connection finished");
     }
 }
 
@@ -583,7 +711,8 @@ mod tests {
         F: FnOnce(
             AppState,
             WebSocketStream<Plain>,
-            Option<Authenticated>,
+            Option<(Authenticated, AuthMethod)>,
+            SocketAddr,
             CancellationToken,
         ) -> Fut,
     {

@@ -37,6 +37,7 @@ use uuid::Uuid;
 
 use crate::config::MessagingLimits;
 use crate::envelope::{self, EnvelopeType, Message};
+use crate::metrics::{DbOp, Metrics};
 use crate::protocol::{Close, RequestError, proto};
 use crate::storage::messages::Stored;
 use crate::storage::{self, Database, StorageError};
@@ -162,6 +163,8 @@ struct Inner {
     receipt_ttl_ms: i64,
     /// Most messages, and content bytes, per drain read.
     drain_batch: (usize, usize),
+    /// Receipts sent, failed ack deletes.
+    metrics: Metrics,
 }
 
 impl Relay {
@@ -170,6 +173,7 @@ impl Relay {
         db: Database,
         limits: &MessagingLimits,
         tasks: &TaskTracker,
+        metrics: &Metrics,
     ) -> Result<Self, StorageError> {
         // Sequence numbers must exceed every stored one, and should keep
         // growing across restarts even if the table is empty: seed from both
@@ -179,10 +183,11 @@ impl Relay {
         Ok(Relay {
             inner: Arc::new(Inner {
                 registry: Registry::new(stored.max(clock) + 1, limits.outbound_queue),
-                store: StoreWriter::spawn(db.pool().clone(), limits, tasks),
+                store: StoreWriter::spawn(db.pool().clone(), limits, tasks, metrics),
                 dedupe: Dedupe::new(limits.dedupe_capacity),
                 receipt_ttl_ms: limits.max_ttl().as_millis() as i64,
                 drain_batch: (limits.drain_batch, limits.drain_batch_bytes),
+                metrics: metrics.clone(),
                 db,
             }),
         })
@@ -236,7 +241,10 @@ impl Relay {
         async move {
             let acked = storage::messages::delete_acked(&relay.inner.db, acker, &ids)
                 .await
-                .map_err(MessagingError::Ack)?;
+                .map_err(|err| {
+                    relay.inner.metrics.db_error(DbOp::ack);
+                    MessagingError::Ack(err)
+                })?;
             let deleted: HashSet<Uuid> = acked.iter().map(|a| a.id).collect();
             let unknown = ids.into_iter().filter(|id| !deleted.contains(id)).collect();
             let now = envelope::now_ms();
@@ -256,6 +264,7 @@ impl Relay {
                             relay.inner.receipt_ttl_ms,
                         )
                     });
+                    relay.inner.metrics.receipts.inc();
                     match route {
                         // The sender's connection stores it if they never
                         // ack it.
@@ -429,6 +438,11 @@ pub struct Presence {
 }
 
 impl Presence {
+    /// Tells this connection apart from the user's others, in logs.
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
     /// Starts closing: from now on the user's messages go to storage,
     /// behind whatever the connection still holds, while it stays
     /// registered, so a successor that connects meanwhile displaces it and

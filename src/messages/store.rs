@@ -6,6 +6,7 @@
 //! drain know it is safe to read past it.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -16,6 +17,7 @@ use super::dedupe::Attempt;
 use super::registry::StoreTicket;
 use crate::config::MessagingLimits;
 use crate::envelope::Message;
+use crate::metrics::{DbOp, Metrics};
 use crate::storage::StorageError;
 use crate::storage::batch::{self, Batch, Conn, Source, WorkerLimits, Workers};
 use crate::storage::messages::{self as queries, Stored};
@@ -69,13 +71,21 @@ pub struct StoreWriter {
 
 impl StoreWriter {
     /// Starts the writers on `tasks`, each on a dedicated connection.
-    pub fn spawn(db: PgPool, limits: &MessagingLimits, tasks: &TaskTracker) -> Self {
+    pub fn spawn(
+        db: PgPool,
+        limits: &MessagingLimits,
+        tasks: &TaskTracker,
+        metrics: &Metrics,
+    ) -> Self {
         let limits = WorkerLimits {
             workers: limits.store_writers,
             queue: limits.store_queue,
             batch: limits.store_batch,
         };
-        let workers = Workers::spawn(db, Source::Dedicated, limits, tasks, || Writes);
+        let workers = Workers::spawn(db, Source::Dedicated, limits, tasks, || Writes {
+            metrics: metrics.clone(),
+        });
+        metrics.sample_store_queue(workers.depth_reader());
         StoreWriter { workers }
     }
 
@@ -94,18 +104,29 @@ impl StoreWriter {
 }
 
 /// One writer worker: a batch is one call to storage.
-struct Writes;
+struct Writes {
+    /// Batch sizes and times, and failures.
+    metrics: Metrics,
+}
 
 impl Batch for Writes {
     type Job = Job;
 
     async fn run(&mut self, conn: &mut Conn, jobs: &mut Vec<Job>) {
+        let started = Instant::now();
         let messages: Vec<&Message> = jobs.iter().map(|j| &j.order.message).collect();
         let result = conn
-            .run(async |c| queries::store_batch(c, &messages).await)
+            .run(|| async |c| queries::store_batch(c, &messages).await)
             .await
             .map_err(Arc::new);
         drop(messages);
+        self.metrics.store_batch_size.observe(jobs.len() as u64);
+        self.metrics
+            .store_batch_seconds
+            .observe_duration(started.elapsed());
+        if result.is_err() {
+            self.metrics.db_error(DbOp::store);
+        }
         for (i, Job { order, done }) in jobs.drain(..).enumerate() {
             let outcome = match &result {
                 Ok(outcomes) => Ok(outcomes[i]),

@@ -9,12 +9,14 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::Delivery;
 use super::registry::LiveDelivery;
+use crate::metrics::AtomicHistogram;
 
 /// Bounded by the caller: it stops taking live messages when full.
 pub struct Unacked {
@@ -27,15 +29,30 @@ pub struct Unacked {
     ids: HashMap<Uuid, u32>,
     /// Most entries before the connection stops taking live messages.
     limit: usize,
+    /// How long after its write an entry's deadline falls, so the write
+    /// time is known without storing it.
+    ack_timeout: Duration,
+    /// Where the time from write to ack is recorded.
+    delivery_seconds: AtomicHistogram,
 }
 
 impl Unacked {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, ack_timeout: Duration, delivery_seconds: AtomicHistogram) -> Self {
         Unacked {
             entries: VecDeque::new(),
             ids: HashMap::new(),
             limit: limit.max(1),
+            ack_timeout,
+            delivery_seconds,
         }
+    }
+
+    /// Answers the sender `Delivered` and records how long the ack took.
+    fn delivered(&self, delivery: LiveDelivery, deadline: Instant, now: Instant) {
+        let written = deadline.checked_sub(self.ack_timeout).unwrap_or(deadline);
+        self.delivery_seconds
+            .observe_duration(now.saturating_duration_since(written));
+        delivery.waiter.finish(Delivery::Delivered);
     }
 
     pub fn has_room(&self) -> bool {
@@ -51,9 +68,9 @@ impl Unacked {
         self.entries.push_back((delivery, deadline));
     }
 
-    /// Acks a live message: its sender hears `Delivered`. False if `id` is
-    /// not waiting here.
-    pub fn ack(&mut self, id: Uuid) -> bool {
+    /// Acks a live message at `now`: its sender hears `Delivered`. False if
+    /// `id` is not waiting here.
+    pub fn ack(&mut self, id: Uuid, now: Instant) -> bool {
         let Some(copies) = self.ids.remove(&id) else {
             return false;
         };
@@ -63,13 +80,13 @@ impl Unacked {
                 .iter()
                 .position(|(delivery, _)| delivery.message.id == id)
                 .expect("a counted id is queued");
-            let (delivery, _) = self.entries.remove(at).expect("position is in range");
-            delivery.waiter.finish(Delivery::Delivered);
+            let (delivery, deadline) = self.entries.remove(at).expect("position is in range");
+            self.delivered(delivery, deadline, now);
         } else {
             let mut kept = VecDeque::with_capacity(self.entries.len());
-            for (delivery, deadline) in self.entries.drain(..) {
+            for (delivery, deadline) in std::mem::take(&mut self.entries) {
                 if delivery.message.id == id {
-                    delivery.waiter.finish(Delivery::Delivered);
+                    self.delivered(delivery, deadline, now);
                 } else {
                     kept.push_back((delivery, deadline));
                 }
@@ -117,6 +134,7 @@ mod tests {
     use super::*;
     use crate::envelope::Message;
     use crate::messages::registry::Waiter;
+    use crate::metrics::Metrics;
 
     fn delivery(id: Uuid) -> (LiveDelivery, oneshot::Receiver<Delivery>) {
         let (responder, outcome) = oneshot::channel();
@@ -130,7 +148,9 @@ mod tests {
 
     #[test]
     fn acks_in_any_order_answer_delivered_and_unknown_ids_are_refused() {
-        let mut unacked = Unacked::new(10);
+        let metrics = Metrics::new();
+        let mut unacked =
+            Unacked::new(10, Duration::from_secs(5), metrics.delivery_seconds.clone());
         let now = Instant::now();
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
         let mut outcomes = Vec::new();
@@ -139,12 +159,13 @@ mod tests {
             unacked.insert(d, now);
             outcomes.push(outcome);
         }
-        assert!(!unacked.ack(Uuid::new_v4()));
-        assert!(unacked.ack(ids[1]));
-        assert!(!unacked.ack(ids[1]), "an id is acked once");
-        assert!(unacked.ack(ids[0]));
-        assert!(unacked.ack(ids[2]));
+        assert!(!unacked.ack(Uuid::new_v4(), now));
+        assert!(unacked.ack(ids[1], now));
+        assert!(!unacked.ack(ids[1], now), "an id is acked once");
+        assert!(unacked.ack(ids[0], now));
+        assert!(unacked.ack(ids[2], now));
         assert!(unacked.is_empty());
+        assert_eq!(metrics.delivery_seconds.count(), 3, "each ack is timed");
         for mut outcome in outcomes {
             assert_eq!(outcome.try_recv().unwrap(), Delivery::Delivered);
         }
@@ -152,7 +173,11 @@ mod tests {
 
     #[test]
     fn one_ack_settles_every_copy_of_a_retried_message() {
-        let mut unacked = Unacked::new(10);
+        let mut unacked = Unacked::new(
+            10,
+            Duration::from_secs(5),
+            Metrics::new().delivery_seconds.clone(),
+        );
         let now = Instant::now();
         let id = Uuid::new_v4();
         let other = Uuid::new_v4();
@@ -162,17 +187,21 @@ mod tests {
         unacked.insert(first, now);
         unacked.insert(between, now);
         unacked.insert(second, now);
-        assert!(unacked.ack(id));
+        assert!(unacked.ack(id, now));
         assert_eq!(first_outcome.try_recv().unwrap(), Delivery::Delivered);
         assert_eq!(second_outcome.try_recv().unwrap(), Delivery::Delivered);
-        assert!(!unacked.ack(id));
-        assert!(unacked.ack(other));
+        assert!(!unacked.ack(id, now));
+        assert!(unacked.ack(other, now));
         assert!(unacked.is_empty());
     }
 
     #[test]
     fn expired_deliveries_leave_and_cannot_be_acked_here_any_more() {
-        let mut unacked = Unacked::new(10);
+        let mut unacked = Unacked::new(
+            10,
+            Duration::from_secs(5),
+            Metrics::new().delivery_seconds.clone(),
+        );
         let now = Instant::now();
         let (early, late) = (Uuid::new_v4(), Uuid::new_v4());
         unacked.insert(delivery(early).0, now);
@@ -181,8 +210,11 @@ mod tests {
         let expired = unacked.take_expired(now + Duration::from_secs(1));
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].message.id, early);
-        assert!(!unacked.ack(early), "handed off to storage; acked there");
+        assert!(
+            !unacked.ack(early, now),
+            "handed off to storage; acked there"
+        );
         assert_eq!(unacked.next_deadline(), Some(now + Duration::from_secs(5)));
-        assert!(unacked.ack(late));
+        assert!(unacked.ack(late, now));
     }
 }

@@ -42,6 +42,9 @@ impl ProtocolError {
     }
 }
 
+/// The retry hint sent with every `unavailable` answer.
+pub const UNAVAILABLE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Why a request failed. All variants but `Internal` are the client's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -94,9 +97,12 @@ impl RequestError {
         self.to_string()
     }
 
+    /// When the client may try again: the rate limit's own wait, or a
+    /// short pause for a server that is busy or cannot reach its database.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             RequestError::RateLimited { retry_after } => Some(*retry_after),
+            RequestError::Unavailable(_) => Some(UNAVAILABLE_RETRY_AFTER),
             _ => None,
         }
     }

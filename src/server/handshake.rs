@@ -4,25 +4,33 @@
 //! hand rather than in tungstenite's synchronous callback so credentials
 //! can be checked (asynchronously) before the upgrade is accepted.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::auth::{Authenticated, HeaderCredentials};
+use super::http::{self, Probe, Response};
+use crate::auth::{self, Authenticated, HeaderCredentials};
+use crate::metrics::AuthMethod;
 use crate::protocol::RequestError;
 use crate::state::AppState;
 
 /// The only path that upgrades.
 pub const WEBSOCKET_PATH: &str = "/v1/websocket";
 
-/// Largest request head accepted.
-const MAX_HEAD: usize = 8 * 1024;
+/// What a well-formed request on the public listener asked for.
+pub enum Accepted {
+    /// A WebSocket, already answered with 101.
+    Upgrade(Upgrade),
+    /// A health probe, to be answered from the server's health.
+    Probe(Probe),
+}
 
 /// An accepted upgrade.
 pub struct Upgrade {
-    /// Set when the request authenticated itself.
-    pub auth: Option<Authenticated>,
+    /// Set when the request authenticated itself, with how.
+    pub auth: Option<(Authenticated, AuthMethod)>,
     /// Bytes the client sent after the request head (early frames).
     pub leftover: Vec<u8>,
 }
@@ -59,8 +67,26 @@ pub enum UpgradeError {
 }
 
 impl UpgradeError {
+    /// The `reason` label of `relay_upgrades_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpgradeError::Gone => "gone",
+            UpgradeError::HeadTooLarge => "head_too_large",
+            UpgradeError::Malformed => "malformed",
+            UpgradeError::NotFound => "not_found",
+            UpgradeError::MethodNotAllowed => "method_not_allowed",
+            UpgradeError::NotWebSocket => "not_websocket",
+            UpgradeError::UnsupportedVersion => "unsupported_version",
+            UpgradeError::MissingKey => "missing_key",
+            UpgradeError::AtCapacity => "at_capacity",
+            UpgradeError::Auth(RequestError::Internal(_)) => "auth_error",
+            UpgradeError::Auth(RequestError::Unavailable(_)) => "auth_unavailable",
+            UpgradeError::Auth(_) => "unauthorized",
+        }
+    }
+
     /// The HTTP answer, if the peer can still be told.
-    pub fn response(&self) -> Option<Reject> {
+    pub fn response(&self) -> Option<Response> {
         let (status, reason, extra_headers) = match self {
             UpgradeError::Gone => return None,
             UpgradeError::HeadTooLarge => (431, "Request Header Fields Too Large", ""),
@@ -92,35 +118,25 @@ impl UpgradeError {
             UpgradeError::Auth(err) => err.client_message(),
             other => other.to_string(),
         };
-        Some(Reject {
-            status,
-            reason,
-            message,
+        Some(Response {
             extra_headers,
+            ..Response::text(status, reason, &message)
         })
     }
 }
 
-/// An HTTP error answer.
-#[derive(Debug)]
-pub struct Reject {
-    pub status: u16,
-    pub reason: &'static str,
-    pub message: String,
-    pub extra_headers: &'static str,
-}
-
-/// Reads and answers the upgrade request. On `Err` the caller writes the
-/// rejection with [`reject`] (if the socket is still usable) and drops it.
+/// Reads the request and, for an upgrade, answers it. On `Err` the caller
+/// writes the error's response (if it has one) and drops the socket.
 pub async fn accept<S>(
     stream: &mut S,
     state: &AppState,
+    peer: SocketAddr,
     timeout: Duration,
-) -> Result<Upgrade, UpgradeError>
+) -> Result<Accepted, UpgradeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (head, leftover) = match tokio::time::timeout(timeout, read_head(stream)).await {
+    let (head, leftover) = match tokio::time::timeout(timeout, http::read_head(stream)).await {
         Ok(Ok(Some(read))) => read,
         Ok(Ok(None)) => return Err(UpgradeError::HeadTooLarge),
         Ok(Err(_)) | Err(_) => return Err(UpgradeError::Gone),
@@ -132,11 +148,15 @@ where
         _ => return Err(UpgradeError::Malformed),
     }
     let path = request.path.unwrap_or("").split('?').next().unwrap_or("");
-    if path != WEBSOCKET_PATH {
+    let probe = Probe::from_path(path);
+    if path != WEBSOCKET_PATH && probe.is_none() {
         return Err(UpgradeError::NotFound);
     }
     if request.method != Some("GET") {
         return Err(UpgradeError::MethodNotAllowed);
+    }
+    if let Some(probe) = probe {
+        return Ok(Accepted::Probe(probe));
     }
     let header = |name: &str| {
         request
@@ -163,12 +183,30 @@ where
     let (auth, issued_token) = match header("authorization") {
         None => (None, None),
         Some(value) => {
-            let authenticated = async {
-                let credentials = HeaderCredentials::parse(value)?;
-                Ok::<_, RequestError>(state.auth().from_header(credentials).await?)
+            let credentials = HeaderCredentials::parse(value);
+            let (method, username) = match &credentials {
+                Ok(HeaderCredentials::Basic(user, _)) => {
+                    (AuthMethod::basic, Some(user.as_ref().to_owned()))
+                }
+                Ok(HeaderCredentials::Bearer(_)) => (AuthMethod::bearer, None),
+                // Unparsable: counted by the scheme it names.
+                Err(_)
+                    if value
+                        .trim_start()
+                        .to_ascii_lowercase()
+                        .starts_with("bearer") =>
+                {
+                    (AuthMethod::bearer, None)
+                }
+                Err(_) => (AuthMethod::basic, None),
             };
-            match authenticated.await {
-                Ok((auth, token)) => (Some(auth), token),
+            let authenticated =
+                async { Ok::<_, RequestError>(state.auth().from_header(credentials?).await?) }
+                    .await;
+            let outcome = authenticated.as_ref().map(|_| ());
+            auth::record_attempt(state.metrics(), method, username.as_deref(), peer, outcome);
+            match authenticated {
+                Ok((auth, token)) => (Some((auth, method)), token),
                 Err(err) => {
                     if err.is_internal() {
                         tracing::error!(error = %err, source = ?std::error::Error::source(&err), "header authentication failed");
@@ -181,7 +219,7 @@ where
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n"
     );
-    if let (Some(auth), Some(token)) = (&auth, issued_token) {
+    if let (Some((auth, _)), Some(token)) = (&auth, issued_token) {
         // Basic authentication issued a session; hand its token over.
         response.push_str(&format!(
             "X-Relay-User-Id: {}\r\nX-Relay-Session-Token: {}\r\n",
@@ -193,55 +231,7 @@ where
     if stream.write_all(response.as_bytes()).await.is_err() {
         return Err(UpgradeError::Gone);
     }
-    Ok(Upgrade { auth, leftover })
-}
-
-/// Reads (and discards) a request head, so a refusal reaches the client.
-pub async fn accept_head_only<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, read_head(stream)).await,
-        Ok(Ok(Some(_)))
-    )
-}
-
-/// Writes an HTTP error response.
-pub async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, reject: &Reject) {
-    let body = format!("{}\n", reject.message);
-    let response = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n{}",
-        reject.status,
-        reject.reason,
-        body.len(),
-        reject.extra_headers,
-        body
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
-/// Reads up to the blank line ending the request head. `None` if the head
-/// exceeds [`MAX_HEAD`].
-async fn read_head<S: AsyncRead + Unpin>(
-    stream: &mut S,
-) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let start = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf[start..].windows(4).position(|w| w == b"\r\n\r\n") {
-            let end = start + pos + 4;
-            let leftover = buf.split_off(end);
-            return Ok(Some((buf, leftover)));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
-    }
+    Ok(Accepted::Upgrade(Upgrade { auth, leftover }))
 }
 
 #[cfg(test)]
@@ -273,6 +263,6 @@ mod tests {
         .response()
         .expect("answered");
         assert_eq!(internal.status, 500);
-        assert!(!internal.message.contains("secret"), "{}", internal.message);
+        assert!(!internal.body.contains("secret"), "{}", internal.body);
     }
 }

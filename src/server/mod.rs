@@ -1,12 +1,21 @@
 //! The server: accept TCP connections (optionally TLS), upgrade them at
-//! `/v1/websocket`, and hand each to the connection handler; run the
-//! background [`sweeper`]; shut down as a protocol.
+//! `/v1/websocket` (or answer a health probe), and hand each to the
+//! connection handler; run the background [`sweeper`], the database probe
+//! and the [`admin`] endpoint; shut down as a protocol.
 //!
-//! Shutdown: when `shutdown` is cancelled the listener closes, every
-//! connection closes with 1001 after storing what it held, in-flight stores
-//! commit, and the whole thing gives up at the configured deadline.
+//! Start-up: the admin endpoint answers first (alive, not ready); then the
+//! database is reached, retrying until it answers, and migrated; only then
+//! does the caller bind the public listener, so no client is accepted only
+//! to fail.
+//!
+//! Shutdown: when `shutdown` is cancelled, `/healthz` turns 503, the
+//! listener closes, every connection closes with "going away" after storing
+//! what it held, in-flight stores commit, and the whole thing gives up at
+//! the configured deadline.
 
+pub mod admin;
 pub mod handshake;
+pub mod http;
 pub mod sweeper;
 pub mod tls;
 
@@ -26,6 +35,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConnectionLimits};
 use crate::connection::handler;
 use crate::connection::read_ahead::ReadAhead;
+use crate::health::{self, Health};
+use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::storage::{self, StorageError};
 
@@ -38,6 +49,14 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("cannot set up the listening socket")]
     Listen(#[source] std::io::Error),
+    #[error("cannot listen for admin requests on {addr}")]
+    AdminListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shut down before the database could be reached")]
+    Cancelled,
 }
 
 /// Runs the server on `listener` until `shutdown` is cancelled, then shuts
@@ -47,8 +66,14 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    Server::build(config).await?.run(listener, shutdown).await
+    Server::build(config, &shutdown)
+        .await?
+        .run(listener, shutdown)
+        .await
 }
+
+/// How long to wait between attempts to reach the database at start.
+const CONNECT_RETRY: Duration = Duration::from_secs(1);
 
 /// A server that is connected to its database and ready to accept.
 pub struct Server {
@@ -60,30 +85,83 @@ pub struct Server {
     state: AppState,
     /// The store writers and the sweeper; shutdown waits for them.
     background: TaskTracker,
+    /// Where the admin endpoint listens, if it does.
+    admin_addr: Option<SocketAddr>,
+    /// Stops the admin endpoint when the server is dropped, which is after
+    /// `run` has shut everything else down.
+    _admin: tokio_util::sync::DropGuard,
 }
 
 impl Server {
-    /// Loads TLS material, connects to (and migrates) the database, and
-    /// starts the store writers.
-    pub async fn build(config: Config) -> Result<Server, ServerError> {
+    /// Loads TLS material, starts the admin endpoint, reaches (retrying
+    /// until `shutdown`) and migrates the database, and starts the store
+    /// writers and readers.
+    pub async fn build(
+        config: Config,
+        shutdown: &CancellationToken,
+    ) -> Result<Server, ServerError> {
         let tls = match (&config.tls.tls_cert, &config.tls.tls_key) {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
-        let db = storage::connect(&config.database_url, config.db_pool).await?;
+        let (metrics, health) = (Metrics::new(), Health::new());
+        let admin_stop = CancellationToken::new();
+        let admin_addr = match config.admin_listen.0 {
+            None => None,
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::AdminListen { addr, source })?;
+                let bound = listener.local_addr().ok();
+                tracing::info!(addr = ?bound, "admin endpoint listening");
+                tokio::spawn(admin::serve(
+                    listener,
+                    health.clone(),
+                    metrics.clone(),
+                    admin_stop.clone(),
+                ));
+                bound
+            }
+        };
+        let admin = admin_stop.drop_guard();
+        let db = loop {
+            match storage::connect(&config.database_url, config.db_pool).await {
+                Ok(db) => break db,
+                Err(err @ (StorageError::Url(_) | StorageError::Migrate(_))) => {
+                    return Err(err.into());
+                }
+                Err(err) => {
+                    health.database_unreachable();
+                    tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "cannot reach the database yet; retrying");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(ServerError::Cancelled),
+                _ = tokio::time::sleep(CONNECT_RETRY) => {}
+            }
+        };
+        health.migrated();
+        health.database_answered();
         let background = TaskTracker::new();
-        let state = AppState::new(db, config.limits.clone(), &background).await?;
+        let state = AppState::new(db, config.limits.clone(), &background, metrics, health).await?;
         Ok(Server {
             config,
             tls,
             state,
             background,
+            admin_addr,
+            _admin: admin,
         })
     }
 
     /// The shared state, for inspection (tests, embedding).
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// Where the admin endpoint listens, if it does (port 0 resolved).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Accepts connections until `shutdown`, then shuts down gracefully.
@@ -97,8 +175,16 @@ impl Server {
             tls,
             state,
             background,
+            admin_addr: _,
+            _admin,
         } = self;
         background.spawn(sweeper::run(state.clone(), shutdown.clone()));
+        background.spawn(health::probe(
+            state.db().pool().clone(),
+            state.health().clone(),
+            state.metrics().clone(),
+            shutdown.clone(),
+        ));
         let listener = with_backlog(listener, config.limits.connection.listen_backlog)
             .map_err(ServerError::Listen)?;
         let addr = listener.local_addr().ok();
@@ -130,6 +216,7 @@ impl Server {
             ));
         }
         drop(listener);
+        state.health().shutting_down();
 
         let deadline = tokio::time::Instant::now() + config.limits.housekeeping.shutdown_grace();
         tracing::info!(connections = connections.len(), "shutting down");
@@ -198,7 +285,7 @@ async fn serve_socket(
     // path's largest state (its stream holds the rustls connection) for
     // every plain connection too, for the socket's whole life.
     match tls {
-        None => Box::pin(upgrade(state, stream, permit, shutdown)).await,
+        None => Box::pin(upgrade(state, stream, peer, permit, shutdown)).await,
         Some(acceptor) => {
             Box::pin(accept_tls(state, stream, peer, acceptor, permit, shutdown)).await
         }
@@ -215,7 +302,7 @@ async fn accept_tls(
 ) {
     let handshake_timeout = state.limits().connection.auth_timeout();
     match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream))).await {
-        Ok(Ok(stream)) => upgrade(state, stream, permit, shutdown).await,
+        Ok(Ok(stream)) => upgrade(state, stream, peer, permit, shutdown).await,
         Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -224,6 +311,7 @@ async fn accept_tls(
 async fn upgrade<S>(
     state: AppState,
     mut stream: S,
+    peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
     shutdown: CancellationToken,
 ) where
@@ -235,20 +323,24 @@ async fn upgrade<S>(
     let limits = &state.limits().connection;
     let timeout = limits.auth_timeout();
     let upgraded = match permit {
-        Some(permit) => Box::pin(handshake::accept(&mut stream, &state, timeout))
+        Some(permit) => Box::pin(handshake::accept(&mut stream, &state, peer, timeout))
             .await
-            .map(|upgrade| (upgrade, permit)),
+            .map(|accepted| (accepted, permit)),
         None => {
             // Read the request first so the client sees the answer, not a reset.
-            Box::pin(handshake::accept_head_only(&mut stream, timeout)).await;
+            Box::pin(http::skip_head(&mut stream, timeout)).await;
             Err(handshake::UpgradeError::AtCapacity)
         }
     };
     let (upgrade, _permit) = match upgraded {
-        Ok(upgraded) => upgraded,
+        Ok((handshake::Accepted::Upgrade(upgrade), permit)) => (upgrade, permit),
+        Ok((handshake::Accepted::Probe(probe), _)) => {
+            return Box::pin(probe.answer(state.health()).write(&mut stream)).await;
+        }
         Err(err) => {
-            if let Some(reject) = err.response() {
-                Box::pin(handshake::reject(&mut stream, &reject)).await;
+            state.metrics().upgrade_rejected(err.reason());
+            if let Some(response) = err.response() {
+                Box::pin(response.write(&mut stream)).await;
             }
             return;
         }
@@ -262,7 +354,7 @@ async fn upgrade<S>(
         config,
     ))
     .await;
-    Box::pin(handler::serve(state, ws, upgrade.auth, shutdown)).await;
+    Box::pin(handler::serve(state, ws, upgrade.auth, peer, shutdown)).await;
 }
 
 #[cfg(test)]

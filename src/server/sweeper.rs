@@ -6,6 +6,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::DbOp;
 use crate::state::AppState;
 use crate::storage::{self, StorageError};
 
@@ -41,6 +42,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             Ok(0) => {}
             Ok(n) => tracing::info!(messages = n, "swept expired messages"),
             Err(err) => {
+                state.metrics().db_error(DbOp::sweep);
                 tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "sweep failed")
             }
         }

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::task::TaskTracker;
@@ -53,37 +54,58 @@ impl Conn {
         }
     }
 
-    /// Runs `f` on a connection. After an error that is not PostgreSQL
-    /// refusing a statement (I/O, protocol), the connection is dropped
-    /// rather than reused: the next call opens or takes another.
-    pub async fn run<T, F>(&mut self, f: F) -> Result<T, StorageError>
+    /// Runs `f` on a connection. A connection that failed in a way that
+    /// may have broken it (I/O, protocol, or a FATAL error such as the
+    /// server terminating it) is dropped rather than reused. If that
+    /// connection was an old one, `f` runs once more on a new connection:
+    /// a database restart kills every idle connection, and the first
+    /// statement after it must not fail for that. `f` must therefore be
+    /// safe to repeat, as every batch here is (reads, and inserts that skip
+    /// ids already stored); `make` makes it afresh for each run.
+    pub async fn run<T, F, G>(&mut self, make: F) -> Result<T, StorageError>
     where
-        F: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
+        F: Fn() -> G,
+        G: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
     {
         match self.source {
             Source::Dedicated => {
-                let conn = match &mut self.dedicated {
-                    Some(conn) => conn,
-                    None => {
-                        let conn = self.db.connect_options().connect().await?;
-                        self.dedicated.insert(conn)
+                let reused = self.dedicated.is_some();
+                let result = self.run_dedicated(make()).await;
+                match result {
+                    Err(err) if reused && breaks_connection(&err) => {
+                        tracing::info!(error = %err, "a database connection died; retrying on a new one");
+                        self.run_dedicated(make()).await
                     }
-                };
-                let result = f(conn).await;
-                if result.as_ref().is_err_and(breaks_connection) {
-                    self.dedicated = None;
+                    other => other,
                 }
-                result
             }
             Source::Pool => {
                 let mut conn: PoolConnection<Postgres> = self.db.acquire().await?;
-                let result = f(&mut conn).await;
+                let result = make()(&mut conn).await;
                 if result.as_ref().is_err_and(breaks_connection) {
                     conn.close_on_drop();
                 }
                 result
             }
         }
+    }
+
+    async fn run_dedicated<T, G>(&mut self, f: G) -> Result<T, StorageError>
+    where
+        G: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
+    {
+        let conn = match &mut self.dedicated {
+            Some(conn) => conn,
+            None => {
+                let conn = self.db.connect_options().connect().await?;
+                self.dedicated.insert(conn)
+            }
+        };
+        let result = f(conn).await;
+        if result.as_ref().is_err_and(breaks_connection) {
+            self.dedicated = None;
+        }
+        result
     }
 
     /// Closes a dedicated connection politely, if open.
@@ -94,9 +116,22 @@ impl Conn {
     }
 }
 
-/// Whether an error may have left the connection unusable.
-fn breaks_connection(err: &StorageError) -> bool {
-    !matches!(err, StorageError::Query(sqlx::Error::Database(_)))
+/// Whether an error may have left the connection unusable: anything but
+/// PostgreSQL refusing one statement. A FATAL error (the server terminating
+/// the session, SQLSTATE 57P01 after a restart) or a connection exception
+/// (class 08) is reported as a database error, yet the session is gone.
+pub fn breaks_connection(err: &StorageError) -> bool {
+    match err {
+        StorageError::Query(sqlx::Error::Database(db)) => {
+            let fatal = db
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            fatal || code.starts_with("08") || code.starts_with("57P")
+        }
+        _ => true,
+    }
 }
 
 /// What one worker does with a batch. Each worker has its own value, so it
@@ -164,6 +199,16 @@ impl<J: Send + 'static> Workers<J> {
             tasks.spawn(work(conn, rx.clone(), limits.batch.max(1), make()));
         }
         Workers { tx }
+    }
+
+    /// Reads how many jobs wait, without keeping the workers alive: for
+    /// the queue-depth metric, which must not hold shutdown up.
+    pub fn depth_reader(&self) -> impl Fn() -> i64 + Send + Sync + 'static {
+        let tx = self.tx.downgrade();
+        move || {
+            tx.upgrade()
+                .map_or(0, |tx| (tx.max_capacity() - tx.capacity()) as i64)
+        }
     }
 
     /// Queues `job`, waiting for room. Cancel-safe: a submit that did not

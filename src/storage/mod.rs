@@ -21,6 +21,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio_util::task::TaskTracker;
 
 use crate::config::ReaderLimits;
+use crate::metrics::Metrics;
 pub use reader::Reader;
 
 /// The SQLSTATE codes the storage layer tells apart.
@@ -63,8 +64,13 @@ pub struct Database {
 
 impl Database {
     /// Wraps `pool`, starting the reader's tasks on `tasks`.
-    pub fn new(pool: PgPool, reader: &ReaderLimits, tasks: &TaskTracker) -> Self {
-        let reader = Reader::spawn(pool.clone(), reader, tasks);
+    pub fn new(
+        pool: PgPool,
+        reader: &ReaderLimits,
+        tasks: &TaskTracker,
+        metrics: &Metrics,
+    ) -> Self {
+        let reader = Reader::spawn(pool.clone(), reader, tasks, metrics);
         Database { pool, reader }
     }
 

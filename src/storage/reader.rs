@@ -20,6 +20,7 @@ use super::batch::{Batch, Conn, Source, WorkerLimits, Workers};
 use super::messages::DrainRead;
 use crate::config::ReaderLimits;
 use crate::envelope::Message;
+use crate::metrics::{DbOp, Metrics};
 
 type Reply<T> = oneshot::Sender<Result<T, Arc<StorageError>>>;
 
@@ -48,13 +49,22 @@ pub struct Reader {
 
 impl Reader {
     /// Starts the reader tasks on `tasks`.
-    pub fn spawn(db: PgPool, limits: &ReaderLimits, tasks: &TaskTracker) -> Self {
+    pub fn spawn(
+        db: PgPool,
+        limits: &ReaderLimits,
+        tasks: &TaskTracker,
+        metrics: &Metrics,
+    ) -> Self {
         let limits = WorkerLimits {
             workers: limits.db_readers,
             queue: limits.db_read_queue,
             batch: limits.db_read_batch,
         };
-        let workers = Workers::spawn(db, Source::Dedicated, limits, tasks, Reads::default);
+        let workers = Workers::spawn(db, Source::Dedicated, limits, tasks, || Reads {
+            metrics: metrics.clone(),
+            sessions: Vec::new(),
+            drains: Vec::new(),
+        });
         Reader { workers }
     }
 
@@ -89,8 +99,9 @@ impl Reader {
 
 /// One reader worker: sorts a batch by kind, then answers each kind with
 /// one statement. The vectors are kept between batches.
-#[derive(Default)]
 struct Reads {
+    /// Counts failed batches.
+    metrics: Metrics,
     sessions: Vec<([u8; 32], Reply<SessionOwner>)>,
     drains: Vec<(DrainRead, Reply<Vec<Message>>)>,
 }
@@ -105,19 +116,27 @@ impl Batch for Reads {
                 Request::Drain { read, done } => self.drains.push((read, done)),
             }
         }
+        let mut ok = true;
         if !self.sessions.is_empty() {
-            look_up_sessions(conn, &mut self.sessions).await;
+            ok &= look_up_sessions(conn, &mut self.sessions).await;
         }
         if !self.drains.is_empty() {
-            read_drains(conn, &mut self.drains).await;
+            ok &= read_drains(conn, &mut self.drains).await;
+        }
+        if !ok {
+            self.metrics.db_error(DbOp::read);
         }
     }
 }
 
-async fn look_up_sessions(conn: &mut Conn, batch: &mut Vec<([u8; 32], Reply<SessionOwner>)>) {
+/// Answers the session lookups; false if the statement failed.
+async fn look_up_sessions(
+    conn: &mut Conn,
+    batch: &mut Vec<([u8; 32], Reply<SessionOwner>)>,
+) -> bool {
     let hashes: Vec<&[u8]> = batch.iter().map(|(hash, _)| &hash[..]).collect();
     let result = conn
-        .run(async |c| super::sessions::find_live_many(c, &hashes).await)
+        .run(|| async |c| super::sessions::find_live_many(c, &hashes).await)
         .await;
     match result {
         Ok(found) => {
@@ -130,30 +149,35 @@ async fn look_up_sessions(conn: &mut Conn, batch: &mut Vec<([u8; 32], Reply<Sess
             for (hash, done) in batch.drain(..) {
                 let _ = done.send(Ok(found.get(&hash[..]).cloned()));
             }
+            true
         }
         Err(err) => fail_all(batch, err),
     }
 }
 
-async fn read_drains(conn: &mut Conn, batch: &mut Vec<(DrainRead, Reply<Vec<Message>>)>) {
+/// Answers the drain reads; false if the statement failed.
+async fn read_drains(conn: &mut Conn, batch: &mut Vec<(DrainRead, Reply<Vec<Message>>)>) -> bool {
     let reads: Vec<DrainRead> = batch.iter().map(|(read, _)| *read).collect();
     let result = conn
-        .run(async |c| super::messages::fetch_for_drain_many(c, &reads).await)
+        .run(|| async |c| super::messages::fetch_for_drain_many(c, &reads).await)
         .await;
     match result {
         Ok(rows) => {
             for ((_, done), rows) in batch.drain(..).zip(rows) {
                 let _ = done.send(Ok(rows));
             }
+            true
         }
         Err(err) => fail_all(batch, err),
     }
 }
 
-/// Gives every request of a failed batch the batch's error.
-fn fail_all<K, T>(batch: &mut Vec<(K, Reply<T>)>, err: StorageError) {
+/// Gives every request of a failed batch the batch's error. False, for
+/// the caller to return.
+fn fail_all<K, T>(batch: &mut Vec<(K, Reply<T>)>, err: StorageError) -> bool {
     let err = Arc::new(err);
     for (_, done) in batch.drain(..) {
         let _ = done.send(Err(err.clone()));
     }
+    false
 }

@@ -49,6 +49,8 @@ impl Relay {
     async fn spawn(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_relay"))
             .env("RELAY_LISTEN", self.addr.to_string())
+            // Several relays may run at once: none takes the default port.
+            .env("RELAY_ADMIN_LISTEN", "127.0.0.1:0")
             .env("DATABASE_URL", &self.db_url)
             .env("RELAY_SEND_BURST", "100000")
             .env("RELAY_SEND_RATE", "100000")

@@ -8,6 +8,8 @@ mod crash;
 mod helpers;
 mod keys;
 mod messaging;
+mod operations;
+mod outage;
 mod shutdown;
 mod storage;
 mod tls;

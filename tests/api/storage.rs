@@ -20,12 +20,14 @@ impl Batch for Doubler {
     async fn run(&mut self, conn: &mut Conn, jobs: &mut Vec<Job>) {
         let inputs: Vec<i64> = jobs.iter().map(|(n, _)| *n).collect();
         let doubled = conn
-            .run(async |c| {
-                sqlx::query_scalar::<_, i64>("SELECT n * 2 FROM UNNEST($1::int8[]) AS t(n)")
-                    .bind(&inputs)
-                    .fetch_all(c)
-                    .await
-                    .map_err(StorageError::from)
+            .run(|| {
+                async |c| {
+                    sqlx::query_scalar::<_, i64>("SELECT n * 2 FROM UNNEST($1::int8[]) AS t(n)")
+                        .bind(&inputs)
+                        .fetch_all(c)
+                        .await
+                        .map_err(StorageError::from)
+                }
             })
             .await;
         for (i, (_, done)) in jobs.drain(..).enumerate() {
