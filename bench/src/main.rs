@@ -13,7 +13,6 @@ mod agent;
 mod forwarder;
 mod live;
 mod metrics;
-mod prekeys;
 mod procfs;
 mod report;
 mod scenarios;
@@ -79,7 +78,7 @@ enum Cmd {
     /// A password-login storm, with live traffic alongside.
     Login(scenarios::LoginArgs),
     /// Pre-key bundle fetches, consuming one-time keys.
-    Prekeys(prekeys::PrekeysArgs),
+    Prekeys(scenarios::PrekeysArgs),
     /// (helper) The bare WebSocket forwarder baseline.
     #[command(hide = true)]
     Forwarder {
