@@ -8,6 +8,7 @@
 //! Layout:
 //! - `args` — the command line;
 //! - `commands` — one module per group of subcommands;
+//! - `ctx` — what a signed-in command works with (profile, store, relay);
 //! - `profile` — the profile directory: locking, file modes, atomic writes;
 //! - `store` — libsignal's stores, persisted in the profile;
 //! - `keys` — generating, publishing and replenishing pre-keys;
@@ -21,6 +22,7 @@
 
 mod args;
 mod commands;
+mod ctx;
 mod error;
 mod inbox;
 mod keys;
