@@ -20,6 +20,8 @@
 //! - `terminal`, `signals` — line editing, passwords, Ctrl-C;
 //! - `error` — the failures that have their own exit codes.
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod commands;
 mod ctx;
