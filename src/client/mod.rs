@@ -8,6 +8,7 @@
 //! requests by id; a writer task owns the socket's sending half. Requests
 //! may be pipelined freely.
 
+mod error;
 mod transport;
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use uuid::Uuid;
 
 use crate::protocol::proto::{
@@ -28,54 +29,8 @@ use crate::protocol::proto::{
     server_frame,
 };
 
+pub use error::{ClientError, TlsError, UrlError};
 pub use transport::ConnectOptions;
-
-/// Everything that can go wrong for a client.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("invalid server URL: {0}")]
-    Url(String),
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS set-up failed: {0}")]
-    Tls(String),
-    #[error("the server refused the connection with HTTP {status}: {body}")]
-    Http { status: u16, body: String },
-    #[error("WebSocket error")]
-    WebSocket(#[source] tungstenite::Error),
-    /// The server answered the request with an error status.
-    #[error("{status:?}: {message}")]
-    Status {
-        status: Status,
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("connection closed ({})", close_text(.code, .reason))]
-    Closed { code: Option<u16>, reason: String },
-    #[error("the server sent a response of the wrong kind")]
-    UnexpectedResponse,
-}
-
-fn close_text(code: &Option<u16>, reason: &str) -> String {
-    match code {
-        Some(code) => format!("{code} {reason}"),
-        None => "no close frame".into(),
-    }
-}
-
-impl ClientError {
-    /// The status, when the server answered with an error.
-    pub fn status(&self) -> Option<Status> {
-        match self {
-            ClientError::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
 
 /// A push from the server.
 #[derive(Debug, Clone)]
