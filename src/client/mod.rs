@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -140,19 +140,7 @@ impl Client {
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
 
         tokio::spawn(async move {
-            while let Some(first) = out_rx.recv().await {
-                // Batch whatever else is queued into one flush.
-                let mut result = sink.feed(first).await;
-                while result.is_ok() {
-                    match out_rx.try_recv() {
-                        Ok(next) => result = sink.feed(next).await,
-                        Err(_) => break,
-                    }
-                }
-                if result.is_err() || sink.flush().await.is_err() {
-                    break;
-                }
-            }
+            write_batched(&mut sink, &mut out_rx).await;
             let _ = sink.close().await;
         });
 
@@ -504,4 +492,28 @@ pub struct Sent {
 /// An id the server sent; one that is not a UUID is a malformed answer.
 fn uuid_from(bytes: &[u8]) -> Result<Uuid, ClientError> {
     Uuid::from_slice(bytes).map_err(|_| ClientError::UnexpectedResponse)
+}
+
+/// Writes what `rx` yields to `sink`, feeding whatever else is already
+/// queued before each flush, so a burst costs one flush (and, with a
+/// WebSocket, as few write syscalls as its write buffer allows) instead of
+/// one per message. The client's writer task; public so the load generator's
+/// raw clients and its baseline forwarder batch exactly alike. Returns when
+/// `rx` closes or the sink fails; closing the sink is the caller's.
+pub async fn write_batched<T, S>(sink: &mut S, rx: &mut mpsc::Receiver<T>)
+where
+    S: Sink<T> + Unpin,
+{
+    while let Some(first) = rx.recv().await {
+        let mut result = sink.feed(first).await;
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(next) => result = sink.feed(next).await,
+                Err(_) => break,
+            }
+        }
+        if result.is_err() || sink.flush().await.is_err() {
+            break;
+        }
+    }
 }
