@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{Run, secs};
 use crate::live::{self, Load, Pairs};
-use crate::metrics::{Kind, ProcWindow};
+use crate::metrics::{Kind, ProcWindow, Snapshot, Usage};
 use crate::report::Row;
 use crate::seed::Account;
 
@@ -44,17 +44,46 @@ pub(super) async fn start_background(
     Ok(running)
 }
 
-/// The live traffic alone, as the reference for the storm.
-pub(super) async fn calm_phase(run: &mut Run, b: &Background) {
-    run.phase("calm");
+/// A phase of `--calm` seconds with only the live traffic, as its own row:
+/// before the storm ("calm") it is the reference the storm is judged by.
+pub(super) async fn live_alone(run: &mut Run, b: &Background, phase: &str) {
+    run.phase(phase);
     let window = ProcWindow::start(run.relay.pid);
     tokio::time::sleep(secs(b.calm)).await;
     let snap = run.metrics.take();
+    let name = format!("live, {phase}");
     run.rows.push(Row::new(
-        "live, calm",
+        &name,
         "relay",
         Kind::Delivery,
         &snap,
         window.finish(),
     ));
+}
+
+/// The storm's two rows, from one window: the live traffic's latency
+/// during it, and the storm's own operations (`done` in `seconds`).
+pub(super) fn push_storm_rows(
+    run: &mut Run,
+    storm: &str,
+    snap: &Snapshot,
+    usage: Usage,
+    done: u64,
+    seconds: f64,
+) {
+    run.rows.push(
+        Row::new(
+            "live, during storm",
+            "relay",
+            Kind::Delivery,
+            snap,
+            usage.clone(),
+        )
+        .only(&[Kind::Delivery, Kind::Answer]),
+    );
+    run.rows.push(
+        Row::new(storm, "relay", Kind::Op, snap, usage)
+            .only(&[Kind::Op])
+            .with_rate(done, seconds),
+    );
 }

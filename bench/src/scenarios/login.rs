@@ -9,9 +9,8 @@ use serde_json::json;
 use signal_relay::client::Client;
 
 use super::Run;
-use super::background::{Background, calm_phase, start_background};
+use super::background::{Background, live_alone, push_storm_rows, start_background};
 use crate::metrics::{Kind, ProcWindow};
-use crate::report::Row;
 use crate::seed::PASSWORD;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -38,7 +37,7 @@ pub(super) async fn scenario(run: &mut Run, a: LoginArgs) -> anyhow::Result<serd
     let accounts = run.seed("lg", a.accounts.max(1)).await?;
     let live_accounts = run.seed("lgl", b.pairs * 2).await?;
     let running = start_background(run, b, &live_accounts).await?;
-    calm_phase(run, b).await;
+    live_alone(run, b, "calm").await;
 
     run.phase("storm");
     let window = ProcWindow::start(run.relay.pid);
@@ -83,21 +82,7 @@ pub(super) async fn scenario(run: &mut Run, a: LoginArgs) -> anyhow::Result<serd
     let snap = run.metrics.take();
     let usage = window.finish();
     let ok = ok.load(Ordering::Relaxed);
-    run.rows.push(
-        Row::new(
-            "live, during storm",
-            "relay",
-            Kind::Delivery,
-            &snap,
-            usage.clone(),
-        )
-        .only(&[Kind::Delivery, Kind::Answer]),
-    );
-    run.rows.push(
-        Row::new("logins", "relay", Kind::Op, &snap, usage)
-            .only(&[Kind::Op])
-            .with_rate(ok as u64, seconds),
-    );
+    push_storm_rows(run, "logins", &snap, usage, ok as u64, seconds);
     run.summary("logins_per_s", (ok as f64 / seconds * 10.0).round() / 10.0);
     run.summary("logins_ok", ok);
     running.stop().await;

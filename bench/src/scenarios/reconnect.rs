@@ -7,10 +7,8 @@ use serde_json::json;
 
 use super::Run;
 use super::agents::{collect_reports, start_agents, stop_agents};
-use super::background::{Background, calm_phase, start_background};
-use super::secs;
-use crate::metrics::{Kind, ProcWindow};
-use crate::report::Row;
+use super::background::{Background, live_alone, push_storm_rows, start_background};
+use crate::metrics::ProcWindow;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReconnectArgs {
@@ -41,7 +39,7 @@ pub(super) async fn scenario(run: &mut Run, a: ReconnectArgs) -> anyhow::Result<
     run.metrics.take();
     run.summary("clients_connected", report.ok);
     let running = start_background(run, b, &live_accounts).await?;
-    calm_phase(run, b).await;
+    live_alone(run, b, "calm").await;
 
     run.phase("storm");
     let window = ProcWindow::start(run.relay.pid);
@@ -55,21 +53,7 @@ pub(super) async fn scenario(run: &mut Run, a: ReconnectArgs) -> anyhow::Result<
     let seconds = start.elapsed().as_secs_f64();
     let snap = run.metrics.take();
     let usage = window.finish();
-    run.rows.push(
-        Row::new(
-            "live, during storm",
-            "relay",
-            Kind::Delivery,
-            &snap,
-            usage.clone(),
-        )
-        .only(&[Kind::Delivery, Kind::Answer]),
-    );
-    run.rows.push(
-        Row::new("reconnects", "relay", Kind::Op, &snap, usage)
-            .only(&[Kind::Op])
-            .with_rate(report.ok as u64, seconds),
-    );
+    push_storm_rows(run, "reconnects", &snap, usage, report.ok as u64, seconds);
     run.summary("reconnected", report.ok);
     run.summary("reconnect_failed", report.failed);
     run.summary(
@@ -77,17 +61,7 @@ pub(super) async fn scenario(run: &mut Run, a: ReconnectArgs) -> anyhow::Result<
         (seconds * 1000.0).round() / 1000.0,
     );
 
-    run.phase("after");
-    let window = ProcWindow::start(run.relay.pid);
-    tokio::time::sleep(secs(b.calm)).await;
-    let snap = run.metrics.take();
-    run.rows.push(Row::new(
-        "live, after",
-        "relay",
-        Kind::Delivery,
-        &snap,
-        window.finish(),
-    ));
+    live_alone(run, b, "after").await;
     running.stop().await;
     stop_agents(agents).await;
     Ok(params)
