@@ -13,14 +13,16 @@
 //! Its shape mirrors the relay's so the ratio prices the relay's work, not a
 //! different architecture: the relay's read-ahead under each socket, a
 //! reader per socket, a bounded queue per socket, and a writer that
-//! batches whatever is queued into one flush.
+//! batches whatever is queued into one flush (the client library's own
+//! [`write_batched`], which the baselines' raw clients use too).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use futures::{Sink, SinkExt, StreamExt};
+use futures::StreamExt;
+use signal_relay::client::write_batched;
 use signal_relay::connection::read_ahead::ReadAhead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -124,28 +126,6 @@ async fn serve(stream: TcpStream, inboxes: Inboxes, config: WebSocketConfig, rea
         _ = reader => {}
     }
     inboxes.lock().expect("inboxes lock").remove(&me);
-}
-
-/// Writes what `rx` yields to `sink`, feeding whatever else is already
-/// queued before each flush: the client library's writer, shared by the
-/// forwarder and the baselines' raw clients so both ends batch alike.
-/// Returns when `rx` closes or the socket fails.
-pub async fn write_batched<S>(sink: &mut S, rx: &mut mpsc::Receiver<Message>)
-where
-    S: Sink<Message> + Unpin,
-{
-    while let Some(first) = rx.recv().await {
-        let mut result = sink.feed(first).await;
-        while result.is_ok() {
-            match rx.try_recv() {
-                Ok(next) => result = sink.feed(next).await,
-                Err(_) => break,
-            }
-        }
-        if result.is_err() || sink.flush().await.is_err() {
-            break;
-        }
-    }
 }
 
 /// A's inbox and B's of one pair differ in the lowest bit.

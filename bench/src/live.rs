@@ -365,14 +365,14 @@ impl Pairs {
     }
 }
 
-/// The same writer shape as the client library: a queue and a task that
+/// The client library's writer for a raw socket: a queue and a task that
 /// batches whatever is queued into one flush.
 fn raw_writer(
     mut sink: futures::stream::SplitSink<RawStream, WsMessage>,
 ) -> mpsc::Sender<WsMessage> {
     let (tx, mut rx) = mpsc::channel::<WsMessage>(1024);
     tokio::spawn(async move {
-        crate::forwarder::write_batched(&mut sink, &mut rx).await;
+        signal_relay::client::write_batched(&mut sink, &mut rx).await;
         let _ = sink.close().await;
     });
     tx

@@ -9,11 +9,12 @@
 //! `--plot`). `forwarder` and `agent` are this binary's helper processes.
 //! See BENCHMARKS.md for the method and the results.
 
+#![forbid(unsafe_code)]
+
 mod agent;
 mod forwarder;
 mod live;
 mod metrics;
-mod prekeys;
 mod procfs;
 mod report;
 mod scenarios;
@@ -79,7 +80,7 @@ enum Cmd {
     /// A password-login storm, with live traffic alongside.
     Login(scenarios::LoginArgs),
     /// Pre-key bundle fetches, consuming one-time keys.
-    Prekeys(prekeys::PrekeysArgs),
+    Prekeys(scenarios::PrekeysArgs),
     /// (helper) The bare WebSocket forwarder baseline.
     #[command(hide = true)]
     Forwarder {
@@ -127,18 +128,12 @@ fn command_kind(command: Cmd) -> scenarios::Scenario {
 }
 
 /// Raises the soft open-files limit to the hard one: each connection is a
-/// file descriptor.
+/// file descriptor. Best effort: the scenarios report their own failures.
 fn raise_open_files_limit() {
-    // SAFETY: getrlimit/setrlimit on a properly initialised struct.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }

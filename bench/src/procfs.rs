@@ -7,9 +7,11 @@ use std::fs;
 
 /// Clock ticks per second, for the CPU times in `/proc/<pid>/stat`.
 fn ticks_per_sec() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
+        // Linux's USER_HZ everywhere in practice.
+        _ => 100.0,
+    }
 }
 
 /// CPU seconds (user + system) a process has used, or `None` when it is gone.

@@ -14,6 +14,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Executor, PgPool};
@@ -213,9 +215,9 @@ async fn connect_db(url: &str) -> anyhow::Result<PgPool> {
 }
 
 fn terminate(child: &mut Child) {
-    // SAFETY: kill with a valid signal on our own child's pid.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    // SIGTERM, not Child::kill's SIGKILL: the relay shuts down in order.
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     }
     let _ = child.wait();
 }

@@ -8,6 +8,7 @@
 //! Layout:
 //! - `args` — the command line;
 //! - `commands` — one module per group of subcommands;
+//! - `ctx` — what a signed-in command works with (profile, store, relay);
 //! - `profile` — the profile directory: locking, file modes, atomic writes;
 //! - `store` — libsignal's stores, persisted in the profile;
 //! - `keys` — generating, publishing and replenishing pre-keys;
@@ -19,8 +20,11 @@
 //! - `terminal`, `signals` — line editing, passwords, Ctrl-C;
 //! - `error` — the failures that have their own exit codes.
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod commands;
+mod ctx;
 mod error;
 mod inbox;
 mod keys;

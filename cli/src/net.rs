@@ -130,11 +130,12 @@ pub async fn connect(server: &Server) -> Result<(Client, Events)> {
         Ok(Ok(pair)) => Ok(pair),
         Ok(Err(ClientError::Url(e))) => Err(Failure::new(
             Kind::Other,
-            format!("invalid server URL {}: {e}", server.url),
+            format!("invalid server URL {}: {}", server.url, describe(&e)),
         )
         .into()),
         Ok(Err(ClientError::Tls(e))) => Err(unreachable(format!(
-            "TLS failed: {e}{}",
+            "TLS failed: {}{}",
+            describe(&e),
             if server.ca_cert.is_none() {
                 " (for a server with a local CA, pass --ca-cert FILE)"
             } else {
@@ -146,8 +147,8 @@ pub async fn connect(server: &Server) -> Result<(Client, Events)> {
     }
 }
 
-/// The client error and its causes on one line.
-fn describe(err: &ClientError) -> String {
+/// An error and its causes on one line.
+fn describe(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {

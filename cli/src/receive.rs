@@ -20,7 +20,7 @@ use signal_relay::client::{Client, CloseInfo, Event, Events};
 use signal_relay::proto::{self, EnvelopeType};
 use uuid::Uuid;
 
-use crate::commands::Ctx;
+use crate::ctx::Ctx;
 use crate::error::{Failure, Kind};
 use crate::inbox::Entry;
 use crate::keys;

@@ -8,6 +8,7 @@
 //! requests by id; a writer task owns the socket's sending half. Requests
 //! may be pipelined freely.
 
+mod error;
 mod transport;
 
 use std::collections::HashMap;
@@ -17,10 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use uuid::Uuid;
 
 use crate::protocol::proto::{
@@ -28,54 +29,8 @@ use crate::protocol::proto::{
     server_frame,
 };
 
+pub use error::{ClientError, TlsError, UrlError};
 pub use transport::ConnectOptions;
-
-/// Everything that can go wrong for a client.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("invalid server URL: {0}")]
-    Url(String),
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS set-up failed: {0}")]
-    Tls(String),
-    #[error("the server refused the connection with HTTP {status}: {body}")]
-    Http { status: u16, body: String },
-    #[error("WebSocket error")]
-    WebSocket(#[source] tungstenite::Error),
-    /// The server answered the request with an error status.
-    #[error("{status:?}: {message}")]
-    Status {
-        status: Status,
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("connection closed ({})", close_text(.code, .reason))]
-    Closed { code: Option<u16>, reason: String },
-    #[error("the server sent a response of the wrong kind")]
-    UnexpectedResponse,
-}
-
-fn close_text(code: &Option<u16>, reason: &str) -> String {
-    match code {
-        Some(code) => format!("{code} {reason}"),
-        None => "no close frame".into(),
-    }
-}
-
-impl ClientError {
-    /// The status, when the server answered with an error.
-    pub fn status(&self) -> Option<Status> {
-        match self {
-            ClientError::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
 
 /// A push from the server.
 #[derive(Debug, Clone)]
@@ -185,19 +140,7 @@ impl Client {
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
 
         tokio::spawn(async move {
-            while let Some(first) = out_rx.recv().await {
-                // Batch whatever else is queued into one flush.
-                let mut result = sink.feed(first).await;
-                while result.is_ok() {
-                    match out_rx.try_recv() {
-                        Ok(next) => result = sink.feed(next).await,
-                        Err(_) => break,
-                    }
-                }
-                if result.is_err() || sink.flush().await.is_err() {
-                    break;
-                }
-            }
+            write_batched(&mut sink, &mut out_rx).await;
             let _ = sink.close().await;
         });
 
@@ -335,33 +278,57 @@ impl Client {
         }
     }
 
+    /// Sends a request whose answer must be of the one kind `extract`
+    /// takes out of the response; any other is
+    /// [`ClientError::UnexpectedResponse`].
+    async fn request_as<T>(
+        &self,
+        request: Request,
+        extract: impl FnOnce(response::Result) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        self.request(request)
+            .await?
+            .and_then(extract)
+            .ok_or(ClientError::UnexpectedResponse)
+    }
+
     pub async fn register(&self, username: &str, password: &str) -> Result<AuthInfo, ClientError> {
-        let result = self
-            .request(Request::Register(proto::Register {
-                username: username.into(),
-                password: password.into(),
-            }))
-            .await?;
-        auth_info(result)
+        self.authenticate(Request::Register(proto::Register {
+            username: username.into(),
+            password: password.into(),
+        }))
+        .await
     }
 
     pub async fn login(&self, username: &str, password: &str) -> Result<AuthInfo, ClientError> {
-        let result = self
-            .request(Request::Login(proto::Login {
-                username: username.into(),
-                password: password.into(),
-            }))
-            .await?;
-        auth_info(result)
+        self.authenticate(Request::Login(proto::Login {
+            username: username.into(),
+            password: password.into(),
+        }))
+        .await
     }
 
     pub async fn resume(&self, token: &[u8]) -> Result<AuthInfo, ClientError> {
-        let result = self
-            .request(Request::Resume(proto::Resume {
-                token: Bytes::copy_from_slice(token),
-            }))
+        self.authenticate(Request::Resume(proto::Resume {
+            token: Bytes::copy_from_slice(token),
+        }))
+        .await
+    }
+
+    /// Register, login and resume all answer with the session.
+    async fn authenticate(&self, request: Request) -> Result<AuthInfo, ClientError> {
+        let auth = self
+            .request_as(request, |r| match r {
+                response::Result::Auth(a) => Some(a),
+                _ => None,
+            })
             .await?;
-        auth_info(result)
+        Ok(AuthInfo {
+            user_id: uuid_from(&auth.user_id)?,
+            username: auth.username,
+            token: auth.token.to_vec(),
+            token_expires_at_ms: auth.token_expires_at_ms,
+        })
     }
 
     pub async fn logout(&self) -> Result<(), ClientError> {
@@ -378,30 +345,33 @@ impl Client {
     }
 
     pub async fn who_am_i(&self) -> Result<proto::WhoAmIResult, ClientError> {
-        match self.request(Request::WhoAmI(proto::WhoAmI {})).await? {
-            Some(response::Result::WhoAmI(r)) => Ok(r),
-            _ => Err(ClientError::UnexpectedResponse),
-        }
+        self.request_as(Request::WhoAmI(proto::WhoAmI {}), |r| match r {
+            response::Result::WhoAmI(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn upload_keys(
         &self,
         upload: proto::UploadKeys,
     ) -> Result<proto::UploadKeysResult, ClientError> {
-        match self.request(Request::UploadKeys(upload)).await? {
-            Some(response::Result::UploadKeys(r)) => Ok(r),
-            _ => Err(ClientError::UnexpectedResponse),
-        }
+        self.request_as(Request::UploadKeys(upload), |r| match r {
+            response::Result::UploadKeys(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn pre_key_count(&self) -> Result<proto::PreKeyCount, ClientError> {
-        match self
-            .request(Request::GetPreKeyCount(proto::GetPreKeyCount {}))
-            .await?
-        {
-            Some(response::Result::PreKeyCount(r)) => Ok(r),
-            _ => Err(ClientError::UnexpectedResponse),
-        }
+        self.request_as(
+            Request::GetPreKeyCount(proto::GetPreKeyCount {}),
+            |r| match r {
+                response::Result::PreKeyCount(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
     }
 
     pub async fn fetch_bundle(&self, user_id: Uuid) -> Result<proto::PreKeyBundle, ClientError> {
@@ -423,15 +393,14 @@ impl Client {
         &self,
         target: proto::fetch_bundle::Target,
     ) -> Result<proto::PreKeyBundle, ClientError> {
-        match self
-            .request(Request::FetchBundle(proto::FetchBundle {
-                target: Some(target),
-            }))
-            .await?
-        {
-            Some(response::Result::Bundle(r)) => Ok(r),
-            _ => Err(ClientError::UnexpectedResponse),
-        }
+        let request = Request::FetchBundle(proto::FetchBundle {
+            target: Some(target),
+        });
+        self.request_as(request, |r| match r {
+            response::Result::Bundle(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// Sends a message; see [`Outgoing`] for the options.
@@ -445,15 +414,17 @@ impl Client {
             ttl_seconds: message.ttl_seconds,
             client_message_id: message.client_message_id,
         };
-        match self.request(Request::SendMessage(request)).await? {
-            Some(response::Result::Send(r)) => Ok(Sent {
-                message_id: Uuid::from_slice(&r.message_id)
-                    .map_err(|_| ClientError::UnexpectedResponse)?,
-                outcome: proto::SendOutcome::try_from(r.outcome)
-                    .unwrap_or(proto::SendOutcome::Unspecified),
-            }),
-            _ => Err(ClientError::UnexpectedResponse),
-        }
+        let sent = self
+            .request_as(Request::SendMessage(request), |r| match r {
+                response::Result::Send(r) => Some(r),
+                _ => None,
+            })
+            .await?;
+        Ok(Sent {
+            message_id: uuid_from(&sent.message_id)?,
+            outcome: proto::SendOutcome::try_from(sent.outcome)
+                .unwrap_or(proto::SendOutcome::Unspecified),
+        })
     }
 
     /// Acknowledges messages; returns (acked, unknown).
@@ -464,17 +435,18 @@ impl Client {
                 .map(|id| Bytes::copy_from_slice(id.as_bytes()))
                 .collect(),
         };
-        match self.request(Request::AckMessages(request)).await? {
-            Some(response::Result::Ack(r)) => {
-                let parse = |ids: Vec<Bytes>| {
-                    ids.iter()
-                        .filter_map(|b| Uuid::from_slice(b).ok())
-                        .collect()
-                };
-                Ok((parse(r.acked), parse(r.unknown)))
-            }
-            _ => Err(ClientError::UnexpectedResponse),
-        }
+        let acks = self
+            .request_as(Request::AckMessages(request), |r| match r {
+                response::Result::Ack(r) => Some(r),
+                _ => None,
+            })
+            .await?;
+        let parse = |ids: Vec<Bytes>| {
+            ids.iter()
+                .filter_map(|b| Uuid::from_slice(b).ok())
+                .collect()
+        };
+        Ok((parse(acks.acked), parse(acks.unknown)))
     }
 
     /// Starts a clean close; pending requests fail.
@@ -517,14 +489,31 @@ pub struct Sent {
     pub outcome: proto::SendOutcome,
 }
 
-fn auth_info(result: Option<response::Result>) -> Result<AuthInfo, ClientError> {
-    match result {
-        Some(response::Result::Auth(a)) => Ok(AuthInfo {
-            user_id: Uuid::from_slice(&a.user_id).map_err(|_| ClientError::UnexpectedResponse)?,
-            username: a.username,
-            token: a.token.to_vec(),
-            token_expires_at_ms: a.token_expires_at_ms,
-        }),
-        _ => Err(ClientError::UnexpectedResponse),
+/// An id the server sent; one that is not a UUID is a malformed answer.
+fn uuid_from(bytes: &[u8]) -> Result<Uuid, ClientError> {
+    Uuid::from_slice(bytes).map_err(|_| ClientError::UnexpectedResponse)
+}
+
+/// Writes what `rx` yields to `sink`, feeding whatever else is already
+/// queued before each flush, so a burst costs one flush (and, with a
+/// WebSocket, as few write syscalls as its write buffer allows) instead of
+/// one per message. The client's writer task; public so the load generator's
+/// raw clients and its baseline forwarder batch exactly alike. Returns when
+/// `rx` closes or the sink fails; closing the sink is the caller's.
+pub async fn write_batched<T, S>(sink: &mut S, rx: &mut mpsc::Receiver<T>)
+where
+    S: Sink<T> + Unpin,
+{
+    while let Some(first) = rx.recv().await {
+        let mut result = sink.feed(first).await;
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(next) => result = sink.feed(next).await,
+                Err(_) => break,
+            }
+        }
+        if result.is_err() || sink.flush().await.is_err() {
+            break;
+        }
     }
 }

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self};
 
-use super::ClientError;
+use super::{ClientError, TlsError, UrlError};
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -51,23 +51,16 @@ pub(super) async fn connect(
     url: &str,
     options: &ConnectOptions,
 ) -> Result<(Socket, HashMap<String, String>), ClientError> {
-    let parsed = url::Url::parse(url).map_err(|e| ClientError::Url(e.to_string()))?;
+    let parsed = url::Url::parse(url).map_err(UrlError::Parse)?;
     let tls = match parsed.scheme() {
         "ws" => false,
         "wss" => true,
-        other => {
-            return Err(ClientError::Url(format!(
-                "scheme must be ws or wss, not {other}"
-            )));
-        }
+        other => return Err(UrlError::Scheme(other.to_owned()).into()),
     };
-    let host = parsed
-        .host_str()
-        .ok_or_else(|| ClientError::Url("missing host".into()))?
-        .to_owned();
+    let host = parsed.host_str().ok_or(UrlError::MissingHost)?.to_owned();
     let port = parsed
         .port_or_known_default()
-        .ok_or_else(|| ClientError::Url("missing port".into()))?;
+        .ok_or(UrlError::MissingPort)?;
     let addr = format!("{host}:{port}");
     let tcp = tcp_connect(&host, port, options.bind)
         .await
@@ -79,21 +72,19 @@ pub(super) async fn connect(
     let io: Box<dyn Io> = if tls {
         let connector = tls_connector(options.ca_cert.as_ref())?;
         let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+            .map_err(TlsError::ServerName)?;
         Box::new(
             connector
                 .connect(name, tcp)
                 .await
-                .map_err(|e| ClientError::Tls(e.to_string()))?,
+                .map_err(TlsError::Handshake)?,
         )
     } else {
         Box::new(tcp)
     };
-    let mut request = url
-        .into_client_request()
-        .map_err(|e| ClientError::Url(e.to_string()))?;
+    let mut request = url.into_client_request().map_err(UrlError::Request)?;
     if let Some(auth) = &options.authorization {
-        let value = HeaderValue::from_str(auth).map_err(|e| ClientError::Url(e.to_string()))?;
+        let value = HeaderValue::from_str(auth).map_err(UrlError::Authorization)?;
         request.headers_mut().insert("authorization", value);
     }
     let config = WebSocketConfig::default()
@@ -147,17 +138,18 @@ async fn tcp_connect(
     Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
 }
 
-fn tls_connector(ca: Option<&PathBuf>) -> Result<TlsConnector, ClientError> {
+fn tls_connector(ca: Option<&PathBuf>) -> Result<TlsConnector, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca {
         Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", path.display())))?;
+            let pem = std::fs::read(path).map_err(|source| TlsError::ReadCa {
+                path: path.clone(),
+                source,
+            })?;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| ClientError::Tls(e.to_string()))?;
                 roots
-                    .add(cert)
-                    .map_err(|e| ClientError::Tls(e.to_string()))?;
+                    .add(cert.map_err(TlsError::Pem)?)
+                    .map_err(TlsError::Config)?;
             }
         }
         None => {
@@ -169,7 +161,7 @@ fn tls_connector(ca: Option<&PathBuf>) -> Result<TlsConnector, ClientError> {
     let config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .map_err(TlsError::Config)?
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))

@@ -8,7 +8,7 @@ use serde_json::json;
 use signal_relay::client::AuthInfo;
 use signal_relay::proto::Status;
 
-use super::Ctx;
+use crate::ctx::Ctx;
 use crate::error::{Failure, Kind};
 use crate::net::{self, Server};
 use crate::output::Output;

@@ -19,8 +19,8 @@ use serde_json::json;
 use signal_relay::client::Client;
 use uuid::Uuid;
 
-use super::Ctx;
 use super::send::{self, Prepared};
+use crate::ctx::Ctx;
 use crate::error::{self, Kind};
 use crate::output::SentReport;
 use crate::receive;

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::Ctx;
+use crate::ctx::Ctx;
 use crate::net;
 
 pub async fn run(ctx: &mut Ctx<'_>) -> Result<()> {

@@ -1,6 +1,5 @@
-//! One module per group of subcommands, and the context they share: the
-//! locked profile, its account and libsignal store, the inbox, the relay to
-//! talk to, and the output.
+//! One module per group of subcommands, and the dispatch from the parsed
+//! command line to them.
 
 mod account;
 mod chat;
@@ -9,14 +8,12 @@ mod recv;
 mod send;
 
 use anyhow::Result;
-use signal_relay::client::{Client, Events};
 
 use crate::args::{Args, Command};
-use crate::inbox::Inbox;
-use crate::net::{self, Server};
+use crate::ctx::Ctx;
+use crate::net::Server;
 use crate::output::Output;
 use crate::profile::{self, Account, Profile};
-use crate::store::SignalStore;
 
 /// Runs the chosen subcommand.
 pub async fn run(args: Args, out: &Output) -> Result<()> {
@@ -57,51 +54,5 @@ pub async fn run(args: Args, out: &Output) -> Result<()> {
                 | Command::SafetyNumber { .. } => unreachable!("handled above"),
             }
         }
-    }
-}
-
-/// Everything a signed-in command works with.
-pub struct Ctx<'o> {
-    /// The locked profile directory.
-    pub profile: Profile,
-    /// Who we are, and the saved session token.
-    pub account: Account,
-    /// The relay to connect to.
-    pub server: Server,
-    /// libsignal's state (identity, pre-keys, sessions, peers).
-    pub store: SignalStore,
-    /// Received messages, and the ids already seen.
-    pub inbox: Inbox,
-    pub out: &'o Output,
-}
-
-impl<'o> Ctx<'o> {
-    fn open(
-        profile: Profile,
-        server: &dyn Fn(Option<&Account>) -> Result<Server>,
-        out: &'o Output,
-    ) -> Result<Ctx<'o>> {
-        let account = profile.account()?;
-        let server = server(Some(&account))?;
-        let store = SignalStore::load_or_create(&profile)?;
-        let inbox = Inbox::open(&profile)?;
-        Ok(Ctx {
-            profile,
-            account,
-            server,
-            store,
-            inbox,
-            out,
-        })
-    }
-
-    /// Connects, resumes the saved session, and makes sure the relay has
-    /// our keys (publishing or topping them up as needed).
-    pub async fn connect(&mut self) -> Result<(Client, Events)> {
-        let (client, events) = net::resume(&self.server, &self.account).await?;
-        if let Some(up) = crate::keys::ensure(&client, &mut self.store, &self.profile).await? {
-            self.out.uploaded(&up);
-        }
-        Ok((client, events))
     }
 }

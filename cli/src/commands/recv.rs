@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::Ctx;
+use crate::ctx::Ctx;
 use crate::error::{Failure, Kind};
 use crate::inbox::Entry;
 use crate::receive::{self, Held};

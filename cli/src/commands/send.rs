@@ -12,7 +12,7 @@ use signal_relay::client::{Client, Outgoing};
 use signal_relay::proto::{EnvelopeType, SendOutcome, Status};
 use uuid::Uuid;
 
-use super::Ctx;
+use crate::ctx::Ctx;
 use crate::error::{Failure, Kind};
 use crate::net;
 use crate::output::SentReport;

@@ -22,10 +22,10 @@ use serde_json::{Value, json};
 use signal_relay::proto::{self, EcPreKey, SignedEcPreKey, SignedKyberPreKey, UploadKeys};
 use uuid::Uuid;
 
+use super::Run;
 use crate::live;
 use crate::metrics::{Kind, ProcWindow};
 use crate::report::Row;
-use crate::scenarios::Run;
 
 /// Most one-time keys of one kind per upload (the protocol's limit).
 const PER_UPLOAD: u32 = 100;
@@ -174,7 +174,7 @@ async fn count_one_time_keys(db: &sqlx::PgPool, users: &[Uuid]) -> Option<i64> {
         .ok()
 }
 
-pub async fn scenario(run: &mut Run, a: PrekeysArgs) -> anyhow::Result<Value> {
+pub(super) async fn scenario(run: &mut Run, a: PrekeysArgs) -> anyhow::Result<Value> {
     let params = json!({
         "targets": a.targets, "keys": a.keys, "fetchers": a.fetchers,
         "window": a.window, "duration_s": a.duration,

@@ -1,0 +1,89 @@
+//! Live traffic alongside the `reconnect` and `login` storms: its latency
+//! shows what a storm does to everyone else.
+
+use std::time::Duration;
+
+use super::{Run, secs};
+use crate::live::{self, Load, Pairs};
+use crate::metrics::{Kind, ProcWindow, Snapshot, Usage};
+use crate::report::Row;
+use crate::seed::Account;
+
+/// Live traffic at a modest fixed rate, whose latency shows what a storm
+/// does to everyone else.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Background {
+    /// Pairs carrying live traffic during the storm.
+    #[arg(long, default_value_t = 16)]
+    pub pairs: usize,
+    /// Their offered rate, messages per second in total.
+    #[arg(long, default_value_t = 2_000.0)]
+    pub rate: f64,
+    /// Seconds of live traffic alone, before the storm.
+    #[arg(long, default_value_t = 3.0)]
+    pub calm: f64,
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+}
+
+pub(super) async fn start_background(
+    run: &Run,
+    b: &Background,
+    accounts: &[Account],
+) -> anyhow::Result<live::Running> {
+    let pairs = Pairs::relay(&run.relay.url, accounts).await?;
+    let load = Load::Open {
+        rate: b.rate,
+        tick: Duration::from_micros(100),
+        max_in_flight: live::OPEN_MAX_IN_FLIGHT,
+    };
+    run.phase("warmup");
+    let running = pairs.start(load, b.size, &run.metrics);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    run.metrics.take();
+    Ok(running)
+}
+
+/// A phase of `--calm` seconds with only the live traffic, as its own row:
+/// before the storm ("calm") it is the reference the storm is judged by.
+pub(super) async fn live_alone(run: &mut Run, b: &Background, phase: &str) {
+    run.phase(phase);
+    let window = ProcWindow::start(run.relay.pid);
+    tokio::time::sleep(secs(b.calm)).await;
+    let snap = run.metrics.take();
+    let name = format!("live, {phase}");
+    run.rows.push(Row::new(
+        &name,
+        "relay",
+        Kind::Delivery,
+        &snap,
+        window.finish(),
+    ));
+}
+
+/// The storm's two rows, from one window: the live traffic's latency
+/// during it, and the storm's own operations (`done` in `seconds`).
+pub(super) fn push_storm_rows(
+    run: &mut Run,
+    storm: &str,
+    snap: &Snapshot,
+    usage: Usage,
+    done: u64,
+    seconds: f64,
+) {
+    run.rows.push(
+        Row::new(
+            "live, during storm",
+            "relay",
+            Kind::Delivery,
+            snap,
+            usage.clone(),
+        )
+        .only(&[Kind::Delivery, Kind::Answer]),
+    );
+    run.rows.push(
+        Row::new(storm, "relay", Kind::Op, snap, usage)
+            .only(&[Kind::Op])
+            .with_rate(done, seconds),
+    );
+}

@@ -1,0 +1,242 @@
+//! The `live` scenario: messages between connected pairs, on the relay and
+//! on the bare forwarder baseline in the same run, closed loop (maximum
+//! throughput) and open loop (latency at a fixed offered rate).
+
+use std::time::Duration;
+
+use anyhow::bail;
+use serde_json::json;
+
+use super::{Run, median, secs};
+use crate::live::{self, Load, Pairs, Target};
+use crate::metrics::{Kind, ProcWindow};
+use crate::report::Row;
+use crate::server::Forwarder;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Closed,
+    Open,
+    /// Closed loop first, then open loop at a fraction of its rate.
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Targets {
+    Relay,
+    Baseline,
+    Both,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LiveArgs {
+    /// Connected pairs (A sends to B).
+    #[arg(long, default_value_t = 64)]
+    pub pairs: usize,
+    /// Payload bytes per message (at least 16: the timestamp header).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Seconds measured per phase.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of traffic before each measurement, discarded.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Closed loop: messages in flight per pair.
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    #[arg(long, value_enum, default_value = "both")]
+    pub mode: Mode,
+    /// Open loop: offered messages per second, in total. With --mode both
+    /// it defaults to --rate-fraction of the relay's closed-loop median.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, default_value_t = 0.5)]
+    pub rate_fraction: f64,
+    #[arg(long, value_enum, default_value = "both")]
+    pub target: Targets,
+    /// Closed-loop runs per target, alternating relay and baseline; the
+    /// summary quotes medians.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Open-loop pacing tick, microseconds.
+    #[arg(long, default_value_t = 100)]
+    pub tick_us: u64,
+    /// Open loop, relay pairs: unanswered messages per pair beyond which
+    /// sending waits (what it delays is still charged from the schedule).
+    /// Below the relay's RELAY_MAX_INFLIGHT_REQUESTS (256), so the generator
+    /// is not refused for having too many requests open. The baselines'
+    /// sends wait on their writer's queue (1,024 frames) instead.
+    #[arg(long, default_value_t = live::OPEN_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+    /// Also run the answered baseline after the baseline: the forwarder
+    /// with B answering every message back to A, so the relay's frames per
+    /// message (one to the recipient, one back to the sender) with none of
+    /// its work, and a message complete at the answer as on the relay.
+    #[arg(long)]
+    pub answered_baseline: bool,
+    /// Experiment: the baseline's WebSocket write buffer in bytes, on both
+    /// ends (0: one write syscall per frame). By default the forwarder uses
+    /// the relay's settings and its clients the client library's, so the
+    /// ratio compares like with like.
+    #[arg(long)]
+    pub baseline_write_buffer: Option<usize>,
+}
+
+/// Runs one measured phase of live traffic and returns its row.
+#[allow(clippy::too_many_arguments)]
+async fn measure_live(
+    run: &mut Run,
+    name: &str,
+    pairs: Pairs,
+    target: Target,
+    pid: Option<u32>,
+    load: Load,
+    size: usize,
+    warmup: f64,
+    duration: f64,
+) -> Row {
+    run.phase(&format!("{name} {}", target.name()));
+    run.sampler.set_server(pid);
+    let running = pairs.start(load, size, &run.metrics);
+    tokio::time::sleep(secs(warmup)).await;
+    run.metrics.take();
+    let window = ProcWindow::start(pid);
+    tokio::time::sleep(secs(duration)).await;
+    let snap = run.metrics.take();
+    let usage = window.finish();
+    running.stop().await;
+    run.metrics.take();
+    Row::new(name, target.name(), Kind::Delivery, &snap, usage)
+}
+
+pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json::Value> {
+    let params = json!({
+        "pairs": a.pairs, "size": a.size, "duration_s": a.duration, "warmup_s": a.warmup,
+        "window": a.window, "mode": format!("{:?}", a.mode), "target": format!("{:?}", a.target),
+        "runs": a.runs, "rate": a.rate, "rate_fraction": a.rate_fraction, "tick_us": a.tick_us,
+        "max_in_flight": a.max_in_flight, "answered_baseline": a.answered_baseline,
+    });
+    if a.mode == Mode::Open && a.rate.is_none() {
+        bail!("--mode open needs --rate (or use --mode both)");
+    }
+    if a.answered_baseline && a.target == Targets::Relay {
+        bail!("--answered-baseline needs --target baseline or both");
+    }
+    let mut targets = Vec::new();
+    if a.target != Targets::Baseline {
+        targets.push(Target::Relay);
+    }
+    if a.target != Targets::Relay {
+        targets.push(Target::Baseline);
+        if a.answered_baseline {
+            targets.push(Target::Answered);
+        }
+    }
+    let relay_on = targets.contains(&Target::Relay);
+    let accounts = if relay_on {
+        run.seed("live", a.pairs * 2).await?
+    } else {
+        Vec::new()
+    };
+    let forwarder = if targets.len() > usize::from(relay_on) {
+        Some(Forwarder::start(a.baseline_write_buffer)?)
+    } else {
+        None
+    };
+    let url = run.relay.url.clone();
+    let relay_pid = run.relay.pid;
+    let mut pair_base = 0;
+    // Connects fresh pairs for one phase against `target`.
+    let mut connect = async |target: Target| -> anyhow::Result<(Pairs, Option<u32>)> {
+        if target == Target::Relay {
+            return Ok((Pairs::relay(&url, &accounts).await?, relay_pid));
+        }
+        let f = forwarder.as_ref().expect("forwarder started");
+        let base = pair_base;
+        pair_base += a.pairs;
+        let answered = target == Target::Answered;
+        let pairs = Pairs::baseline(&f.url, base, a.pairs, a.baseline_write_buffer, answered);
+        Ok((pairs.await?, Some(f.pid)))
+    };
+
+    // Closed-loop rates per target, in `targets` order.
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    if a.mode != Mode::Open {
+        let load = Load::Closed { window: a.window };
+        for r in 1..=a.runs.max(1) {
+            for (t, &target) in targets.iter().enumerate() {
+                let (pairs, pid) = connect(target).await?;
+                let name = format!("closed #{r}");
+                let row = measure_live(
+                    run, &name, pairs, target, pid, load, a.size, a.warmup, a.duration,
+                )
+                .await;
+                rates[t].push(row.rate_per_sec);
+                run.rows.push(row);
+            }
+        }
+        for (t, target) in targets.iter().enumerate() {
+            let name = target.name();
+            run.summary(
+                &format!("{name}_closed_loop_msgs_per_s_median"),
+                median(&mut rates[t].clone()).round(),
+            );
+            run.summary(
+                &format!("{name}_closed_loop_msgs_per_s_runs"),
+                rates[t].iter().map(|r| r.round()).collect::<Vec<_>>(),
+            );
+            if relay_on && t > 0 {
+                // Ratios per run (same invocation, alternating), then the
+                // median.
+                let mut ratios: Vec<f64> = rates[0]
+                    .iter()
+                    .zip(&rates[t])
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(r, b)| r / b)
+                    .collect();
+                if ratios.is_empty() {
+                    continue;
+                }
+                let round = |r: f64| (r * 1000.0).round() / 1000.0;
+                let runs: Vec<f64> = ratios.iter().copied().map(round).collect();
+                run.summary(
+                    &format!("relay_to_{name}_ratio_median"),
+                    round(median(&mut ratios)),
+                );
+                run.summary(&format!("relay_to_{name}_ratio_runs"), runs);
+            }
+        }
+    }
+    if a.mode != Mode::Closed {
+        let rate = match a.rate {
+            Some(rate) => rate,
+            // The relay's closed-loop median if it ran, else the baseline's.
+            None => median(&mut rates[0]) * a.rate_fraction,
+        };
+        if rate <= 0.0 {
+            bail!("no open-loop rate: the closed loop completed nothing");
+        }
+        run.summary("open_loop_offered_msgs_per_s", rate.round());
+        let load = Load::Open {
+            rate,
+            tick: Duration::from_micros(a.tick_us.max(10)),
+            max_in_flight: a.max_in_flight.max(1),
+        };
+        for &target in &targets {
+            let (pairs, pid) = connect(target).await?;
+            let row = measure_live(
+                run, "open", pairs, target, pid, load, a.size, a.warmup, a.duration,
+            )
+            .await;
+            if let Some(p) = row.latency_ms.get(&Kind::Delivery) {
+                run.summary(
+                    &format!("{}_open_loop_delivery_p99_ms", target.name()),
+                    p.p99,
+                );
+            }
+            run.rows.push(row);
+        }
+    }
+    Ok(params)
+}

@@ -1,0 +1,203 @@
+//! The scenarios, one module each, and the harness they share: start the
+//! relay, seed accounts, sample `/proc` once a second, run phases, and
+//! report.
+
+mod agents;
+mod background;
+mod connections;
+mod live;
+mod login;
+mod offline;
+mod prekeys;
+mod reconnect;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::bail;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::OutputArgs;
+use crate::metrics::{Kind, Metrics, Sampler};
+use crate::procfs;
+use crate::report::{Report, Row};
+use crate::seed::{self, Account};
+use crate::server::{Relay, ServerArgs};
+
+pub use connections::ConnectionsArgs;
+pub use live::LiveArgs;
+pub use login::LoginArgs;
+pub use offline::OfflineArgs;
+pub use prekeys::PrekeysArgs;
+pub use reconnect::ReconnectArgs;
+
+pub enum Scenario {
+    Live(LiveArgs),
+    Offline(OfflineArgs),
+    Connections(ConnectionsArgs),
+    Reconnect(ReconnectArgs),
+    Login(LoginArgs),
+    Prekeys(PrekeysArgs),
+}
+
+impl Scenario {
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Live(_) => "live",
+            Scenario::Offline(_) => "offline",
+            Scenario::Connections(_) => "connections",
+            Scenario::Reconnect(_) => "reconnect",
+            Scenario::Login(_) => "login",
+            Scenario::Prekeys(_) => "prekeys",
+        }
+    }
+
+    fn primary(&self) -> Kind {
+        match self {
+            Scenario::Live(_) | Scenario::Reconnect(_) | Scenario::Login(_) => Kind::Delivery,
+            Scenario::Offline(_) => Kind::Answer,
+            Scenario::Connections(_) | Scenario::Prekeys(_) => Kind::Op,
+        }
+    }
+}
+
+/// What every scenario works with.
+pub struct Run {
+    pub relay: Relay,
+    pub metrics: Metrics,
+    pub sampler: Sampler,
+    pub progress: ProgressBar,
+    pub rows: Vec<Row>,
+    pub summary: BTreeMap<String, serde_json::Value>,
+    pub notes: Vec<String>,
+}
+
+impl Run {
+    /// Labels what follows in the timeline and the progress bar.
+    pub fn phase(&self, name: &str) {
+        self.sampler.set_phase(name);
+        self.progress.set_prefix(name.to_owned());
+    }
+
+    pub fn summary(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.summary.insert(key.to_owned(), value.into());
+    }
+
+    pub async fn seed(&self, prefix: &str, count: usize) -> anyhow::Result<Vec<Account>> {
+        self.phase("seed");
+        seed::accounts(&self.relay.db, prefix, count).await
+    }
+}
+
+pub async fn run(
+    scenario: Scenario,
+    server: &ServerArgs,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    let command: Vec<String> = std::env::args().collect();
+    if let Some(plot) = &output.plot
+        && plot.extension().and_then(|e| e.to_str()) != Some("svg")
+    {
+        bail!("--plot writes SVG; name the file *.svg");
+    }
+    let relay = Relay::start(server).await?;
+    let busy_before = procfs::machine_busy(Duration::from_secs(1)).await;
+    let metrics = Metrics::new();
+    let progress = if output.quiet || output.json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {prefix:>8} {msg}")
+                .expect("valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    };
+    let sampler = Sampler::start(
+        metrics.clone(),
+        relay.pid,
+        scenario.primary(),
+        progress.clone(),
+    );
+    let (name, primary) = (scenario.name(), scenario.primary());
+    let server_url = relay.url.clone();
+    let server_pid = relay.pid;
+    let mut run = Run {
+        relay,
+        metrics,
+        sampler,
+        progress,
+        rows: Vec::new(),
+        summary: BTreeMap::new(),
+        notes: Vec::new(),
+    };
+    let params = match scenario {
+        Scenario::Live(a) => live::scenario(&mut run, a).await,
+        Scenario::Offline(a) => offline::scenario(&mut run, a).await,
+        Scenario::Connections(a) => connections::scenario(&mut run, a).await,
+        Scenario::Reconnect(a) => reconnect::scenario(&mut run, a).await,
+        Scenario::Login(a) => login::scenario(&mut run, a).await,
+        Scenario::Prekeys(a) => prekeys::scenario(&mut run, a).await,
+    };
+    let Run {
+        relay,
+        sampler,
+        progress,
+        rows,
+        summary,
+        mut notes,
+        ..
+    } = run;
+    let timeline = sampler.finish().await;
+    progress.finish_and_clear();
+    if let Some(log) = &relay.log_path {
+        notes.push(format!("relay log: {}", log.display()));
+    }
+    relay.stop().await;
+    let params = params?;
+    let (cpus, cpu_model) = procfs::hardware();
+    let report = Report {
+        scenario: name.into(),
+        command: command.join(" "),
+        cpus,
+        cpu_model,
+        machine_busy_before_percent: busy_before.map(|b| b.round()),
+        server_url,
+        server_pid,
+        params,
+        rows,
+        summary,
+        notes,
+        primary,
+        timeline,
+    };
+    if output.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_table();
+    }
+    if let Some(plot) = &output.plot {
+        report.write_plot(plot)?;
+    }
+    Ok(())
+}
+
+/// Seconds from a command-line flag; a negative value counts as none.
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+/// The median, sorting `values` in place; 0 for none.
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
