@@ -437,6 +437,9 @@ impl Config {
 }
 
 #[cfg(test)]
+mod docs;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
