@@ -155,7 +155,7 @@ fn example_file_documents_every_setting_at_its_default() {
                 }
             }
             (Some(default), false, false) => problems.push(format!(
-                "{name}: commented out, but it has a fixed default ({default}): write it live"
+                "{name}: commented out, but it has a fixed default ({default}): uncomment it"
             )),
             (None, _, true) => problems.push(format!(
                 "{name}: has no default, so the example may only show it commented out"
