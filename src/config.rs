@@ -463,6 +463,9 @@ impl Config {
 }
 
 #[cfg(test)]
+mod docs;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
