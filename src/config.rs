@@ -245,6 +245,17 @@ pub struct AuthLimits {
     /// `unavailable` rather than piling up.
     #[arg(long, env = "RELAY_ARGON2_QUEUE", default_value_t = 1024)]
     pub argon2_queue: usize,
+
+    /// Live sessions one user may hold. A login beyond it revokes the
+    /// user's oldest session, so tokens from clients that never log out do
+    /// not pile up.
+    #[arg(
+        long,
+        env = "RELAY_MAX_SESSIONS_PER_USER",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_sessions_per_user: u32,
 }
 
 /// Per-user token buckets on the requests that cost the server most.

@@ -50,7 +50,12 @@ impl AppState {
         let rates = &limits.rates;
         Ok(AppState {
             inner: Arc::new(Inner {
-                auth: Authenticator::new(db.clone(), hasher, limits.auth.session_ttl()),
+                auth: Authenticator::new(
+                    db.clone(),
+                    hasher,
+                    limits.auth.session_ttl(),
+                    limits.auth.max_sessions_per_user,
+                ),
                 relay,
                 send_limiter: RateLimiter::new(rates.send_rate_per_sec, rates.send_burst),
                 bundle_limiter: RateLimiter::new(rates.bundle_rate_per_sec, rates.bundle_burst),

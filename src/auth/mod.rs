@@ -92,14 +92,22 @@ pub struct Authenticator {
     hasher: PasswordHasher,
     /// Lifetime of issued session tokens.
     session_ttl: Duration,
+    /// Live sessions one user may hold; issuing one more revokes the oldest.
+    max_sessions: u32,
 }
 
 impl Authenticator {
-    pub fn new(db: Database, hasher: PasswordHasher, session_ttl: Duration) -> Self {
+    pub fn new(
+        db: Database,
+        hasher: PasswordHasher,
+        session_ttl: Duration,
+        max_sessions: u32,
+    ) -> Self {
         Self {
             db,
             hasher,
             session_ttl,
+            max_sessions,
         }
     }
 
@@ -190,7 +198,17 @@ impl Authenticator {
         let token_hash = token.hash();
         let expires_at = Utc::now()
             + chrono::Duration::from_std(self.session_ttl).unwrap_or(chrono::Duration::MAX);
-        storage::sessions::insert(&self.db, &token_hash, user_id, expires_at).await?;
+        let revoked = storage::sessions::insert_capped(
+            &self.db,
+            &token_hash,
+            user_id,
+            expires_at,
+            self.max_sessions,
+        )
+        .await?;
+        if revoked > 0 {
+            tracing::info!(%user_id, revoked, "oldest sessions revoked to stay within the cap");
+        }
         Ok(IssuedSession {
             auth: Authenticated {
                 user_id,
