@@ -620,4 +620,21 @@ mod tests {
         assert!(matches!(err, ConfigError::UnknownKey { .. }), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn secrets_keep_everything_but_the_password() {
+        assert_eq!(
+            mask_secret("postgres://relay:hunter2@db:5432/relay?sslmode=require"),
+            "postgres://relay:********@db:5432/relay?sslmode=require"
+        );
+        assert_eq!(
+            mask_secret("postgres://db/relay?user=relay&password=hunter2"),
+            "postgres://db/relay?user=relay&password=********"
+        );
+        assert_eq!(
+            mask_secret("postgres://relay@db/relay"),
+            "postgres://relay@db/relay"
+        );
+        assert_eq!(mask_secret("not a url hunter2"), "********");
+    }
 }
