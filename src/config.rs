@@ -18,8 +18,8 @@ use secrecy::SecretString;
 pub struct Config {
     /// TOML file of settings, keyed by flag name (`max_connections = 100`
     /// or `max-connections = 100`). Environment variables and flags win
-    /// over it.
-    #[arg(long, env = "RELAY_CONFIG")]
+    /// over it. Global, so an admin subcommand may take it after its name.
+    #[arg(long, env = "RELAY_CONFIG", global = true)]
     pub config: Option<PathBuf>,
 
     /// Address to listen on. Port 0 picks a free port.
@@ -27,10 +27,12 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// PostgreSQL connection URL. The database is created if missing.
-    /// Wrapped as a secret because it may carry a password.
+    /// Wrapped as a secret because it may carry a password. Global, so an
+    /// admin subcommand may take it after its name.
     #[arg(
         long,
         env = "DATABASE_URL",
+        global = true,
         default_value = "postgres://postgres@localhost/relay",
         hide_env_values = true
     )]
@@ -270,6 +272,17 @@ pub struct AuthLimits {
     /// `unavailable` rather than piling up.
     #[arg(long, env = "RELAY_ARGON2_QUEUE", default_value_t = 1024)]
     pub argon2_queue: usize,
+
+    /// Live sessions one user may hold. A login beyond it revokes the
+    /// user's oldest session, so tokens from clients that never log out do
+    /// not pile up.
+    #[arg(
+        long,
+        env = "RELAY_MAX_SESSIONS_PER_USER",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_sessions_per_user: u32,
 }
 
 /// Per-user token buckets on the requests that cost the server most.
@@ -400,56 +413,192 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-        let command = Self::command();
-        let matches = command.clone().try_get_matches_from(&args)?;
-        let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
-            return Ok(Self::from_arg_matches(&matches)?);
-        };
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let table: toml::Table = text.parse().map_err(|source| ConfigError::Toml {
-            path: shown.clone(),
-            source,
-        })?;
-        // The file fills in only what neither the environment nor a flag
-        // set: it is injected as flags placed before the real ones, for
-        // settings still at their default.
-        let mut layered = vec![args.first().cloned().unwrap_or_else(|| "relay".into())];
-        for (key, value) in &table {
-            let id = key.replace('-', "_");
-            let known = command.get_arguments().any(|a| a.get_id() == id.as_str());
-            if !known || id == "config" {
-                return Err(ConfigError::UnknownKey {
+        Ok(load_layered::<Self, _, _>(args)?.value)
+    }
+}
+
+/// A parsed command line and the effective settings it came to.
+#[derive(Debug)]
+pub struct Layered<P> {
+    /// The parsed command line.
+    pub value: P,
+    /// Every setting's effective value and where it came from, in the
+    /// order `--help` lists them, for `relay check-config`.
+    pub settings: Vec<Setting>,
+}
+
+/// Where a setting's effective value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+/// One setting as it will be used.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    /// The field and TOML key name (`max_connections`).
+    pub name: String,
+    /// The `--help` heading it is listed under, if any.
+    pub heading: Option<String>,
+    /// The effective value as given (or defaulted), secrets masked; `None`
+    /// when unset.
+    pub value: Option<String>,
+    /// Where the value came from.
+    pub source: Source,
+    /// The environment variable that sets it, if any.
+    pub env: Option<String>,
+}
+
+/// Parses `args` as `P` (the server's [`Config`], or a command line that
+/// flattens it), layered over the `--config` file if one is named: defaults
+/// < file < environment < flags.
+pub fn load_layered<P, I, T>(args: I) -> Result<Layered<P>, ConfigError>
+where
+    P: FromArgMatches + CommandFactory,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let command = P::command();
+    let matches = command.clone().try_get_matches_from(&args)?;
+    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+        let settings = settings(&command, &matches, &[]);
+        return Ok(Layered {
+            value: P::from_arg_matches(&matches)?,
+            settings,
+        });
+    };
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let table: toml::Table = text.parse().map_err(|source| ConfigError::Toml {
+        path: shown.clone(),
+        source,
+    })?;
+    // The file fills in only what neither the environment nor a flag
+    // set: it is injected as flags placed before the real ones, for
+    // settings still at their default.
+    let mut layered = vec![args.first().cloned().unwrap_or_else(|| "relay".into())];
+    let mut from_file = Vec::new();
+    for (key, value) in &table {
+        let id = key.replace('-', "_");
+        let known = command
+            .get_arguments()
+            .any(|a| a.get_id() == id.as_str() && a.get_long().is_some());
+        if !known || matches!(id.as_str(), "config" | "help" | "version") {
+            return Err(ConfigError::UnknownKey {
+                path: shown,
+                key: key.clone(),
+            });
+        }
+        if matches.value_source(&id) != Some(ValueSource::DefaultValue) {
+            continue;
+        }
+        let value = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(ConfigError::BadValue {
                     path: shown,
                     key: key.clone(),
                 });
             }
-            if matches.value_source(&id) != Some(ValueSource::DefaultValue) {
-                continue;
-            }
-            let value = match value {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                _ => {
-                    return Err(ConfigError::BadValue {
-                        path: shown,
-                        key: key.clone(),
-                    });
-                }
-            };
-            layered.push(format!("--{}", id.replace('_', "-")).into());
-            layered.push(value.into());
-        }
-        layered.extend(args.into_iter().skip(1));
-        Ok(Self::try_parse_from(layered)?)
+        };
+        layered.push(format!("--{}", id.replace('_', "-")).into());
+        layered.push(value.into());
+        from_file.push(id);
     }
+    layered.extend(args.into_iter().skip(1));
+    let matches = command.clone().try_get_matches_from(layered)?;
+    let settings = settings(&command, &matches, &from_file);
+    Ok(Layered {
+        value: P::from_arg_matches(&matches)?,
+        settings,
+    })
+}
 
+/// The effective value and source of every top-level setting of `command`.
+/// Arguments that hide their environment values (the database URL) are
+/// secrets: shown with [`mask_secret`].
+fn settings(
+    command: &clap::Command,
+    matches: &clap::ArgMatches,
+    from_file: &[String],
+) -> Vec<Setting> {
+    command
+        .get_arguments()
+        .filter(|arg| {
+            arg.get_long().is_some() && !matches!(arg.get_id().as_str(), "help" | "version")
+        })
+        .map(|arg| {
+            let id = arg.get_id().as_str();
+            let value = matches
+                .get_raw(id)
+                .and_then(|mut raw| raw.next())
+                .map(|raw| raw.to_string_lossy().into_owned())
+                .map(|raw| {
+                    if arg.is_hide_env_values_set() {
+                        mask_secret(&raw)
+                    } else {
+                        raw
+                    }
+                });
+            let source = match matches.value_source(id) {
+                Some(ValueSource::EnvVariable) => Source::Env,
+                Some(ValueSource::CommandLine) if from_file.iter().any(|f| f == id) => Source::File,
+                Some(ValueSource::CommandLine) => Source::Flag,
+                _ => Source::Default,
+            };
+            Setting {
+                name: id.to_owned(),
+                heading: arg.get_help_heading().map(str::to_owned),
+                value,
+                source,
+                env: arg.get_env().map(|e| e.to_string_lossy().into_owned()),
+            }
+        })
+        .collect()
+}
+
+/// A secret setting as it may be shown: a URL keeps everything but its
+/// password (in the user-info part or a `password=` query parameter);
+/// anything else is masked whole.
+pub fn mask_secret(value: &str) -> String {
+    const MASK: &str = "********";
+    let Ok(mut url) = url::Url::parse(value) else {
+        return MASK.to_owned();
+    };
+    if !url.has_host() {
+        return MASK.to_owned();
+    }
+    if url.password().is_some() && url.set_password(Some(MASK)).is_err() {
+        return MASK.to_owned();
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    MASK.to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+impl Config {
     /// The defaults, as if no flag or variable were given, pointed at
     /// `database_url` and an ephemeral port on loopback.
     pub fn for_tests(database_url: &str) -> Self {
@@ -507,5 +656,22 @@ mod tests {
         let err = Config::load_from(["relay", "--config", bad.to_str().unwrap()]).unwrap_err();
         assert!(matches!(err, ConfigError::UnknownKey { .. }), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn secrets_keep_everything_but_the_password() {
+        assert_eq!(
+            mask_secret("postgres://relay:hunter2@db:5432/relay?sslmode=require"),
+            "postgres://relay:********@db:5432/relay?sslmode=require"
+        );
+        assert_eq!(
+            mask_secret("postgres://db/relay?user=relay&password=hunter2"),
+            "postgres://db/relay?user=relay&password=********"
+        );
+        assert_eq!(
+            mask_secret("postgres://relay@db/relay"),
+            "postgres://relay@db/relay"
+        );
+        assert_eq!(mask_secret("not a url hunter2"), "********");
     }
 }

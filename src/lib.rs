@@ -9,6 +9,8 @@
 //! Where things live:
 //! Where things live, top layer first; each module uses only those below
 //! it:
+//! - [`admin`] — the `relay` binary's admin subcommands (migrate,
+//!   check-config, users), on the database directly;
 //! - [`server`] — listener, TLS, HTTP upgrade, the sweeper, shutdown;
 //! - [`connection`] — one socket's frames and life;
 //! - [`cmd`] — one file per request kind;
@@ -26,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod cmd;

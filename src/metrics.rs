@@ -418,7 +418,7 @@ pub struct Inner {
     pub messages_queued: Counter,
     pub messages_dropped: Counter,
     pub messages_rejected: Counter,
-    /// From a live push being written to its recipient's ack.
+    /// From a live message being sent to its recipient's ack.
     pub delivery_seconds: AtomicHistogram,
     /// Stored messages written to their recipient by a drain.
     pub messages_drained: Counter,
@@ -493,7 +493,7 @@ impl Metrics {
         let delivery_seconds = AtomicHistogram::new(LATENCY_BOUNDS, 1e9);
         registry.register(
             "relay_delivery_seconds",
-            "Live deliveries: from the push being written to the recipient's ack",
+            "Live deliveries: from the send to the recipient's ack",
             delivery_seconds.clone(),
         );
         let messages_drained = Counter::default();

@@ -69,6 +69,7 @@ impl AppState {
                     hasher,
                     limits.auth.session_ttl(),
                     health.clone(),
+                    limits.auth.max_sessions_per_user,
                 ),
                 metrics,
                 health,

@@ -42,7 +42,8 @@ pub enum Command {
     /// Create an account and save its session in the profile. The password
     /// is prompted for, or read from the first line of piped stdin.
     Register { username: String },
-    /// Sign in to an existing account and save the session in the profile.
+    /// Sign in to an existing account and save the session in the profile;
+    /// the session the profile held before is revoked on the relay.
     Login { username: String },
     /// Generate and publish identity, signed, one-time and Kyber pre-keys.
     /// (send, recv and chat also do this on first use, and top keys up.)

@@ -424,3 +424,73 @@ async fn drain(client: &Client, user: &str, n: usize) {
             .expect("fetch bundle");
     }
 }
+
+/// Logging in again from a profile revokes the session token it held, so
+/// repeated logins do not leave live tokens behind on the relay; a token
+/// the relay already dropped is no obstacle.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_revokes_the_profiles_previous_session() {
+    use base64::Engine as _;
+
+    let app = spawn_app().await;
+    let alice = User::new(&app, "alice");
+    let registered = alice
+        .run_with(&["register", &alice.name], &format!("{PASSWORD}\n"))
+        .await;
+    assert!(registered.status.success(), "{registered:#?}");
+    let alice_id = user_id(&app.db, &alice.name).await;
+    let saved_token = || {
+        let account: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(alice.profile.join("account.json")).expect("account.json"),
+        )
+        .expect("account JSON");
+        let token = account["token"].as_str().expect("a saved token");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .expect("base64url token")
+    };
+    let sessions = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sessions WHERE user_id = $1")
+            .bind(alice_id)
+            .fetch_one(&app.db)
+            .await
+            .expect("count sessions")
+    };
+    let first = saved_token();
+    assert_eq!(sessions().await, 1);
+
+    let login = alice
+        .run_with(&["login", &alice.name], &format!("{PASSWORD}\n"))
+        .await;
+    assert!(login.status.success(), "{login:#?}");
+    assert!(login.named("warning").is_empty(), "{login:#?}");
+    let second = saved_token();
+    assert_ne!(first, second, "login saved a new token");
+    assert_eq!(sessions().await, 1, "the previous session was revoked");
+    let (client, _events) = app.connect().await;
+    let err = client
+        .resume(&first)
+        .await
+        .expect_err("the old token is dead");
+    assert_eq!(
+        err.status(),
+        Some(signal_relay::proto::Status::Unauthorized)
+    );
+    alice.ok(&["whoami"]).await;
+
+    // The relay dropped the saved session already (an operator revoked it):
+    // login still succeeds, quietly.
+    sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+        .bind(alice_id)
+        .execute(&app.db)
+        .await
+        .expect("revoke on the relay");
+    let login = alice
+        .run_with(&["login", &alice.name], &format!("{PASSWORD}\n"))
+        .await;
+    assert!(login.status.success(), "{login:#?}");
+    assert!(login.named("warning").is_empty(), "{login:#?}");
+    assert_eq!(sessions().await, 1);
+    assert_ne!(saved_token(), second);
+    alice.ok(&["whoami"]).await;
+}

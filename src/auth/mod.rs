@@ -123,6 +123,8 @@ pub struct Authenticator {
     /// While the database is known to be down, authentication fails at
     /// once rather than after the pool's acquire timeout.
     health: Health,
+    /// Live sessions one user may hold; issuing one more revokes the oldest.
+    max_sessions: u32,
 }
 
 impl Authenticator {
@@ -131,11 +133,13 @@ impl Authenticator {
         hasher: PasswordHasher,
         session_ttl: Duration,
         health: Health,
+        max_sessions: u32,
     ) -> Self {
         Self {
             db,
             hasher,
             session_ttl,
+            max_sessions,
             health,
         }
     }
@@ -238,7 +242,17 @@ impl Authenticator {
         let token_hash = token.hash();
         let expires_at = Utc::now()
             + chrono::Duration::from_std(self.session_ttl).unwrap_or(chrono::Duration::MAX);
-        storage::sessions::insert(&self.db, &token_hash, user_id, expires_at).await?;
+        let revoked = storage::sessions::insert_capped(
+            &self.db,
+            &token_hash,
+            user_id,
+            expires_at,
+            self.max_sessions,
+        )
+        .await?;
+        if revoked > 0 {
+            tracing::info!(%user_id, revoked, "oldest sessions revoked to stay within the cap");
+        }
         Ok(IssuedSession {
             auth: Authenticated {
                 user_id,

@@ -1,18 +1,49 @@
-//! The `relay` binary: parse configuration, start logging, reach the
-//! database, bind, and run until SIGINT or SIGTERM.
+//! The `relay` binary: parse configuration; without a subcommand, start
+//! logging, reach the database, bind, and serve until SIGINT or SIGTERM;
+//! with one, run that admin task ([`signal_relay::admin`]) and exit with
+//! its status.
+
+use std::process::ExitCode;
 
 use anyhow::Context;
+use signal_relay::admin::{self, AdminCommand, Cli};
+use signal_relay::config::{self, ConfigError, Layered, Setting};
 use signal_relay::{Config, server, telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = match Config::load() {
-        Ok(config) => config,
+async fn main() -> anyhow::Result<ExitCode> {
+    let Layered {
+        value: cli,
+        settings,
+    } = match config::load_layered::<Cli, _, _>(std::env::args_os()) {
+        Ok(loaded) => loaded,
         // --help and --version print and exit; real errors exit non-zero.
-        Err(signal_relay::config::ConfigError::Invalid(err)) => err.exit(),
+        Err(ConfigError::Invalid(err)) => err.exit(),
         Err(err) => return Err(err.into()),
     };
+    match cli.command {
+        None => serve(cli.config).await.map(|()| ExitCode::SUCCESS),
+        Some(command) => Ok(run_admin(&command, &cli.config, &settings).await),
+    }
+}
+
+async fn run_admin(command: &AdminCommand, config: &Config, settings: &[Setting]) -> ExitCode {
+    telemetry::init_for_admin(config.log_format);
+    match admin::run(command, config, settings).await {
+        Ok(outcome) => {
+            print!("{}", outcome.output);
+            ExitCode::from(outcome.exit.code())
+        }
+        Err(err) => {
+            let exit = err.exit();
+            eprintln!("error: {:#}", anyhow::Error::from(err));
+            ExitCode::from(exit.code())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     telemetry::init(config.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_on_termination(shutdown.clone()));

@@ -233,3 +233,46 @@ impl Command {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(outcome: proto::SendOutcome) -> Result<Done, RequestError> {
+        Ok(Done::reply(response::Result::Send(proto::SendResult {
+            message_id: Default::default(),
+            outcome: outcome as i32,
+        })))
+    }
+
+    /// Every answer to a send is counted once, by its outcome; an error
+    /// answer is a rejection; other requests leave the send counters alone.
+    #[test]
+    fn answers_are_counted_by_kind_and_outcome() {
+        let metrics = Metrics::new();
+        Counted::Send.record(&metrics, &sent(proto::SendOutcome::Delivered));
+        Counted::Send.record(&metrics, &sent(proto::SendOutcome::Queued));
+        Counted::Send.record(&metrics, &sent(proto::SendOutcome::Queued));
+        Counted::Send.record(&metrics, &sent(proto::SendOutcome::Dropped));
+        Counted::Send.record(&metrics, &Err(RequestError::bad_request("no")));
+        Counted::Other.record(&metrics, &Err(RequestError::bad_request("no")));
+        assert_eq!(metrics.messages_delivered.get(), 1);
+        assert_eq!(metrics.messages_queued.get(), 2);
+        assert_eq!(metrics.messages_dropped.get(), 1);
+        assert_eq!(metrics.messages_rejected.get(), 1);
+        let acked = Ok(Done::reply(response::Result::Ack(proto::AckResult {
+            acked: vec![Default::default(); 3],
+            unknown: vec![Default::default()],
+        })));
+        Counted::Ack.record(&metrics, &acked);
+        assert_eq!(metrics.acks.get(), 3, "acked ids, not unknown ones");
+        let text = metrics.encode();
+        Counted::FetchBundle.record(&metrics, &Err(RequestError::NotFound("x".into())));
+        assert!(!text.contains(r#"relay_prekey_fetches_total{result="not_found"} 1"#));
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"relay_prekey_fetches_total{result="not_found"} 1"#)
+        );
+    }
+}

@@ -280,11 +280,7 @@ where
         let messaging = &state.limits().messaging;
         Session {
             drain: seat.drain,
-            unacked: Unacked::new(
-                messaging.max_unacked,
-                messaging.ack_timeout(),
-                metrics.delivery_seconds.clone(),
-            ),
+            unacked: Unacked::new(messaging.max_unacked, metrics.delivery_seconds.clone()),
             ledger,
             conn,
             auth,

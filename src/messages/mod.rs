@@ -295,7 +295,9 @@ impl Relay {
             let stores = held.into_iter().map(|delivery| {
                 let store = &store;
                 async move {
-                    let LiveDelivery { message, waiter } = delivery;
+                    let LiveDelivery {
+                        message, waiter, ..
+                    } = delivery;
                     if message.ephemeral {
                         return waiter.finish(Delivery::Dropped);
                     }

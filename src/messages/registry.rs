@@ -16,6 +16,8 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use tokio::time::Instant;
+
 use dashmap::DashMap;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,9 @@ pub enum Outbound {
 pub struct LiveDelivery {
     pub message: Message,
     pub waiter: Waiter,
+    /// When it was routed live: `relay_delivery_seconds` runs from here to
+    /// the recipient's ack.
+    pub routed_at: Instant,
 }
 
 /// Who hears a message's outcome: `Delivered` on ack, `Queued` once stored
@@ -301,6 +306,7 @@ impl Registry {
                     responder: Some(responder),
                     attempt,
                 },
+                routed_at: Instant::now(),
             });
             let conn = slot.conn.as_ref().expect("checked above");
             match conn.tx.try_send(Outbound::Deliver(live)) {
@@ -355,6 +361,7 @@ impl Registry {
                 responder: Some(responder),
                 attempt,
             },
+            routed_at: Instant::now(),
         });
         match conn.tx.try_send(Outbound::Deliver(live)) {
             Ok(()) => Route::Live(outcome),

@@ -9,8 +9,6 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
-
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -29,29 +27,25 @@ pub struct Unacked {
     ids: HashMap<Uuid, u32>,
     /// Most entries before the connection stops taking live messages.
     limit: usize,
-    /// How long after its write an entry's deadline falls, so the write
-    /// time is known without storing it.
-    ack_timeout: Duration,
-    /// Where the time from write to ack is recorded.
+    /// Where the time from send to ack is recorded.
     delivery_seconds: AtomicHistogram,
 }
 
 impl Unacked {
-    pub fn new(limit: usize, ack_timeout: Duration, delivery_seconds: AtomicHistogram) -> Self {
+    pub fn new(limit: usize, delivery_seconds: AtomicHistogram) -> Self {
         Unacked {
             entries: VecDeque::new(),
             ids: HashMap::new(),
             limit: limit.max(1),
-            ack_timeout,
             delivery_seconds,
         }
     }
 
-    /// Answers the sender `Delivered` and records how long the ack took.
-    fn delivered(&self, delivery: LiveDelivery, deadline: Instant, now: Instant) {
-        let written = deadline.checked_sub(self.ack_timeout).unwrap_or(deadline);
+    /// Answers the sender `Delivered` and records how long since it was
+    /// sent.
+    fn delivered(&self, delivery: LiveDelivery, now: Instant) {
         self.delivery_seconds
-            .observe_duration(now.saturating_duration_since(written));
+            .observe_duration(now.saturating_duration_since(delivery.routed_at));
         delivery.waiter.finish(Delivery::Delivered);
     }
 
@@ -80,13 +74,13 @@ impl Unacked {
                 .iter()
                 .position(|(delivery, _)| delivery.message.id == id)
                 .expect("a counted id is queued");
-            let (delivery, deadline) = self.entries.remove(at).expect("position is in range");
-            self.delivered(delivery, deadline, now);
+            let (delivery, _) = self.entries.remove(at).expect("position is in range");
+            self.delivered(delivery, now);
         } else {
             let mut kept = VecDeque::with_capacity(self.entries.len());
             for (delivery, deadline) in std::mem::take(&mut self.entries) {
                 if delivery.message.id == id {
-                    self.delivered(delivery, deadline, now);
+                    self.delivered(delivery, now);
                 } else {
                     kept.push_back((delivery, deadline));
                 }
@@ -143,14 +137,20 @@ mod tests {
             responder: Some(responder),
             attempt: None,
         };
-        (LiveDelivery { message, waiter }, outcome)
+        (
+            LiveDelivery {
+                message,
+                waiter,
+                routed_at: Instant::now(),
+            },
+            outcome,
+        )
     }
 
     #[test]
     fn acks_in_any_order_answer_delivered_and_unknown_ids_are_refused() {
         let metrics = Metrics::new();
-        let mut unacked =
-            Unacked::new(10, Duration::from_secs(5), metrics.delivery_seconds.clone());
+        let mut unacked = Unacked::new(10, metrics.delivery_seconds.clone());
         let now = Instant::now();
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
         let mut outcomes = Vec::new();
@@ -173,11 +173,7 @@ mod tests {
 
     #[test]
     fn one_ack_settles_every_copy_of_a_retried_message() {
-        let mut unacked = Unacked::new(
-            10,
-            Duration::from_secs(5),
-            Metrics::new().delivery_seconds.clone(),
-        );
+        let mut unacked = Unacked::new(10, Metrics::new().delivery_seconds.clone());
         let now = Instant::now();
         let id = Uuid::new_v4();
         let other = Uuid::new_v4();
@@ -197,11 +193,7 @@ mod tests {
 
     #[test]
     fn expired_deliveries_leave_and_cannot_be_acked_here_any_more() {
-        let mut unacked = Unacked::new(
-            10,
-            Duration::from_secs(5),
-            Metrics::new().delivery_seconds.clone(),
-        );
+        let mut unacked = Unacked::new(10, Metrics::new().delivery_seconds.clone());
         let now = Instant::now();
         let (early, late) = (Uuid::new_v4(), Uuid::new_v4());
         unacked.insert(delivery(early).0, now);

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod keys;
 pub mod messages;
 pub mod reader;
+pub mod schema;
 pub mod sessions;
 pub mod users;
 
@@ -94,23 +95,38 @@ impl Deref for Database {
 /// Connects to the database named in `url`, creating it first if it does not
 /// exist, and brings its schema up to date.
 pub async fn connect(url: &SecretString, pool_size: u32) -> Result<PgPool, StorageError> {
-    let options = PgConnectOptions::from_str(url.expose_secret())
-        .map_err(StorageError::Url)?
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    let options = connect_options(url)?;
     create_database_if_missing(&options).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(pool_size)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await?;
-    sqlx::migrate!("./migrations").run(&pool).await?;
+    let pool = pool(options, pool_size).await?;
+    schema::MIGRATOR.run(&pool).await?;
     Ok(pool)
 }
 
-/// Creates the database `options` names, through the `postgres` maintenance
-/// database, unless it already exists.
-pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StorageError> {
+/// Connects to the database named in `url` as it is: not created, not
+/// migrated. For the admin commands, which must not change a schema.
+pub async fn connect_existing(url: &SecretString, pool_size: u32) -> Result<PgPool, StorageError> {
+    pool(connect_options(url)?, pool_size).await
+}
+
+/// Parses `url`, with statement logging as the server wants it.
+pub fn connect_options(url: &SecretString) -> Result<PgConnectOptions, StorageError> {
+    Ok(PgConnectOptions::from_str(url.expose_secret())
+        .map_err(StorageError::Url)?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1)))
+}
+
+async fn pool(options: PgConnectOptions, pool_size: u32) -> Result<PgPool, StorageError> {
+    Ok(PgPoolOptions::new()
+        .max_connections(pool_size)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?)
+}
+
+/// True when the database `options` names exists, asked of the `postgres`
+/// maintenance database.
+pub async fn database_exists(options: &PgConnectOptions) -> Result<bool, StorageError> {
     let name = options.get_database().unwrap_or("postgres").to_owned();
     let mut admin = options.clone().database("postgres").connect().await?;
     let exists: bool =
@@ -118,7 +134,16 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()
             .bind(&name)
             .fetch_one(&mut admin)
             .await?;
-    if !exists {
+    admin.close().await?;
+    Ok(exists)
+}
+
+/// Creates the database `options` names, through the `postgres` maintenance
+/// database, unless it already exists. True when this call created it.
+pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<bool, StorageError> {
+    if !database_exists(options).await? {
+        let name = options.get_database().unwrap_or("postgres").to_owned();
+        let mut admin = options.clone().database("postgres").connect().await?;
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         match sqlx::query(&format!("CREATE DATABASE {quoted}"))
             .execute(&mut admin)
@@ -127,12 +152,17 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<()
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Another process created it between our check and our CREATE.
             Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some(sqlstate::DUPLICATE_DATABASE) => {}
+                if e.code().as_deref() == Some(sqlstate::DUPLICATE_DATABASE) =>
+            {
+                admin.close().await?;
+                return Ok(false);
+            }
             Err(e) => return Err(e.into()),
         }
+        admin.close().await?;
+        return Ok(true);
     }
-    admin.close().await?;
-    Ok(())
+    Ok(false)
 }
 
 /// True for a unique-constraint violation.

@@ -6,6 +6,8 @@ use uuid::Uuid;
 
 use super::StorageError;
 
+/// Inserts a session with no cap on how many the user holds (the bench's
+/// seeding; the server issues through [`insert_capped`]).
 pub async fn insert(
     db: &PgPool,
     token_hash: &[u8; 32],
@@ -19,6 +21,65 @@ pub async fn insert(
         .execute(db)
         .await?;
     Ok(())
+}
+
+/// Inserts a session and, in the same transaction, revokes the user's
+/// oldest live sessions (and any expired ones) so that at most `cap` remain,
+/// the new one included. Returns how many were revoked.
+///
+/// The user's row is locked first (`FOR NO KEY UPDATE`, which does not block
+/// the key-share locks of message and key inserts), so concurrent logins of
+/// one user take turns and the cap holds exactly.
+pub async fn insert_capped(
+    db: &PgPool,
+    token_hash: &[u8; 32],
+    user_id: Uuid,
+    expires_at: DateTime<Utc>,
+    cap: u32,
+) -> Result<u64, StorageError> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    let keep_old = i64::from(cap.max(1)) - 1;
+    let revoked = sqlx::query(
+        "DELETE FROM sessions WHERE user_id = $1 AND (expires_at <= now() OR token_hash IN \
+         (SELECT token_hash FROM sessions WHERE user_id = $1 AND expires_at > now() \
+          ORDER BY created_at DESC, token_hash DESC OFFSET $2))",
+    )
+    .bind(user_id)
+    .bind(keep_old)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("INSERT INTO sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)")
+        .bind(&token_hash[..])
+        .bind(user_id)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(revoked)
+}
+
+/// Live (unexpired) sessions of a user.
+pub async fn count_live(db: &PgPool, user_id: Uuid) -> Result<i64, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM sessions WHERE user_id = $1 AND expires_at > now()",
+    )
+    .bind(user_id)
+    .fetch_one(db)
+    .await?)
+}
+
+/// Deletes every session of a user, expired or not; returns how many went.
+pub async fn delete_all_for_user(db: &PgPool, user_id: Uuid) -> Result<u64, StorageError> {
+    let result = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+        .bind(user_id)
+        .execute(db)
+        .await?;
+    Ok(result.rows_affected())
 }
 
 /// Of `token_hashes`, those of live (unexpired) sessions, in one

@@ -1,5 +1,6 @@
 //! Queries on `users`.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -75,4 +76,62 @@ pub async fn existing(
             .fetch_all(db)
             .await?,
     )
+}
+
+/// A user as an operator lists them.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserSummary {
+    pub id: Uuid,
+    pub username: String,
+    /// Nullable in the spec's schema, though always set by the default.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// Every user, oldest first (ties by name), without password hashes.
+pub async fn list(db: &PgPool) -> Result<Vec<UserSummary>, StorageError> {
+    Ok(
+        sqlx::query_as("SELECT id, username, created_at FROM users ORDER BY created_at, username")
+            .fetch_all(db)
+            .await?,
+    )
+}
+
+/// What the relay holds for one user, as counts: never a hash or a key.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserOverview {
+    pub id: Uuid,
+    pub username: String,
+    pub created_at: Option<DateTime<Utc>>,
+    /// Whether keys were ever published (an identity key is stored).
+    pub identity_key: bool,
+    pub signed_pre_key: bool,
+    pub one_time_pre_keys: i64,
+    pub kyber_pre_keys: i64,
+    pub kyber_last_resort_key: bool,
+    /// Unexpired messages waiting for the user.
+    pub queued_messages: i64,
+    /// Unexpired sessions.
+    pub live_sessions: i64,
+}
+
+/// The overview of the user named `username`, in any letter case, read in
+/// one statement so the counts are of one moment.
+pub async fn overview(db: &PgPool, username: &str) -> Result<Option<UserOverview>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT u.id, u.username, u.created_at, \
+           EXISTS (SELECT 1 FROM identity_keys k WHERE k.user_id = u.id) AS identity_key, \
+           EXISTS (SELECT 1 FROM signed_pre_keys k WHERE k.user_id = u.id) AS signed_pre_key, \
+           (SELECT count(*) FROM one_time_pre_keys k WHERE k.user_id = u.id) AS one_time_pre_keys, \
+           (SELECT count(*) FROM kyber_pre_keys k WHERE k.user_id = u.id) AS kyber_pre_keys, \
+           EXISTS (SELECT 1 FROM kyber_last_resort_keys k WHERE k.user_id = u.id) \
+             AS kyber_last_resort_key, \
+           (SELECT count(*) FROM messages m WHERE m.recipient_id = u.id AND m.expires_at > now()) \
+             AS queued_messages, \
+           (SELECT count(*) FROM sessions s WHERE s.user_id = u.id AND s.expires_at > now()) \
+             AS live_sessions \
+         FROM users u WHERE lower(u.username) = lower($1)",
+    )
+    .bind(username)
+    .fetch_optional(db)
+    .await?)
 }

@@ -2,7 +2,7 @@
 
 use signal_relay::client::{Client, ClientError, ConnectOptions};
 use signal_relay::proto::Status;
-use signal_relay::testing::spawn_app;
+use signal_relay::testing::{spawn_app, spawn_app_with};
 
 use crate::helpers::{close_code, expect_queue_empty};
 
@@ -43,6 +43,41 @@ async fn register_login_resume_logout() {
     // The other session is unaffected.
     let (other, _e4) = app.connect().await;
     other.resume(&login.token).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_cap_revoke_the_oldest() {
+    let app = spawn_app_with(|c| c.limits.auth.max_sessions_per_user = 3).await;
+    // Registering issues the first session; three logins make four.
+    let (_c, _e, first) = app.register("dave").await;
+    let mut tokens = vec![first.token.clone()];
+    for _ in 0..3 {
+        let (client, _events) = app.connect().await;
+        tokens.push(client.login("dave", "password123").await.unwrap().token);
+    }
+
+    let (stale, _e) = app.connect().await;
+    let err = stale.resume(&tokens[0]).await.unwrap_err();
+    assert_eq!(
+        status(err),
+        Status::Unauthorized,
+        "the oldest session was revoked"
+    );
+    for token in &tokens[1..] {
+        let (client, _events) = app.connect().await;
+        client
+            .resume(token)
+            .await
+            .expect("the newest three still resume");
+    }
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sessions s JOIN users u ON u.id = s.user_id \
+         WHERE u.username = 'dave'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(held, 3, "never more than the cap");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,11 @@
 //! server on port 0, and speaks to it over real WebSockets through the
 //! library's client.
 
+mod admin;
 mod auth;
 mod connection;
 mod crash;
+mod deploy;
 mod helpers;
 mod keys;
 mod messaging;

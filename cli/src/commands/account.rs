@@ -122,8 +122,29 @@ pub async fn login(profile: Profile, server: Server, username: &str, out: &Outpu
     }
     save_session(&profile, &server, &auth)?;
     client.close().await;
+    if let Some(previous) = existing.filter(|a| a.token.is_some() && a.server == server.url) {
+        revoke_previous(&server, &previous, out).await;
+    }
     out.registered("logged_in", auth.user_id, &auth.username, &server.url);
     Ok(())
+}
+
+/// Revokes the session token the profile held before this login, so that
+/// logging in again does not leave live tokens behind on the relay. The
+/// new session is already saved: a failure here only warns.
+async fn revoke_previous(server: &Server, previous: &Account, out: &Output) {
+    let revoked = async {
+        let (client, _events) = net::resume(server, previous).await?;
+        net::within(client.logout()).await
+    };
+    match revoked.await {
+        Ok(()) => {}
+        // Expired, logged out, or revoked by the relay already: nothing left.
+        Err(e) if crate::error::classify(&e) == Kind::BadCredentials => {}
+        Err(e) => out.warn(&format!(
+            "could not revoke the previous session on the relay ({e:#}); it expires on its own"
+        )),
+    }
 }
 
 pub async fn logout(ctx: &mut Ctx<'_>) -> Result<()> {

@@ -1,0 +1,24 @@
+//! `relay users delete NAME`: what DeleteAccount does, without the
+//! password: the user row goes, and the database's cascades remove their
+//! keys, sessions and queued messages. Messages they sent to others stay
+//! deliverable (their sender becomes unknown).
+
+use sqlx::PgPool;
+
+use crate::admin::{AdminError, Outcome};
+use crate::storage;
+
+pub async fn run(db: &PgPool, name: &str) -> Result<Outcome, AdminError> {
+    let user = storage::users::overview(db, name)
+        .await?
+        .ok_or_else(|| AdminError::UnknownUser(name.to_owned()))?;
+    // Gone between the two statements: someone else deleted it.
+    if !storage::users::delete(db, user.id).await? {
+        return Err(AdminError::UnknownUser(name.to_owned()));
+    }
+    tracing::info!(user_id = %user.id, "account deleted by an admin");
+    Ok(Outcome::success(format!(
+        "deleted {} ({}) with {} live session(s), {} queued message(s) and their keys\n",
+        user.username, user.id, user.live_sessions, user.queued_messages
+    )))
+}
