@@ -110,13 +110,11 @@ impl Counted {
                         Ok(proto::SendOutcome::Delivered) => metrics.messages_delivered.inc(),
                         Ok(proto::SendOutcome::Queued) => metrics.messages_queued.inc(),
                         Ok(proto::SendOutcome::Dropped) => metrics.messages_dropped.inc(),
-                        _ => 0,
-                    };
+                        _ => {}
+                    }
                 }
             }
-            (Counted::Send, Err(_)) => {
-                metrics.messages_rejected.inc();
-            }
+            (Counted::Send, Err(_)) => metrics.messages_rejected.inc(),
             (Counted::Ack, Ok(done)) => {
                 if let response::Result::Ack(acked) = &done.result {
                     metrics.acks.inc_by(acked.acked.len() as u64);

@@ -26,10 +26,13 @@ pub mod unacked;
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -198,34 +201,28 @@ impl Relay {
     /// recipient acked, `Queued` once committed, `Dropped` for an ephemeral
     /// message nobody could take. A retry with the same client message id
     /// gets the first attempt's id and outcome, never a second copy.
-    pub fn send(
-        &self,
-        outgoing: Outgoing,
-    ) -> (
-        Uuid,
-        impl Future<Output = Result<Delivery, MessagingError>> + Send + 'static,
-    ) {
+    pub fn send(&self, outgoing: Outgoing) -> (Uuid, Sending) {
         let id = envelope::message_id(outgoing.sender_id, outgoing.client_message_id.as_deref());
         let attempt = match outgoing.client_message_id {
             None => None,
             Some(_) => match self.inner.dedupe.begin(id) {
                 Begin::New(attempt) => Some(attempt),
-                Begin::Done(outcome) => return (id, Pending::Done(outcome).outcome()),
-                Begin::InProgress(first) => return (id, Pending::Earlier(first).outcome()),
+                Begin::Done(outcome) => return (id, Sending::Done(Some(outcome))),
+                Begin::InProgress(first) => return (id, Sending::earlier(first)),
             },
         };
         let now = envelope::now_ms();
-        let pending = match self.inner.registry.route(
+        let sending = match self.inner.registry.route(
             outgoing.recipient,
             outgoing.ephemeral,
             attempt,
             |seq| outgoing.into_message(id, seq, now),
         ) {
-            Route::Live(outcome) => Pending::Live(outcome),
-            Route::Dropped => Pending::Done(Delivery::Dropped),
-            Route::Store(order) => Pending::Store(self.inner.store.clone(), order),
+            Route::Live(outcome) => Sending::Live(outcome),
+            Route::Dropped => Sending::Done(Some(Delivery::Dropped)),
+            Route::Store(order) => Sending::store(self.inner.store.clone(), order),
         };
-        (id, pending.outcome())
+        (id, sending)
     }
 
     /// Deletes the acker's stored messages among `ids` and tells each
@@ -379,34 +376,52 @@ pub struct StoredAcks {
     pub unknown: Vec<Uuid>,
 }
 
-/// What a send waits on after routing.
-enum Pending {
-    /// Known already.
-    Done(Delivery),
-    /// A retry of an attempt still in progress.
-    Earlier(watch::Receiver<Option<Delivery>>),
+/// The outcome of a send, as a future. Small on the hot path: a live
+/// send waits on a oneshot receiver only; the rarer, larger waits (a store,
+/// an earlier attempt) are boxed. An `async fn` over every case would be as
+/// large as its largest, and every send's reply future is moved to the
+/// heap: copying a store's state for each live message cost the relay more
+/// CPU than all its metrics.
+pub enum Sending {
+    /// Known already; `None` once taken.
+    Done(Option<Delivery>),
     /// Queued on the recipient's connection.
     Live(oneshot::Receiver<Delivery>),
-    /// On its way to storage.
-    Store(StoreWriter, ToStore),
+    /// On its way to storage, or waiting for an earlier attempt.
+    Waiting(BoxFuture<'static, Result<Delivery, MessagingError>>),
 }
 
-impl Pending {
-    async fn outcome(self) -> Result<Delivery, MessagingError> {
-        match self {
-            Pending::Done(outcome) => Ok(outcome),
-            Pending::Earlier(mut first) => match first.wait_for(Option::is_some).await {
+impl Sending {
+    fn store(store: StoreWriter, order: ToStore) -> Self {
+        let recipient = order.message.recipient_id;
+        Sending::Waiting(Box::pin(async move {
+            match store.store(order).await.map_err(MessagingError::Store)? {
+                Stored::Inserted | Stored::AlreadyStored => Ok(Delivery::Queued),
+                Stored::UnknownRecipient => Err(MessagingError::UnknownRecipient(recipient)),
+            }
+        }))
+    }
+
+    fn earlier(mut first: watch::Receiver<Option<Delivery>>) -> Self {
+        Sending::Waiting(Box::pin(async move {
+            match first.wait_for(Option::is_some).await {
                 Ok(outcome) => Ok(outcome.expect("waited for Some")),
                 Err(_) => Err(MessagingError::EarlierAttemptFailed),
-            },
-            Pending::Live(outcome) => outcome.await.map_err(|_| MessagingError::Interrupted),
-            Pending::Store(store, order) => {
-                let recipient = order.message.recipient_id;
-                match store.store(order).await.map_err(MessagingError::Store)? {
-                    Stored::Inserted | Stored::AlreadyStored => Ok(Delivery::Queued),
-                    Stored::UnknownRecipient => Err(MessagingError::UnknownRecipient(recipient)),
-                }
             }
+        }))
+    }
+}
+
+impl Future for Sending {
+    type Output = Result<Delivery, MessagingError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Sending::Done(outcome) => Poll::Ready(Ok(outcome.take().expect("polled after done"))),
+            Sending::Live(outcome) => Pin::new(outcome)
+                .poll(cx)
+                .map(|r| r.map_err(|_| MessagingError::Interrupted)),
+            Sending::Waiting(waiting) => waiting.as_mut().poll(cx),
         }
     }
 }

@@ -93,8 +93,9 @@ impl StoreWriter {
     /// The writer completes the attempt itself, so the outcome is recorded
     /// even if the caller stops waiting.
     pub async fn store(&self, order: ToStore) -> Result<Stored, StoreError> {
+        let permit = self.workers.reserve().await?;
         let (done, result) = oneshot::channel();
-        self.workers.submit(Job { order, done }).await?;
+        permit.send(Job { order, done });
         match result.await {
             Ok(Ok(stored)) => Ok(stored),
             Ok(Err(err)) => Err(StoreError::Storage(err)),

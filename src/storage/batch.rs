@@ -211,10 +211,19 @@ impl<J: Send + 'static> Workers<J> {
         }
     }
 
+    /// Waits for room in the queue. Cancel-safe: a wait that did not
+    /// complete took no room. The job is made only once there is room, so
+    /// a waiting submitter's future does not carry it (twice: the sender's
+    /// `send` future holds its own copy of what it sends).
+    pub async fn reserve(&self) -> Result<mpsc::Permit<'_, J>, Closed> {
+        self.tx.reserve().await.map_err(|_| Closed)
+    }
+
     /// Queues `job`, waiting for room. Cancel-safe: a submit that did not
     /// complete queued nothing.
     pub async fn submit(&self, job: J) -> Result<(), Closed> {
-        self.tx.send(job).await.map_err(|_| Closed)
+        self.reserve().await?.send(job);
+        Ok(())
     }
 }
 
