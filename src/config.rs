@@ -108,7 +108,7 @@ pub struct Limits {
     #[command(flatten, next_help_heading = "Messaging and storage")]
     pub messaging: MessagingLimits,
 
-    #[command(flatten, next_help_heading = "Database reader")]
+    #[command(flatten, next_help_heading = "Database workers")]
     pub reader: ReaderLimits,
 
     #[command(flatten, next_help_heading = "Authentication")]
@@ -213,11 +213,12 @@ pub struct MessagingLimits {
     #[arg(long, env = "RELAY_STORE_QUEUE", default_value_t = 16_384)]
     pub store_queue: usize,
 
-    /// Most messages written in one storage transaction.
+    /// Most messages one store batch writes (one insert statement).
     #[arg(long, env = "RELAY_STORE_BATCH", default_value_t = 1_024)]
     pub store_batch: usize,
 
-    /// Parallel storage transactions of the store writer.
+    /// Store writers: batches written at once, each on a dedicated
+    /// connection.
     #[arg(long, env = "RELAY_STORE_WRITERS", default_value_t = 4)]
     pub store_writers: usize,
 
@@ -235,7 +236,8 @@ pub struct MessagingLimits {
 }
 
 /// The dedicated connections that answer every reconnect's reads (session
-/// lookup, drain read) in batches.
+/// lookup, drain read) in batches, and the deadline of every batch on a
+/// dedicated connection (the readers' and the store writers').
 #[derive(Debug, Clone, Args)]
 pub struct ReaderLimits {
     /// Dedicated connections (beyond the pool) answering session lookups
@@ -251,6 +253,14 @@ pub struct ReaderLimits {
     /// connection; beyond this, connections wait for room.
     #[arg(long, env = "RELAY_DB_READ_QUEUE", default_value_t = 4_096)]
     pub db_read_queue: usize,
+
+    /// Longest one batch of the readers or store writers may take on its
+    /// dedicated connection, connecting included. Past it the batch fails
+    /// and the connection is dropped: a connection to a database server
+    /// that vanished (a failover, a lost NAT entry) would otherwise stall
+    /// them until the kernel gives up, minutes later.
+    #[arg(long, env = "RELAY_DB_BATCH_TIMEOUT_SECS", default_value_t = 30)]
+    pub db_batch_timeout_secs: u64,
 }
 
 /// Passwords and sessions.

@@ -43,8 +43,8 @@ struct Inner {
     /// Milliseconds after `started` of the database's last answer, plus one
     /// (zero: never).
     answered_ms: AtomicU64,
-    /// Set when a probe or a query found the database unreachable; cleared
-    /// by the next answer.
+    /// Set when the probe (or start-up) found the database unreachable;
+    /// cleared by the next answer.
     down: AtomicBool,
 }
 
@@ -110,8 +110,8 @@ impl Health {
         self.inner.down.store(false, Ordering::Relaxed);
     }
 
-    /// The database could not be reached (a probe failed, or a query lost
-    /// its connection).
+    /// The database could not be reached (the probe failed, or start-up
+    /// could not connect).
     pub fn database_unreachable(&self) {
         self.inner.down.store(true, Ordering::Relaxed);
     }

@@ -6,7 +6,6 @@
 //! messages: live when the recipient is connected, through a durable
 //! PostgreSQL queue when not. It never sees plaintext.
 //!
-//! Where things live:
 //! Where things live, top layer first; each module uses only those below
 //! it:
 //! - [`admin`] — the `relay` binary's admin subcommands (migrate,

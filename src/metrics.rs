@@ -150,7 +150,8 @@ struct OpLabel {
     op: DbOp,
 }
 
-/// Close codes and upgrade refusals are open-ended strings.
+/// A close code, as text (`none` for a peer that vanished): a small, fixed
+/// set of values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CodeLabel {
     code: String,

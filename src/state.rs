@@ -53,7 +53,15 @@ impl AppState {
         health: Health,
     ) -> Result<Self, StorageError> {
         let db = Database::new(db, &limits.reader, tasks, &metrics);
-        let relay = Relay::start(db.clone(), &limits.messaging, tasks, &metrics).await?;
+        let batch_timeout = std::time::Duration::from_secs(limits.reader.db_batch_timeout_secs);
+        let relay = Relay::start(
+            db.clone(),
+            &limits.messaging,
+            batch_timeout,
+            tasks,
+            &metrics,
+        )
+        .await?;
         let hasher = PasswordHasher::new(limits.auth.argon2_concurrency, limits.auth.argon2_queue);
         metrics.sample_argon2_queue(hasher.depth_reader());
         let pool = db.pool().clone();

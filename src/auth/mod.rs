@@ -81,10 +81,17 @@ pub fn record_attempt(
     let result = AuthResult::of(outcome);
     metrics.auth(method, result);
     if let Err(err) = outcome {
+        // Only a name that is a valid username is logged: anything else is
+        // unbounded, and often a password typed into the wrong field.
+        let username = match username.map(Username::parse) {
+            Some(Ok(name)) => name.into_inner(),
+            Some(Err(_)) => "(not a valid username)".to_owned(),
+            None => String::new(),
+        };
         tracing::info!(
             ?method,
             ?result,
-            username = username.unwrap_or(""),
+            %username,
             %peer,
             reason = %err.client_message(),
             "authentication failed"

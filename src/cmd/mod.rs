@@ -97,10 +97,16 @@ impl Counted {
     /// Counts one answer: sends by outcome (an error answer is a
     /// rejection), acked ids, bundle fetches by result.
     pub fn record(self, metrics: &Metrics, outcome: &Result<Done, RequestError>) {
+        // Each failure is counted once: a send's by the store writer, per
+        // batch; the others here.
         if let Err(err @ RequestError::Internal(_)) = outcome
             && caused_by_storage(err)
         {
-            metrics.db_error(DbOp::request);
+            match self {
+                Counted::Send => {}
+                Counted::Ack => metrics.db_error(DbOp::ack),
+                Counted::FetchBundle | Counted::Other => metrics.db_error(DbOp::request),
+            }
         }
         match (self, outcome) {
             (Counted::Other, _) => {}

@@ -652,8 +652,8 @@ where
         let held = self.take_held();
         let pending = std::mem::take(&mut self.handoffs).collect::<Vec<()>>();
         futures::join!(self.state.relay().hand_back(held), pending);
-        let conn_id = self.presence.conn_id();
-        drop(self.presence);
+        // Counted before leaving the registry, so anyone who sees the user
+        // offline sees the metrics moved too.
         let metrics = self.state.metrics();
         metrics.connections.dec();
         let close = match end {
@@ -662,6 +662,8 @@ where
         };
         let code = close.as_ref().map(|c| c.code.code());
         metrics.connection_closed(code);
+        let conn_id = self.presence.conn_id();
+        drop(self.presence);
         tracing::info!(
             conn_id,
             peer = %self.ledger.peer,

@@ -40,8 +40,9 @@ use uuid::Uuid;
 
 use crate::config::MessagingLimits;
 use crate::envelope::{self, EnvelopeType, Message};
-use crate::metrics::{DbOp, Metrics};
+use crate::metrics::Metrics;
 use crate::protocol::{Close, RequestError, proto};
+use crate::storage::batch::breaks_connection;
 use crate::storage::messages::Stored;
 use crate::storage::{self, Database, StorageError};
 use dedupe::{Begin, Dedupe};
@@ -91,12 +92,29 @@ pub enum MessagingError {
     Ack(#[source] StorageError),
 }
 
+impl MessagingError {
+    /// Whether the database could not be reached (rather than refused the
+    /// work): the client should retry shortly, not report a failure.
+    fn database_unreachable(&self) -> bool {
+        match self {
+            MessagingError::Store(StoreError::Storage(err)) => breaks_connection(err),
+            MessagingError::Store(StoreError::Closed(_) | StoreError::Dropped) => false,
+            MessagingError::Ack(err) => breaks_connection(err),
+            _ => false,
+        }
+    }
+}
+
 impl From<MessagingError> for RequestError {
     fn from(err: MessagingError) -> Self {
         match err {
             MessagingError::UnknownRecipient(_) => RequestError::NotFound(err.to_string()),
             MessagingError::Interrupted | MessagingError::EarlierAttemptFailed => {
                 RequestError::Unavailable(err.to_string())
+            }
+            _ if err.database_unreachable() => {
+                tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "the database is unreachable");
+                RequestError::Unavailable("the database is unreachable; retry shortly".into())
             }
             MessagingError::Store(_) | MessagingError::Ack(_) => RequestError::internal(err),
         }
@@ -172,9 +190,11 @@ struct Inner {
 
 impl Relay {
     /// Starts the store writers on `tasks` over a migrated database.
+    /// `batch_timeout` bounds each store batch on its dedicated connection.
     pub async fn start(
         db: Database,
         limits: &MessagingLimits,
+        batch_timeout: Duration,
         tasks: &TaskTracker,
         metrics: &Metrics,
     ) -> Result<Self, StorageError> {
@@ -186,7 +206,7 @@ impl Relay {
         Ok(Relay {
             inner: Arc::new(Inner {
                 registry: Registry::new(stored.max(clock) + 1, limits.outbound_queue),
-                store: StoreWriter::spawn(db.pool().clone(), limits, tasks, metrics),
+                store: StoreWriter::spawn(db.pool().clone(), limits, batch_timeout, tasks, metrics),
                 dedupe: Dedupe::new(limits.dedupe_capacity),
                 receipt_ttl_ms: limits.max_ttl().as_millis() as i64,
                 drain_batch: (limits.drain_batch, limits.drain_batch_bytes),
@@ -238,10 +258,7 @@ impl Relay {
         async move {
             let acked = storage::messages::delete_acked(&relay.inner.db, acker, &ids)
                 .await
-                .map_err(|err| {
-                    relay.inner.metrics.db_error(DbOp::ack);
-                    MessagingError::Ack(err)
-                })?;
+                .map_err(MessagingError::Ack)?;
             let deleted: HashSet<Uuid> = acked.iter().map(|a| a.id).collect();
             let unknown = ids.into_iter().filter(|id| !deleted.contains(id)).collect();
             let now = envelope::now_ms();

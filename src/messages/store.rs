@@ -6,7 +6,7 @@
 //! drain know it is safe to read past it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -74,10 +74,12 @@ impl StoreWriter {
     pub fn spawn(
         db: PgPool,
         limits: &MessagingLimits,
+        timeout: Duration,
         tasks: &TaskTracker,
         metrics: &Metrics,
     ) -> Self {
         let limits = WorkerLimits {
+            timeout,
             workers: limits.store_writers,
             queue: limits.store_queue,
             batch: limits.store_batch,

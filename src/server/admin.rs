@@ -22,8 +22,9 @@ use crate::metrics::Metrics;
 /// Admin requests served at once; more wait in the kernel's backlog.
 const MAX_CONCURRENT: usize = 16;
 
-/// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request may take, from accepting it to the last byte of
+/// the answer: a scraper that stops reading cannot hold a slot for longer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin endpoint on `listener` until `stop`.
 pub async fn serve(
@@ -34,8 +35,12 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
         };
         let (mut stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -51,12 +56,12 @@ pub async fn serve(
         let (health, metrics) = (health.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let Ok(Ok(Some((head, _)))) =
-                tokio::time::timeout(HEAD_TIMEOUT, http::read_head(&mut stream)).await
-            else {
-                return;
-            };
-            answer(&head, &health, &metrics).write(&mut stream).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                if let Ok(Some((head, _))) = http::read_head(&mut stream).await {
+                    answer(&head, &health, &metrics).write(&mut stream).await;
+                }
+            })
+            .await;
         });
     }
 }

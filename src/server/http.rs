@@ -124,11 +124,18 @@ pub async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
-/// Reads (and discards) a request head within `timeout`, so a refusal
-/// reaches the client rather than a reset.
-pub async fn skip_head<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, read_head(stream)).await,
-        Ok(Ok(Some(_)))
-    )
+/// Reads a request head within `timeout`: the probe it asks for, if it is
+/// a `GET` of one. Read whatever it is, so a refusal that follows reaches
+/// the client rather than a reset.
+pub async fn read_probe<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> Option<Probe> {
+    let Ok(Ok(Some((head, _)))) = tokio::time::timeout(timeout, read_head(stream)).await else {
+        return None;
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    request.parse(&head).ok()?;
+    if request.method != Some("GET") {
+        return None;
+    }
+    Probe::from_path(request.path?.split('?').next()?)
 }

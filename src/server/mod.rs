@@ -127,9 +127,7 @@ impl Server {
         let db = loop {
             match storage::connect(&config.database_url, config.db_pool).await {
                 Ok(db) => break db,
-                Err(err @ (StorageError::Url(_) | StorageError::Migrate(_))) => {
-                    return Err(err.into());
-                }
+                Err(err) if storage::is_permanent(&err) => return Err(err.into()),
                 Err(err) => {
                     health.database_unreachable();
                     tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "cannot reach the database yet; retrying");
@@ -322,19 +320,23 @@ async fn upgrade<S>(
     // so only the (boxed) session should stay allocated (see the test).
     let limits = &state.limits().connection;
     let timeout = limits.auth_timeout();
-    let upgraded = match permit {
-        Some(permit) => Box::pin(handshake::accept(&mut stream, &state, peer, timeout))
-            .await
-            .map(|accepted| (accepted, permit)),
-        None => {
-            // Read the request first so the client sees the answer, not a reset.
-            Box::pin(http::skip_head(&mut stream, timeout)).await;
-            Err(handshake::UpgradeError::AtCapacity)
-        }
+    let Some(permit) = permit else {
+        // Full: a probe is still answered (a full relay is alive, and a
+        // load balancer must not take it for dead); an upgrade is refused.
+        let answer = match Box::pin(http::read_probe(&mut stream, timeout)).await {
+            Some(probe) => probe.answer(state.health()),
+            None => {
+                let full = handshake::UpgradeError::AtCapacity;
+                state.metrics().upgrade_rejected(full.reason());
+                full.response().expect("a full server answers")
+            }
+        };
+        return Box::pin(answer.write(&mut stream)).await;
     };
+    let upgraded = Box::pin(handshake::accept(&mut stream, &state, peer, timeout)).await;
     let (upgrade, _permit) = match upgraded {
-        Ok((handshake::Accepted::Upgrade(upgrade), permit)) => (upgrade, permit),
-        Ok((handshake::Accepted::Probe(probe), _)) => {
+        Ok(handshake::Accepted::Upgrade(upgrade)) => (upgrade, permit),
+        Ok(handshake::Accepted::Probe(probe)) => {
             return Box::pin(probe.answer(state.health()).write(&mut stream)).await;
         }
         Err(err) => {

@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
@@ -40,16 +41,19 @@ pub struct Conn {
     /// to open them with).
     db: PgPool,
     source: Source,
+    /// Longest one run may take, connecting included.
+    timeout: Duration,
     /// The dedicated connection: opened on first use, and again after an
     /// error that may have broken it.
     dedicated: Option<PgConnection>,
 }
 
 impl Conn {
-    pub fn new(db: PgPool, source: Source) -> Self {
+    pub fn new(db: PgPool, source: Source, timeout: Duration) -> Self {
         Conn {
             db,
             source,
+            timeout,
             dedicated: None,
         }
     }
@@ -81,7 +85,10 @@ impl Conn {
             }
             Source::Pool => {
                 let mut conn: PoolConnection<Postgres> = self.db.acquire().await?;
-                let result = make()(&mut conn).await;
+                let result = match tokio::time::timeout(self.timeout, make()(&mut conn)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(StorageError::TimedOut(self.timeout)),
+                };
                 if result.as_ref().is_err_and(breaks_connection) {
                     conn.close_on_drop();
                 }
@@ -90,18 +97,26 @@ impl Conn {
         }
     }
 
+    /// One run on the dedicated connection, within the deadline. A run cut
+    /// off by it may have left a statement half done: its connection is
+    /// dropped, never reused, and every statement here commits on its own,
+    /// so nothing is left pending for anyone else.
     async fn run_dedicated<T, G>(&mut self, f: G) -> Result<T, StorageError>
     where
         G: AsyncFnOnce(&mut PgConnection) -> Result<T, StorageError>,
     {
-        let conn = match &mut self.dedicated {
-            Some(conn) => conn,
-            None => {
-                let conn = self.db.connect_options().connect().await?;
-                self.dedicated.insert(conn)
-            }
+        let (db, dedicated) = (&self.db, &mut self.dedicated);
+        let run = async {
+            let conn = match dedicated {
+                Some(conn) => conn,
+                None => dedicated.insert(db.connect_options().connect().await?),
+            };
+            f(conn).await
         };
-        let result = f(conn).await;
+        let result = match tokio::time::timeout(self.timeout, run).await {
+            Ok(result) => result,
+            Err(_) => Err(StorageError::TimedOut(self.timeout)),
+        };
         if result.as_ref().is_err_and(breaks_connection) {
             self.dedicated = None;
         }
@@ -147,9 +162,12 @@ pub trait Batch: Send + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// How many workers, and how much each queue and batch may hold.
+/// How many workers, how much each queue and batch may hold, and how long
+/// a batch may take.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerLimits {
+    /// Longest one batch may take on its connection, connecting included.
+    pub timeout: Duration,
     /// Worker tasks, one connection each.
     pub workers: usize,
     /// Jobs that may wait for a worker; beyond this, submitters wait for
@@ -195,7 +213,7 @@ impl<J: Send + 'static> Workers<J> {
         let (tx, rx) = mpsc::channel(limits.queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..limits.workers.max(1) {
-            let conn = Conn::new(db.clone(), source);
+            let conn = Conn::new(db.clone(), source, limits.timeout);
             tasks.spawn(work(conn, rx.clone(), limits.batch.max(1), make()));
         }
         Workers { tx }

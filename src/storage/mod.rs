@@ -49,6 +49,9 @@ pub enum StorageError {
     Batch(#[source] Arc<StorageError>),
     #[error("the database reader has shut down")]
     ReaderClosed,
+    /// A batch on a dedicated connection took longer than its deadline.
+    #[error("the database did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
 /// The database as the server uses it: the pool, plus the [`Reader`]'s
@@ -163,6 +166,21 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<bo
         return Ok(true);
     }
     Ok(false)
+}
+
+/// True for an error that retrying cannot cure: a bad URL or migration,
+/// wrong credentials (SQLSTATE class 28), a database that does not exist
+/// and cannot be created (3D000), no permission (42501).
+pub fn is_permanent(err: &StorageError) -> bool {
+    match err {
+        StorageError::Url(_) | StorageError::Migrate(_) => true,
+        StorageError::Query(sqlx::Error::Database(e)) => {
+            let code = e.code();
+            let code = code.as_deref().unwrap_or("");
+            code.starts_with("28") || code == "3D000" || code == "42501"
+        }
+        _ => false,
+    }
 }
 
 /// True for a unique-constraint violation.

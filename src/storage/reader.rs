@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -56,6 +57,7 @@ impl Reader {
         metrics: &Metrics,
     ) -> Self {
         let limits = WorkerLimits {
+            timeout: Duration::from_secs(limits.db_batch_timeout_secs),
             workers: limits.db_readers,
             queue: limits.db_read_queue,
             batch: limits.db_read_batch,

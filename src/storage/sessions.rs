@@ -63,16 +63,6 @@ pub async fn insert_capped(
     Ok(revoked)
 }
 
-/// Live (unexpired) sessions of a user.
-pub async fn count_live(db: &PgPool, user_id: Uuid) -> Result<i64, StorageError> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM sessions WHERE user_id = $1 AND expires_at > now()",
-    )
-    .bind(user_id)
-    .fetch_one(db)
-    .await?)
-}
-
 /// Deletes every session of a user, expired or not; returns how many went.
 pub async fn delete_all_for_user(db: &PgPool, user_id: Uuid) -> Result<u64, StorageError> {
     let result = sqlx::query("DELETE FROM sessions WHERE user_id = $1")

@@ -456,6 +456,8 @@ async fn without_a_subcommand_relay_still_serves() {
         .env_clear()
         .env("RUST_LOG", "info")
         .args(["--listen", "127.0.0.1:0", "--database-url", &db.url])
+        // Not the default admin port: other relays may run beside it.
+        .args(["--admin-listen", "127.0.0.1:0"])
         .args(["--argon2-concurrency", "1", "--log-format", "json"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -214,7 +214,11 @@ async fn trace_logs_hold_no_secret_and_name_who_came_and_went() {
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .env("DATABASE_URL", &db_url)
         .env("RELAY_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "trace")
+        // Asking by name for the modules that print raw frames, too.
+        .env(
+            "RUST_LOG",
+            "trace,tungstenite=trace,tungstenite::protocol=trace,tokio_tungstenite=trace",
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -73,13 +73,20 @@ async fn a_database_outage_fails_fast_and_costs_nothing_after_it() {
     .await;
     live(&alice, &bob, &mut bob_events, bob_auth.user_id, 1).await;
 
-    pg.stop();
+    tokio::task::block_in_place(|| pg.stop());
     wait_until("readyz says the database is gone", || async {
         readyz(app.admin_addr).await == 503
     })
     .await;
     // Live delivery between connected users does not need the database.
     live(&alice, &bob, &mut bob_events, bob_auth.user_id, 2).await;
+    // A send that must be stored cannot be: it is refused as retryable,
+    // not as the server's failure.
+    let err = alice
+        .send(Outgoing::new(carol_auth.user_id, Bytes::from_static(b"y")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(Status::Unavailable), "{err}");
     // Logins fail at once, with a hint, instead of after the pool's
     // acquire timeout.
     let (dave, _dave_events) = app.connect().await;
@@ -102,7 +109,7 @@ async fn a_database_outage_fails_fast_and_costs_nothing_after_it() {
         "{err}"
     );
 
-    pg.start_again();
+    tokio::task::block_in_place(|| pg.start_again());
     wait_until("readyz says ready again", || async {
         readyz(app.admin_addr).await == 200
     })

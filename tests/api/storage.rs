@@ -47,6 +47,7 @@ async fn batch_workers_answer_every_job_and_stop_with_their_last_handle() {
     for source in [Source::Dedicated, Source::Pool] {
         let tasks = TaskTracker::new();
         let limits = WorkerLimits {
+            timeout: WAIT,
             workers: 2,
             queue: 8,
             batch: 16,
