@@ -227,28 +227,33 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        let name = self.db_name.clone();
-        // Drop the database from a thread of its own: Drop cannot await, and
-        // the test's runtime may be shutting down.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async move {
-                if let Ok(pool) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&admin_url())
-                    .await
-                {
-                    let _ = pool
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                        .await;
-                }
-            });
-        })
-        .join();
+        drop_database(&self.db_name);
     }
+}
+
+/// Drops a test database, waiting until it is gone. Blocking, on a thread
+/// of its own, so it works from `Drop` (which cannot await) even while the
+/// test's runtime shuts down.
+pub fn drop_database(name: &str) {
+    let name = name.to_owned();
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("cleanup runtime");
+        runtime.block_on(async move {
+            if let Ok(pool) = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&admin_url())
+                .await
+            {
+                let _ = pool
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await;
+            }
+        });
+    })
+    .join();
 }
 
 /// A PostgreSQL server of a test's own, on a free port, for tests that stop

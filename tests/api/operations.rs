@@ -336,11 +336,5 @@ async fn trace_logs_hold_no_secret_and_name_who_came_and_went() {
     ] {
         assert!(ended.contains(field), "{field} missing from {ended}");
     }
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .execute(
-            &sqlx::PgPool::connect(&signal_relay::testing::admin_url())
-                .await
-                .unwrap(),
-        )
-        .await;
+    tokio::task::block_in_place(|| signal_relay::testing::drop_database(&db_name));
 }
