@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=RELAY_GIT_COMMIT={commit}");
-    let descriptors = protox::compile(["proto/relay.proto"], ["proto"])?;
+    let descriptors = protox::compile(["proto/relay.proto", "proto/cluster.proto"], ["proto"])?;
     prost_build::Config::new()
         .bytes(["."])
         .compile_fds(descriptors)?;

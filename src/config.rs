@@ -60,8 +60,89 @@ pub struct Config {
     #[command(flatten)]
     pub tls: TlsConfig,
 
+    #[command(flatten, next_help_heading = "Cluster")]
+    pub cluster: ClusterConfig,
+
     #[command(flatten)]
     pub limits: Limits,
+}
+
+/// Cluster mode: several relays behind one load balancer, sharing one
+/// PostgreSQL and one Redis. Off (a single node, no Redis needed) unless a
+/// Redis URL is given. See docs/cluster.md.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterConfig {
+    /// Redis URL (e.g. redis://127.0.0.1:6379/0); turns cluster mode on.
+    /// Wrapped as a secret because it may carry a password.
+    #[arg(long, env = "RELAY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<SecretString>,
+
+    /// A stable name for this node, in logs and in the membership table.
+    /// Default: the host name and the listening port. Each start is also a
+    /// new incarnation, so a restarted node is never taken for its previous
+    /// life.
+    #[arg(long, env = "RELAY_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// How often a node writes its heartbeat (and checks its peers').
+    #[arg(long, env = "RELAY_CLUSTER_HEARTBEAT_MS", default_value_t = 1000)]
+    pub cluster_heartbeat_ms: u64,
+
+    /// A node whose heartbeat is this old is declared dead: its users are
+    /// released and sends waiting on it fail as retryable. A node paused
+    /// for longer finds itself fenced out when it wakes, and exits.
+    #[arg(long, env = "RELAY_CLUSTER_DEAD_AFTER_MS", default_value_t = 5000)]
+    pub cluster_dead_after_ms: u64,
+
+    /// How long a node taking over a user waits for the node that held
+    /// them to close its socket and store what it held, before claiming
+    /// the user anyway.
+    #[arg(long, env = "RELAY_CLUSTER_RELEASE_TIMEOUT_MS", default_value_t = 3000)]
+    pub cluster_release_timeout_ms: u64,
+
+    /// Longest a message forwarded to another node waits for its outcome
+    /// before its sender is told to retry (UNAVAILABLE). Must exceed the
+    /// ack timeout plus a store.
+    #[arg(
+        long,
+        env = "RELAY_CLUSTER_FORWARD_TIMEOUT_MS",
+        default_value_t = 20_000
+    )]
+    pub cluster_forward_timeout_ms: u64,
+
+    /// Most items (forwards, answers, events) in one stream entry to a peer.
+    #[arg(long, env = "RELAY_CLUSTER_BATCH", default_value_t = 256)]
+    pub cluster_batch: usize,
+
+    /// Most items waiting to be sent to one peer; beyond it, sends through
+    /// that peer fail as retryable.
+    #[arg(long, env = "RELAY_CLUSTER_QUEUE", default_value_t = 65_536)]
+    pub cluster_queue: usize,
+
+    /// Most messages waiting in one recipient's forwarding lane on this
+    /// node; beyond it, sends to that recipient fail as retryable.
+    #[arg(long, env = "RELAY_CLUSTER_LANE", default_value_t = 4096)]
+    pub cluster_lane: usize,
+
+    /// Entries kept in a node's inbox stream (trimmed approximately): what a
+    /// node paused or disconnected from Redis can catch up on.
+    #[arg(long, env = "RELAY_CLUSTER_INBOX_MAXLEN", default_value_t = 100_000)]
+    pub cluster_inbox_maxlen: usize,
+}
+
+impl ClusterConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.cluster_heartbeat_ms.max(1))
+    }
+    pub fn dead_after(&self) -> Duration {
+        Duration::from_millis(self.cluster_dead_after_ms)
+    }
+    pub fn release_timeout(&self) -> Duration {
+        Duration::from_millis(self.cluster_release_timeout_ms)
+    }
+    pub fn forward_timeout(&self) -> Duration {
+        Duration::from_millis(self.cluster_forward_timeout_ms)
+    }
 }
 
 /// TLS is on when both a certificate chain and a key are given.

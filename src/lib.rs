@@ -30,6 +30,7 @@
 pub mod admin;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod cmd;
 pub mod config;
 pub mod connection;

@@ -8,7 +8,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, PasswordHasher};
 use crate::config::Limits;
 use crate::health::Health;
-use crate::messages::Relay;
+use crate::messages::{ClusterLink, Relay};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::storage::{Database, StorageError};
@@ -48,6 +48,7 @@ impl AppState {
     pub async fn new(
         db: PgPool,
         limits: Limits,
+        cluster: Option<ClusterLink>,
         tasks: &TaskTracker,
         metrics: Metrics,
         health: Health,
@@ -58,6 +59,7 @@ impl AppState {
             db.clone(),
             &limits.messaging,
             batch_timeout,
+            cluster,
             tasks,
             &metrics,
         )

@@ -67,6 +67,13 @@ pub async fn create_database() -> (String, String) {
     (name, url)
 }
 
+/// The URL of database `name` on the test server, which need not exist
+/// yet (for tests of what creates it).
+pub fn database_url(name: &str) -> String {
+    let options = PgConnectOptions::from_str(&admin_url()).expect("valid RELAY_TEST_DATABASE_URL");
+    options.database(name).to_url_lossy().to_string()
+}
+
 /// Starts a server with default limits on a fresh database.
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await

@@ -97,7 +97,14 @@ where
         },
     };
     tracing::debug!(user_id = %auth.user_id, "authenticated");
-    let seat = state.relay().connect(auth.user_id).await;
+    let seat = match state.relay().connect(auth.user_id).await {
+        Ok(seat) => seat,
+        Err(err) => {
+            tracing::warn!(user_id = %auth.user_id, error = %err, source = ?std::error::Error::source(&err), "cannot take the user's seat");
+            conn.close(Close::CANNOT_TAKE_SESSION).await;
+            return None;
+        }
+    };
     ledger.opened = Instant::now();
     Some(Session::new(state, conn, auth, seat, ledger))
 }

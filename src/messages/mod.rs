@@ -21,6 +21,7 @@
 pub mod dedupe;
 pub mod drain;
 pub mod registry;
+mod remote;
 pub mod store;
 pub mod unacked;
 
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::cluster::{Cluster, Inbound};
 use crate::config::MessagingLimits;
 use crate::envelope::{self, EnvelopeType, Message};
 use crate::metrics::Metrics;
@@ -90,6 +92,11 @@ pub enum MessagingError {
     Store(#[source] StoreError),
     #[error("deleting acked messages failed")]
     Ack(#[source] StorageError),
+    /// Cluster mode: the node the message had to go through could not be
+    /// reached or did not answer in time; nothing was confirmed, so the
+    /// sender retries (with the same client message id).
+    #[error("{0}; retry")]
+    Unreachable(&'static str),
 }
 
 impl MessagingError {
@@ -109,9 +116,9 @@ impl From<MessagingError> for RequestError {
     fn from(err: MessagingError) -> Self {
         match err {
             MessagingError::UnknownRecipient(_) => RequestError::NotFound(err.to_string()),
-            MessagingError::Interrupted | MessagingError::EarlierAttemptFailed => {
-                RequestError::Unavailable(err.to_string())
-            }
+            MessagingError::Interrupted
+            | MessagingError::EarlierAttemptFailed
+            | MessagingError::Unreachable(_) => RequestError::Unavailable(err.to_string()),
             _ if err.database_unreachable() => {
                 tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "the database is unreachable");
                 RequestError::Unavailable("the database is unreachable; retry shortly".into())
@@ -186,6 +193,17 @@ struct Inner {
     drain_batch: (usize, usize),
     /// Receipts sent, failed ack deletes.
     metrics: Metrics,
+    /// Cluster mode: users on other nodes, and users moving between nodes.
+    remote: Option<Arc<remote::Remote>>,
+}
+
+/// What cluster mode gives the messaging front: the node's transport, what
+/// arrives through it, and when to stop reading it (after the connections
+/// have closed, since they may still wait on peers).
+pub struct ClusterLink {
+    pub cluster: Cluster,
+    pub inbound: mpsc::Receiver<Inbound>,
+    pub stop: CancellationToken,
 }
 
 impl Relay {
@@ -195,18 +213,41 @@ impl Relay {
         db: Database,
         limits: &MessagingLimits,
         batch_timeout: Duration,
+        cluster: Option<ClusterLink>,
         tasks: &TaskTracker,
         metrics: &Metrics,
     ) -> Result<Self, StorageError> {
         // Sequence numbers must exceed every stored one, and should keep
         // growing across restarts even if the table is empty: seed from both
-        // the table and the clock (microseconds since the epoch).
+        // the table and the clock (nanoseconds since the epoch).
         let stored = storage::messages::max_seq(db.pool()).await?.unwrap_or(0);
-        let clock = chrono::Utc::now().timestamp_micros();
+        let clock = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
+        let registry = Registry::new(stored.max(clock) + 1, limits.outbound_queue);
+        let fence = cluster.as_ref().map(|c| c.cluster.incarnation());
+        let store = StoreWriter::spawn(
+            db.pool().clone(),
+            limits,
+            batch_timeout,
+            fence,
+            tasks,
+            metrics,
+        );
+        let remote = cluster.map(|link| {
+            remote::Remote::start(
+                link.cluster,
+                link.inbound,
+                db.clone(),
+                registry.clone(),
+                store.clone(),
+                tasks,
+                link.stop,
+            )
+        });
         Ok(Relay {
             inner: Arc::new(Inner {
-                registry: Registry::new(stored.max(clock) + 1, limits.outbound_queue),
-                store: StoreWriter::spawn(db.pool().clone(), limits, batch_timeout, tasks, metrics),
+                registry,
+                store,
+                remote,
                 dedupe: Dedupe::new(limits.dedupe_capacity),
                 receipt_ttl_ms: limits.max_ttl().as_millis() as i64,
                 drain_batch: (limits.drain_batch, limits.drain_batch_bytes),
@@ -232,6 +273,16 @@ impl Relay {
             },
         };
         let now = envelope::now_ms();
+        if let Some(remote) = &self.inner.remote
+            && outgoing.ephemeral
+            && !self.inner.registry.is_online(outgoing.recipient)
+        {
+            let message = outgoing.into_message(id, 0, now);
+            return (
+                id,
+                Sending::Waiting(Box::pin(remote.send_ephemeral(message, attempt))),
+            );
+        }
         let sending = match self.inner.registry.route(
             outgoing.recipient,
             outgoing.ephemeral,
@@ -240,9 +291,19 @@ impl Relay {
         ) {
             Route::Live(outcome) => Sending::Live(outcome),
             Route::Dropped => Sending::Done(Some(Delivery::Dropped)),
-            Route::Store(order) => Sending::store(self.inner.store.clone(), order),
+            Route::Store(order) => self.store_or_forward(order),
         };
         (id, sending)
+    }
+
+    /// A message the registry could not deliver live: stored here, or, in
+    /// cluster mode for a recipient not connected here, sent through their
+    /// lane (which stores it or forwards it to the node they are on).
+    fn store_or_forward(&self, order: ToStore) -> Sending {
+        match &self.inner.remote {
+            Some(remote) if !order.local => Sending::Waiting(Box::pin(remote.enqueue(order))),
+            _ => Sending::store(self.inner.store.clone(), order),
+        }
     }
 
     /// Deletes the acker's stored messages among `ids` and tells each
@@ -283,11 +344,17 @@ impl Relay {
                         // The sender's connection stores it if they never
                         // ack it.
                         Route::Live(_) | Route::Dropped => None,
-                        Route::Store(order) => Some(order),
+                        // Cluster mode, sender not here: their lane places
+                        // it; the ack does not wait for them to ack it.
+                        Route::Store(order) if !order.local && relay.inner.remote.is_some() => {
+                            drop(relay.store_or_forward(order));
+                            None
+                        }
+                        Route::Store(order) => Some(relay.store_or_forward(order)),
                     }
                 })
-                .map(|order| async {
-                    if let Err(err) = relay.inner.store.store(order).await {
+                .map(|sending| async {
+                    if let Err(err) = sending.await {
                         tracing::warn!(error = %err, "storing a delivery receipt failed");
                     }
                 });
@@ -321,6 +388,14 @@ impl Relay {
                         }
                         // The recipient deleted their account meanwhile.
                         Ok(Stored::UnknownRecipient) => waiter.finish(Delivery::Dropped),
+                        // Cluster mode: another node took the user over
+                        // without this one letting go (it was paused, or
+                        // slow to answer). Storing now would put these
+                        // behind what the new owner delivered: unanswered,
+                        // so the sender retries.
+                        Ok(Stored::Moved(owner)) => {
+                            tracing::warn!(peer = %owner, "a user moved before this node could store what it held");
+                        }
                         // Unanswered: the sender's request fails and it may retry.
                         Err(err) => {
                             tracing::error!(error = %err, source = ?std::error::Error::source(&err), "storing an unacked live message failed");
@@ -336,10 +411,20 @@ impl Relay {
     /// displaces is closed, and waited for (up to a grace period) while it
     /// hands back what it held: that is older than anything the new
     /// connection's drain will read.
-    pub async fn connect(&self, user: Uuid) -> Seat {
+    ///
+    /// In cluster mode the user is first claimed for this node, which waits
+    /// for a node that held them to let go; that needs PostgreSQL.
+    pub async fn connect(&self, user: Uuid) -> Result<Seat, MessagingError> {
         let registry = &self.inner.registry;
+        let epoch = match &self.inner.remote {
+            Some(remote) => Some(remote.claim(user).await?),
+            None => None,
+        };
         let (handle, ends) = registry.new_connection();
         let conn_id = handle.id;
+        if let (Some(remote), Some(epoch)) = (&self.inner.remote, epoch) {
+            remote.claimed(user, conn_id, epoch);
+        }
         let (displaced, wake) = registry.connect(user, handle);
         if let Some(old) = displaced {
             old.close(Close::DISPLACED);
@@ -350,7 +435,7 @@ impl Relay {
                 tracing::warn!(user_id = %user, "displaced connection did not finish in time");
             }
         }
-        Seat {
+        Ok(Seat {
             drain: Drain::new(
                 self.inner.db.clone(),
                 registry.clone(),
@@ -364,17 +449,26 @@ impl Relay {
             close_reason: ends.close_reason,
             presence: Presence {
                 registry: registry.clone(),
+                remote: self.inner.remote.clone(),
                 user,
                 conn_id,
                 finished: ends.finished,
             },
-        }
+        })
     }
 
     /// Pushes an event to the user if online and their queue has room.
     /// Advisory events are dropped rather than waited for.
+    /// In cluster mode an event for a user not connected here goes to the
+    /// node they are on (and `false` is returned: not pushed here).
     pub fn push(&self, user: Uuid, event: proto::push::Event) -> bool {
-        self.inner.registry.push(user, event)
+        match &self.inner.remote {
+            Some(remote) if !self.inner.registry.is_online(user) => {
+                remote.push(user, event);
+                false
+            }
+            _ => self.inner.registry.push(user, event),
+        }
     }
 
     /// Who is online, for tests and operators to look at.
@@ -415,6 +509,8 @@ impl Sending {
             match store.store(order).await.map_err(MessagingError::Store)? {
                 Stored::Inserted | Stored::AlreadyStored => Ok(Delivery::Queued),
                 Stored::UnknownRecipient => Err(MessagingError::UnknownRecipient(recipient)),
+                // This node lost the recipient to another one meanwhile.
+                Stored::Moved(_) => Err(MessagingError::Interrupted),
             }
         }))
     }
@@ -463,6 +559,8 @@ pub struct Seat {
 pub struct Presence {
     /// Where we are registered.
     registry: Registry,
+    /// Cluster mode: releases the user's claim once we are gone.
+    remote: Option<Arc<remote::Remote>>,
     /// Whose connection this is.
     user: Uuid,
     /// Which connection of theirs.
@@ -489,6 +587,9 @@ impl Presence {
 impl Drop for Presence {
     fn drop(&mut self) {
         self.registry.disconnect(self.user, self.conn_id);
+        if let Some(remote) = &self.remote {
+            remote.disconnected(self.user, self.conn_id);
+        }
         self.finished.cancel();
     }
 }

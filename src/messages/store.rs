@@ -34,6 +34,10 @@ pub struct ToStore {
     pub ticket: Option<StoreTicket>,
     /// Completed as `Queued` once the message is stored.
     pub attempt: Option<Attempt>,
+    /// The recipient was connected to this node when the message was
+    /// routed. In cluster mode a message for anyone else may belong to
+    /// another node, and takes the forwarding lane rather than the writer.
+    pub local: bool,
 }
 
 impl ToStore {
@@ -43,6 +47,7 @@ impl ToStore {
             message,
             ticket: None,
             attempt: None,
+            local: true,
         }
     }
 }
@@ -57,9 +62,33 @@ pub enum StoreError {
     Storage(#[source] Arc<StorageError>),
 }
 
+/// Messages stored together: in cluster mode one recipient's forwarding
+/// unit, which the fence keeps or refuses as a whole.
+impl StoreError {
+    /// The same error again, for each of several waiters.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Closed(_) => StoreError::Closed(batch::Closed),
+            StoreError::Dropped => StoreError::Dropped,
+            StoreError::Storage(err) => StoreError::Storage(err.clone()),
+        }
+    }
+}
+
 struct Job {
-    order: ToStore,
-    done: oneshot::Sender<Result<Stored, Arc<StorageError>>>,
+    orders: Vec<ToStore>,
+    done: oneshot::Sender<Result<Report, Arc<StorageError>>>,
+}
+
+/// What became of a job's messages.
+#[derive(Debug)]
+pub struct Report {
+    /// Each message's outcome, in order.
+    pub results: Vec<Stored>,
+    /// The messages refused because another node owns their recipient
+    /// ([`Stored::Moved`]), handed back whole (ticket and attempt kept) so
+    /// the caller can forward them.
+    pub moved: Vec<ToStore>,
 }
 
 /// Handle to the writer tasks. Cheap to clone; the tasks stop once every
@@ -71,10 +100,13 @@ pub struct StoreWriter {
 
 impl StoreWriter {
     /// Starts the writers on `tasks`, each on a dedicated connection.
+    /// `fence`: in cluster mode, this node's incarnation; every batch is
+    /// then stored through the ownership fence.
     pub fn spawn(
         db: PgPool,
         limits: &MessagingLimits,
         timeout: Duration,
+        fence: Option<uuid::Uuid>,
         tasks: &TaskTracker,
         metrics: &Metrics,
     ) -> Self {
@@ -86,6 +118,7 @@ impl StoreWriter {
         };
         let workers = Workers::spawn(db, Source::Dedicated, limits, tasks, || Writes {
             metrics: metrics.clone(),
+            fence,
         });
         metrics.sample_store_queue(workers.depth_reader());
         StoreWriter { workers }
@@ -95,11 +128,18 @@ impl StoreWriter {
     /// The writer completes the attempt itself, so the outcome is recorded
     /// even if the caller stops waiting.
     pub async fn store(&self, order: ToStore) -> Result<Stored, StoreError> {
+        let report = self.store_all(vec![order]).await?;
+        Ok(report.results[0])
+    }
+
+    /// Stores `orders` in one batch, so the fence keeps or refuses them
+    /// together.
+    pub async fn store_all(&self, orders: Vec<ToStore>) -> Result<Report, StoreError> {
         let permit = self.workers.reserve().await?;
         let (done, result) = oneshot::channel();
-        permit.send(Job { order, done });
+        permit.send(Job { orders, done });
         match result.await {
-            Ok(Ok(stored)) => Ok(stored),
+            Ok(Ok(report)) => Ok(report),
             Ok(Err(err)) => Err(StoreError::Storage(err)),
             Err(_) => Err(StoreError::Dropped),
         }
@@ -110,6 +150,8 @@ impl StoreWriter {
 struct Writes {
     /// Batch sizes and times, and failures.
     metrics: Metrics,
+    /// This node's incarnation in cluster mode: store through the fence.
+    fence: Option<uuid::Uuid>,
 }
 
 impl Batch for Writes {
@@ -117,38 +159,62 @@ impl Batch for Writes {
 
     async fn run(&mut self, conn: &mut Conn, jobs: &mut Vec<Job>) {
         let started = Instant::now();
-        let messages: Vec<&Message> = jobs.iter().map(|j| &j.order.message).collect();
+        let messages: Vec<&Message> = jobs
+            .iter()
+            .flat_map(|j| j.orders.iter().map(|o| &o.message))
+            .collect();
+        let fence = self.fence;
         let result = conn
-            .run(|| async |c| queries::store_batch(c, &messages).await)
+            .run(|| {
+                async |c| match fence {
+                    None => queries::store_batch(c, &messages).await,
+                    Some(me) => queries::store_batch_fenced(c, &messages, me).await,
+                }
+            })
             .await
             .map_err(Arc::new);
+        self.metrics.store_batch_size.observe(messages.len() as u64);
         drop(messages);
-        self.metrics.store_batch_size.observe(jobs.len() as u64);
         self.metrics
             .store_batch_seconds
             .observe_duration(started.elapsed());
         if result.is_err() {
             self.metrics.db_error(DbOp::store);
         }
-        for (i, Job { order, done }) in jobs.drain(..).enumerate() {
-            let outcome = match &result {
-                Ok(outcomes) => Ok(outcomes[i]),
-                Err(err) => Err(err.clone()),
-            };
-            let ToStore {
-                message: _,
-                ticket,
-                attempt,
-            } = order;
-            // Release the drain before telling the sender, so a recipient
-            // that is online starts reading it as early as possible.
-            drop(ticket);
-            if let (Some(attempt), Ok(Stored::Inserted | Stored::AlreadyStored)) =
-                (attempt, &outcome)
-            {
-                attempt.complete(Delivery::Queued);
+        let mut outcomes = match result {
+            Ok(outcomes) => outcomes.into_iter(),
+            Err(err) => {
+                for Job { done, .. } in jobs.drain(..) {
+                    let _ = done.send(Err(err.clone()));
+                }
+                return;
             }
-            let _ = done.send(outcome);
+        };
+        for Job { orders, done } in jobs.drain(..) {
+            let mut report = Report {
+                results: Vec::with_capacity(orders.len()),
+                moved: Vec::new(),
+            };
+            for order in orders {
+                let stored = outcomes.next().expect("one outcome per message");
+                report.results.push(stored);
+                if let Stored::Moved(_) = stored {
+                    report.moved.push(order);
+                    continue;
+                }
+                let ToStore {
+                    ticket, attempt, ..
+                } = order;
+                // Release the drain before telling the sender, so a
+                // recipient that is online starts reading it as early as
+                // possible.
+                drop(ticket);
+                if let (Some(attempt), Stored::Inserted | Stored::AlreadyStored) = (attempt, stored)
+                {
+                    attempt.complete(Delivery::Queued);
+                }
+            }
+            let _ = done.send(Ok(report));
         }
     }
 }

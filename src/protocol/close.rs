@@ -23,6 +23,9 @@ pub enum CloseCode {
     TooBig,
     /// The server failed; the client may reconnect and retry.
     InternalError,
+    /// The server cannot take the session now (cluster mode: the user could
+    /// not be claimed for this node); reconnect shortly.
+    TryAgainLater,
     /// A newer connection of the same user took over (HTTP's 409 Conflict,
     /// moved into the private range).
     Displaced,
@@ -39,6 +42,7 @@ impl CloseCode {
             CloseCode::PolicyViolation => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::InternalError => 1011,
+            CloseCode::TryAgainLater => 1013,
             CloseCode::Displaced => 4409,
         }
     }
@@ -88,6 +92,10 @@ impl Close {
         CloseCode::PolicyViolation,
         "write timeout: the client stopped reading",
     );
+    pub const CANNOT_TAKE_SESSION: Close = Close::fixed(
+        CloseCode::TryAgainLater,
+        "cannot take over the session now; reconnect shortly",
+    );
     pub const DRAIN_FAILED: Close = Close::fixed(
         CloseCode::InternalError,
         "internal error while reading queued messages",
@@ -109,6 +117,7 @@ mod tests {
             (CloseCode::PolicyViolation, 1008),
             (CloseCode::TooBig, 1009),
             (CloseCode::InternalError, 1011),
+            (CloseCode::TryAgainLater, 1013),
             (CloseCode::Displaced, 4409),
         ];
         for (code, number) in all {

@@ -32,10 +32,12 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, ConnectionLimits};
 use crate::connection::handler;
 use crate::connection::read_ahead::ReadAhead;
 use crate::health::{self, Health};
+use crate::messages::ClusterLink;
 use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::storage::{self, StorageError};
@@ -57,6 +59,13 @@ pub enum ServerError {
     },
     #[error("shut down before the database could be reached")]
     Cancelled,
+    #[error("cannot join the cluster")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    /// Cluster mode: the other nodes declared this one dead (it was paused
+    /// or cut off too long) and may serve its users now. It stopped; a
+    /// supervisor restarts it as a new incarnation.
+    #[error("this node was declared dead by its peers and stopped")]
+    FencedOut,
 }
 
 /// Runs the server on `listener` until `shutdown` is cancelled, then shuts
@@ -90,6 +99,11 @@ pub struct Server {
     /// Stops the admin endpoint when the server is dropped, which is after
     /// `run` has shut everything else down.
     _admin: tokio_util::sync::DropGuard,
+    /// Cluster mode: stops the inbox and membership once the connections
+    /// have closed (they may wait on peers until then).
+    cluster_stop: CancellationToken,
+    /// Cluster mode: cancelled when this node learns it was declared dead.
+    fenced_out: Option<CancellationToken>,
 }
 
 impl Server {
@@ -141,7 +155,37 @@ impl Server {
         health.migrated();
         health.database_answered();
         let background = TaskTracker::new();
-        let state = AppState::new(db, config.limits.clone(), &background, metrics, health).await?;
+        let cluster_stop = CancellationToken::new();
+        let (cluster, fenced_out) = match &config.cluster.redis_url {
+            None => (None, None),
+            Some(url) => {
+                let (cluster, inbound) = Cluster::start(
+                    &config.cluster,
+                    url,
+                    config.listen,
+                    db.clone(),
+                    &background,
+                    &cluster_stop,
+                )
+                .await?;
+                let fenced_out = cluster.fenced_out();
+                let link = ClusterLink {
+                    cluster,
+                    inbound,
+                    stop: cluster_stop.clone(),
+                };
+                (Some(link), Some(fenced_out))
+            }
+        };
+        let state = AppState::new(
+            db,
+            config.limits.clone(),
+            cluster,
+            &background,
+            metrics,
+            health,
+        )
+        .await?;
         Ok(Server {
             config,
             tls,
@@ -149,6 +193,8 @@ impl Server {
             background,
             admin_addr,
             _admin: admin,
+            cluster_stop,
+            fenced_out,
         })
     }
 
@@ -175,7 +221,10 @@ impl Server {
             background,
             admin_addr: _,
             _admin,
+            cluster_stop,
+            fenced_out,
         } = self;
+        let fenced_out = fenced_out.unwrap_or_default();
         background.spawn(sweeper::run(state.clone(), shutdown.clone()));
         background.spawn(health::probe(
             state.db().pool().clone(),
@@ -193,6 +242,10 @@ impl Server {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = fenced_out.cancelled() => {
+                    shutdown.cancel();
+                    break;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
@@ -228,6 +281,7 @@ impl Server {
                 "shutdown deadline passed with connections open"
             );
         }
+        cluster_stop.cancel();
         // The store writers stop once the last state handle is gone and their
         // queue is empty, after committing what was in it.
         // The pool alone: a clone of the whole Database would keep the
@@ -244,6 +298,9 @@ impl Server {
         }
         db.close().await;
         tracing::info!("shut down");
+        if fenced_out.is_cancelled() {
+            return Err(ServerError::FencedOut);
+        }
         Ok(())
     }
 }

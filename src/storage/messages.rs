@@ -1,7 +1,7 @@
 //! Queries on `messages`: batched inserts, the ordered drain read, batched
 //! ack deletes and the expiry sweep.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -29,6 +29,9 @@ pub enum Stored {
     AlreadyStored,
     /// The recipient does not exist (any more).
     UnknownRecipient,
+    /// Not stored: in cluster mode, the recipient is online on another node
+    /// incarnation, which alone may store for them (see [`store_batch_fenced`]).
+    Moved(Uuid),
 }
 
 /// Stores `messages`, returning each one's outcome in order. One bad row
@@ -48,9 +51,65 @@ pub async fn store_batch(
     }
     .into_iter()
     .collect();
+    classify(conn, messages, &inserted, &HashMap::new()).await
+}
+
+/// Stores `messages` as [`store_batch`] does, but only for recipients that
+/// no other node incarnation than `me` owns, in one transaction with the
+/// fence (`relay_fence`, see its migration): a message for a recipient
+/// owned elsewhere is not stored and comes back as [`Stored::Moved`], and a
+/// claim of a recipient waits for this transaction. Cluster mode only.
+pub async fn store_batch_fenced(
+    conn: &mut PgConnection,
+    messages: &[&Message],
+    me: Uuid,
+) -> Result<Vec<Stored>, StorageError> {
+    let mut recipients: Vec<Uuid> = messages.iter().map(|m| m.recipient_id).collect();
+    recipients.sort_unstable();
+    recipients.dedup();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let moved: HashMap<Uuid, Uuid> =
+        sqlx::query_as("SELECT user_id, incarnation FROM relay_fence($1, $2)")
+            .bind(&recipients)
+            .bind(me)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let allowed: Vec<&Message> = messages
+        .iter()
+        .filter(|m| !moved.contains_key(&m.recipient_id))
+        .copied()
+        .collect();
+    // The guarded statement at once: a failed statement would abort the
+    // transaction, fence and all.
+    let inserted: HashSet<Uuid> = if allowed.is_empty() {
+        HashSet::new()
+    } else {
+        Columns::new(&allowed)
+            .bind(sqlx::query_scalar(GUARDED_INSERT))
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    let outcomes = classify(&mut tx, messages, &inserted, &moved).await?;
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Each message's outcome, given the ids inserted and the recipients owned
+/// elsewhere: a message neither inserted nor moved was stored already, or
+/// its recipient is gone.
+async fn classify(
+    conn: &mut PgConnection,
+    messages: &[&Message],
+    inserted: &HashSet<Uuid>,
+    moved: &HashMap<Uuid, Uuid>,
+) -> Result<Vec<Stored>, StorageError> {
     let skipped: Vec<Uuid> = messages
         .iter()
-        .filter(|m| !inserted.contains(&m.id))
+        .filter(|m| !inserted.contains(&m.id) && !moved.contains_key(&m.recipient_id))
         .map(|m| m.recipient_id)
         .collect();
     let existing: HashSet<Uuid> = if skipped.is_empty() {
@@ -64,7 +123,9 @@ pub async fn store_batch(
     Ok(messages
         .iter()
         .map(|m| {
-            if inserted.contains(&m.id) {
+            if let Some(owner) = moved.get(&m.recipient_id) {
+                Stored::Moved(*owner)
+            } else if inserted.contains(&m.id) {
                 Stored::Inserted
             } else if existing.contains(&m.recipient_id) {
                 Stored::AlreadyStored

@@ -4,6 +4,7 @@
 //! writes SQL or knows an SQLSTATE.
 
 pub mod batch;
+pub mod cluster;
 pub mod keys;
 pub mod messages;
 pub mod reader;
@@ -153,9 +154,15 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<bo
             .await
         {
             Ok(_) => tracing::info!(database = %name, "created database"),
-            // Another process created it between our check and our CREATE.
+            // Another process created it between our check and our CREATE:
+            // 42P04 if it had committed by then, 23505 on pg_database's
+            // unique index if both CREATEs ran at the same moment (several
+            // cluster nodes starting together on a new database).
             Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some(sqlstate::DUPLICATE_DATABASE) =>
+                if matches!(
+                    e.code().as_deref(),
+                    Some(sqlstate::DUPLICATE_DATABASE | sqlstate::UNIQUE_VIOLATION)
+                ) =>
             {
                 admin.close().await?;
                 return Ok(false);

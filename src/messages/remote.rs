@@ -1,0 +1,921 @@
+//! Cluster mode in the messaging front: messages for users connected to
+//! other nodes, and users moving between nodes. docs/cluster.md gives the
+//! design and the reasoning; in short:
+//!
+//! - **Ownership.** The node holding a user's socket owns the user, recorded
+//!   in PostgreSQL (`relay_presence`). It alone routes live to them and
+//!   numbers their messages; anyone stores for a user nobody owns. Every
+//!   store passes the fence (`relay_fence`), so a node that lost a user
+//!   cannot store behind the new owner's back.
+//! - **Lanes.** A message for a user not connected here goes through that
+//!   recipient's lane on this node: one unit (a batch of that recipient's
+//!   messages, in send order) at a time is stored through the fence or
+//!   forwarded to the owner, and the next unit starts only once the owner
+//!   has routed this one or refused it (the user moved: try again where
+//!   they are). One unit in flight per recipient is what keeps order while
+//!   a user moves.
+//! - **Answers.** The owner answers `Routed` once the unit has its place in
+//!   the recipient's order, then an `Outcome` per message (delivered,
+//!   queued, dropped). The sender's node answers the sender from those; a
+//!   peer that dies or stays silent fails the send as retryable, never as
+//!   a false confirmation.
+//! - **Moving.** A node taking over a user asks the old owner to let go
+//!   (close with 4409, store what it held, release the row), waits for that
+//!   up to a limit, then claims the user in PostgreSQL, which waits for
+//!   stores in flight. A node that finds a user claimed away from it closes
+//!   the user's socket.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::dedupe::Attempt;
+use super::registry::{Registry, Route};
+use super::store::{StoreWriter, ToStore};
+use super::{Delivery, MessagingError};
+use crate::cluster::wire::{self, DeliveryResult, Envelope, Kind};
+use crate::cluster::{Cluster, Inbound};
+use crate::envelope::Message;
+use crate::protocol::{Close, proto};
+use crate::storage::messages::Stored;
+use crate::storage::{self, Database};
+
+/// How many times a unit may be sent after a user who keeps moving before
+/// its messages fail as retryable.
+const MAX_HOPS: usize = 4;
+/// Most entries in the owner cache; it is cleared when full (a miss costs
+/// one refused store, nothing more).
+const OWNER_CACHE: usize = 100_000;
+/// How often this node checks that it still owns the users connected here.
+const VALIDATE_EVERY: Duration = Duration::from_secs(2);
+
+/// What a lane's sender hears.
+type Answer = oneshot::Sender<Result<Delivery, MessagingError>>;
+
+/// Who waits for one forwarded message's outcome.
+struct Waiter {
+    answer: Answer,
+    /// The send's idempotency record, completed with the outcome.
+    attempt: Option<Attempt>,
+}
+
+impl Waiter {
+    fn finish(self, outcome: Result<Delivery, MessagingError>) {
+        if let (Some(attempt), Ok(delivery)) = (self.attempt, &outcome) {
+            attempt.complete(*delivery);
+        }
+        let _ = self.answer.send(outcome);
+    }
+}
+
+/// One recipient's queue on this node. The map entry exists exactly while
+/// a driver task runs for it.
+struct Lane {
+    queue: VecDeque<(ToStore, Answer)>,
+}
+
+/// A forward waiting for its answers.
+struct Unit {
+    /// The peer it went to.
+    to: Uuid,
+    /// Whose messages.
+    recipient: Uuid,
+    /// Told when the peer routed or refused it.
+    routed: Option<oneshot::Sender<RoutedAnswer>>,
+    /// One per message, taken as outcomes arrive.
+    waiters: Vec<Option<Waiter>>,
+    /// After this, whatever has not been answered fails as retryable.
+    deadline: Instant,
+}
+
+enum RoutedAnswer {
+    Accepted,
+    /// The peer does not own the recipient; `to` does (or nobody).
+    Moved {
+        to: Option<Uuid>,
+        waiters: Vec<Option<Waiter>>,
+    },
+}
+
+/// Cluster mode's part of the relay. See the module docs.
+pub(super) struct Remote {
+    cluster: Cluster,
+    /// This node incarnation.
+    me: Uuid,
+    db: Database,
+    registry: Registry,
+    store: StoreWriter,
+    /// Recipient to its lane, for recipients not connected here.
+    lanes: DashMap<Uuid, Lane>,
+    /// Forwards waiting for answers, by unit id.
+    units: DashMap<u64, Unit>,
+    /// Release requests waiting for `Released`, by request id: the peer
+    /// asked, and who waits.
+    releases: DashMap<u64, (Uuid, oneshot::Sender<()>)>,
+    /// Recipient to the incarnation believed to own them. A hint: a wrong
+    /// one costs a refused attempt.
+    owners: DashMap<Uuid, Uuid>,
+    /// Users claimed by connections here: connection id and claim epoch.
+    claims: DashMap<Uuid, (u64, i64)>,
+    /// Per sender, messages in this node's lanes not yet routed. A user
+    /// is let go only once theirs are routed, so what they sent here is
+    /// placed before anything they send through their next node.
+    unrouted: DashMap<Uuid, usize>,
+    /// Woken when a sender's unrouted count reaches zero.
+    routed_all: tokio::sync::Notify,
+    /// Unit and request ids.
+    next_id: AtomicU64,
+    /// Most messages queued in one lane.
+    lane_limit: usize,
+    /// Most messages per unit.
+    unit_limit: usize,
+    forward_timeout: Duration,
+    release_timeout: Duration,
+    /// Spawned work (forward handling, releases) that shutdown waits for.
+    tasks: TaskTracker,
+}
+
+impl Remote {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start(
+        cluster: Cluster,
+        inbound: mpsc::Receiver<Inbound>,
+        db: Database,
+        registry: Registry,
+        store: StoreWriter,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Arc<Remote> {
+        let config = cluster.config().clone();
+        let remote = Arc::new(Remote {
+            me: cluster.incarnation(),
+            cluster,
+            db,
+            registry,
+            store,
+            lanes: DashMap::new(),
+            units: DashMap::new(),
+            releases: DashMap::new(),
+            owners: DashMap::new(),
+            claims: DashMap::new(),
+            unrouted: DashMap::new(),
+            routed_all: tokio::sync::Notify::new(),
+            next_id: AtomicU64::new(1),
+            lane_limit: config.cluster_lane.max(1),
+            unit_limit: config.cluster_batch.max(1),
+            forward_timeout: config.forward_timeout(),
+            release_timeout: config.release_timeout(),
+            tasks: tasks.clone(),
+        });
+        tasks.spawn(remote.clone().dispatch(inbound, stop.clone()));
+        tasks.spawn(remote.clone().watch(stop));
+        remote
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    // ------------------------------------------------------------- sending
+
+    /// Queues a message for a recipient not connected here on their lane;
+    /// the future resolves with its outcome.
+    pub(super) fn enqueue(
+        self: &Arc<Self>,
+        order: ToStore,
+    ) -> impl Future<Output = Result<Delivery, MessagingError>> + Send + 'static {
+        let recipient = order.message.recipient_id;
+        let (answer, outcome) = oneshot::channel();
+        if let Some(sender) = order.message.sender_id {
+            *self.unrouted.entry(sender).or_default() += 1;
+        }
+        let start = match self.lanes.entry(recipient) {
+            Entry::Occupied(mut lane) => {
+                if lane.get().queue.len() >= self.lane_limit {
+                    self.routed(order.message.sender_id);
+                    let _ = answer.send(Err(MessagingError::Unreachable(
+                        "the recipient's lane is full",
+                    )));
+                } else {
+                    lane.get_mut().queue.push_back((order, answer));
+                }
+                false
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(Lane {
+                    queue: VecDeque::from([(order, answer)]),
+                });
+                true
+            }
+        };
+        if start {
+            self.tasks.spawn(self.clone().drive(recipient));
+        }
+        async move {
+            outcome
+                .await
+                .unwrap_or(Err(MessagingError::Unreachable("the send was abandoned")))
+        }
+    }
+
+    /// Sends an ephemeral message to whoever owns the recipient, outside
+    /// any lane (ephemeral messages keep no order). Nobody online: dropped.
+    pub(super) fn send_ephemeral(
+        self: &Arc<Self>,
+        message: Message,
+        attempt: Option<Attempt>,
+    ) -> impl Future<Output = Result<Delivery, MessagingError>> + Send + 'static {
+        let remote = self.clone();
+        async move {
+            let recipient = message.recipient_id;
+            let owner = match remote.owners.get(&recipient).map(|o| *o) {
+                Some(owner) => Some(owner),
+                None => storage::cluster::owner(&remote.db, recipient)
+                    .await
+                    .map_err(MessagingError::Ack)?,
+            };
+            let Some(owner) = owner.filter(|o| *o != remote.me) else {
+                if let Some(attempt) = attempt {
+                    attempt.complete(Delivery::Dropped);
+                }
+                return Ok(Delivery::Dropped);
+            };
+            let (answer, outcome) = oneshot::channel();
+            let order = ToStore {
+                message,
+                ticket: None,
+                attempt,
+                local: false,
+            };
+            match remote.forward(owner, vec![(order, answer)]).await {
+                Forwarded::Done => {}
+                Forwarded::Moved(_, units) => {
+                    for (order, answer) in units {
+                        if let Some(attempt) = order.attempt {
+                            attempt.complete(Delivery::Dropped);
+                        }
+                        let _ = answer.send(Ok(Delivery::Dropped));
+                    }
+                }
+            }
+            outcome
+                .await
+                .unwrap_or(Err(MessagingError::Unreachable("the send was abandoned")))
+        }
+    }
+
+    /// Runs a lane: one unit at a time, until the queue is empty.
+    async fn drive(self: Arc<Self>, recipient: Uuid) {
+        loop {
+            let unit: Vec<(ToStore, Answer)> = match self.lanes.get_mut(&recipient) {
+                Some(mut lane) => {
+                    let n = lane.queue.len().min(self.unit_limit);
+                    lane.queue.drain(..n).collect()
+                }
+                None => return,
+            };
+            if unit.is_empty() {
+                // Atomic with enqueue: a message queued meanwhile keeps the
+                // entry, and this driver goes on.
+                if self
+                    .lanes
+                    .remove_if(&recipient, |_, lane| lane.queue.is_empty())
+                    .is_some()
+                {
+                    return;
+                }
+                continue;
+            }
+            let senders: Vec<Option<Uuid>> =
+                unit.iter().map(|(o, _)| o.message.sender_id).collect();
+            self.dispatch_unit(recipient, unit).await;
+            for sender in senders {
+                self.routed(sender);
+            }
+        }
+    }
+
+    /// One of `sender`'s messages left its lane (routed, stored or failed).
+    fn routed(&self, sender: Option<Uuid>) {
+        let Some(sender) = sender else { return };
+        let emptied = self
+            .unrouted
+            .remove_if_mut(&sender, |_, n| {
+                *n -= 1;
+                *n == 0
+            })
+            .is_some();
+        if emptied {
+            self.routed_all.notify_waiters();
+        }
+    }
+
+    /// Waits (up to the release timeout) until nothing `sender` sent
+    /// through this node is still unrouted.
+    async fn sender_settled(&self, sender: Uuid) {
+        let wait = async {
+            loop {
+                let notified = self.routed_all.notified();
+                if !self.unrouted.contains_key(&sender) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(self.release_timeout, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(user_id = %sender, "messages sent through this node were not routed in time");
+        }
+    }
+
+    /// Places one unit: stored here through the fence, or forwarded to the
+    /// owner; after the user as they move, a few times at most.
+    async fn dispatch_unit(&self, recipient: Uuid, mut unit: Vec<(ToStore, Answer)>) {
+        for _ in 0..MAX_HOPS {
+            let owner = self
+                .owners
+                .get(&recipient)
+                .map(|o| *o)
+                .filter(|o| *o != self.me);
+            match owner {
+                None => {
+                    let (orders, answers): (Vec<ToStore>, Vec<Answer>) = unit.into_iter().unzip();
+                    let report = match self.store.store_all(orders).await {
+                        Ok(report) => report,
+                        Err(err) => {
+                            for answer in answers {
+                                let _ = answer.send(Err(MessagingError::Store(err.duplicate())));
+                            }
+                            return;
+                        }
+                    };
+                    if report.moved.is_empty() {
+                        for (answer, stored) in answers.into_iter().zip(report.results) {
+                            let _ = answer.send(stored_outcome(stored, recipient));
+                        }
+                        return;
+                    }
+                    // The fence refuses a recipient as a whole.
+                    if let Some(Stored::Moved(to)) = report.results.first() {
+                        self.learn_owner(recipient, Some(*to));
+                    }
+                    unit = report.moved.into_iter().zip(answers).collect();
+                }
+                Some(owner) => match self.forward(owner, unit).await {
+                    Forwarded::Done => return,
+                    Forwarded::Moved(to, back) => {
+                        self.learn_owner(recipient, to);
+                        unit = back;
+                    }
+                },
+            }
+        }
+        for (_, answer) in unit {
+            let _ = answer.send(Err(MessagingError::Unreachable(
+                "the recipient kept moving between nodes",
+            )));
+        }
+    }
+
+    /// Sends a unit to `owner` and waits until it is routed there (the
+    /// outcomes come later, straight to the waiters) or refused.
+    async fn forward(&self, owner: Uuid, unit: Vec<(ToStore, Answer)>) -> Forwarded {
+        let id = self.next_id();
+        let recipient = unit[0].0.message.recipient_id;
+        let messages = unit
+            .iter()
+            .map(|(order, _)| Envelope::from_message(&order.message))
+            .collect();
+        let mut orders = Vec::with_capacity(unit.len());
+        let mut waiters = Vec::with_capacity(unit.len());
+        for (mut order, answer) in unit {
+            waiters.push(Some(Waiter {
+                answer,
+                attempt: order.attempt.take(),
+            }));
+            orders.push(order);
+        }
+        let (routed, routed_answer) = oneshot::channel();
+        self.units.insert(
+            id,
+            Unit {
+                to: owner,
+                recipient,
+                routed: Some(routed),
+                waiters,
+                deadline: Instant::now() + self.forward_timeout,
+            },
+        );
+        let forward = wire::Forward {
+            unit: id,
+            recipient: wire::id_bytes(recipient),
+            messages,
+        };
+        tracing::debug!(unit = id, peer = %owner, recipient = %recipient, "forwarding");
+        if let Err(err) = self.cluster.send(owner, Kind::Forward(forward)) {
+            self.fail_unit(id, send_error_text(err));
+            return Forwarded::Done;
+        }
+        // Held until routed, so this node's drain for the recipient (should
+        // they connect here meanwhile) cannot pass these messages.
+        let answer = tokio::time::timeout(self.forward_timeout, routed_answer).await;
+        match answer {
+            Ok(Ok(RoutedAnswer::Accepted)) => Forwarded::Done,
+            Ok(Ok(RoutedAnswer::Moved { to, waiters })) => {
+                let back = orders
+                    .into_iter()
+                    .zip(waiters)
+                    .filter_map(|(mut order, waiter)| {
+                        let waiter = waiter?;
+                        order.attempt = waiter.attempt;
+                        Some((order, waiter.answer))
+                    })
+                    .collect();
+                Forwarded::Moved(to, back)
+            }
+            // Failed, and answered, by whoever dropped it.
+            Ok(Err(_)) => Forwarded::Done,
+            Err(_) => {
+                self.fail_unit(id, "the recipient's node did not answer");
+                Forwarded::Done
+            }
+        }
+    }
+
+    /// Fails what a unit's waiters still wait for, as retryable.
+    fn fail_unit(&self, id: u64, why: &'static str) {
+        if let Some((_, unit)) = self.units.remove(&id) {
+            for waiter in unit.waiters.into_iter().flatten() {
+                waiter.finish(Err(MessagingError::Unreachable(why)));
+            }
+        }
+    }
+
+    fn learn_owner(&self, recipient: Uuid, owner: Option<Uuid>) {
+        match owner.filter(|o| *o != self.me) {
+            Some(owner) => {
+                if self.owners.len() >= OWNER_CACHE {
+                    self.owners.clear();
+                }
+                self.owners.insert(recipient, owner);
+            }
+            None => {
+                self.owners.remove(&recipient);
+            }
+        }
+    }
+
+    /// Pushes an event to a user connected to another node, if any. Best
+    /// effort, like every push.
+    pub(super) fn push(self: &Arc<Self>, user: Uuid, event: proto::push::Event) {
+        let remote = self.clone();
+        self.tasks.spawn(async move {
+            let owner = match remote.owners.get(&user).map(|o| *o) {
+                Some(owner) => Some(owner),
+                None => storage::cluster::owner(&remote.db, user)
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            if let Some(owner) = owner.filter(|o| *o != remote.me) {
+                let push = proto::Push { event: Some(event) }.encode_to_vec();
+                let _ = remote.cluster.send(
+                    owner,
+                    Kind::Push(wire::Push {
+                        user: wire::id_bytes(user),
+                        push: push.into(),
+                    }),
+                );
+            }
+        });
+    }
+
+    // ----------------------------------------------------------- ownership
+
+    /// Makes this node the user's owner, for a connection about to
+    /// register here: asks the previous owner to let go, waits for it (up
+    /// to the release timeout), then claims. Returns the claim's epoch.
+    pub(super) async fn claim(&self, user: Uuid) -> Result<i64, MessagingError> {
+        let owner = storage::cluster::owner(&self.db, user)
+            .await
+            .map_err(MessagingError::Ack)?;
+        if let Some(owner) = owner.filter(|o| *o != self.me) {
+            let request = self.next_id();
+            let (released, wait) = oneshot::channel();
+            self.releases.insert(request, (owner, released));
+            let asked = self.cluster.send(
+                owner,
+                Kind::Release(wire::Release {
+                    request,
+                    user: wire::id_bytes(user),
+                }),
+            );
+            if asked.is_ok()
+                && tokio::time::timeout(self.release_timeout, wait)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(user_id = %user, peer = %owner, "the previous node did not let go in time; claiming anyway");
+            }
+            self.releases.remove(&request);
+        }
+        let claim = storage::cluster::claim(&self.db, user, self.me)
+            .await
+            .map_err(MessagingError::Ack)?;
+        tracing::debug!(user_id = %user, epoch = claim.epoch, previous = ?claim.previous, "claimed a user");
+        if let Some(max) = claim.max_seq {
+            self.registry.raise_seq(max);
+        }
+        self.owners.remove(&user);
+        // Someone claimed the user between our look and our claim (two
+        // connections at once): tell them they lost it.
+        if let Some(previous) = claim
+            .previous
+            .filter(|p| *p != self.me && Some(*p) != owner)
+        {
+            let _ = self.cluster.send(
+                previous,
+                Kind::Release(wire::Release {
+                    request: 0,
+                    user: wire::id_bytes(user),
+                }),
+            );
+        }
+        Ok(claim.epoch)
+    }
+
+    /// Records that connection `conn_id` holds the user under `epoch`.
+    pub(super) fn claimed(&self, user: Uuid, conn_id: u64, epoch: i64) {
+        self.claims.insert(user, (conn_id, epoch));
+    }
+
+    /// Connection `conn_id` of the user is gone and stored what it held:
+    /// give the user up, unless a newer connection here holds them.
+    pub(super) fn disconnected(self: &Arc<Self>, user: Uuid, conn_id: u64) {
+        let Some((_, (_, epoch))) = self.claims.remove_if(&user, |_, (c, _)| *c == conn_id) else {
+            return;
+        };
+        let remote = self.clone();
+        self.tasks.spawn(async move {
+            remote.sender_settled(user).await;
+            if let Err(err) =
+                storage::cluster::release(&remote.db, user, remote.me, Some(epoch)).await
+            {
+                // The row stays until this node dies or the user claims
+                // again; meanwhile others forward here and this node stores.
+                tracing::warn!(user_id = %user, error = %err, "cannot release a user");
+            }
+        });
+    }
+
+    /// A peer asks this node to let a user go: close their socket (4409),
+    /// wait for it to store what it held, release the row, and say so.
+    async fn let_go(self: Arc<Self>, from: Uuid, request: u64, user: Uuid) {
+        tracing::debug!(user_id = %user, peer = %from, "letting a user go");
+        if let Some(conn) = self.registry.connection(user) {
+            conn.close(Close::DISPLACED);
+            if tokio::time::timeout(self.release_timeout, conn.finished())
+                .await
+                .is_err()
+            {
+                tracing::warn!(user_id = %user, "a displaced connection did not finish in time");
+            }
+        }
+        self.claims.remove(&user);
+        self.sender_settled(user).await;
+        if let Err(err) = storage::cluster::release(&self.db, user, self.me, None).await {
+            tracing::warn!(user_id = %user, error = %err, "cannot release a user");
+        }
+        tracing::debug!(user_id = %user, peer = %from, "let a user go");
+        if request != 0 {
+            let _ = self
+                .cluster
+                .send(from, Kind::Released(wire::Released { request }));
+        }
+    }
+
+    /// Periodically: fail forwards past their deadline, and close the
+    /// sockets of users this node no longer owns (claimed by another node
+    /// while this one was paused or cut off, or deleted).
+    async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(VALIDATE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let now = Instant::now();
+            let late: Vec<u64> = self
+                .units
+                .iter()
+                .filter(|u| u.deadline <= now)
+                .map(|u| *u.key())
+                .collect();
+            for id in late {
+                self.fail_unit(id, "the recipient's node did not answer");
+            }
+            let (users, epochs): (Vec<Uuid>, Vec<i64>) =
+                self.claims.iter().map(|c| (*c.key(), c.value().1)).unzip();
+            if users.is_empty() {
+                continue;
+            }
+            match storage::cluster::lost(&self.db, self.me, &users, &epochs).await {
+                Ok(lost) => {
+                    for user in lost {
+                        let Some((_, (conn_id, _))) = self.claims.remove(&user) else {
+                            continue;
+                        };
+                        if let Some(conn) = self.registry.connection(user)
+                            && conn.id == conn_id
+                        {
+                            tracing::info!(user_id = %user, "user claimed elsewhere; closing here");
+                            conn.close(Close::DISPLACED);
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot check this node's claims"),
+            }
+        }
+    }
+
+    // ----------------------------------------------------------- receiving
+
+    /// Handles what peers send, in order, until stopped.
+    async fn dispatch(
+        self: Arc<Self>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let next = tokio::select! {
+                next = inbound.recv() => next,
+                () = stop.cancelled() => return,
+            };
+            let Some(next) = next else { return };
+            match next {
+                Inbound::Items { from, items } => {
+                    for item in items {
+                        if let Some(kind) = item.kind {
+                            self.receive(from, kind);
+                        }
+                    }
+                }
+                Inbound::Undelivered { to, items } => {
+                    for kind in items.into_iter().filter_map(|i| i.kind) {
+                        match kind {
+                            Kind::Forward(f) => self.fail_unit(f.unit, "Redis refused the forward"),
+                            Kind::Release(r) => {
+                                self.releases.remove(&r.request);
+                            }
+                            _ => {}
+                        }
+                    }
+                    tracing::debug!(peer = %to, "items to a peer were not delivered");
+                }
+                Inbound::PeerGone(peer) => self.peer_gone(peer),
+            }
+        }
+    }
+
+    fn receive(self: &Arc<Self>, from: Uuid, kind: Kind) {
+        match kind {
+            Kind::Forward(forward) => self.accept(from, forward),
+            Kind::Routed(routed) => {
+                if routed.moved_to.is_empty() {
+                    if let Some(mut unit) = self.units.get_mut(&routed.unit)
+                        && let Some(tell) = unit.routed.take()
+                    {
+                        let _ = tell.send(RoutedAnswer::Accepted);
+                    }
+                } else if let Some((_, unit)) = self.units.remove(&routed.unit) {
+                    let to = wire::parse_id(&routed.moved_to, "moved_to").ok();
+                    if let Some(tell) = unit.routed {
+                        let _ = tell.send(RoutedAnswer::Moved {
+                            to,
+                            waiters: unit.waiters,
+                        });
+                    }
+                }
+            }
+            Kind::Outcome(outcome) => {
+                let done = {
+                    let Some(mut unit) = self.units.get_mut(&outcome.unit) else {
+                        return;
+                    };
+                    if let Some(waiter) = unit
+                        .waiters
+                        .get_mut(outcome.index as usize)
+                        .and_then(Option::take)
+                    {
+                        waiter.finish(result_outcome(outcome.result(), unit.recipient));
+                    }
+                    unit.waiters.iter().all(Option::is_none)
+                };
+                if done {
+                    self.units.remove(&outcome.unit);
+                }
+            }
+            Kind::Release(release) => {
+                if let Ok(user) = wire::parse_id(&release.user, "user") {
+                    self.tasks
+                        .spawn(self.clone().let_go(from, release.request, user));
+                }
+            }
+            Kind::Released(released) => {
+                if let Some((_, (_, tell))) = self.releases.remove(&released.request) {
+                    let _ = tell.send(());
+                }
+            }
+            Kind::Push(push) => {
+                let Ok(user) = wire::parse_id(&push.user, "user") else {
+                    return;
+                };
+                if let Ok(proto::Push { event: Some(event) }) = proto::Push::decode(&push.push[..])
+                {
+                    self.registry.push(user, event);
+                }
+            }
+        }
+    }
+
+    /// Routes a forwarded unit here as if it had been sent here, and
+    /// answers: `Routed` (or refused), then each message's outcome.
+    fn accept(self: &Arc<Self>, from: Uuid, forward: wire::Forward) {
+        let unit = forward.unit;
+        tracing::debug!(unit, peer = %from, "accepting a forward");
+        let Ok(recipient) = wire::parse_id(&forward.recipient, "recipient") else {
+            tracing::warn!(peer = %from, "a forward with a malformed recipient");
+            return;
+        };
+        let mut live = Vec::new();
+        let mut to_store = Vec::new();
+        let mut store_index = Vec::new();
+        let mut dropped = Vec::new();
+        let mut failed = Vec::new();
+        for (index, envelope) in forward.messages.into_iter().enumerate() {
+            let index = index as u32;
+            let mut message = match envelope.into_message(recipient, 0) {
+                Ok(message) => message,
+                Err(err) => {
+                    tracing::warn!(peer = %from, error = %err, "a forwarded message is malformed");
+                    failed.push(index);
+                    continue;
+                }
+            };
+            let ephemeral = message.ephemeral;
+            let route = self.registry.route(recipient, ephemeral, None, |seq| {
+                message.seq = seq;
+                message
+            });
+            match route {
+                Route::Live(outcome) => live.push((index, outcome)),
+                Route::Dropped => dropped.push(index),
+                Route::Store(order) => {
+                    store_index.push(index);
+                    to_store.push(order);
+                }
+            }
+        }
+        let remote = self.clone();
+        self.tasks.spawn(async move {
+            let answer = |item: Kind| {
+                let _ = remote.cluster.send(from, item);
+            };
+            let outcome = |index: u32, result: DeliveryResult| {
+                Kind::Outcome(wire::Outcome {
+                    unit,
+                    index,
+                    result: result as i32,
+                })
+            };
+            let mut stored = Vec::new();
+            if !to_store.is_empty() {
+                match remote.store.store_all(to_store).await {
+                    Ok(report) => {
+                        if live.is_empty()
+                            && dropped.is_empty()
+                            && failed.is_empty()
+                            && let Some(Stored::Moved(owner)) = report.results.first()
+                        {
+                            // Not ours: refused whole, nothing kept.
+                            answer(Kind::Routed(wire::Routed {
+                                unit,
+                                moved_to: wire::id_bytes(*owner),
+                            }));
+                            return;
+                        }
+                        stored = store_index
+                            .into_iter()
+                            .zip(report.results)
+                            .map(|(i, s)| (i, stored_result(s)))
+                            .collect();
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "storing forwarded messages failed");
+                        stored = store_index
+                            .into_iter()
+                            .map(|i| (i, DeliveryResult::Failed))
+                            .collect();
+                    }
+                }
+            }
+            answer(Kind::Routed(wire::Routed {
+                unit,
+                moved_to: Default::default(),
+            }));
+            for (index, result) in stored {
+                answer(outcome(index, result));
+            }
+            for index in dropped {
+                answer(outcome(index, DeliveryResult::Dropped));
+            }
+            for index in failed {
+                answer(outcome(index, DeliveryResult::Failed));
+            }
+            let live = live.into_iter().map(|(index, delivery)| async move {
+                let result = match delivery.await {
+                    Ok(Delivery::Delivered) => DeliveryResult::Delivered,
+                    Ok(Delivery::Queued) => DeliveryResult::Queued,
+                    Ok(Delivery::Dropped) => DeliveryResult::Dropped,
+                    Err(_) => DeliveryResult::Failed,
+                };
+                (index, result)
+            });
+            for (index, result) in futures::future::join_all(live).await {
+                answer(outcome(index, result));
+            }
+        });
+    }
+
+    /// A peer is dead or silent: nothing it owes will come.
+    fn peer_gone(&self, peer: Uuid) {
+        let lost: Vec<u64> = self
+            .units
+            .iter()
+            .filter(|u| u.to == peer)
+            .map(|u| *u.key())
+            .collect();
+        for id in lost {
+            self.fail_unit(id, "the recipient's node died");
+        }
+        self.releases.retain(|_, (to, _)| *to != peer);
+        self.owners.retain(|_, owner| *owner != peer);
+    }
+}
+
+/// What a forward came to.
+enum Forwarded {
+    /// Routed there, or failed; either way every waiter is taken care of.
+    Done,
+    /// Refused: the recipient is owned by the given node (or nobody); the
+    /// unit comes back to be placed again.
+    Moved(Option<Uuid>, Vec<(ToStore, Answer)>),
+}
+
+fn stored_outcome(stored: Stored, recipient: Uuid) -> Result<Delivery, MessagingError> {
+    match stored {
+        Stored::Inserted | Stored::AlreadyStored => Ok(Delivery::Queued),
+        Stored::UnknownRecipient => Err(MessagingError::UnknownRecipient(recipient)),
+        Stored::Moved(_) => Err(MessagingError::Unreachable("the recipient moved")),
+    }
+}
+
+fn stored_result(stored: Stored) -> DeliveryResult {
+    match stored {
+        Stored::Inserted | Stored::AlreadyStored => DeliveryResult::Queued,
+        Stored::UnknownRecipient => DeliveryResult::UnknownRecipient,
+        Stored::Moved(_) => DeliveryResult::Failed,
+    }
+}
+
+fn result_outcome(result: DeliveryResult, recipient: Uuid) -> Result<Delivery, MessagingError> {
+    match result {
+        DeliveryResult::Delivered => Ok(Delivery::Delivered),
+        DeliveryResult::Queued => Ok(Delivery::Queued),
+        DeliveryResult::Dropped => Ok(Delivery::Dropped),
+        DeliveryResult::UnknownRecipient => Err(MessagingError::UnknownRecipient(recipient)),
+        DeliveryResult::Failed | DeliveryResult::Unspecified => Err(MessagingError::Unreachable(
+            "delivery on another node failed",
+        )),
+    }
+}
+
+fn send_error_text(err: crate::cluster::SendError) -> &'static str {
+    match err {
+        crate::cluster::SendError::Gone => "the recipient's node is gone",
+        crate::cluster::SendError::Full => "too much is waiting for the recipient's node",
+    }
+}

@@ -1,0 +1,181 @@
+//! Queries on `relay_nodes` and `relay_presence`: cluster membership and
+//! the per-user ownership that fences stores (see the cluster migration for
+//! why these live in PostgreSQL rather than Redis).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::StorageError;
+
+/// Registers a new incarnation of `node_id`, and declares every earlier
+/// incarnation of the same node dead: a restarted node is never confused
+/// with its previous life, and the users that life held are released at
+/// once rather than after the dead-after delay. Returns those incarnations.
+pub async fn register_node(
+    db: &PgPool,
+    incarnation: Uuid,
+    node_id: &str,
+) -> Result<Vec<Uuid>, StorageError> {
+    let mut tx = db.begin().await?;
+    let previous: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE relay_nodes SET dead = true WHERE node_id = $1 AND NOT dead RETURNING incarnation",
+    )
+    .bind(node_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM relay_presence WHERE incarnation = ANY($1)")
+        .bind(&previous)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO relay_nodes (incarnation, node_id) VALUES ($1, $2)")
+        .bind(incarnation)
+        .bind(node_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(previous)
+}
+
+/// Renews this incarnation's heartbeat. False when it was declared dead
+/// meanwhile: it has been fenced out and must stop serving.
+pub async fn heartbeat(db: &PgPool, incarnation: Uuid) -> Result<bool, StorageError> {
+    let renewed = sqlx::query(
+        "UPDATE relay_nodes SET heartbeat_at = now() WHERE incarnation = $1 AND NOT dead",
+    )
+    .bind(incarnation)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(renewed == 1)
+}
+
+/// Declares dead every incarnation whose heartbeat is older than
+/// `dead_after`, by the database's clock, and releases the users they
+/// held. Any node may run it; each death is declared once. Returns the
+/// incarnations declared dead now.
+pub async fn declare_dead(db: &PgPool, dead_after: Duration) -> Result<Vec<Uuid>, StorageError> {
+    let mut tx = db.begin().await?;
+    let dead: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE relay_nodes SET dead = true \
+         WHERE NOT dead AND heartbeat_at < now() - make_interval(secs => $1) \
+         RETURNING incarnation",
+    )
+    .bind(dead_after.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    if !dead.is_empty() {
+        sqlx::query("DELETE FROM relay_presence WHERE incarnation = ANY($1)")
+            .bind(&dead)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(dead)
+}
+
+/// Of `incarnations`, those that are dead or have not sent a heartbeat for
+/// `dead_after` (declared or not yet).
+pub async fn gone(
+    db: &PgPool,
+    incarnations: &[Uuid],
+    dead_after: Duration,
+) -> Result<Vec<Uuid>, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT i FROM unnest($1::uuid[]) AS i \
+         WHERE NOT EXISTS (SELECT 1 FROM relay_nodes n WHERE n.incarnation = i AND NOT n.dead \
+                           AND n.heartbeat_at >= now() - make_interval(secs => $2))",
+    )
+    .bind(incarnations)
+    .bind(dead_after.as_secs_f64())
+    .fetch_all(db)
+    .await?)
+}
+
+/// Forgets incarnations dead for longer than `keep`.
+pub async fn forget_dead(db: &PgPool, keep: Duration) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "DELETE FROM relay_nodes WHERE dead AND heartbeat_at < now() - make_interval(secs => $1)",
+    )
+    .bind(keep.as_secs_f64())
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
+/// A successful claim of a user.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct Claim {
+    /// Identifies this claim; a release names it.
+    pub epoch: i64,
+    /// Who owned the user just before, if anyone.
+    pub previous: Option<Uuid>,
+    /// The highest sequence number stored for the user.
+    pub max_seq: Option<i64>,
+}
+
+/// Makes `me` the user's owner, once every store in flight for them has
+/// committed (see `relay_claim`).
+pub async fn claim(db: &PgPool, user: Uuid, me: Uuid) -> Result<Claim, StorageError> {
+    Ok(
+        sqlx::query_as("SELECT epoch, previous, max_seq FROM relay_claim($1, $2)")
+            .bind(user)
+            .bind(me)
+            .fetch_one(db)
+            .await?,
+    )
+}
+
+/// Releases the user if `me` still owns them. With an epoch, only that
+/// claim is released, so a late release of an earlier connection cannot
+/// remove a newer connection's claim.
+pub async fn release(
+    db: &PgPool,
+    user: Uuid,
+    me: Uuid,
+    epoch: Option<i64>,
+) -> Result<bool, StorageError> {
+    let released = sqlx::query(
+        "DELETE FROM relay_presence WHERE user_id = $1 AND incarnation = $2 \
+         AND ($3::int8 IS NULL OR epoch = $3)",
+    )
+    .bind(user)
+    .bind(me)
+    .bind(epoch)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(released == 1)
+}
+
+/// The incarnation that owns the user, if any.
+pub async fn owner(db: &PgPool, user: Uuid) -> Result<Option<Uuid>, StorageError> {
+    Ok(
+        sqlx::query_scalar("SELECT incarnation FROM relay_presence WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(db)
+            .await?,
+    )
+}
+
+/// Of `users`, those that `me` no longer owns under the given epochs: their
+/// connections here are stale (another node claimed them, or they were
+/// deleted) and must close.
+pub async fn lost(
+    db: &PgPool,
+    me: Uuid,
+    users: &[Uuid],
+    epochs: &[i64],
+) -> Result<Vec<Uuid>, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT u FROM unnest($1::uuid[], $2::int8[]) AS c(u, e) \
+         WHERE NOT EXISTS (SELECT 1 FROM relay_presence p \
+                           WHERE p.user_id = c.u AND p.incarnation = $3 AND p.epoch = c.e)",
+    )
+    .bind(users)
+    .bind(epochs)
+    .bind(me)
+    .fetch_all(db)
+    .await?)
+}

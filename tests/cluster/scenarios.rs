@@ -1,0 +1,372 @@
+//! The scenarios.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use signal_relay::client::{Event, Outgoing};
+use signal_relay::proto::SendOutcome;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::checker::Checker;
+use crate::support::{Cluster, WAIT};
+use crate::traffic::{receive_all, send_all};
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..10])
+}
+
+async fn next_event(events: &mut signal_relay::client::Events) -> Event {
+    tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("timed out waiting for a push")
+        .expect("connection closed while waiting for a push")
+}
+
+/// Waits until `condition` holds (re-checking every few milliseconds).
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_live_queued_and_dropped() {
+    let cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(1, &unique("bob")).await;
+
+    // Bob offline: queued, through any node; an ephemeral one is dropped.
+    let (a, _a_events) = cluster.connect(0, &alice).await;
+    let sent = a
+        .send(Outgoing::new(bob.id, Bytes::from("0")))
+        .await
+        .unwrap();
+    assert_eq!(sent.outcome, SendOutcome::Queued);
+    let mut typing = Outgoing::new(bob.id, Bytes::from("typing"));
+    typing.ephemeral = true;
+    assert_eq!(
+        a.send(typing.clone()).await.unwrap().outcome,
+        SendOutcome::Dropped
+    );
+
+    // Bob connects to node 3 and drains it there.
+    let (b, mut b_events) = cluster.connect(2, &bob).await;
+    match next_event(&mut b_events).await {
+        Event::Deliver(e) => {
+            assert_eq!(&e.content[..], b"0");
+            b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+                .await
+                .unwrap();
+        }
+        other => panic!("expected the stored message, got {other:?}"),
+    }
+    assert!(matches!(next_event(&mut b_events).await, Event::QueueEmpty));
+
+    // Live across nodes: delivered only after Bob's ack.
+    let b2 = b.clone();
+    let acker = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 50 {
+            if let Event::Deliver(e) = next_event(&mut b_events).await {
+                got.push(String::from_utf8(e.content.to_vec()).unwrap());
+                b2.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+                    .await
+                    .unwrap();
+            }
+        }
+        (got, b_events)
+    });
+    let sends = (1..=50).map(|n| {
+        let a = a.clone();
+        async move {
+            a.send(Outgoing::new(bob.id, Bytes::from(n.to_string())))
+                .await
+        }
+    });
+    for sent in futures::future::join_all(sends).await {
+        assert_eq!(sent.unwrap().outcome, SendOutcome::Delivered);
+    }
+    let (got, mut b_events) = acker.await.unwrap();
+    let expected: Vec<String> = (1..=50).map(|n| n.to_string()).collect();
+    assert_eq!(got, expected, "in send order");
+
+    // Ephemeral to an online user on another node: delivered.
+    let typing_sent = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(typing).await.unwrap().outcome }
+    });
+    match next_event(&mut b_events).await {
+        Event::Deliver(e) => {
+            assert_eq!(&e.content[..], b"typing");
+            b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+                .await
+                .unwrap();
+        }
+        other => panic!("expected the typing message, got {other:?}"),
+    }
+    assert_eq!(typing_sent.await.unwrap(), SendOutcome::Delivered);
+}
+
+/// A recipient hopping node 1 → 2 → 3 every 50 ms (each hop displacing the
+/// previous connection) while a sender, also hopping, sends 2,000
+/// messages: everything confirmed arrives, in order, with one id each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hopping_sender_and_recipient_keep_order() {
+    let cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(1, &unique("bob")).await;
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+    let checker = Arc::new(Checker::default());
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        urls.clone(),
+        Some(Duration::from_millis(50)),
+        stop.clone(),
+    ));
+    let mut reversed = urls.clone();
+    reversed.reverse();
+    let progress = {
+        let checker = checker.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                eprintln!("confirmed so far: {}", checker.confirmed());
+            }
+        })
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        send_all(
+            checker.clone(),
+            alice.clone(),
+            bob.id,
+            2_000,
+            16,
+            reversed,
+            Some(Duration::from_millis(300)),
+        ),
+    )
+    .await
+    .expect("the sender finished");
+    progress.abort();
+    assert_eq!(checker.confirmed(), 2_000);
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    receiver.await.unwrap();
+    let (confirmed, arrivals) = checker.verify();
+    eprintln!("confirmed {confirmed}, arrivals {arrivals}");
+}
+
+/// Bob, connected to node 2 with messages he has not acked, connects to
+/// node 3: node 2 closes the old socket with 4409, and what it held
+/// reaches the new connection before anything newer, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn displacement_across_nodes_keeps_what_was_held() {
+    let cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let (old, mut old_events) = cluster.connect(1, &bob).await;
+    assert!(matches!(
+        next_event(&mut old_events).await,
+        Event::QueueEmpty
+    ));
+    let (a, _a_events) = cluster.connect(0, &alice).await;
+    // Five messages reach the old connection; Bob acks none of them.
+    let mut held = Vec::new();
+    for n in 0..5 {
+        let a = a.clone();
+        held.push(tokio::spawn(async move {
+            a.send(Outgoing::new(bob.id, Bytes::from(n.to_string())))
+                .await
+        }));
+        match next_event(&mut old_events).await {
+            Event::Deliver(e) => assert_eq!(e.content, Bytes::from(n.to_string())),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    let (new, mut new_events) = cluster.connect(2, &bob).await;
+    assert_eq!(
+        tokio::time::timeout(WAIT, old_events.closed())
+            .await
+            .expect("the old socket is closed")
+            .code,
+        Some(4409)
+    );
+    drop(old);
+    eprintln!("{:?} closed", std::time::Instant::now());
+    // The held messages were stored for Bob: their senders hear QUEUED.
+    for sent in held {
+        assert_eq!(sent.await.unwrap().unwrap().outcome, SendOutcome::Queued);
+    }
+    eprintln!("{:?} held answered", std::time::Instant::now());
+    let newer = tokio::spawn({
+        let a = a.clone();
+        let bob = bob.id;
+        async move { a.send(Outgoing::new(bob, Bytes::from("5"))).await }
+    });
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        match next_event(&mut new_events).await {
+            Event::Deliver(e) => {
+                got.push(String::from_utf8(e.content.to_vec()).unwrap());
+                new.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+                    .await
+                    .unwrap();
+            }
+            Event::QueueEmpty | Event::PreKeysLow(_) => {}
+        }
+    }
+    eprintln!("{:?} all got", std::time::Instant::now());
+    assert_eq!(got, ["0", "1", "2", "3", "4", "5"]);
+    newer.await.unwrap().unwrap();
+}
+
+/// Alice sends `count` messages to Bob (a window of 8 in flight) through
+/// `sender_urls` while Bob receives through `recipient_urls`, each moving
+/// to their next URL when a connection fails; `disrupt` runs meanwhile.
+/// Returns the checker once every confirmed message has arrived.
+async fn traffic(
+    cluster: &Cluster,
+    count: u64,
+    sender_urls: Vec<String>,
+    recipient_urls: Vec<String>,
+    disrupt: impl std::future::Future<Output = ()>,
+) -> Arc<Checker> {
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let checker = Arc::new(Checker::default());
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        recipient_urls,
+        None,
+        stop.clone(),
+    ));
+    let sender = tokio::spawn(send_all(
+        checker.clone(),
+        alice,
+        bob.id,
+        count,
+        8,
+        sender_urls,
+        None,
+    ));
+    disrupt.await;
+    tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .expect("the sender finished")
+        .unwrap();
+    assert_eq!(
+        checker.confirmed() as u64,
+        count,
+        "every send was confirmed in the end"
+    );
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    receiver.await.unwrap();
+    checker.verify();
+    checker
+}
+
+/// Waits until the checker has seen `n` confirmations.
+async fn confirmed_at_least(checker: &Checker, n: usize) {
+    wait_until("enough messages were confirmed", || {
+        checker.confirmed() >= n
+    })
+    .await;
+}
+
+fn urls(cluster: &Cluster, nodes: &[usize]) -> Vec<String> {
+    nodes.iter().map(|&i| cluster.nodes[i].url()).collect()
+}
+
+/// kill -9 of the recipient's node mid-stream: the recipient reconnects to a
+/// surviving node and drains; the sender, told to retry, retries; nothing
+/// confirmed is lost, order holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_recipients_node_loses_nothing() {
+    let mut cluster = Cluster::start(3).await;
+    let sender_urls = urls(&cluster, &[0]);
+    let recipient_urls = urls(&cluster, &[1, 2]);
+    let victim = cluster.nodes[1].pid_handle();
+    traffic(&cluster, 600, sender_urls, recipient_urls, async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        victim.kill9();
+    })
+    .await;
+
+    // A user of the dead node is live on a surviving one within 15 s.
+    cluster.nodes[1].restart().await;
+    let carol = cluster.register(0, &unique("carol")).await;
+    let (_c, mut events) = cluster.connect(1, &carol).await;
+    assert!(matches!(next_event(&mut events).await, Event::QueueEmpty));
+    cluster.nodes[1].kill9().await;
+    let killed = tokio::time::Instant::now();
+    let (_c, mut events) = cluster.connect(2, &carol).await;
+    assert!(matches!(next_event(&mut events).await, Event::QueueEmpty));
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(15), "live again after {took:?}");
+    eprintln!("a user of a killed node was live elsewhere after {took:?}");
+}
+
+/// kill -9 of the sender's node: its in-flight sends fail, and retried
+/// through another node they keep their ids; nothing confirmed is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_senders_node_loses_nothing() {
+    let cluster = Cluster::start(3).await;
+    let sender_urls = urls(&cluster, &[0, 2]);
+    let recipient_urls = urls(&cluster, &[1]);
+    let victim = cluster.nodes[0].pid_handle();
+    traffic(&cluster, 600, sender_urls, recipient_urls, async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        victim.kill9();
+    })
+    .await;
+}
+
+/// kill -9 of a node in the middle of hand-offs: the recipient hops every
+/// 50 ms between node 2 and node 3, and node 2 dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_hand_offs_loses_nothing() {
+    let cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let checker = Arc::new(Checker::default());
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        urls(&cluster, &[1, 2]),
+        Some(Duration::from_millis(50)),
+        stop.clone(),
+    ));
+    let sender = tokio::spawn(send_all(
+        checker.clone(),
+        alice,
+        bob.id,
+        600,
+        8,
+        urls(&cluster, &[0]),
+        None,
+    ));
+    confirmed_at_least(&checker, 150).await;
+    cluster.nodes[1].pid_handle().kill9();
+    tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .expect("the sender finished")
+        .unwrap();
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    receiver.await.unwrap();
+    checker.verify();
+}

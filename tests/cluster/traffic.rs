@@ -1,0 +1,218 @@
+//! Clients as the scenarios drive them: a sender that keeps a window of
+//! sends in flight and retries what fails (same client message id), and a
+//! recipient that records and acks every delivery; either may hop between
+//! nodes, as a client reconnecting through a load balancer would.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use signal_relay::client::{Client, ClientError, Event, Events, Outgoing};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::checker::Checker;
+use crate::support::{User, WAIT, connect};
+
+/// Most tries of one message before the test gives up on it.
+const MAX_TRIES: usize = 200;
+
+/// Sends messages 0..count from `user` to `recipient`, `window` at a time,
+/// starting on `urls[0]` and moving to the next URL every `hop` (if any),
+/// without waiting for what is in flight: the new connection displaces the
+/// old one, and whatever fails is sent again.
+pub async fn send_all(
+    checker: Arc<Checker>,
+    user: User,
+    recipient: Uuid,
+    count: u64,
+    window: usize,
+    urls: Vec<String>,
+    hop: Option<Duration>,
+) {
+    let mut at = 0;
+    let mut client = connect_sender(&urls[at], &user).await;
+    let mut connections = 0usize;
+    let mut next = 0u64;
+    let mut retry = BTreeSet::new();
+    let mut tries = vec![0usize; count as usize];
+    let mut in_flight = FuturesUnordered::new();
+    let mut hops = tokio::time::interval(hop.unwrap_or(Duration::from_secs(3600)));
+    hops.tick().await;
+    loop {
+        while in_flight.len() < window {
+            let n = match retry.pop_first() {
+                Some(n) => n,
+                None if next < count => {
+                    next += 1;
+                    next - 1
+                }
+                None => break,
+            };
+            tries[n as usize] += 1;
+            assert!(tries[n as usize] <= MAX_TRIES, "message {n} kept failing");
+            let mut message = Outgoing::new(recipient, Bytes::from(n.to_string()));
+            message.client_message_id = Some(Bytes::from(format!("m{n}")));
+            checker.attempt(user.id, recipient, n);
+            let client = client.clone();
+            let conn = connections;
+            in_flight.push(async move {
+                let result = client.send(message).await;
+                if std::env::var_os("CLUSTER_TRACE").is_some() {
+                    eprintln!(
+                        "send {n} on connection {conn}: {:?}",
+                        result.as_ref().map(|s| s.outcome)
+                    );
+                }
+                (n, result)
+            });
+        }
+        if in_flight.is_empty() {
+            return;
+        }
+        tokio::select! {
+            Some((n, result)) = in_flight.next() => match result {
+                Ok(sent) => checker.answered(user.id, recipient, n, sent.message_id, sent.outcome),
+                Err(err) => {
+                    assert!(retryable(&err), "send {n} failed for good: {err}");
+                    retry.insert(n);
+                    if client.close_info().is_some() {
+                        // This connection is over (displaced, node gone):
+                        // go on through the next node.
+                        at = (at + 1) % urls.len();
+                        client = connect_sender(&urls[at], &user).await;
+                        connections += 1;
+                    } else {
+                        // Told to retry (UNAVAILABLE): a retry delay, not a
+                        // stand-in for synchronisation.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            },
+            _ = hops.tick(), if hop.is_some() => {
+                if std::env::var_os("CLUSTER_TRACE").is_some() {
+                    eprintln!("hop: in flight {}, retry {}, next {next}", in_flight.len(), retry.len());
+                }
+                at = (at + 1) % urls.len();
+                client = connect_sender(&urls[at], &user).await;
+                connections += 1;
+            }
+        }
+    }
+}
+
+/// Connects a sender, and acks the receipts it is sent as a client would
+/// (a client that stops reading its pushes stalls its own responses).
+async fn connect_sender(url: &str, user: &User) -> Client {
+    let (client, mut events) = connect(url, &user.token).await;
+    let acker = client.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let Event::Deliver(envelope) = event
+                && let Ok(id) = Uuid::from_slice(&envelope.message_id)
+            {
+                // Not awaited here: the reply comes through the reader
+                // that is waiting for this loop to take the next event.
+                let acker = acker.clone();
+                tokio::spawn(async move { acker.ack(&[id]).await });
+            }
+        }
+    });
+    client
+}
+
+fn retryable(err: &ClientError) -> bool {
+    match err {
+        ClientError::Status { status, .. } => {
+            matches!(status, signal_relay::proto::Status::Unavailable)
+        }
+        _ => true,
+    }
+}
+
+/// Receives as `user`, recording and acking everything, from `urls[0]`,
+/// moving to the next URL every `hop` (if any) by connecting there while
+/// the old connection is still open (so the old node is displaced), until
+/// `stop`.
+pub async fn receive_all(
+    checker: Arc<Checker>,
+    user: User,
+    urls: Vec<String>,
+    hop: Option<Duration>,
+    stop: CancellationToken,
+) {
+    let mut at = 0;
+    let mut hops = tokio::time::interval(hop.unwrap_or(Duration::from_secs(3600)));
+    hops.tick().await;
+    let mut old = Vec::new();
+    'connections: loop {
+        let (client, mut events) = tokio::select! {
+            c = connect(&urls[at], &user.token) => c,
+            () = stop.cancelled() => break,
+        };
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) => record(&checker, &user, &client, event),
+                    None => {
+                        // Closed under us (displaced or node gone).
+                        at = (at + 1) % urls.len();
+                        continue 'connections;
+                    }
+                },
+                _ = hops.tick(), if hop.is_some() => {
+                    at = (at + 1) % urls.len();
+                    // The old connection keeps being read until the new
+                    // node has it closed.
+                    old.push(tokio::spawn(read_until_closed(
+                        checker.clone(),
+                        user.clone(),
+                        client,
+                        events,
+                    )));
+                    continue 'connections;
+                }
+                () = stop.cancelled() => break 'connections,
+            }
+        }
+    }
+    for old in old {
+        old.await.unwrap();
+    }
+}
+
+async fn read_until_closed(checker: Arc<Checker>, user: User, client: Client, mut events: Events) {
+    while let Ok(Some(event)) = tokio::time::timeout(WAIT, events.next()).await {
+        record(&checker, &user, &client, event);
+    }
+}
+
+fn record(checker: &Checker, user: &User, client: &Client, event: Event) {
+    if let Event::Deliver(envelope) = event {
+        let id = Uuid::from_slice(&envelope.message_id).unwrap();
+        if envelope.r#type == signal_relay::proto::EnvelopeType::Receipt as i32 {
+            ack(client, id);
+            return;
+        }
+        let sender = Uuid::from_slice(&envelope.sender_id).unwrap();
+        let n: u64 = std::str::from_utf8(&envelope.content)
+            .unwrap()
+            .parse()
+            .unwrap();
+        checker.arrived(user.id, sender, n, id);
+        // Acked after it was recorded; a lost ack means a redelivery, which
+        // the checker tolerates (same id).
+        ack(client, id);
+    }
+}
+
+/// Acks without waiting for the answer in the event loop: the answer comes
+/// through the client's reader, which waits for the event loop to take its
+/// next event.
+fn ack(client: &Client, id: Uuid) {
+    let client = client.clone();
+    tokio::spawn(async move { client.ack(&[id]).await });
+}
