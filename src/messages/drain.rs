@@ -175,6 +175,7 @@ impl Drain {
                 return Err(err);
             }
         };
+        tracing::trace!(user_id = %self.user, after = self.cursor, below = bound.below, ids = ?rows.iter().map(|m| (m.id, m.seq)).collect::<Vec<_>>(), "drain read");
         if let Some(last) = rows.last() {
             self.cursor = self.cursor.max(last.seq);
             self.start();
@@ -184,6 +185,7 @@ impl Drain {
             .registry
             .try_go_live(self.user, self.conn_id, bound.generation)
         {
+            tracing::trace!(user_id = %self.user, "drain caught up; live");
             self.state = State::Live;
             if !self.announced_empty {
                 self.announced_empty = true;

@@ -225,7 +225,7 @@ impl Registry {
     /// node after the first confirmed one is numbered later, as long as
     /// the nodes' clocks differ by less than the time a client takes to
     /// reconnect. (On one node it only costs a clock read.)
-    fn next_seq(&self) -> i64 {
+    pub(super) fn next_seq(&self) -> i64 {
         let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
         let seq = &self.inner.next_seq;
         seq.fetch_max(now, Ordering::Relaxed);
@@ -335,8 +335,12 @@ impl Registry {
                 routed_at: Instant::now(),
             });
             let conn = slot.conn.as_ref().expect("checked above");
+            let (id, seq) = (live.message.id, live.message.seq);
             match conn.tx.try_send(Outbound::Deliver(live)) {
-                Ok(()) => return Route::Live(outcome),
+                Ok(()) => {
+                    tracing::trace!(%id, seq, recipient = %recipient, "routed live");
+                    return Route::Live(outcome);
+                }
                 Err(refused) => {
                     let Outbound::Deliver(live) = refused.into_inner() else {
                         unreachable!("try_send hands back the item it was given")
@@ -351,6 +355,7 @@ impl Registry {
                 }
             }
         }
+        tracing::trace!(id = %message.id, seq, recipient = %recipient, local = slot.conn.is_some(), draining = slot.draining, "routed to storage");
         slot.storing.insert(seq);
         let ticket = StoreTicket {
             registry: self.clone(),

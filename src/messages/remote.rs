@@ -351,6 +351,14 @@ impl Remote {
                 .filter(|o| *o != self.me);
             match owner {
                 None => {
+                    // Numbered now, not when accepted: an earlier unit may
+                    // have been numbered on the node it was forwarded to
+                    // since, and these must come after it. (The numbers
+                    // follow the clock; the tickets, keyed by the old
+                    // numbers, only hold a drain back longer.)
+                    for (order, _) in &mut unit {
+                        order.message.seq = self.registry.next_seq();
+                    }
                     let (orders, answers): (Vec<ToStore>, Vec<Answer>) = unit.into_iter().unzip();
                     let report = match self.store.store_all(orders).await {
                         Ok(report) => report,
@@ -361,6 +369,7 @@ impl Remote {
                             return;
                         }
                     };
+                    tracing::debug!(recipient = %recipient, results = ?report.results, "stored a unit");
                     if report.moved.is_empty() {
                         for (answer, stored) in answers.into_iter().zip(report.results) {
                             let _ = answer.send(stored_outcome(stored, recipient));
@@ -634,15 +643,19 @@ impl Remote {
             }
             match storage::cluster::lost(&self.db, self.me, &users, &epochs).await {
                 Ok(lost) => {
-                    for user in lost {
+                    for (user, exists) in lost {
                         let Some((_, (conn_id, _))) = self.claims.remove(&user) else {
                             continue;
                         };
                         if let Some(conn) = self.registry.connection(user)
                             && conn.id == conn_id
                         {
-                            tracing::info!(user_id = %user, "user claimed elsewhere; closing here");
-                            conn.close(Close::DISPLACED);
+                            tracing::info!(user_id = %user, exists, "user claimed elsewhere or deleted; closing here");
+                            conn.close(if exists {
+                                Close::DISPLACED
+                            } else {
+                                Close::ACCOUNT_DELETED
+                            });
                         }
                     }
                 }

@@ -159,17 +159,18 @@ pub async fn owner(db: &PgPool, user: Uuid) -> Result<Option<Uuid>, StorageError
     )
 }
 
-/// Of `users`, those that `me` no longer owns under the given epochs: their
-/// connections here are stale (another node claimed them, or they were
-/// deleted) and must close.
+/// Of `users`, those that `me` no longer owns under the given epochs, and
+/// whether each still exists: their connections here are stale (another
+/// node claimed them, or they were deleted) and must close.
 pub async fn lost(
     db: &PgPool,
     me: Uuid,
     users: &[Uuid],
     epochs: &[i64],
-) -> Result<Vec<Uuid>, StorageError> {
-    Ok(sqlx::query_scalar(
-        "SELECT u FROM unnest($1::uuid[], $2::int8[]) AS c(u, e) \
+) -> Result<Vec<(Uuid, bool)>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT c.u, EXISTS (SELECT 1 FROM users WHERE id = c.u) \
+         FROM unnest($1::uuid[], $2::int8[]) AS c(u, e) \
          WHERE NOT EXISTS (SELECT 1 FROM relay_presence p \
                            WHERE p.user_id = c.u AND p.incarnation = $3 AND p.epoch = c.e)",
     )

@@ -19,6 +19,8 @@ use uuid::Uuid;
 
 #[derive(Debug, Default)]
 struct Send {
+    /// What happened to it, for the failure message: (tick, event).
+    history: Vec<(u64, String)>,
     first_attempt: Option<u64>,
     last_attempt: u64,
     ids: HashSet<Uuid>,
@@ -41,7 +43,7 @@ pub struct Checker {
 
 impl Checker {
     /// A send attempt of message `n` starts.
-    pub fn attempt(&self, sender: Uuid, recipient: Uuid, n: u64) {
+    pub fn attempt(&self, sender: Uuid, recipient: Uuid, n: u64, via: &str) {
         let tick = self.clock.fetch_add(1, Ordering::SeqCst);
         let mut state = self.state.lock().unwrap();
         let send = state
@@ -52,10 +54,12 @@ impl Checker {
             .or_default();
         send.first_attempt.get_or_insert(tick);
         send.last_attempt = tick;
+        send.history.push((tick, format!("attempt via {via}")));
     }
 
     /// The relay answered an attempt.
     pub fn answered(&self, sender: Uuid, recipient: Uuid, n: u64, id: Uuid, outcome: SendOutcome) {
+        let tick = self.clock.fetch_add(1, Ordering::SeqCst);
         let mut state = self.state.lock().unwrap();
         let send = state
             .sends
@@ -63,6 +67,7 @@ impl Checker {
             .and_then(|m| m.get_mut(&n))
             .expect("answered after an attempt");
         send.ids.insert(id);
+        send.history.push((tick, format!("answered {outcome:?}")));
         // A confirmation is never taken back by a later answer.
         if !is_confirmed(send) {
             send.outcome = Some(outcome);
@@ -70,9 +75,17 @@ impl Checker {
     }
 
     /// A recipient received message `n` of `sender`.
-    pub fn arrived(&self, recipient: Uuid, sender: Uuid, n: u64, id: Uuid) {
-        self.clock.fetch_add(1, Ordering::SeqCst);
+    pub fn arrived(&self, recipient: Uuid, sender: Uuid, n: u64, id: Uuid, via: &str) {
+        let tick = self.clock.fetch_add(1, Ordering::SeqCst);
         let mut state = self.state.lock().unwrap();
+        if let Some(send) = state
+            .sends
+            .get_mut(&(sender, recipient))
+            .and_then(|m| m.get_mut(&n))
+        {
+            send.history
+                .push((tick, format!("arrived via {via} as {id}")));
+        }
         state
             .arrivals
             .entry(recipient)
@@ -96,7 +109,8 @@ impl Checker {
         self.missing().is_empty()
     }
 
-    fn missing(&self) -> Vec<(Uuid, Uuid, u64)> {
+    /// Confirmed messages that have not arrived: (sender, recipient, n).
+    pub fn missing(&self) -> Vec<(Uuid, Uuid, u64)> {
         let state = self.state.lock().unwrap();
         let mut missing = Vec::new();
         for ((sender, recipient), sends) in &state.sends {
@@ -171,7 +185,9 @@ impl Checker {
                         if must_precede {
                             assert!(
                                 position[a] < position[b],
-                                "{sender} -> {recipient}: {a} was sent before {b} but arrived after it"
+                                "{sender} -> {recipient}: {a} was sent before {b} but arrived after it\n{a}: {:?}\n{b}: {:?}",
+                                send_a.history,
+                                send_b.history
                             );
                         }
                     }

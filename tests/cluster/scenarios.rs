@@ -370,3 +370,260 @@ async fn kill_9_during_hand_offs_loses_nothing() {
     receiver.await.unwrap();
     checker.verify();
 }
+
+/// A node paused (SIGSTOP) for 20 s while its user moves away, then
+/// resumed: it finds itself declared dead and stops, and nothing it held
+/// or did after waking breaks a contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_wakes_fenced_out() {
+    let mut cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let checker = Arc::new(Checker::default());
+    let stop = CancellationToken::new();
+    // Bob starts on node 2; when it stops answering he moves to node 3.
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        urls(&cluster, &[1, 2]),
+        None,
+        stop.clone(),
+    ));
+    let sender = tokio::spawn(send_all(
+        checker.clone(),
+        alice,
+        bob.id,
+        400,
+        8,
+        urls(&cluster, &[0]),
+        None,
+    ));
+    confirmed_at_least(&checker, 100).await;
+    let paused = cluster.nodes[1].pid_handle();
+    paused.pause();
+    // Bob's client gives up on the silent node and reconnects to node 3.
+    stop.cancel();
+    receiver.await.unwrap();
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        urls(&cluster, &[2]),
+        None,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    paused.resume();
+    assert_ne!(
+        cluster.nodes[1].exited().await,
+        Some(0),
+        "a node declared dead stops, and says so"
+    );
+    tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .expect("the sender finished")
+        .unwrap();
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    receiver.await.unwrap();
+    checker.verify();
+}
+
+/// Redis killed mid-traffic and started again empty: cross-node sends fail
+/// as retryable or are stored meanwhile, never lost or reordered, and
+/// everything recovers without restarting a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarting_empty_loses_nothing() {
+    let mut cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let checker = Arc::new(Checker::default());
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        urls(&cluster, &[1]),
+        None,
+        stop.clone(),
+    ));
+    let sender = tokio::spawn(send_all(
+        checker.clone(),
+        alice,
+        bob.id,
+        600,
+        8,
+        urls(&cluster, &[0]),
+        None,
+    ));
+    confirmed_at_least(&checker, 150).await;
+    cluster.redis.kill().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.redis.spawn().await;
+    tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .expect("the sender finished after Redis came back")
+        .unwrap();
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    receiver.await.unwrap();
+    checker.verify();
+}
+
+/// Redis down for 20 s: users on one node keep talking live, offline users
+/// keep getting their messages stored, cross-node sends fail as retryable
+/// (or are stored), and all of it recovers once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_20_s_degrades_and_recovers() {
+    let mut cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let carol = cluster.register(0, &unique("carol")).await;
+    let dave = cluster.register(0, &unique("dave")).await;
+    let checker = Arc::new(Checker::default());
+    let stop = CancellationToken::new();
+    // Bob is on node 2 (cross-node from Alice); Carol on node 1 with Alice.
+    let receivers = [
+        tokio::spawn(receive_all(
+            checker.clone(),
+            bob.clone(),
+            urls(&cluster, &[1]),
+            None,
+            stop.clone(),
+        )),
+        tokio::spawn(receive_all(
+            checker.clone(),
+            carol.clone(),
+            urls(&cluster, &[0]),
+            None,
+            stop.clone(),
+        )),
+    ];
+    cluster.redis.kill().await;
+    // Same node, live: works without Redis.
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        send_all(
+            checker.clone(),
+            alice.clone(),
+            carol.id,
+            200,
+            8,
+            urls(&cluster, &[0]),
+            None,
+        ),
+    )
+    .await
+    .expect("same-node traffic needs no Redis");
+    // Offline user: stored, whatever node the sender is on.
+    let (a, _a_events) = cluster.connect(2, &alice).await;
+    let queued = a
+        .send(Outgoing::new(dave.id, Bytes::from("0")))
+        .await
+        .unwrap();
+    assert_eq!(queued.outcome, SendOutcome::Queued);
+    // Cross-node: retried until Redis is back, then confirmed.
+    let cross = tokio::spawn(send_all(
+        checker.clone(),
+        alice.clone(),
+        bob.id,
+        100,
+        8,
+        urls(&cluster, &[0]),
+        None,
+    ));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    cluster.redis.spawn().await;
+    tokio::time::timeout(Duration::from_secs(60), cross)
+        .await
+        .expect("cross-node traffic recovered")
+        .unwrap();
+    eprintln!(
+        "missing: {:?}; bob {}, carol {}",
+        checker.missing(),
+        bob.id,
+        carol.id
+    );
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    for receiver in receivers {
+        receiver.await.unwrap();
+    }
+    checker.verify();
+    // Dave drains his message on any node.
+    let (_d, mut d_events) = cluster.connect(1, &dave).await;
+    match next_event(&mut d_events).await {
+        Event::Deliver(e) => assert_eq!(&e.content[..], b"0"),
+        other => panic!("expected the stored message, got {other:?}"),
+    }
+}
+
+/// Receipts, PreKeysLow and an account's deletion reach a user on whichever
+/// node they are connected to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_pushes_and_deletion_cross_nodes() {
+    use signal_relay::keys::testing::TestIdentity;
+    let cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+
+    // Alice, on node 1, queues a message for Bob, who is offline.
+    let (a, mut a_events) = cluster.connect(0, &alice).await;
+    assert!(matches!(next_event(&mut a_events).await, Event::QueueEmpty));
+    let sent = a
+        .send(Outgoing::new(bob.id, Bytes::from("0")))
+        .await
+        .unwrap();
+    assert_eq!(sent.outcome, SendOutcome::Queued);
+    // Bob drains it on node 2 and acks: Alice's receipt crosses to node 1.
+    let (b, mut b_events) = cluster.connect(1, &bob).await;
+    let Event::Deliver(e) = next_event(&mut b_events).await else {
+        panic!("expected the stored message")
+    };
+    b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+        .await
+        .unwrap();
+    let receipt = next_event(&mut a_events).await;
+    assert_eq!(receipt.receipt_for(), Some(sent.message_id));
+
+    // Alice publishes keys on node 1; Bob's fetches on node 2 run them low,
+    // and the push reaches Alice on node 1.
+    let identity = TestIdentity::generate();
+    a.upload_keys(identity.upload(7, 1..=11, 1..=11, 1000))
+        .await
+        .unwrap();
+    b.fetch_bundle(alice.id).await.unwrap();
+    b.fetch_bundle(alice.id).await.unwrap();
+    loop {
+        match next_event(&mut a_events).await {
+            Event::PreKeysLow(low) => {
+                assert_eq!((low.one_time_pre_keys, low.kyber_pre_keys), (9, 9));
+                break;
+            }
+            Event::Deliver(_) | Event::QueueEmpty => {}
+        }
+    }
+
+    // An operator deletes Bob; his socket on node 2 closes.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["users", "delete", &bob.name])
+        .env("DATABASE_URL", cluster.db_url())
+        .env("RELAY_ADMIN_LISTEN", "off")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let closed = tokio::time::timeout(WAIT, b_events.closed())
+        .await
+        .expect("closed");
+    assert_eq!(closed.code, Some(1000), "{closed:?}");
+}
+
+/// Three nodes started at the same moment on a database that does not
+/// exist yet all come up (creating it and migrating it concurrently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_create_a_new_database_together() {
+    let cluster = Cluster::start(3).await;
+    for i in 0..3 {
+        cluster.register(i, &unique("user")).await;
+    }
+}

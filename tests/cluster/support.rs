@@ -225,8 +225,14 @@ impl Cluster {
         client.close().await;
         User {
             id: auth.user_id,
+            name: name.to_owned(),
             token: auth.token,
         }
+    }
+
+    /// The database every node uses.
+    pub fn db_url(&self) -> String {
+        signal_relay::testing::database_url(&self.db_name)
     }
 
     /// Connects the user to node `i` (resuming their session).
@@ -252,6 +258,7 @@ impl Drop for Cluster {
 #[derive(Debug, Clone)]
 pub struct User {
     pub id: uuid::Uuid,
+    pub name: String,
     pub token: Vec<u8>,
 }
 

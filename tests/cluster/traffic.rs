@@ -55,15 +55,21 @@ pub async fn send_all(
             tries[n as usize] += 1;
             assert!(tries[n as usize] <= MAX_TRIES, "message {n} kept failing");
             let mut message = Outgoing::new(recipient, Bytes::from(n.to_string()));
-            message.client_message_id = Some(Bytes::from(format!("m{n}")));
-            checker.attempt(user.id, recipient, n);
+            // Unique per sender: the relay derives the message id from it.
+            message.client_message_id = Some(Bytes::from(format!("{recipient}/{n}")));
+            checker.attempt(
+                user.id,
+                recipient,
+                n,
+                &format!("{} #{connections}", urls[at]),
+            );
             let client = client.clone();
             let conn = connections;
             in_flight.push(async move {
                 let result = client.send(message).await;
                 if std::env::var_os("CLUSTER_TRACE").is_some() {
                     eprintln!(
-                        "send {n} on connection {conn}: {:?}",
+                        "send {n} to {recipient} on connection {conn}: {:?}",
                         result.as_ref().map(|s| s.outcome)
                     );
                 }
@@ -136,7 +142,8 @@ fn retryable(err: &ClientError) -> bool {
 /// Receives as `user`, recording and acking everything, from `urls[0]`,
 /// moving to the next URL every `hop` (if any) by connecting there while
 /// the old connection is still open (so the old node is displaced), until
-/// `stop`.
+/// `stop`. A client's arrival order is what it read from the old
+/// connection, up to its close, then what it reads from the new one.
 pub async fn receive_all(
     checker: Arc<Checker>,
     user: User,
@@ -147,16 +154,22 @@ pub async fn receive_all(
     let mut at = 0;
     let mut hops = tokio::time::interval(hop.unwrap_or(Duration::from_secs(3600)));
     hops.tick().await;
-    let mut old = Vec::new();
+    let mut next = None;
+    let mut count = 0;
     'connections: loop {
-        let (client, mut events) = tokio::select! {
-            c = connect(&urls[at], &user.token) => c,
-            () = stop.cancelled() => break,
+        let (client, mut events) = match next.take() {
+            Some(connection) => connection,
+            None => tokio::select! {
+                c = connect(&urls[at], &user.token) => c,
+                () = stop.cancelled() => break,
+            },
         };
+        count += 1;
+        let via = format!("{} #{count}", urls[at]);
         loop {
             tokio::select! {
                 event = events.next() => match event {
-                    Some(event) => record(&checker, &user, &client, event),
+                    Some(event) => record(&checker, &user, &client, event, &via),
                     None => {
                         // Closed under us (displaced or node gone).
                         at = (at + 1) % urls.len();
@@ -165,32 +178,32 @@ pub async fn receive_all(
                 },
                 _ = hops.tick(), if hop.is_some() => {
                     at = (at + 1) % urls.len();
-                    // The old connection keeps being read until the new
-                    // node has it closed.
-                    old.push(tokio::spawn(read_until_closed(
-                        checker.clone(),
-                        user.clone(),
-                        client,
-                        events,
-                    )));
+                    let new = connect(&urls[at], &user.token).await;
+                    // The new node has the old connection closed; what
+                    // the old one delivered until then came first.
+                    read_until_closed(&checker, &user, &client, &mut events, &via).await;
+                    next = Some(new);
                     continue 'connections;
                 }
                 () = stop.cancelled() => break 'connections,
             }
         }
     }
-    for old in old {
-        old.await.unwrap();
-    }
 }
 
-async fn read_until_closed(checker: Arc<Checker>, user: User, client: Client, mut events: Events) {
+async fn read_until_closed(
+    checker: &Checker,
+    user: &User,
+    client: &Client,
+    events: &mut Events,
+    via: &str,
+) {
     while let Ok(Some(event)) = tokio::time::timeout(WAIT, events.next()).await {
-        record(&checker, &user, &client, event);
+        record(checker, user, client, event, via);
     }
 }
 
-fn record(checker: &Checker, user: &User, client: &Client, event: Event) {
+fn record(checker: &Checker, user: &User, client: &Client, event: Event, via: &str) {
     if let Event::Deliver(envelope) = event {
         let id = Uuid::from_slice(&envelope.message_id).unwrap();
         if envelope.r#type == signal_relay::proto::EnvelopeType::Receipt as i32 {
@@ -202,7 +215,7 @@ fn record(checker: &Checker, user: &User, client: &Client, event: Event) {
             .unwrap()
             .parse()
             .unwrap();
-        checker.arrived(user.id, sender, n, id);
+        checker.arrived(user.id, sender, n, id, via);
         // Acked after it was recorded; a lost ack means a redelivery, which
         // the checker tolerates (same id).
         ack(client, id);
