@@ -394,6 +394,16 @@ pub struct RateLimits {
     /// Burst of bundle fetches a requester may make at once.
     #[arg(long, env = "RELAY_BUNDLE_BURST", default_value_t = 100.0)]
     pub bundle_burst: f64,
+
+    /// User lookups a requester may make per second, sustained. A lookup
+    /// consumes no key but, like a fetch, tells who exists: the same
+    /// default as bundle fetches.
+    #[arg(long, env = "RELAY_LOOKUP_RATE", default_value_t = 5.0)]
+    pub lookup_rate_per_sec: f64,
+
+    /// Burst of user lookups a requester may make at once.
+    #[arg(long, env = "RELAY_LOOKUP_BURST", default_value_t = 100.0)]
+    pub lookup_burst: f64,
 }
 
 /// The pre-key directory.

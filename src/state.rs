@@ -36,6 +36,8 @@ struct Inner {
     send_limiter: RateLimiter,
     /// Per-requester bundle fetch rate.
     bundle_limiter: RateLimiter,
+    /// Per-requester user lookup rate.
+    lookup_limiter: RateLimiter,
     /// What the server counts.
     metrics: Metrics,
     /// Whether the server is live and ready, and the database up.
@@ -86,6 +88,7 @@ impl AppState {
                 relay,
                 send_limiter: RateLimiter::new(rates.send_rate_per_sec, rates.send_burst),
                 bundle_limiter: RateLimiter::new(rates.bundle_rate_per_sec, rates.bundle_burst),
+                lookup_limiter: RateLimiter::new(rates.lookup_rate_per_sec, rates.lookup_burst),
                 db,
                 limits,
             }),
@@ -109,6 +112,9 @@ impl AppState {
     }
     pub fn bundle_limiter(&self) -> &RateLimiter {
         &self.inner.bundle_limiter
+    }
+    pub fn lookup_limiter(&self) -> &RateLimiter {
+        &self.inner.lookup_limiter
     }
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics

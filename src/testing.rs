@@ -205,15 +205,28 @@ impl TestApp {
     /// (on a new port), as an operator's restart would.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let mut config = self.config.clone();
-        config.listen = "127.0.0.1:0".parse().expect("valid address");
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind test listener");
         self.addr = listener.local_addr().expect("local addr");
         self.url = format!("ws://{}/v1/websocket", self.addr);
+        self.serve(listener).await;
+    }
+
+    /// Starts the server again after [`TestApp::stop`], on the same address
+    /// and database, as a restarted relay process comes back: clients find
+    /// it at the URL they had.
+    pub async fn start_again(&mut self) {
+        assert!(self.server.is_none(), "stop the server first");
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("bind the same address again");
+        self.serve(listener).await;
+    }
+
+    async fn serve(&mut self, listener: tokio::net::TcpListener) {
         self.shutdown = CancellationToken::new();
-        let started = start(listener, config, self.shutdown.clone()).await;
+        let started = start(listener, self.config.clone(), self.shutdown.clone()).await;
         self.server = Some(started.server);
         self.registry = started.registry;
         self.admin_addr = started.admin;

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
     version,
     about = "End-to-end encrypted chat through a signal-relay server, on Signal's libsignal",
     after_help = "Exit codes: 0 ok, 1 other error, 2 usage, 3 server unreachable, \
-                  4 bad credentials, 5 unknown user, 6 peer identity changed, 7 profile problem."
+                  4 bad credentials, 5 unknown user, 6 peer identity changed, 7 profile problem, \
+                  8 user has not published keys, 9 the account is in use on another device."
 )]
 pub struct Args {
     /// Profile directory (keys, sessions, token, inbox).
@@ -44,7 +45,20 @@ pub enum Command {
     Register { username: String },
     /// Sign in to an existing account and save the session in the profile;
     /// the session the profile held before is revoked on the relay.
-    Login { username: String },
+    ///
+    /// One account is one device. If the account's keys were published from
+    /// another profile, login refuses, unless --replace-device says to make
+    /// this profile the account's device.
+    Login {
+        username: String,
+        /// Make this profile the account's only device: publish its identity
+        /// key in place of the one the relay holds. The other device stops
+        /// working (it can no longer decrypt what is sent to this account),
+        /// and everyone who talks to this account sees a safety-number
+        /// change.
+        #[arg(long)]
+        replace_device: bool,
+    },
     /// Generate and publish identity, signed, one-time and Kyber pre-keys.
     /// (send, recv and chat also do this on first use, and top keys up.)
     Keys,

@@ -23,6 +23,9 @@ pub struct Ctx<'o> {
     pub store: SignalStore,
     /// Received messages, and the ids already seen.
     pub inbox: Inbox,
+    /// The largest message content the relay accepts, as it said when we
+    /// connected: a text is checked against it before it is encrypted.
+    pub max_message_bytes: usize,
     pub out: &'o Output,
 }
 
@@ -42,16 +45,28 @@ impl<'o> Ctx<'o> {
             server,
             store,
             inbox,
+            max_message_bytes: net::DEFAULT_MAX_MESSAGE_BYTES,
             out,
         })
     }
 
     /// Connects, resumes the saved session, and makes sure the relay has
-    /// our keys (publishing or topping them up as needed).
+    /// our keys (publishing or topping them up as needed) and that no other
+    /// device has taken the account over.
     pub async fn connect(&mut self) -> Result<(Client, Events)> {
-        let (client, events) = net::resume(&self.server, &self.account).await?;
-        if let Some(up) = crate::keys::ensure(&client, &mut self.store, &self.profile).await? {
-            self.out.uploaded(&up);
+        let (client, events, auth) = net::resume(&self.server, &self.account).await?;
+        if auth.max_message_bytes > 0 {
+            self.max_message_bytes = auth.max_message_bytes as usize;
+        }
+        let uploaded =
+            crate::keys::ensure(&client, &mut self.store, &self.profile, &self.account).await;
+        match uploaded {
+            Ok(Some(up)) => self.out.uploaded(&up),
+            Ok(None) => {}
+            Err(e) => {
+                client.close().await;
+                return Err(e);
+            }
         }
         Ok((client, events))
     }

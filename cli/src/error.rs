@@ -20,12 +20,19 @@ pub enum Kind {
     Unreachable,
     /// Wrong username or password, or the saved session token was rejected.
     BadCredentials,
-    /// No such user on the relay (or they have published no keys).
+    /// No such user on the relay.
     UnknownUser,
+    /// The user exists but has published no keys, so nothing can be
+    /// encrypted to them yet.
+    NoKeys,
     /// A peer's identity key (or the account behind their username) changed.
     IdentityChanged,
     /// The profile is missing something (not registered) or is in use.
     Profile,
+    /// Another device holds this account's identity on the relay: a login
+    /// that would take it over without `--replace-device`, or a device
+    /// whose identity another one replaced.
+    OtherDevice,
 }
 
 impl Kind {
@@ -38,6 +45,8 @@ impl Kind {
             Kind::UnknownUser => 5,
             Kind::IdentityChanged => 6,
             Kind::Profile => 7,
+            Kind::NoKeys => 8,
+            Kind::OtherDevice => 9,
         }
     }
 
@@ -50,6 +59,8 @@ impl Kind {
             Kind::UnknownUser => "unknown_user",
             Kind::IdentityChanged => "identity_changed",
             Kind::Profile => "profile",
+            Kind::NoKeys => "no_keys",
+            Kind::OtherDevice => "other_device",
         }
     }
 }
@@ -73,7 +84,17 @@ impl Failure {
     pub fn unknown_user(user: &str) -> Self {
         Failure::new(
             Kind::UnknownUser,
-            format!("no user named {user:?} on this relay (or they have not published keys yet)"),
+            format!("no user named {user:?} on this relay"),
+        )
+    }
+
+    pub fn no_keys(user: &str) -> Self {
+        Failure::new(
+            Kind::NoKeys,
+            format!(
+                "{user} has not published keys yet, so nothing can be encrypted to them; \
+                 any relay-cli command they run (e.g. `relay-cli keys`) publishes them"
+            ),
         )
     }
 

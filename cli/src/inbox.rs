@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::profile::Profile;
+use crate::store::B64;
 
 const INBOX: &str = "inbox.jsonl";
 
@@ -60,14 +61,23 @@ pub enum Entry {
         by: String,
         at_ms: u64,
     },
-    /// An envelope that could not be decrypted; acked so it does not block
-    /// the queue, and kept here so the loss is visible.
+    /// An envelope that could not be decrypted (sent to a session or
+    /// pre-key this profile does not have, say, because the account moved
+    /// devices). Kept here whole, raw content included, so nothing is lost
+    /// and it can be looked at or decrypted later; reported with its
+    /// sender; then acked, so it does not block the queue.
     Undecryptable {
         id: Uuid,
         from_id: Uuid,
         from: String,
+        /// What libsignal (or the envelope) said was wrong.
         error: String,
+        sent_at_ms: u64,
         server_at_ms: u64,
+        /// The relay's envelope type (1 CIPHERTEXT, 3 PREKEY_BUNDLE, …).
+        envelope_type: i32,
+        /// The envelope's content exactly as received, base64.
+        content: B64,
     },
 }
 

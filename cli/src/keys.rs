@@ -7,10 +7,18 @@
 //! Replenishment has two triggers, as the issue asks: the relay's
 //! `PreKeysLow` push (while we are online), and a count check each time a
 //! command connects (for everything fetched while we were offline).
+//!
+//! One account is one device. Each time a command connects, the identity
+//! key the relay holds for the account is compared with ours; if it is
+//! another one, another device published keys for this account, and
+//! nothing is uploaded: uploading ours would silently take the account back,
+//! and two profiles would flip it between them, each flip deleting the
+//! other's pre-keys and showing every peer a safety-number change. Only
+//! `login --replace-device` replaces another device's identity, on purpose.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use libsignal_protocol_syft::{
     GenericSignedPreKey, IdentityKeyPair, KeyPair, KyberPreKeyRecord, PreKeyRecord,
@@ -20,8 +28,9 @@ use serde::Serialize;
 use signal_relay::client::Client;
 use signal_relay::proto::{self, EcPreKey, SignedEcPreKey, SignedKyberPreKey, Status};
 
+use crate::error::{Failure, Kind};
 use crate::net;
-use crate::profile::Profile;
+use crate::profile::{Account, Profile};
 use crate::store::SignalStore;
 
 /// One-time keys of each kind kept on the relay: the relay's per-upload
@@ -44,10 +53,31 @@ const SIGNED_PRE_KEY_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Older signed pre-keys kept for pre-key messages sent before a rotation.
 const KEEP_OLD_SIGNED: usize = 2;
 
+/// Whether publishing may replace the identity the relay holds for the
+/// account with this profile's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// If the relay holds another identity, another device has the
+    /// account: upload nothing and say so.
+    Refuse,
+    /// The user said `login --replace-device`.
+    Allow,
+}
+
+/// What the relay holds for our account, when it is not another device's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnRelay {
+    /// No keys: a first upload, or a relay that lost its data.
+    Nothing,
+    /// Our identity key.
+    Ours,
+}
+
 /// What an upload did, for the output.
 #[derive(Debug, Clone, Serialize)]
 pub struct Uploaded {
-    /// Why keys were uploaded: "keys" (the command), "first use", "low"
+    /// Why keys were uploaded: "keys" (the command), "first use",
+    /// "republish" (the relay no longer had them), "replace device", "low"
     /// (the relay's push) or "count" (the check at connect).
     pub reason: &'static str,
     /// One-time EC / Kyber pre-keys uploaded in this request.
@@ -66,22 +96,119 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Publishes everything: identity, current signed pre-key, last-resort
-/// Kyber key (creating what is missing), and one-time keys up to
-/// [`TARGET`]. Safe to repeat: ids that already exist are replaced with the
-/// same keys.
+/// Publishes everything (the `keys` command, and `login
+/// --replace-device` with [`Replace::Allow`]); see [`upload_all`]. Unless
+/// replacing, refuses when another device's identity is on the relay.
 pub async fn publish_all(
+    client: &Client,
+    store: &mut SignalStore,
+    profile: &Profile,
+    account: &Account,
+    reason: &'static str,
+    replace: Replace,
+) -> Result<Uploaded> {
+    if replace == Replace::Refuse {
+        on_relay(client, store, account).await?;
+    }
+    upload_all(client, store, profile, reason).await
+}
+
+/// Makes sure the relay has our keys, each time a command connects: first
+/// that the identity it holds for us is ours (see the module comment);
+/// then everything if it holds nothing, else one-time keys whenever it
+/// holds fewer than [`LOW_WATER`] of either kind, and a new signed pre-key
+/// when the current one is old. Returns what was uploaded, if anything.
+pub async fn ensure(
+    client: &Client,
+    store: &mut SignalStore,
+    profile: &Profile,
+    account: &Account,
+) -> Result<Option<Uploaded>> {
+    if on_relay(client, store, account).await? == OnRelay::Nothing {
+        let reason = if store.uploaded() {
+            "republish"
+        } else {
+            "first use"
+        };
+        return upload_all(client, store, profile, reason).await.map(Some);
+    }
+    // Ours is there, whatever the profile recorded (a crash can come
+    // between an upload and saving that it happened).
+    store.set_uploaded();
+    let count = net::within(client.pre_key_count())
+        .await
+        .context("asking the relay how many pre-keys it holds")?;
+    top_up(
+        client,
+        store,
+        profile,
+        account,
+        count.one_time_pre_keys,
+        count.kyber_pre_keys,
+        "count",
+    )
+    .await
+}
+
+/// Compares the identity key the relay holds for our account with ours;
+/// another one is [`Kind::OtherDevice`], explained.
+async fn on_relay(client: &Client, store: &SignalStore, account: &Account) -> Result<OnRelay> {
+    let me = net::lookup(client, &account.username)
+        .await
+        .context("asking the relay which identity key it holds for this account")?;
+    if me.user_id != account.user_id {
+        bail!(
+            "the relay says {} is the account {}, not {} as this profile records",
+            account.username,
+            me.user_id,
+            account.user_id
+        );
+    }
+    let ours = store.identities.pair().identity_key().serialize();
+    match me.identity_key {
+        None => Ok(OnRelay::Nothing),
+        Some(key) if key[..] == ours[..] => Ok(OnRelay::Ours),
+        Some(_) => Err(other_device(&account.username, store.uploaded()).into()),
+    }
+}
+
+/// Why this profile does not publish: another device's identity is on the
+/// relay, and what to do about it.
+fn other_device(user: &str, was_ours: bool) -> Failure {
+    let what = if was_ours {
+        format!(
+            "another device signed in as {user} and replaced this profile's identity key on \
+             the relay: messages to {user} are now encrypted for that device, and this profile \
+             can no longer read them"
+        )
+    } else {
+        format!(
+            "{user}'s keys were published from another device, and one account is one device, \
+             so this profile does not publish its own"
+        )
+    };
+    Failure::new(
+        Kind::OtherDevice,
+        format!(
+            "{what}. Nothing was uploaded. To make this profile {user}'s device (the other \
+             device then stops working, and everyone who talks to {user} sees a safety-number \
+             change), run `relay-cli login {user} --replace-device`"
+        ),
+    )
+}
+
+/// Publishes everything: identity, current signed pre-key, last-resort
+/// Kyber key (creating what is missing), then one-time keys up to
+/// [`TARGET`]. The one-time keys are counted from the relay's answer to the
+/// first upload, i.e. *after* it: a new identity deletes every older
+/// pre-key, so a count taken before would be of keys about to vanish. Safe
+/// to repeat: ids that already exist are replaced with the same keys.
+async fn upload_all(
     client: &Client,
     store: &mut SignalStore,
     profile: &Profile,
     reason: &'static str,
 ) -> Result<Uploaded> {
-    let (ec_have, kyber_have) = match net::within(client.pre_key_count()).await {
-        Ok(count) => (count.one_time_pre_keys, count.kyber_pre_keys),
-        // A user who never uploaded may have no key rows at all.
-        Err(e) if net::status(&e) == Some(Status::NotFound) => (0, 0),
-        Err(e) => return Err(e).context("asking the relay how many pre-keys it holds"),
-    };
     let identity = *store.identities.pair();
     let mut rotated = false;
     let signed = match store.signed.current() {
@@ -100,49 +227,42 @@ pub async fn publish_all(
             public_kyber(id, &record)?
         }
     };
-    let (one_time, kyber) = new_one_time(store, &identity, ec_have, kyber_have)?;
     // Private halves first; see the module comment.
     store.save(profile)?;
-    let upload = proto::UploadKeys {
+    let base = proto::UploadKeys {
         identity_key: Some(Bytes::from(identity.identity_key().serialize().to_vec())),
         registration_id: Some(store.identities.registration_id()),
         signed_pre_key: Some(signed),
+        last_resort_kyber_pre_key: Some(last_resort),
+        ..Default::default()
+    };
+    let held = net::within(client.upload_keys(base))
+        .await
+        .context("publishing the identity key")?;
+    store.set_uploaded();
+    let (one_time, kyber) = new_one_time(
+        store,
+        &identity,
+        held.one_time_pre_keys,
+        held.kyber_pre_keys,
+    )?;
+    store.save(profile)?;
+    if one_time.is_empty() && kyber.is_empty() {
+        return Ok(Uploaded {
+            reason,
+            new_one_time_pre_keys: 0,
+            new_kyber_pre_keys: 0,
+            one_time_pre_keys: held.one_time_pre_keys,
+            kyber_pre_keys: held.kyber_pre_keys,
+            rotated_signed_pre_key: rotated,
+        });
+    }
+    let upload = proto::UploadKeys {
         one_time_pre_keys: one_time,
         kyber_pre_keys: kyber,
-        last_resort_kyber_pre_key: Some(last_resort),
+        ..Default::default()
     };
-    let uploaded = upload_and_report(client, upload, reason, rotated).await?;
-    store.set_uploaded();
-    store.save(profile)?;
-    Ok(uploaded)
-}
-
-/// Makes sure the relay has our keys: everything on first use, then
-/// one-time keys whenever the relay holds fewer than [`LOW_WATER`] of
-/// either kind, and a new signed pre-key when the current one is old.
-/// Returns what was uploaded, if anything.
-pub async fn ensure(
-    client: &Client,
-    store: &mut SignalStore,
-    profile: &Profile,
-) -> Result<Option<Uploaded>> {
-    if !store.uploaded() {
-        return publish_all(client, store, profile, "first use")
-            .await
-            .map(Some);
-    }
-    let count = net::within(client.pre_key_count())
-        .await
-        .context("asking the relay how many pre-keys it holds")?;
-    top_up(
-        client,
-        store,
-        profile,
-        count.one_time_pre_keys,
-        count.kyber_pre_keys,
-        "count",
-    )
-    .await
+    upload_and_report(client, upload, reason, rotated).await
 }
 
 /// Handles the relay's `PreKeysLow` push.
@@ -150,12 +270,14 @@ pub async fn on_low(
     client: &Client,
     store: &mut SignalStore,
     profile: &Profile,
+    account: &Account,
     low: &proto::PreKeysLow,
 ) -> Result<Option<Uploaded>> {
     top_up(
         client,
         store,
         profile,
+        account,
         low.one_time_pre_keys,
         low.kyber_pre_keys,
         "low",
@@ -167,6 +289,7 @@ async fn top_up(
     client: &Client,
     store: &mut SignalStore,
     profile: &Profile,
+    account: &Account,
     ec_have: u32,
     kyber_have: u32,
     reason: &'static str,
@@ -200,9 +323,12 @@ async fn top_up(
     match upload_and_report(client, upload, reason, stale).await {
         Ok(uploaded) => Ok(Some(uploaded)),
         // The relay lost our keys (e.g. its database was reset) and wants a
-        // first upload again: publish everything.
+        // first upload again, or another device replaced our identity since
+        // we checked: publish everything, if the account is still ours.
         Err(e) if net::status(&e) == Some(Status::BadRequest) => {
-            publish_all(client, store, profile, reason).await.map(Some)
+            publish_all(client, store, profile, account, reason, Replace::Refuse)
+                .await
+                .map(Some)
         }
         Err(e) => Err(e),
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use signal_relay::client::{AuthInfo, Client, ClientError, ConnectOptions, Events};
+use signal_relay::client::{AuthInfo, Client, ClientError, ConnectOptions, Events, UserInfo};
 use signal_relay::proto::Status;
 
 use crate::error::{Failure, Kind};
@@ -18,6 +18,10 @@ use crate::profile::Account;
 
 /// Where `relay` listens by default.
 pub const DEFAULT_SERVER: &str = "ws://127.0.0.1:8080/v1/websocket";
+
+/// The relay's default message size limit, assumed when a relay does not
+/// state its own.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 96 * 1024;
 
 /// Connecting and authenticating; beyond this the relay counts as
 /// unreachable (a dropped SYN would otherwise hang for minutes).
@@ -159,8 +163,9 @@ fn describe(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// Connects and authenticates with the profile's session token.
-pub async fn resume(server: &Server, account: &Account) -> Result<(Client, Events)> {
+/// Connects and authenticates with the profile's session token; the
+/// relay's answer says what it allows (the message size limit).
+pub async fn resume(server: &Server, account: &Account) -> Result<(Client, Events, AuthInfo)> {
     let login_again = |why: &str| {
         Failure::new(
             Kind::BadCredentials,
@@ -178,7 +183,7 @@ pub async fn resume(server: &Server, account: &Account) -> Result<(Client, Event
         .map_err(|_| login_again("the saved session token is corrupt"))?;
     let (client, events) = connect(server).await?;
     match within(client.resume(&token)).await {
-        Ok(_) => Ok((client, events)),
+        Ok(auth) => Ok((client, events, auth)),
         Err(e) if status(&e) == Some(Status::Unauthorized) => {
             let expired = account.token_expires_at_ms > 0
                 && account.token_expires_at_ms < chrono::Utc::now().timestamp_millis();
@@ -190,6 +195,21 @@ pub async fn resume(server: &Server, account: &Account) -> Result<(Client, Event
             .into())
         }
         Err(e) => Err(e.context("resuming the saved session")),
+    }
+}
+
+/// Looks `user` up on the relay, consuming none of their keys. A name
+/// nobody has (or that no one could have) is [`Failure::unknown_user`].
+pub async fn lookup(client: &Client, user: &str) -> Result<UserInfo> {
+    match within(client.lookup_user(user)).await {
+        Ok(info) => Ok(info),
+        Err(e) if matches!(status(&e), Some(Status::NotFound | Status::BadRequest)) => {
+            Err(Failure::unknown_user(user).into())
+        }
+        Err(e) if status(&e) == Some(Status::RateLimited) => Err(e.context(format!(
+            "the relay limits how fast users may be looked up; try again shortly to reach {user}"
+        ))),
+        Err(e) => Err(e.context(format!("looking up {user}"))),
     }
 }
 

@@ -170,7 +170,13 @@ impl Output {
     /// refers to, when chat still knows it.
     pub fn entry(&self, entry: &Entry, quoted: Option<&str>) {
         if self.json {
-            self.emit_json(&serde_json::to_value(entry).unwrap_or_else(|_| json!({})));
+            let mut value = serde_json::to_value(entry).unwrap_or_else(|_| json!({}));
+            if let (Entry::Undecryptable { .. }, Some(map)) = (entry, value.as_object_mut()) {
+                // Up to the relay's size limit of base64, and no use on a
+                // terminal: the inbox has it.
+                map.remove("content");
+            }
+            self.emit_json(&value);
             return;
         }
         match entry {
@@ -195,8 +201,14 @@ impl Output {
                 };
                 self.line(&format!("  ✓✓ {by} received {what}"), false);
             }
-            Entry::Undecryptable { from, error, .. } => self.line(
-                &format!("⚠ a message from {from} could not be decrypted and was dropped: {error}"),
+            Entry::Undecryptable {
+                id, from, error, ..
+            } => self.line(
+                &format!(
+                    "⚠ a message from {from} could not be decrypted ({error}). It is kept, \
+                     encrypted, in the profile's inbox.jsonl (id {id}). If {from} or you \
+                     changed devices, ask {from} to send it again."
+                ),
                 true,
             ),
         }

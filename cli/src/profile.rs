@@ -6,7 +6,8 @@
 //! prekeys.json        private halves of the signed, one-time and Kyber pre-keys
 //! peers.json          peers' usernames and (trusted-on-first-use) identity keys
 //! sessions/<user-id>  one libsignal SessionRecord per peer
-//! inbox.jsonl         every received message and receipt, append-only
+//! inbox.jsonl         every received message and receipt, and (raw) every
+//!                     envelope that could not be decrypted; append-only
 //! lock                held (flock) while a relay-cli process uses the profile
 //! ```
 //!

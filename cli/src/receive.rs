@@ -9,7 +9,9 @@
 //!
 //! Envelopes from a peer whose identity changed are *held*: not decrypted,
 //! not acked, so they wait on the relay until the user has verified the
-//! peer and run `trust`.
+//! peer and run `trust`. Envelopes that cannot be decrypted are never
+//! dropped: they go into the inbox raw, are reported with their sender and
+//! counted, and only then acked.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -27,6 +29,7 @@ use crate::keys;
 use crate::net;
 use crate::session::{self, DecryptError};
 use crate::signals::Shutdown;
+use crate::store::B64;
 
 /// Pushes handled per batch; bounds memory and the size of one ack.
 const MAX_BATCH: usize = 500;
@@ -132,7 +135,8 @@ pub async fn batch(
             .context("acknowledging received messages")?;
     }
     if let Some(low) = low
-        && let Some(up) = keys::on_low(client, &mut ctx.store, &ctx.profile, &low).await?
+        && let Some(up) =
+            keys::on_low(client, &mut ctx.store, &ctx.profile, &ctx.account, &low).await?
     {
         ctx.out.uploaded(&up);
     }
@@ -158,7 +162,10 @@ async fn envelope_entry(ctx: &mut Ctx<'_>, id: Uuid, envelope: &proto::Envelope)
             from_id: sender,
             from: from.clone(),
             error,
+            sent_at_ms: envelope.client_timestamp_ms,
             server_at_ms,
+            envelope_type: envelope.r#type,
+            content: B64(envelope.content.to_vec()),
         })
     };
     if envelope.r#type == EnvelopeType::Receipt as i32 {
@@ -243,7 +250,8 @@ pub async fn reconnect(
         }
         match ctx.connect().await {
             Ok(pair) => {
-                ctx.out.say("reconnected");
+                ctx.out
+                    .report("reconnected", serde_json::json!({}), "reconnected");
                 return Ok(Some(pair));
             }
             Err(e) if crate::error::classify(&e) == Kind::Unreachable => {

@@ -28,6 +28,24 @@ use crate::store::{self, SignalStore};
 /// Signal's padding block.
 const PAD_BLOCK: usize = 160;
 
+/// The most encryption adds to the padded text, with room to spare. A
+/// PreKeySignalMessage (the larger kind) is the padded text plus 16 bytes
+/// of AES-CBC padding, an 8-byte MAC, the ratchet, base and identity keys
+/// (33 bytes each), the Kyber-1024 ciphertext (1,568 bytes plus its type
+/// byte), a few key ids and counters, and protobuf framing: about 1,750
+/// bytes in all.
+const ENCRYPTION_OVERHEAD: usize = 2048;
+
+/// The longest text, in bytes, whose encrypted form always fits in a
+/// relay's `max_content` bytes: checked before encrypting, so a text the
+/// relay would refuse costs neither a ratchet step nor a peer's pre-key.
+pub fn max_text_len(max_content: usize) -> usize {
+    let room = max_content.saturating_sub(ENCRYPTION_OVERHEAD);
+    // The padded length is a multiple of PAD_BLOCK holding the text and
+    // its 0x80 marker.
+    (room / PAD_BLOCK * PAD_BLOCK).saturating_sub(1)
+}
+
 /// An encrypted message, ready for the relay.
 pub struct Encrypted {
     pub envelope_type: EnvelopeType,
@@ -193,5 +211,18 @@ mod tests {
         assert_eq!(pad(b"a").len(), pad(b"abc").len());
         assert_eq!(unpad(&[0, 0]), None);
         assert_eq!(unpad(b"abc"), None);
+    }
+
+    #[test]
+    fn the_longest_text_pads_to_what_fits_with_the_overhead() {
+        for max in [0, 100, 2048, 2048 + 159, 2048 + 160, 4096, 96 * 1024] {
+            let longest = max_text_len(max);
+            if max < ENCRYPTION_OVERHEAD + PAD_BLOCK {
+                assert_eq!(longest, 0, "{max}");
+                continue;
+            }
+            assert!(pad(&vec![b'x'; longest]).len() + ENCRYPTION_OVERHEAD <= max);
+            assert!(pad(&vec![b'x'; longest + 1]).len() + ENCRYPTION_OVERHEAD > max);
+        }
     }
 }

@@ -298,10 +298,6 @@ impl Identities {
         self.peers.get(&id)
     }
 
-    pub fn username(&self, id: Uuid) -> Option<&str> {
-        self.peers.get(&id).and_then(|p| p.username.as_deref())
-    }
-
     /// Records the username the relay gave for `id`.
     pub fn set_username(&mut self, id: Uuid, username: &str) {
         let peer = self.peers.entry(id).or_default();

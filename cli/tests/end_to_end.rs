@@ -255,10 +255,13 @@ async fn changed_identity_is_held_until_trusted() {
     // Bob loses his profile and signs in from a new one: a new identity.
     let new_bob = bob.reinstalled();
     let login = new_bob
-        .run_with(&["login", &bob.name], &format!("{PASSWORD}\n"))
+        .run_with(
+            &["login", &bob.name, "--replace-device"],
+            &format!("{PASSWORD}\n"),
+        )
         .await;
     assert!(login.status.success(), "{login:#?}");
-    new_bob.ok(&["keys"]).await;
+    login.one("device_replaced");
     new_bob.send(&alice, "new phone, who dis").await;
 
     let held = alice.fails(&["recv"], EXIT_IDENTITY_CHANGED).await;
@@ -297,21 +300,32 @@ async fn distinct_exit_codes_and_account_lifecycle() {
     let alice = User::new(&app, "alice");
     let alice_id = alice.register_with_keys().await;
 
-    alice
-        .fails(&["send", "nobody_here_at_all", "hi"], EXIT_UNKNOWN_USER)
+    // No such user, and a user who has not published keys: each its own
+    // message and exit code, from send and from chat alike.
+    let carol = User::new(&app, "carol");
+    let registered = carol
+        .run_with(&["register", &carol.name], &format!("{PASSWORD}\n"))
         .await;
-    // In chat, the same is a warning and the chat goes on.
-    let mut chat = alice.spawn(&["chat", "nobody_here_at_all"]);
-    chat.event("chat").await;
-    chat.type_line("anyone?").await;
-    let warning = chat.event("warning").await;
-    assert!(
-        warning["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("no user named")),
-        "{warning}"
-    );
-    assert_eq!(chat.close_input().await.code(), Some(0));
+    assert!(registered.status.success(), "{registered:#?}");
+    for command in ["send", "chat"] {
+        let mut args = vec![command, "nobody_here_at_all"];
+        if command == "send" {
+            args.push("hi");
+        }
+        let unknown = alice.fails(&args, EXIT_UNKNOWN_USER).await;
+        assert_eq!(
+            unknown.error_message(),
+            "no user named \"nobody_here_at_all\" on this relay"
+        );
+        args[1] = &carol.name;
+        let keyless = alice.fails(&args, EXIT_NO_KEYS).await;
+        assert!(
+            keyless
+                .error_message()
+                .starts_with(&format!("{} has not published keys yet", carol.name)),
+            "{keyless:#?}"
+        );
+    }
 
     let impostor = alice.reinstalled();
     let wrong = impostor
@@ -493,4 +507,107 @@ async fn login_revokes_the_profiles_previous_session() {
     assert_eq!(sessions().await, 1);
     assert_ne!(saved_token(), second);
     alice.ok(&["whoami"]).await;
+}
+
+/// A text too long for the relay once encrypted is refused before it is
+/// encrypted, saying the limit: no pre-key of the peer's is used up and no
+/// ratchet step spent. The longest text allowed goes through, even as a
+/// pre-key message (the larger kind); in chat an oversize line is refused
+/// and the chat goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_too_long_for_the_relay_is_refused_before_it_is_encrypted() {
+    let app = spawn_app_with(|c| c.limits.messaging.max_message_bytes = 4096).await;
+    let alice = User::new(&app, "alice");
+    let bob = User::new(&app, "bob");
+    alice.register_with_keys().await;
+    let bob_id = bob.register_with_keys().await;
+
+    let long = "x".repeat(3000);
+    let refused = alice.fails(&["send", &bob.name, &long], 1).await;
+    let message = refused.error_message();
+    assert!(
+        message.contains("too long: 3000 bytes") && message.contains("at most 1919 bytes"),
+        "{message}"
+    );
+    assert_eq!(
+        key_counts(&app.db, bob_id).await,
+        (100, 100),
+        "no bundle was fetched for it"
+    );
+    assert!(queued(&app.db, bob_id).await.is_empty());
+
+    let longest = "y".repeat(1919);
+    let sent = alice.send(&bob, &longest).await;
+    assert_eq!(sent["envelope"], "prekey_bundle", "{sent}");
+    assert_eq!(bob.ok(&["recv"]).await.texts(), [longest]);
+
+    let mut chat = alice.spawn(&["chat", &bob.name]);
+    chat.event("chat").await;
+    chat.type_line(&long).await;
+    let warning = chat.event("warning").await;
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too long")),
+        "{warning}"
+    );
+    chat.type_line("short").await;
+    chat.event("sent").await;
+    assert_eq!(chat.close_input().await.code(), Some(0));
+    assert_eq!(bob.ok(&["recv"]).await.texts(), ["short"]);
+}
+
+/// The relay restarts (stopped, then started again on the same address and
+/// database): `chat` and `recv --follow` notice, reconnect, and keep
+/// sending and receiving; a line typed while the relay was down is sent
+/// once it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_and_recv_follow_reconnect_after_the_relay_restarts() {
+    let mut app = spawn_app().await;
+    let alice = User::new(&app, "alice");
+    let bob = User::new(&app, "bob");
+    let carol = User::new(&app, "carol");
+    alice.register_with_keys().await;
+    bob.register_with_keys().await;
+    carol.register_with_keys().await;
+
+    let mut bob_recv = bob.spawn(&["recv", "--follow"]);
+    bob_recv.event("drained").await;
+    let mut alice_chat = alice.spawn(&["chat", &bob.name]);
+    alice_chat.event("chat").await;
+    alice_chat.type_line("before the restart").await;
+    bob_recv.message("before the restart").await;
+    assert_eq!(alice_chat.event("sent").await["outcome"], "delivered");
+
+    app.stop().await;
+    for running in [&mut bob_recv, &mut alice_chat] {
+        let lost = running
+            .expect("the connection lost", |v| {
+                v["event"] == "warning"
+                    && v["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("connection to the relay lost"))
+            })
+            .await;
+        assert!(
+            lost["message"].as_str().is_some_and(|m| m.contains("1001")),
+            "{lost}"
+        );
+    }
+    alice_chat.type_line("while the relay was down").await;
+    app.start_again().await;
+    bob_recv.event("reconnected").await;
+    alice_chat.event("reconnected").await;
+    bob_recv.message("while the relay was down").await;
+    alice_chat.event("sent").await;
+
+    // Both keep receiving on the new connections.
+    carol.send(&alice, "to alice's chat").await;
+    alice_chat.message("to alice's chat").await;
+    alice_chat.type_line("after the restart").await;
+    bob_recv.message("after the restart").await;
+    assert_eq!(alice_chat.event("sent").await["outcome"], "delivered");
+
+    assert_eq!(alice_chat.close_input().await.code(), Some(0));
+    assert_eq!(bob_recv.terminate().await.code(), Some(0));
 }

@@ -70,7 +70,14 @@ pub struct AuthInfo {
     /// Empty for `resume`.
     pub token: Vec<u8>,
     pub token_expires_at_ms: i64,
+    /// The largest message content the server accepts; 0 when it does not
+    /// say.
+    pub max_message_bytes: u32,
 }
+
+/// How long the reader keeps the socket after the server's close frame, to
+/// send the answering close frame and see the server hang up.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Requests awaiting their response; `None` once the connection ended, so a
 /// request made after that fails at once instead of waiting forever.
@@ -155,6 +162,15 @@ impl Client {
                             close.code = Some(frame.code.into());
                             close.reason = frame.reason.to_string();
                         }
+                        // tungstenite queued our answering close frame and
+                        // writes it on the next read: keep reading until
+                        // the server drops the connection, so it hears the
+                        // answer at once instead of waiting out its close
+                        // timeout. Bounded, for a server that never drops.
+                        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                            while let Some(Ok(_)) = stream.next().await {}
+                        })
+                        .await;
                         break;
                     }
                     Ok(_) => continue,
@@ -328,6 +344,7 @@ impl Client {
             username: auth.username,
             token: auth.token.to_vec(),
             token_expires_at_ms: auth.token_expires_at_ms,
+            max_message_bytes: auth.max_message_bytes,
         })
     }
 
@@ -403,6 +420,25 @@ impl Client {
         .await
     }
 
+    /// Looks a user up by username, consuming none of their keys.
+    pub async fn lookup_user(&self, username: &str) -> Result<UserInfo, ClientError> {
+        let request = Request::LookupUser(proto::LookupUser {
+            username: username.into(),
+        });
+        let found = self
+            .request_as(request, |r| match r {
+                response::Result::LookupUser(r) => Some(r),
+                _ => None,
+            })
+            .await?;
+        Ok(UserInfo {
+            user_id: uuid_from(&found.user_id)?,
+            username: found.username,
+            identity_key: (found.keys_published && !found.identity_key.is_empty())
+                .then(|| found.identity_key.to_vec()),
+        })
+    }
+
     /// Sends a message; see [`Outgoing`] for the options.
     pub async fn send(&self, message: Outgoing) -> Result<Sent, ClientError> {
         let request = proto::SendMessage {
@@ -453,6 +489,17 @@ impl Client {
     pub async fn close(&self) {
         let _ = self.out.send(WsMessage::Close(None)).await;
     }
+}
+
+/// A user, as [`Client::lookup_user`] found them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserInfo {
+    pub user_id: Uuid,
+    /// As registered.
+    pub username: String,
+    /// The published identity key; `None` until the user has published
+    /// keys (a bundle fetch would then fail).
+    pub identity_key: Option<Vec<u8>>,
 }
 
 /// A message to send.

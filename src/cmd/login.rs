@@ -27,6 +27,6 @@ impl Login {
         state: &AppState,
     ) -> Result<(Authenticated, response::Result), RequestError> {
         let issued = state.auth().login(self.username, self.password).await?;
-        Ok(session_result(issued))
+        Ok(session_result(issued, state))
     }
 }

@@ -11,6 +11,7 @@ pub mod fetch_bundle;
 pub mod get_pre_key_count;
 pub mod login;
 pub mod logout;
+pub mod lookup_user;
 pub mod register;
 pub mod resume;
 pub mod send_message;
@@ -157,6 +158,7 @@ pub enum Command {
     UploadKeys(Box<upload_keys::UploadKeys>),
     GetPreKeyCount(get_pre_key_count::GetPreKeyCount),
     FetchBundle(fetch_bundle::FetchBundle),
+    LookupUser(lookup_user::LookupUser),
     SendMessage(send_message::SendMessage),
     AckMessages(ack_messages::AckMessages),
 }
@@ -215,6 +217,7 @@ impl Command {
             Request::FetchBundle(r) => {
                 Command::FetchBundle(fetch_bundle::FetchBundle::from_frame(r)?)
             }
+            Request::LookupUser(r) => Command::LookupUser(lookup_user::LookupUser::from_frame(r)?),
             Request::SendMessage(r) => {
                 Command::SendMessage(send_message::SendMessage::from_frame(r, limits)?)
             }
@@ -232,6 +235,7 @@ impl Command {
             Command::UploadKeys(c) => c.apply(ctx),
             Command::GetPreKeyCount(c) => c.apply(ctx),
             Command::FetchBundle(c) => c.apply(ctx),
+            Command::LookupUser(c) => c.apply(ctx),
             Command::SendMessage(c) => c.apply(ctx),
             Command::AckMessages(c) => c.apply(ctx),
         }

@@ -28,6 +28,7 @@ impl Resume {
             username: auth.username.to_string(),
             token: Bytes::new(),
             token_expires_at_ms: 0,
+            max_message_bytes: super::register::max_message_bytes(state),
         });
         Ok((auth, result))
     }

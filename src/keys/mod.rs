@@ -25,6 +25,7 @@ use std::fmt;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::auth::Username;
 use crate::protocol::RequestError;
 use crate::storage::{self, StorageError};
 pub use types::{
@@ -163,6 +164,29 @@ impl From<KeyError> for RequestError {
             }
         }
     }
+}
+
+/// A user as `LookupUser` shows them: no key is consumed.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub user_id: Uuid,
+    /// As registered.
+    pub username: String,
+    /// The published identity key; `None` until the user has published a
+    /// complete set of keys (what a bundle needs).
+    pub identity_key: Option<Vec<u8>>,
+}
+
+/// Looks `username` up (any letter case). `UnknownUser` when nobody has it.
+pub async fn lookup(db: &PgPool, username: &Username) -> Result<Lookup, KeyError> {
+    let row = storage::keys::lookup_user(db, username.as_ref())
+        .await?
+        .ok_or_else(|| KeyError::UnknownUser(format!("named {:?}", username.as_ref())))?;
+    Ok(Lookup {
+        user_id: row.user_id,
+        username: row.username,
+        identity_key: row.identity_key,
+    })
 }
 
 /// How many one-time keys of each kind a user has left.

@@ -48,5 +48,6 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         }
         state.send_limiter().prune();
         state.bundle_limiter().prune();
+        state.lookup_limiter().prune();
     }
 }

@@ -346,6 +346,37 @@ pub async fn fetch_bundle(
     Ok(query.fetch_optional(db).await?)
 }
 
+/// A user as `LookupUser` describes them.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LookupRow {
+    /// Who the username belongs to.
+    pub user_id: Uuid,
+    /// The username as registered (the letter case the user chose).
+    pub username: String,
+    /// The identity key, present only when the user has the complete set a
+    /// bundle needs (identity, signed pre-key, last-resort key), so that
+    /// "published" means exactly "a fetch would succeed".
+    pub identity_key: Option<Vec<u8>>,
+}
+
+/// Finds a user by username (any letter case) and their published
+/// identity, in one statement (one snapshot), touching no key. `None` when
+/// there is no such user.
+pub async fn lookup_user(db: &PgPool, username: &str) -> Result<Option<LookupRow>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT u.id AS user_id, u.username, \
+                CASE WHEN EXISTS (SELECT 1 FROM signed_pre_keys s WHERE s.user_id = u.id) \
+                      AND EXISTS (SELECT 1 FROM kyber_last_resort_keys l WHERE l.user_id = u.id) \
+                     THEN ik.identity_key END AS identity_key \
+         FROM users u \
+         LEFT JOIN identity_keys ik ON ik.user_id = u.id \
+         WHERE lower(u.username) = lower($1)",
+    )
+    .bind(username)
+    .fetch_optional(db)
+    .await?)
+}
+
 /// Whether the user exists, to tell "no such user" from "no keys".
 pub async fn user_exists(db: &PgPool, owner: Owner<'_>) -> Result<bool, StorageError> {
     let query = match owner {

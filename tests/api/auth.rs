@@ -45,6 +45,23 @@ async fn register_login_resume_logout() {
     other.resume(&login.token).await.unwrap();
 }
 
+/// Every way of authenticating states the largest message content the
+/// relay accepts, so a client can refuse an oversize message before it
+/// encrypts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_states_the_message_size_limit() {
+    let app = spawn_app_with(|c| c.limits.messaging.max_message_bytes = 5_000).await;
+    let (client, _events) = app.connect().await;
+    let registered = client.register("alice", "correct horse").await.unwrap();
+    let (other, _e) = app.connect().await;
+    let logged_in = other.login("alice", "correct horse").await.unwrap();
+    let (resumed, _e) = app.connect().await;
+    let resumed = resumed.resume(&registered.token).await.unwrap();
+    for auth in [registered, logged_in, resumed] {
+        assert_eq!(auth.max_message_bytes, 5_000, "{auth:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_beyond_the_cap_revoke_the_oldest() {
     let app = spawn_app_with(|c| c.limits.auth.max_sessions_per_user = 3).await;

@@ -2,7 +2,7 @@
 //! libsignal-generated vectors and keys signed here the libsignal way), the
 //! upload rules, counts, bundles handed out lowest-first without ever
 //! repeating a one-time key, the last-resort fallback, the pre-keys-low
-//! push and the fetch rate limit.
+//! push and the fetch rate limit; user lookups, which consume nothing.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -1011,6 +1011,9 @@ async fn key_requests_need_authentication() {
                 alice_id.as_bytes(),
             ))),
         }),
+        proto::client_frame::Request::LookupUser(proto::LookupUser {
+            username: "alice".into(),
+        }),
     ];
     for request in requests {
         let (client, mut events) = app.connect().await;
@@ -1101,4 +1104,94 @@ async fn stored_one_time_keys_are_capped_per_user() {
     };
     alice.upload_keys(replace).await.unwrap();
     assert_eq!(count(&alice).await, (150, 100));
+}
+
+/// `LookupUser` tells an unknown user from one without keys from one with
+/// keys (and which identity they published), for others and for oneself,
+/// and never consumes a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_tell_unknown_from_keyless_from_published_and_consume_nothing() {
+    let app = spawn_app().await;
+    let (bob, _e, bob_auth) = app.register(&unique("Bob")).await;
+    let (status, message) = failure(bob.lookup_user("nobody_here").await);
+    assert_eq!(status, Status::NotFound);
+    assert_eq!(message, "no user named \"nobody_here\"");
+    assert_bad_request(bob.lookup_user("no spaces allowed").await, "username");
+
+    // Registered, no keys: found, not published.
+    let (_carol, _e, carol) = app.register(&unique("Carol")).await;
+    let found = bob
+        .lookup_user(&carol.username.to_uppercase())
+        .await
+        .unwrap();
+    assert_eq!(found.user_id, carol.user_id);
+    assert_eq!(found.username, carol.username, "as registered");
+    assert_eq!(found.identity_key, None);
+
+    // Published: the identity key, and nothing taken however often asked.
+    let me = TestIdentity::generate();
+    let (alice, _e, alice_id) = user_with(&app, "alice", me.upload(7, 1..=3, 1..=3, 100)).await;
+    let alice_name = alice.who_am_i().await.unwrap().username;
+    for _ in 0..5 {
+        let found = bob.lookup_user(&alice_name).await.unwrap();
+        assert_eq!(found.user_id, alice_id);
+        assert_eq!(found.identity_key.as_deref(), Some(&me.identity_key()[..]));
+    }
+    assert_eq!(count(&alice).await, (3, 3));
+
+    // One's own account too: the identity the relay holds for it, which
+    // shows when another device replaced it.
+    let own = bob.lookup_user(&bob_auth.username).await.unwrap();
+    assert_eq!((own.user_id, own.identity_key), (bob_auth.user_id, None));
+    assert_eq!(
+        alice.lookup_user(&alice_name).await.unwrap().identity_key,
+        Some(me.identity_key().to_vec())
+    );
+    let other_device = TestIdentity::generate();
+    alice
+        .upload_keys(other_device.upload(9, [], [], 200))
+        .await
+        .unwrap();
+    assert_eq!(
+        alice.lookup_user(&alice_name).await.unwrap().identity_key,
+        Some(other_device.identity_key().to_vec())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_are_rate_limited_per_requester() {
+    let app = spawn_app_with(|config| {
+        config.limits.rates.lookup_burst = 3.0;
+        config.limits.rates.lookup_rate_per_sec = 5.0;
+    })
+    .await;
+    let (_alice, _e, alice) = app.register(&unique("alice")).await;
+    let (bob, _e, _) = app.register(&unique("bob")).await;
+    for _ in 0..3 {
+        bob.lookup_user(&alice.username).await.unwrap();
+    }
+    let retry_after = match bob.lookup_user(&alice.username).await {
+        Err(ClientError::Status {
+            status: Status::RateLimited,
+            retry_after: Some(retry_after),
+            ..
+        }) => retry_after,
+        other => panic!("expected rate limited with a retry-after, got {other:?}"),
+    };
+    assert!(
+        retry_after > Duration::ZERO && retry_after <= Duration::from_millis(200),
+        "{retry_after:?}"
+    );
+    // An unknown name costs a token too: probing names is what is limited.
+    let (carol, _e, _) = app.register(&unique("carol")).await;
+    for _ in 0..3 {
+        let (status, _) = failure(carol.lookup_user("nobody_here").await);
+        assert_eq!(status, Status::NotFound);
+    }
+    let (status, _) = failure(carol.lookup_user(&alice.username).await);
+    assert_eq!(status, Status::RateLimited);
+    // Waiting as told is enough. (This wait is the behaviour under test,
+    // not a stand-in for synchronisation.)
+    tokio::time::sleep(retry_after).await;
+    bob.lookup_user(&alice.username).await.unwrap();
 }

@@ -10,6 +10,7 @@ use signal_relay::proto::Status;
 
 use crate::ctx::Ctx;
 use crate::error::{Failure, Kind};
+use crate::keys::{self, Replace};
 use crate::net::{self, Server};
 use crate::output::Output;
 use crate::profile::{self, Account, Profile};
@@ -86,7 +87,13 @@ pub async fn register(
     Ok(())
 }
 
-pub async fn login(profile: Profile, server: Server, username: &str, out: &Output) -> Result<()> {
+pub async fn login(
+    profile: Profile,
+    server: Server,
+    username: &str,
+    replace_device: bool,
+    out: &Output,
+) -> Result<()> {
     let existing = profile.read_json::<Account>(profile::ACCOUNT)?;
     match &existing {
         Some(account) if !account.username.eq_ignore_ascii_case(username) => {
@@ -120,13 +127,84 @@ pub async fn login(profile: Profile, server: Server, username: &str, out: &Outpu
         ))
         .into());
     }
+    // One account is one device (see `keys`): does the relay hold this
+    // profile's identity for the account, or another device's?
+    let store = SignalStore::load(&profile)?;
+    let on_relay = match net::lookup(&client, &auth.username).await {
+        Ok(me) => me.identity_key,
+        Err(e) => {
+            client.close().await;
+            return Err(e.context("asking the relay which identity key it holds for the account"));
+        }
+    };
+    let ours = store
+        .as_ref()
+        .map(|s| s.identities.pair().identity_key().serialize());
+    let elsewhere = on_relay.is_some_and(|key| ours.as_deref() != Some(&key[..]));
+    if elsewhere && !replace_device {
+        // This profile will not use the session: leave none behind.
+        let _ = net::within(client.logout()).await;
+        client.close().await;
+        return Err(in_use_elsewhere(&auth.username).into());
+    }
     save_session(&profile, &server, &auth)?;
-    client.close().await;
+    let replaced = if elsewhere {
+        let published = async {
+            let account = profile.account()?;
+            let mut store = match store {
+                Some(store) => store,
+                None => SignalStore::load_or_create(&profile)?,
+            };
+            keys::publish_all(
+                &client,
+                &mut store,
+                &profile,
+                &account,
+                "replace device",
+                Replace::Allow,
+            )
+            .await
+        };
+        let published = published.await;
+        client.close().await;
+        Some(published.context("publishing this profile's keys in place of the other device's")?)
+    } else {
+        client.close().await;
+        None
+    };
     if let Some(previous) = existing.filter(|a| a.token.is_some() && a.server == server.url) {
         revoke_previous(&server, &previous, out).await;
     }
     out.registered("logged_in", auth.user_id, &auth.username, &server.url);
+    if let Some(uploaded) = replaced {
+        out.report(
+            "device_replaced",
+            json!({ "username": auth.username, "user_id": auth.user_id }),
+            &format!(
+                "This profile is now {0}'s device. The other device stops working, and \
+                 everyone who talks to {0} will see a safety-number change: ask them to \
+                 compare `relay-cli safety-number {0}` with you.",
+                auth.username
+            ),
+        );
+        out.uploaded(&uploaded);
+    }
     Ok(())
+}
+
+/// Why a login into a profile without the account's identity stops.
+fn in_use_elsewhere(user: &str) -> Failure {
+    Failure::new(
+        Kind::OtherDevice,
+        format!(
+            "{user} is in use on another device: the relay holds an identity key for {user} \
+             that this profile does not have. One account is one device, so signing in here \
+             would take the account over: the other device would stop working (it could no \
+             longer decrypt messages to {user}), and everyone who talks to {user} would see a \
+             safety-number change. Not signed in. If that is what you want (a new computer, \
+             a lost profile), run `relay-cli login {user} --replace-device`"
+        ),
+    )
 }
 
 /// Revokes the session token the profile held before this login, so that
@@ -134,7 +212,7 @@ pub async fn login(profile: Profile, server: Server, username: &str, out: &Outpu
 /// new session is already saved: a failure here only warns.
 async fn revoke_previous(server: &Server, previous: &Account, out: &Output) {
     let revoked = async {
-        let (client, _events) = net::resume(server, previous).await?;
+        let (client, _events, _) = net::resume(server, previous).await?;
         net::within(client.logout()).await
     };
     match revoked.await {
@@ -149,7 +227,7 @@ async fn revoke_previous(server: &Server, previous: &Account, out: &Output) {
 
 pub async fn logout(ctx: &mut Ctx<'_>) -> Result<()> {
     match net::resume(&ctx.server, &ctx.account).await {
-        Ok((client, _events)) => {
+        Ok((client, _events, _)) => {
             net::within(client.logout()).await.context("logging out")?;
         }
         // Already invalid on the relay: forgetting it here is all that is left.
@@ -177,7 +255,7 @@ pub async fn delete(ctx: Ctx<'_>) -> Result<()> {
         ctx.account.username
     ))?;
     // No key top-up on the way out.
-    let (client, _events) = net::resume(&ctx.server, &ctx.account).await?;
+    let (client, _events, _) = net::resume(&ctx.server, &ctx.account).await?;
     match net::within(client.delete_account(&password)).await {
         Ok(()) => {}
         Err(e) if net::status(&e) == Some(Status::Unauthorized) => {
@@ -202,7 +280,7 @@ pub async fn delete(ctx: Ctx<'_>) -> Result<()> {
 }
 
 pub async fn whoami(ctx: &mut Ctx<'_>) -> Result<()> {
-    let (client, _events) = net::resume(&ctx.server, &ctx.account).await?;
+    let (client, _events, _) = net::resume(&ctx.server, &ctx.account).await?;
     let me = net::within(client.who_am_i())
         .await
         .context("asking who we are")?;
@@ -211,16 +289,22 @@ pub async fn whoami(ctx: &mut Ctx<'_>) -> Result<()> {
         Err(e) if net::status(&e) == Some(Status::NotFound) => None,
         Err(e) => return Err(e.context("asking for the pre-key count")),
     };
+    let on_relay = net::lookup(&client, &me.username)
+        .await
+        .context("asking the relay which identity key it holds for this account")?
+        .identity_key;
     client.close().await;
     let user_id = uuid::Uuid::from_slice(&me.user_id).unwrap_or(ctx.account.user_id);
     let identity = ctx.store.identities.pair().identity_key().serialize();
+    let published = on_relay.as_deref() == Some(&identity[..]);
+    let other_device = on_relay.is_some() && !published;
     let (ec, kyber) = counts.unwrap_or((0, 0));
     ctx.out.report(
         "whoami",
         json!({
             "user_id": user_id, "username": me.username, "server": ctx.server.url,
             "profile": ctx.profile.dir(), "identity_key": STANDARD.encode(&identity),
-            "keys_published": ctx.store.uploaded(),
+            "keys_published": published, "other_device": other_device,
             "one_time_pre_keys": ec, "kyber_pre_keys": kyber,
         }),
         &format!(
@@ -230,8 +314,11 @@ pub async fn whoami(ctx: &mut Ctx<'_>) -> Result<()> {
             ctx.server.url,
             ctx.profile.dir().display(),
             hex_groups(&identity),
-            if ctx.store.uploaded() {
+            if published {
                 ""
+            } else if other_device {
+                " (of ANOTHER DEVICE: the relay holds another identity key for this account; \
+                 see `relay-cli login --help`)"
             } else {
                 " (not published yet: run `relay-cli keys`)"
             }

@@ -16,12 +16,13 @@ use std::pin::Pin;
 
 use anyhow::Result;
 use serde_json::json;
-use signal_relay::client::Client;
+use signal_relay::client::{Client, UserInfo};
 use uuid::Uuid;
 
 use super::send::{self, Prepared};
 use crate::ctx::Ctx;
-use crate::error::{self, Kind};
+use crate::error::{self, Failure, Kind};
+use crate::net;
 use crate::output::SentReport;
 use crate::receive;
 use crate::signals::Shutdown;
@@ -39,15 +40,20 @@ pub async fn run(ctx: &mut Ctx<'_>, user: &str) -> Result<()> {
     let (mut client, mut events) = ctx.connect().await?;
     // No bundle is fetched until the first line is sent, as in Signal:
     // opening a chat costs the peer no pre-key, and if the peer writes
-    // first, their pre-key message sets up the session both ways.
-    let peer = ctx.store.identities.named(user).last().copied();
-    let username = peer
-        .and_then(|p| ctx.store.identities.username(p))
-        .unwrap_or(user)
-        .to_owned();
+    // first, their pre-key message sets up the session both ways. But a
+    // chat nobody can be reached in ends before it starts, with its own
+    // exit code, rather than refusing every line.
+    let found = match reachable(ctx, &client, user).await {
+        Ok(found) => found,
+        Err(e) => {
+            client.close().await;
+            return Err(e);
+        }
+    };
+    let username = found.username;
     ctx.out.report(
         "chat",
-        json!({ "with": username, "with_id": peer }),
+        json!({ "with": username, "with_id": found.user_id }),
         &format!(
             "Chatting with {username}. Type a message and press Enter; Ctrl-D or /quit leaves."
         ),
@@ -65,6 +71,19 @@ pub async fn run(ctx: &mut Ctx<'_>, user: &str) -> Result<()> {
     input.stop(ctx.out);
     client.close().await;
     result
+}
+
+/// The user to chat with, if they can be written to: they exist, have
+/// published keys, and are not us.
+async fn reachable(ctx: &Ctx<'_>, client: &Client, user: &str) -> Result<UserInfo> {
+    let found = net::lookup(client, user).await?;
+    if found.user_id == ctx.account.user_id {
+        anyhow::bail!("{} is you; chat with someone else", found.username);
+    }
+    if found.identity_key.is_none() {
+        return Err(Failure::no_keys(&found.username).into());
+    }
+    Ok(found)
 }
 
 async fn converse(

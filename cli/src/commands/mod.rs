@@ -29,10 +29,13 @@ pub async fn run(args: Args, out: &Output) -> Result<()> {
         Command::Register { username } => {
             account::register(profile, server(None)?, &username, out).await
         }
-        Command::Login { username } => {
+        Command::Login {
+            username,
+            replace_device,
+        } => {
             let existing = profile.read_json::<Account>(profile::ACCOUNT)?;
             let server = server(existing.as_ref())?;
-            account::login(profile, server, &username, out).await
+            account::login(profile, server, &username, replace_device, out).await
         }
         Command::Trust { user } => account::trust(&mut Ctx::open(profile, &server, out)?, &user),
         Command::SafetyNumber { user } => {

@@ -18,6 +18,7 @@ pub async fn run(ctx: &mut Ctx<'_>, follow: bool) -> Result<()> {
     let mut shutdown = Shutdown::new()?;
     let (mut client, mut events) = ctx.connect().await?;
     let mut received = 0usize;
+    let mut undecryptable = 0usize;
     let mut held: BTreeMap<Uuid, Held> = BTreeMap::new();
     loop {
         let event = tokio::select! {
@@ -48,16 +49,31 @@ pub async fn run(ctx: &mut Ctx<'_>, follow: bool) -> Result<()> {
             Err(e) if follow && crate::error::classify(&e) == Kind::Unreachable => continue,
             Err(e) => return Err(e),
         };
-        received += batch
-            .entries
-            .iter()
-            .filter(|e| matches!(e, Entry::Message { .. }))
-            .count();
+        for entry in &batch.entries {
+            match entry {
+                Entry::Message { .. } => received += 1,
+                Entry::Undecryptable { .. } => undecryptable += 1,
+                Entry::Receipt { .. } => {}
+            }
+        }
         held.extend(batch.held);
         if batch.queue_empty {
             if ctx.out.json() {
-                ctx.out
-                    .report("drained", json!({ "received": received }), "");
+                ctx.out.report(
+                    "drained",
+                    json!({ "received": received, "undecryptable": undecryptable }),
+                    "",
+                );
+            } else if undecryptable > 0 {
+                ctx.out.say(&format!(
+                    "{received} message(s) received; {undecryptable} could not be decrypted \
+                     and are kept in the inbox (see above){}",
+                    if follow {
+                        "; waiting for new messages"
+                    } else {
+                        ""
+                    }
+                ));
             } else if follow {
                 ctx.out
                     .say("(caught up; waiting for new messages, Ctrl-C to stop)");

@@ -1,6 +1,6 @@
 //! `send USER TEXT`, and the two halves of sending that `chat` shares:
-//! [`prepare`] (resolve the peer, start a session if needed, encrypt; all
-//! libsignal, on this thread) and [`deliver`] (the relay round trip, which
+//! [`prepare`] (check the size, resolve the peer, start a session if
+//! needed, encrypt; all libsignal, on this thread) and [`deliver`] (the relay round trip, which
 //! chat runs alongside receiving).
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -47,6 +47,7 @@ pub async fn prepare(
     user: &str,
     text: &str,
 ) -> Result<Prepared> {
+    check_size(ctx, text)?;
     let (peer, username, started) = resolve(ctx, client, user).await?;
     let encrypted = session::encrypt(&mut ctx.store, peer, text).await?;
     ctx.store.save(&ctx.profile)?;
@@ -66,6 +67,25 @@ pub async fn prepare(
         to: username,
         session: started,
     })
+}
+
+/// Refuses a text the relay would refuse once encrypted, before anything
+/// is spent on it.
+fn check_size(ctx: &Ctx<'_>, text: &str) -> Result<()> {
+    let longest = session::max_text_len(ctx.max_message_bytes);
+    if text.len() > longest {
+        return Err(Failure::new(
+            Kind::Other,
+            format!(
+                "the message is too long: {} bytes, and this relay takes at most {longest} bytes \
+                 of text (its limit is {} bytes once encrypted); not sent",
+                text.len(),
+                ctx.max_message_bytes
+            ),
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Sends a prepared message and says what became of it.
@@ -104,53 +124,68 @@ pub async fn deliver(client: &Client, prepared: &Prepared) -> Result<SentReport>
 }
 
 /// The peer's user id and username, and how a new session started (if one
-/// had to).
+/// had to). The peer is looked up first, every time: that tells "no such
+/// user" from "no keys" before anything is encrypted or any pre-key of
+/// theirs used up, and shows when their identity changed (another device
+/// of theirs took over their account) even while our session with their
+/// old one still works: a message to that session would reach no one.
 async fn resolve(
     ctx: &mut Ctx<'_>,
     client: &Client,
     user: &str,
 ) -> Result<(Uuid, String, Option<Started>)> {
     let known = ctx.store.identities.named(user);
-    if let [peer] = known[..]
-        && ctx.store.sessions.usable(peer)
-    {
-        let name = ctx
-            .store
-            .identities
-            .username(peer)
-            .unwrap_or(user)
-            .to_owned();
-        return Ok((peer, name, None));
+    let found = net::lookup(client, user).await?;
+    let username = found.username.clone();
+    // The name now belongs to a different account than the one we know.
+    if known.iter().any(|old| *old != found.user_id) {
+        ctx.out.identity_changed(&username, found.user_id, 0, true);
+        return Err(identity_changed(&username));
     }
-    let bundle = match net::within(client.fetch_bundle_by_username(user)).await {
+    let Some(published) = &found.identity_key else {
+        return Err(Failure::no_keys(&username).into());
+    };
+    let published = IdentityKey::decode(published)
+        .context("the relay returned an invalid identity key for the user")?;
+    if ctx
+        .store
+        .identities
+        .identity_of(found.user_id)
+        .is_some_and(|trusted| trusted != published)
+    {
+        ctx.out.identity_changed(&username, found.user_id, 0, false);
+        return Err(identity_changed(&username));
+    }
+    if ctx.store.sessions.usable(found.user_id) {
+        ctx.store.identities.set_username(found.user_id, &username);
+        return Ok((found.user_id, username, None));
+    }
+    let bundle = match net::within(client.fetch_bundle(found.user_id)).await {
         Ok(bundle) => bundle,
+        // Deleted, or their keys went, since the lookup a moment ago.
         Err(e) if net::status(&e) == Some(Status::NotFound) => {
-            return Err(Failure::unknown_user(user).into());
+            return Err(e.context(format!("{username} can no longer be written to")));
         }
         Err(e) if net::status(&e) == Some(Status::RateLimited) => {
             return Err(e.context(format!(
                 "the relay limits how fast pre-key bundles may be fetched; \
-                 try again shortly to write to {user}"
+                 try again shortly to write to {username}"
             )));
         }
-        Err(e) => return Err(e.context(format!("fetching {user}'s pre-key bundle"))),
+        Err(e) => return Err(e.context(format!("fetching {username}'s pre-key bundle"))),
     };
-    let peer = Uuid::from_slice(&bundle.user_id)
-        .context("the relay returned a bundle with an invalid user id")?;
-    let username = if bundle.username.is_empty() {
-        user.to_owned()
-    } else {
-        bundle.username.clone()
-    };
-    // The name now belongs to a different account than the one we know.
-    if known.iter().any(|old| *old != peer) {
-        ctx.out.identity_changed(&username, peer, 0, true);
-        return Err(identity_changed(&username));
+    let peer = found.user_id;
+    if bundle.user_id[..] != peer.as_bytes()[..] {
+        anyhow::bail!("the relay returned a bundle of another user than {username} ({peer})");
     }
+    // Their identity may have changed between the lookup and the fetch.
     let offered = IdentityKey::decode(&bundle.identity_key)
         .context("the relay returned a bundle with an invalid identity key")?;
-    if let Some(trusted) = ctx.store.identities.identity_of(peer)
-        && trusted != offered
+    if ctx
+        .store
+        .identities
+        .identity_of(peer)
+        .is_some_and(|trusted| trusted != offered)
     {
         ctx.out.identity_changed(&username, peer, 0, false);
         return Err(identity_changed(&username));

@@ -32,6 +32,8 @@ pub const EXIT_BAD_CREDENTIALS: i32 = 4;
 pub const EXIT_UNKNOWN_USER: i32 = 5;
 pub const EXIT_IDENTITY_CHANGED: i32 = 6;
 pub const EXIT_PROFILE: i32 = 7;
+pub const EXIT_NO_KEYS: i32 = 8;
+pub const EXIT_OTHER_DEVICE: i32 = 9;
 
 /// A username unique to this run (the relay's usernames are global).
 pub fn unique(prefix: &str) -> String {
@@ -72,6 +74,13 @@ impl Done {
         let found = self.named(name);
         assert_eq!(found.len(), 1, "expected one {name:?} event in {self:#?}");
         found[0]
+    }
+
+    /// The message of the error the command ended with.
+    pub fn error_message(&self) -> &str {
+        self.one("error")["message"]
+            .as_str()
+            .expect("an error message")
     }
 
     /// The texts of the messages received, in order.
@@ -181,7 +190,12 @@ impl User {
 
     /// Runs a command that must fail with `code`.
     pub async fn fails(&self, args: &[&str], code: i32) -> Done {
-        let done = self.run(args).await;
+        self.fails_with(args, "", code).await
+    }
+
+    /// Runs a command, fed `stdin`, that must fail with `code`.
+    pub async fn fails_with(&self, args: &[&str], stdin: &str, code: i32) -> Done {
+        let done = self.run_with(args, stdin).await;
         assert_eq!(
             done.code(),
             Some(code),
@@ -364,6 +378,24 @@ pub async fn key_counts(db: &PgPool, user: Uuid) -> (i64, i64) {
         .await
         .expect("count Kyber pre-keys");
     (ec, kyber)
+}
+
+/// The identity key the relay holds for a user, if any.
+pub async fn identity_on_relay(db: &PgPool, user: Uuid) -> Option<Vec<u8>> {
+    sqlx::query_scalar("SELECT identity_key FROM identity_keys WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(db)
+        .await
+        .expect("identity key")
+}
+
+/// Live sessions (tokens) a user holds on the relay.
+pub async fn sessions(db: &PgPool, user: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(db)
+        .await
+        .expect("count sessions")
 }
 
 /// (envelope type, content) of the messages queued for a user, in order.
