@@ -48,7 +48,7 @@ use crate::storage::{self, Database, StorageError};
 use dedupe::{Begin, Dedupe};
 pub use drain::{Drain, Step};
 pub use registry::{LiveDelivery, Outbound};
-use registry::{Registry, Route};
+use registry::{Registry, Route, StoreTicket};
 use store::StoreWriter;
 pub use store::{StoreError, ToStore};
 pub use unacked::Unacked;
@@ -304,9 +304,37 @@ impl Relay {
     /// ones. A failed store leaves the sender unanswered (its request
     /// fails), so it may retry.
     pub fn hand_back(&self, held: Vec<LiveDelivery>) -> impl Future<Output = ()> + Send + 'static {
+        self.store_held(held.into_iter().map(|delivery| (delivery, None)).collect())
+    }
+
+    /// For a connection whose recipient stopped reading: switches the user
+    /// to storage until the connection has drained, and stores every live
+    /// message queued on it (`rx`, its own queue), answering their senders
+    /// as [`Relay::hand_back`] does. These were never written, so the
+    /// connection's drain delivers them from storage once its recipient
+    /// reads again; see [`Registry::divert`] for why that drain cannot pass
+    /// one before it commits.
+    pub fn divert(
+        &self,
+        presence: &Presence,
+        rx: &mut mpsc::Receiver<Outbound>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let taken = self
+            .inner
+            .registry
+            .divert(presence.user, presence.conn_id, rx);
+        self.store_held(taken)
+    }
+
+    /// Stores each held message (releasing its ticket, if any, once
+    /// committed) and answers its sender.
+    fn store_held(
+        &self,
+        held: Vec<(LiveDelivery, Option<StoreTicket>)>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let store = self.inner.store.clone();
         async move {
-            let stores = held.into_iter().map(|delivery| {
+            let stores = held.into_iter().map(|(delivery, ticket)| {
                 let store = &store;
                 async move {
                     let LiveDelivery {
@@ -315,7 +343,12 @@ impl Relay {
                     if message.ephemeral {
                         return waiter.finish(Delivery::Dropped);
                     }
-                    match store.store(ToStore::handed_back(message)).await {
+                    let order = ToStore {
+                        message,
+                        ticket,
+                        attempt: None,
+                    };
+                    match store.store(order).await {
                         Ok(Stored::Inserted | Stored::AlreadyStored) => {
                             waiter.finish(Delivery::Queued)
                         }
