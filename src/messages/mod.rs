@@ -248,6 +248,16 @@ impl Relay {
     /// Deletes the acker's stored messages among `ids` and tells each
     /// sender: live if they are online, else as a stored RECEIPT envelope.
     /// Receipts for receipts are not sent.
+    ///
+    /// The receipts that must be stored are inserted in the delete's
+    /// transaction, so the ack and its receipts commit together or not at
+    /// all. Each receipt is routed by the registry, as any message is,
+    /// between the delete and the insert: that gives it its place in the
+    /// sender's order and, when stored, a store ticket held until the
+    /// commit, so the sender's drain cannot pass it while it is on its way.
+    /// A receipt routed live goes out at once; should the commit then fail,
+    /// the ack fails, the message stays queued, and acking it again sends a
+    /// second receipt: a receipt arrives at least once.
     pub fn ack_stored(
         &self,
         acker: Uuid,
@@ -256,17 +266,21 @@ impl Relay {
     ) -> impl Future<Output = Result<StoredAcks, MessagingError>> + Send + 'static {
         let relay = self.clone();
         async move {
-            let acked = storage::messages::delete_acked(&relay.inner.db, acker, &ids)
+            let failed = |err: sqlx::Error| MessagingError::Ack(err.into());
+            let mut tx = relay.inner.db.pool().begin().await.map_err(failed)?;
+            let acked = storage::messages::delete_acked(&mut tx, acker, &ids)
                 .await
                 .map_err(MessagingError::Ack)?;
             let deleted: HashSet<Uuid> = acked.iter().map(|a| a.id).collect();
             let unknown = ids.into_iter().filter(|id| !deleted.contains(id)).collect();
             let now = envelope::now_ms();
-            let receipts = acked
+            let mut receipts = 0;
+            let stored: Vec<ToStore> = acked
                 .into_iter()
                 .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())
                 .filter_map(|a| Some((a.id, a.sender_id?)))
                 .filter_map(|(original, sender)| {
+                    receipts += 1;
                     let route = relay.inner.registry.route(sender, false, None, |seq| {
                         Message::receipt(
                             acker,
@@ -278,7 +292,6 @@ impl Relay {
                             relay.inner.receipt_ttl_ms,
                         )
                     });
-                    relay.inner.metrics.receipts.inc();
                     match route {
                         // The sender's connection stores it if they never
                         // ack it.
@@ -286,12 +299,17 @@ impl Relay {
                         Route::Store(order) => Some(order),
                     }
                 })
-                .map(|order| async {
-                    if let Err(err) = relay.inner.store.store(order).await {
-                        tracing::warn!(error = %err, "storing a delivery receipt failed");
-                    }
-                });
-            futures::future::join_all(receipts).await;
+                .collect();
+            if !stored.is_empty() {
+                let messages: Vec<&Message> = stored.iter().map(|order| &order.message).collect();
+                storage::messages::insert_receipts(&mut tx, &messages)
+                    .await
+                    .map_err(MessagingError::Ack)?;
+            }
+            tx.commit().await.map_err(failed)?;
+            // Releases the tickets: the senders' drains may read them now.
+            drop(stored);
+            relay.inner.metrics.receipts.inc_by(receipts);
             Ok(StoredAcks {
                 deleted: deleted.into_iter().collect(),
                 unknown,

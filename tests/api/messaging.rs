@@ -414,6 +414,71 @@ async fn acking_a_queued_message_sends_the_sender_a_receipt() {
     expect_queue_empty(&mut alice_events).await;
 }
 
+/// An ack and the receipts it must store commit together (issue 14: a
+/// crash between the delete and the receipt's insert lost the receipt).
+/// The database itself fails the receipt's insert, through a trigger, as a
+/// crash at that point would: the ack must fail whole, leaving the message
+/// queued, and succeed with its receipt once the database recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_and_its_stored_receipt_commit_together() {
+    let app = spawn_app().await;
+    let (alice, _alice_events, alice_id, alice_token) = online(&app, "alice").await;
+    let (bob_id, bob_token) = offline(&app, "bob").await;
+    let sent = alice.send(text(bob_id, "one")).await.unwrap();
+    assert_eq!(sent.outcome, SendOutcome::Queued);
+    // Alice offline: her receipt must be stored.
+    alice.close().await;
+    alice.closed().await;
+
+    sqlx::query(
+        "CREATE FUNCTION fail_receipts() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.envelope_type = 5 THEN RAISE EXCEPTION 'injected: receipt insert fails'; END IF; \
+           RETURN NEW; \
+         END $$",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER fail_receipts BEFORE INSERT ON messages \
+         FOR EACH ROW EXECUTE FUNCTION fail_receipts()",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let (bob, mut bob_events) = app.resume(&bob_token).await;
+    let message = next_delivery(&mut bob_events).await;
+    match bob.ack(&[id_of(&message)]).await {
+        Err(ClientError::Status {
+            status: Status::InternalError,
+            ..
+        }) => {}
+        other => panic!("the ack must fail with its receipt, got {other:?}"),
+    }
+    assert_eq!(
+        stored_count(&app, bob_id).await,
+        1,
+        "the failed ack deleted nothing"
+    );
+    assert_eq!(stored_count(&app, alice_id).await, 0);
+
+    sqlx::query("DROP TRIGGER fail_receipts ON messages")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (acked, unknown) = bob.ack(&[id_of(&message)]).await.unwrap();
+    assert_eq!((acked, unknown), (vec![id_of(&message)], vec![]));
+    assert_eq!(stored_count(&app, bob_id).await, 0);
+    // Stored before the ack answered, in its transaction.
+    assert_eq!(stored_count(&app, alice_id).await, 1);
+    let (_alice, mut alice_events) = app.resume(&alice_token).await;
+    let receipt = next_event(&mut alice_events).await;
+    assert_eq!(receipt.receipt_for(), Some(sent.message_id));
+    expect_queue_empty(&mut alice_events).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_of_foreign_or_unknown_ids_have_no_effect() {
     let app = spawn_app().await;
