@@ -92,6 +92,7 @@ pub enum SendOutcome {
 pub enum Limit {
     send,
     bundle,
+    upload_keys,
     login,
     inflight,
 }
@@ -646,7 +647,13 @@ impl Metrics {
         // Every label value exists from the start, so a dashboard sees a
         // zero rather than no series, and the hot paths find theirs made.
         let outcome = |outcome| messages.get_or_create(&OutcomeLabel { outcome }).clone();
-        for limit in [Limit::send, Limit::bundle, Limit::login, Limit::inflight] {
+        for limit in [
+            Limit::send,
+            Limit::bundle,
+            Limit::upload_keys,
+            Limit::login,
+            Limit::inflight,
+        ] {
             let _ = rate_limited.get_or_create(&LimitLabel { limit });
         }
         for op in [

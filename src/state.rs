@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, PasswordHasher};
 use crate::config::Limits;
 use crate::health::Health;
+use crate::keys::low::LowNotices;
 use crate::messages::Relay;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -36,6 +37,10 @@ struct Inner {
     send_limiter: RateLimiter,
     /// Per-requester bundle fetch rate.
     bundle_limiter: RateLimiter,
+    /// Per-user key upload rate: each upload's signature checks cost CPU.
+    upload_limiter: RateLimiter,
+    /// Who was told their pre-keys run low, so they are told once.
+    prekeys_low: LowNotices,
     /// What the server counts.
     metrics: Metrics,
     /// Whether the server is live and ready, and the database up.
@@ -84,6 +89,11 @@ impl AppState {
                 relay,
                 send_limiter: RateLimiter::new(rates.send_rate_per_sec, rates.send_burst),
                 bundle_limiter: RateLimiter::new(rates.bundle_rate_per_sec, rates.bundle_burst),
+                upload_limiter: RateLimiter::new(
+                    rates.upload_keys_rate_per_sec,
+                    rates.upload_keys_burst,
+                ),
+                prekeys_low: LowNotices::new(limits.keys.prekey_low_interval()),
                 db,
                 limits,
             }),
@@ -107,6 +117,12 @@ impl AppState {
     }
     pub fn bundle_limiter(&self) -> &RateLimiter {
         &self.inner.bundle_limiter
+    }
+    pub fn upload_limiter(&self) -> &RateLimiter {
+        &self.inner.upload_limiter
+    }
+    pub fn prekeys_low(&self) -> &LowNotices {
+        &self.inner.prekeys_low
     }
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
