@@ -404,6 +404,16 @@ pub struct RateLimits {
     /// Burst of user lookups a requester may make at once.
     #[arg(long, env = "RELAY_LOOKUP_BURST", default_value_t = 100.0)]
     pub lookup_burst: f64,
+
+    /// Key uploads a user may make per second, sustained. Each upload
+    /// verifies up to 102 signatures (about 6 ms of CPU).
+    #[arg(long, env = "RELAY_UPLOAD_KEYS_RATE", default_value_t = 1.0)]
+    pub upload_keys_rate_per_sec: f64,
+
+    /// Burst of key uploads a user may make at once: enough to fill an
+    /// empty key store 100 keys at a time.
+    #[arg(long, env = "RELAY_UPLOAD_KEYS_BURST", default_value_t = 20.0)]
+    pub upload_keys_burst: f64,
 }
 
 /// The pre-key directory.
@@ -417,6 +427,11 @@ pub struct KeyLimits {
     /// Push "pre-keys low" when a fetch leaves fewer one-time keys than this.
     #[arg(long, env = "RELAY_PREKEY_LOW_THRESHOLD", default_value_t = 10)]
     pub prekey_low_threshold: u32,
+
+    /// "Pre-keys low" is pushed once per owner until they upload keys; if
+    /// they have not after this long, the next low fetch reminds them.
+    #[arg(long, env = "RELAY_PREKEY_LOW_INTERVAL_SECS", default_value_t = 600)]
+    pub prekey_low_interval_secs: u64,
 }
 
 /// The background sweep, and how long shutdown may take.
@@ -460,6 +475,12 @@ impl MessagingLimits {
     }
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.ack_timeout_ms)
+    }
+}
+
+impl KeyLimits {
+    pub fn prekey_low_interval(&self) -> Duration {
+        Duration::from_secs(self.prekey_low_interval_secs)
     }
 }
 

@@ -93,6 +93,7 @@ pub enum Limit {
     send,
     bundle,
     lookup,
+    upload_keys,
     login,
     inflight,
 }
@@ -651,6 +652,7 @@ impl Metrics {
             Limit::send,
             Limit::bundle,
             Limit::lookup,
+            Limit::upload_keys,
             Limit::login,
             Limit::inflight,
         ] {

@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, PasswordHasher};
 use crate::config::Limits;
 use crate::health::Health;
+use crate::keys::low::LowNotices;
 use crate::messages::{ClusterLink, Relay};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -38,6 +39,10 @@ struct Inner {
     bundle_limiter: RateLimiter,
     /// Per-requester user lookup rate.
     lookup_limiter: RateLimiter,
+    /// Per-user key upload rate: each upload's signature checks cost CPU.
+    upload_limiter: RateLimiter,
+    /// Who was told their pre-keys run low, so they are told once.
+    prekeys_low: LowNotices,
     /// What the server counts.
     metrics: Metrics,
     /// Whether the server is live and ready, and the database up.
@@ -89,6 +94,11 @@ impl AppState {
                 send_limiter: RateLimiter::new(rates.send_rate_per_sec, rates.send_burst),
                 bundle_limiter: RateLimiter::new(rates.bundle_rate_per_sec, rates.bundle_burst),
                 lookup_limiter: RateLimiter::new(rates.lookup_rate_per_sec, rates.lookup_burst),
+                upload_limiter: RateLimiter::new(
+                    rates.upload_keys_rate_per_sec,
+                    rates.upload_keys_burst,
+                ),
+                prekeys_low: LowNotices::new(limits.keys.prekey_low_interval()),
                 db,
                 limits,
             }),
@@ -115,6 +125,12 @@ impl AppState {
     }
     pub fn lookup_limiter(&self) -> &RateLimiter {
         &self.inner.lookup_limiter
+    }
+    pub fn upload_limiter(&self) -> &RateLimiter {
+        &self.inner.upload_limiter
+    }
+    pub fn prekeys_low(&self) -> &LowNotices {
+        &self.inner.prekeys_low
     }
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics

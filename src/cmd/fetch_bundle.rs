@@ -1,7 +1,8 @@
 //! `FetchBundle`: another user's pre-key bundle, by user id or username,
 //! consuming one one-time key of each kind. Rate-limited per requester.
 //! When the fetch leaves the owner short of one-time keys, the owner is
-//! told with a `PreKeysLow` push (if online).
+//! told with a `PreKeysLow` push (if online), once per crossing (see
+//! [`crate::keys::low`]).
 //!
 //! Fetching one's own bundle is refused (`forbidden`): Signal allows it to
 //! reach one's *other* devices, but here one user is one device, so it
@@ -49,14 +50,18 @@ impl FetchBundle {
 }
 
 /// Pushes `PreKeysLow` to `owner` if either kind of one-time key is now
-/// below the threshold. Counted after the fetch committed, so with
-/// concurrent fetches the last one to finish sees the true, lowest count.
-/// Advisory: a failure is logged and the fetch (whose keys are already
-/// consumed) still answers.
+/// below the threshold and they were not told already (see
+/// [`crate::keys::low`]). Counted after the fetch committed. Advisory: a
+/// failure is logged and the fetch (whose keys are already consumed) still
+/// answers.
 async fn warn_if_low(state: &AppState, owner: Uuid) {
     let threshold = state.limits().keys.prekey_low_threshold;
     match keys::count(state.db(), owner).await {
         Ok(left) if left.one_time < threshold || left.kyber < threshold => {
+            let notices = state.prekeys_low();
+            if !notices.claim(owner, std::time::Instant::now()) {
+                return;
+            }
             let low = proto::PreKeysLow {
                 one_time_pre_keys: left.one_time,
                 kyber_pre_keys: left.kyber,
@@ -64,6 +69,8 @@ async fn warn_if_low(state: &AppState, owner: Uuid) {
             };
             if state.relay().push(owner, push::Event::PreKeysLow(low)) {
                 state.metrics().prekeys_low.inc();
+            } else {
+                notices.unsent(owner);
             }
         }
         Ok(_) => {}

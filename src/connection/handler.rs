@@ -16,7 +16,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
@@ -89,11 +89,10 @@ where
                 ledger.method = Some(method);
                 auth
             }
-            Err(Some(close)) => {
+            Err(close) => {
                 conn.close(close).await;
                 return None;
             }
-            Err(None) => return None,
         },
     };
     tracing::debug!(user_id = %auth.user_id, "authenticated");
@@ -101,7 +100,7 @@ where
         Ok(seat) => seat,
         Err(err) => {
             tracing::warn!(user_id = %auth.user_id, error = %err, source = ?std::error::Error::source(&err), "cannot take the user's seat");
-            conn.close(Close::CANNOT_TAKE_SESSION).await;
+            conn.close(Some(Close::CANNOT_TAKE_SESSION)).await;
             return None;
         }
     };
@@ -110,7 +109,8 @@ where
 }
 
 /// Reads requests until one authenticates the socket. `Err` carries the
-/// close, if the socket should be told why.
+/// close, if the socket should be told why; `None` answers only a close
+/// the peer sent.
 async fn authenticate<S>(
     state: &AppState,
     conn: &mut Connection<S>,
@@ -187,8 +187,10 @@ where
 
 /// Why the session loop ended.
 enum End {
-    /// The peer closed or the transport broke: nobody to tell.
+    /// The transport broke, or a write is stuck: nobody to tell.
     Gone,
+    /// The peer closed (or ended the stream): answer its close frame.
+    PeerClosed,
     /// Close with this code and reason.
     Close(Close),
 }
@@ -425,7 +427,7 @@ where
         let frame = match inbound {
             Ok(Some(Inbound::Frame(frame))) => frame,
             Ok(Some(Inbound::Heartbeat)) => return Ok(()),
-            Ok(None) => return Err(End::Gone),
+            Ok(None) => return Err(End::PeerClosed),
             Err(err) => {
                 return Err(protocol_close(&err).map_or(End::Gone, End::Close));
             }
@@ -512,7 +514,9 @@ where
                     // sequence numbers say nothing about what was read.
                     self.drain.delivered_live(delivery.message.seq);
                 }
-                let deadline = Instant::now() + self.state.limits().messaging.ack_timeout();
+                // The sender's wait runs from routing, not from this
+                // write: time spent queued behind a slow socket counts.
+                let deadline = delivery.routed_at + self.state.limits().messaging.ack_timeout();
                 self.unacked.insert(delivery, deadline);
                 self.ledger.received += 1;
                 self.write(&frame).await
@@ -604,8 +608,9 @@ where
     /// off rather than holding our buffers. A displaced connection abandons
     /// a stuck write at once, so its successor need not wait for it. Most
     /// writes complete at once (the socket has room): the write is tried
-    /// once first, and only one that must wait is boxed and gets the timer,
-    /// so this stays cheap per frame and small in the session's future.
+    /// once first, and only one that must wait is boxed, with what it must
+    /// keep doing while it waits (see [`Blocked`]), so this stays cheap per
+    /// frame and small in the session's future.
     async fn bounded<'a, W>(
         &'a mut self,
         op: impl FnOnce(&'a mut Connection<S>) -> W,
@@ -614,12 +619,16 @@ where
         W: Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>> + Unpin + 'a,
     {
         // Disjoint borrows: the write holds the connection, the rest stays
-        // readable.
+        // usable while it waits.
         let Session {
             conn,
             kick,
             auth,
             state,
+            unacked,
+            rx,
+            handoffs,
+            presence,
             ..
         } = self;
         // Scoped, so the unboxed write is no part of this future's state
@@ -632,20 +641,26 @@ where
             }
         };
         let write = match tried {
-            Ok(done) => Ok(done),
-            Err(waiting) => tokio::select! {
-                write = timeout(state.limits().connection.write_timeout(), waiting) => write,
-                _ = kick.cancelled() => return Err(End::Gone),
-            },
-        };
-        match write {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Gone),
-            Err(_) => {
-                tracing::info!(user_id = %auth.user_id, "closing a socket that stopped reading");
-                Err(End::Close(Close::STOPPED_READING))
+            Ok(done) => done,
+            Err(waiting) => {
+                let blocked = Blocked {
+                    state,
+                    unacked,
+                    rx,
+                    handoffs,
+                    presence,
+                };
+                match Box::pin(blocked.wait(waiting, kick)).await {
+                    Waited::Written(done) => done,
+                    Waited::Kicked => return Err(End::Gone),
+                    Waited::TimedOut => {
+                        tracing::info!(user_id = %auth.user_id, "closing a socket that stopped reading");
+                        return Err(End::Close(Close::STOPPED_READING));
+                    }
+                }
             }
-        }
+        };
+        write.map_err(|_| End::Gone)
     }
 
     /// Stores what we still hold while routing everything new to storage,
@@ -663,9 +678,10 @@ where
         // offline sees the metrics moved too.
         let metrics = self.state.metrics();
         metrics.connections.dec();
-        let close = match end {
-            End::Close(close) => Some(close),
-            End::Gone => None,
+        let (close, answer) = match end {
+            End::Close(close) => (Some(close), true),
+            End::PeerClosed => (None, true),
+            End::Gone => (None, false),
         };
         let code = close.as_ref().map(|c| c.code.code());
         metrics.connection_closed(code);
@@ -683,8 +699,70 @@ where
             received = self.ledger.received,
             "connection ended"
         );
-        if let Some(close) = close {
+        if answer {
             self.conn.close(close).await;
+        }
+    }
+}
+
+/// How a blocked write ended.
+enum Waited {
+    Written(Result<(), tokio_tungstenite::tungstenite::Error>),
+    /// The connection was displaced: abandon the write.
+    Kicked,
+    /// The write timeout passed: the peer stopped reading.
+    TimedOut,
+}
+
+/// What a session must keep doing while one of its writes is blocked, so
+/// that the ack timeout holds whatever the recipient's socket does: nobody
+/// else answers the senders of the live messages it holds.
+///
+/// The rule: when the write has been blocked until something the
+/// connection holds may be due (the oldest unacked deadline, or the ack
+/// timeout after the write blocked, since nothing queued was routed much
+/// before that), the recipient is taken to have stopped reading. Written
+/// messages whose ack is overdue are handed back, as ever, and from then
+/// on as they fall due; everything still queued for the connection is
+/// diverted to storage, switching the user to storage until the
+/// connection has drained (see [`crate::messages::Relay::divert`]).
+struct Blocked<'a> {
+    state: &'a AppState,
+    unacked: &'a mut Unacked,
+    rx: &'a mut mpsc::Receiver<Outbound>,
+    handoffs: &'a mut FuturesUnordered<BoxFuture<'static, ()>>,
+    presence: &'a Presence,
+}
+
+impl Blocked<'_> {
+    async fn wait<W>(self, mut write: W, kick: &CancellationToken) -> Waited
+    where
+        W: Future<Output = Result<(), tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        let blocked_at = Instant::now();
+        let give_up = blocked_at + self.state.limits().connection.write_timeout();
+        let mut divert_at = Some(blocked_at + self.state.limits().messaging.ack_timeout());
+        loop {
+            let due = match (self.unacked.next_deadline(), divert_at) {
+                (Some(oldest), Some(divert)) => Some(oldest.min(divert)),
+                (oldest, divert) => oldest.or(divert),
+            };
+            tokio::select! {
+                written = &mut write => return Waited::Written(written),
+                _ = kick.cancelled() => return Waited::Kicked,
+                _ = sleep_until(give_up) => return Waited::TimedOut,
+                _ = sleep_until(due.unwrap_or(give_up)), if due.is_some() => {
+                    let expired = self.unacked.take_expired(Instant::now());
+                    if !expired.is_empty() {
+                        self.handoffs.push(self.state.relay().hand_back(expired).boxed());
+                    }
+                    if divert_at.take().is_some() {
+                        let diverting = self.state.relay().divert(self.presence, self.rx);
+                        self.handoffs.push(diverting.boxed());
+                    }
+                }
+                Some(()) = self.handoffs.next() => {}
+            }
         }
     }
 }

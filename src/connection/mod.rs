@@ -67,8 +67,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     });
                 }
                 Some(Err(
-                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                    tungstenite::Error::ConnectionClosed
+                    | tungstenite::Error::AlreadyClosed
+                    // The TCP stream ended: nobody left to tell.
+                    | tungstenite::Error::Protocol(
+                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    ),
                 )) => return Ok(None),
+                // The peer broke the framing rules: it is told so (1002)
+                // before the socket closes, as RFC 6455 section 7.1.7 asks.
+                Some(Err(tungstenite::Error::Protocol(violation))) => {
+                    return Err(ProtocolError::Violation(violation));
+                }
+                Some(Err(tungstenite::Error::Utf8(detail))) => {
+                    return Err(ProtocolError::InvalidUtf8(detail));
+                }
                 Some(Err(err)) => return Err(ProtocolError::Transport(err)),
             };
             return match message {
@@ -76,6 +89,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     .map(|f| Some(Inbound::Frame(f)))
                     .map_err(ProtocolError::Malformed),
                 WsMessage::Text(_) => Err(ProtocolError::TextFrame),
+                // tungstenite has queued the answer (an echo, or 1002 for
+                // a close code no endpoint may send); `close(None)` sends it.
                 WsMessage::Close(_) => Ok(None),
                 WsMessage::Ping(_) => {
                     // tungstenite queued the pong; send it now.
@@ -126,18 +141,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.ws.send(WsMessage::Ping(Default::default()))
     }
 
-    /// Sends a close frame and waits briefly for the peer's, so the close is
-    /// clean when the peer is well-behaved and bounded when it is not.
-    pub async fn close(mut self, close: Close) {
-        let frame = CloseFrame {
-            code: CloseCode::from(close.code.code()),
-            reason: close.reason.into_owned().into(),
-        };
+    /// Ends the WebSocket: sends our close frame, or with `None` only what
+    /// tungstenite queued itself (the answer to the peer's close frame,
+    /// which RFC 6455 section 5.5.1 requires), then waits briefly for the
+    /// peer to finish, so the close is clean when the peer is well-behaved
+    /// and bounded when it is not.
+    pub async fn close(mut self, close: Option<Close>) {
         let closing = async {
-            if self.ws.close(Some(frame)).await.is_ok() {
+            let sent = match close {
+                Some(close) => {
+                    let frame = CloseFrame {
+                        code: CloseCode::from(close.code.code()),
+                        reason: close_reason(&close.reason).to_owned().into(),
+                    };
+                    self.ws.close(Some(frame)).await
+                }
+                None => self.ws.flush().await,
+            };
+            if sent.is_ok() {
                 while let Some(Ok(_)) = self.ws.next().await {}
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+    }
+}
+
+/// Most bytes of a close reason: a control frame carries at most 125, two
+/// of which are the code.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason`, cut at a character boundary to fit a close frame: a longer
+/// one would make the frame itself a protocol violation.
+fn close_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason;
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        assert_eq!(close_reason("short"), "short");
+        let long = "é".repeat(100);
+        let cut = close_reason(&long);
+        assert!(cut.len() <= MAX_CLOSE_REASON && cut.len() >= MAX_CLOSE_REASON - 1);
+        assert!(long.starts_with(cut));
     }
 }

@@ -4,7 +4,8 @@
 //! - [`types`] — the domain types uploads are parsed into at the edge;
 //! - [`xeddsa`] — libsignal-exact signature verification;
 //! - [`upload`] — the upload rules, applied in one transaction;
-//! - [`bundle`] — handing out a bundle, consuming one-time keys.
+//! - [`bundle`] — handing out a bundle, consuming one-time keys;
+//! - [`low`] — when to tell an owner their one-time keys run low.
 //!
 //! What the relay keeps per user: the identity key and registration id, the
 //! *current* signed pre-key only (older ones are deleted when a new one is
@@ -14,6 +15,7 @@
 //! last-resort key.
 
 pub mod bundle;
+pub mod low;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod types;

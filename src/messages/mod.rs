@@ -50,7 +50,7 @@ use crate::storage::{self, Database, StorageError};
 use dedupe::{Begin, Dedupe};
 pub use drain::{Drain, Step};
 pub use registry::{LiveDelivery, Outbound};
-use registry::{Registry, Route};
+use registry::{Registry, Route, StoreTicket};
 use store::StoreWriter;
 pub use store::{StoreError, ToStore};
 pub use unacked::Unacked;
@@ -309,6 +309,16 @@ impl Relay {
     /// Deletes the acker's stored messages among `ids` and tells each
     /// sender: live if they are online, else as a stored RECEIPT envelope.
     /// Receipts for receipts are not sent.
+    ///
+    /// The receipts that must be stored are inserted in the delete's
+    /// transaction, so the ack and its receipts commit together or not at
+    /// all. Each receipt is routed by the registry, as any message is,
+    /// between the delete and the insert: that gives it its place in the
+    /// sender's order and, when stored, a store ticket held until the
+    /// commit, so the sender's drain cannot pass it while it is on its way.
+    /// A receipt routed live goes out at once; should the commit then fail,
+    /// the ack fails, the message stays queued, and acking it again sends a
+    /// second receipt: a receipt arrives at least once.
     pub fn ack_stored(
         &self,
         acker: Uuid,
@@ -317,17 +327,21 @@ impl Relay {
     ) -> impl Future<Output = Result<StoredAcks, MessagingError>> + Send + 'static {
         let relay = self.clone();
         async move {
-            let acked = storage::messages::delete_acked(&relay.inner.db, acker, &ids)
+            let failed = |err: sqlx::Error| MessagingError::Ack(err.into());
+            let mut tx = relay.inner.db.pool().begin().await.map_err(failed)?;
+            let acked = storage::messages::delete_acked(&mut tx, acker, &ids)
                 .await
                 .map_err(MessagingError::Ack)?;
             let deleted: HashSet<Uuid> = acked.iter().map(|a| a.id).collect();
             let unknown = ids.into_iter().filter(|id| !deleted.contains(id)).collect();
             let now = envelope::now_ms();
-            let receipts = acked
+            let mut receipts = 0;
+            let stored: Vec<ToStore> = acked
                 .into_iter()
                 .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())
                 .filter_map(|a| Some((a.id, a.sender_id?)))
                 .filter_map(|(original, sender)| {
+                    receipts += 1;
                     let route = relay.inner.registry.route(sender, false, None, |seq| {
                         Message::receipt(
                             acker,
@@ -339,26 +353,31 @@ impl Relay {
                             relay.inner.receipt_ttl_ms,
                         )
                     });
-                    relay.inner.metrics.receipts.inc();
                     match route {
                         // The sender's connection stores it if they never
                         // ack it.
                         Route::Live(_) | Route::Dropped => None,
                         // Cluster mode, sender not here: their lane places
                         // it; the ack does not wait for them to ack it.
+                        // (Outside this transaction: that node's fence decides.)
                         Route::Store(order) if !order.local && relay.inner.remote.is_some() => {
                             drop(relay.store_or_forward(order));
                             None
                         }
-                        Route::Store(order) => Some(relay.store_or_forward(order)),
+                        Route::Store(order) => Some(order),
                     }
                 })
-                .map(|sending| async {
-                    if let Err(err) = sending.await {
-                        tracing::warn!(error = %err, "storing a delivery receipt failed");
-                    }
-                });
-            futures::future::join_all(receipts).await;
+                .collect();
+            if !stored.is_empty() {
+                let messages: Vec<&Message> = stored.iter().map(|order| &order.message).collect();
+                storage::messages::insert_receipts(&mut tx, &messages)
+                    .await
+                    .map_err(MessagingError::Ack)?;
+            }
+            tx.commit().await.map_err(failed)?;
+            // Releases the tickets: the senders' drains may read them now.
+            drop(stored);
+            relay.inner.metrics.receipts.inc_by(receipts);
             Ok(StoredAcks {
                 deleted: deleted.into_iter().collect(),
                 unknown,
@@ -371,9 +390,37 @@ impl Relay {
     /// ones. A failed store leaves the sender unanswered (its request
     /// fails), so it may retry.
     pub fn hand_back(&self, held: Vec<LiveDelivery>) -> impl Future<Output = ()> + Send + 'static {
+        self.store_held(held.into_iter().map(|delivery| (delivery, None)).collect())
+    }
+
+    /// For a connection whose recipient stopped reading: switches the user
+    /// to storage until the connection has drained, and stores every live
+    /// message queued on it (`rx`, its own queue), answering their senders
+    /// as [`Relay::hand_back`] does. These were never written, so the
+    /// connection's drain delivers them from storage once its recipient
+    /// reads again; see [`Registry::divert`] for why that drain cannot pass
+    /// one before it commits.
+    pub fn divert(
+        &self,
+        presence: &Presence,
+        rx: &mut mpsc::Receiver<Outbound>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let taken = self
+            .inner
+            .registry
+            .divert(presence.user, presence.conn_id, rx);
+        self.store_held(taken)
+    }
+
+    /// Stores each held message (releasing its ticket, if any, once
+    /// committed) and answers its sender.
+    fn store_held(
+        &self,
+        held: Vec<(LiveDelivery, Option<StoreTicket>)>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let store = self.inner.store.clone();
         async move {
-            let stores = held.into_iter().map(|delivery| {
+            let stores = held.into_iter().map(|(delivery, ticket)| {
                 let store = &store;
                 async move {
                     let LiveDelivery {
@@ -382,7 +429,14 @@ impl Relay {
                     if message.ephemeral {
                         return waiter.finish(Delivery::Dropped);
                     }
-                    match store.store(ToStore::handed_back(message)).await {
+                    // The recipient's connection held it here: stored here.
+                    let order = ToStore {
+                        message,
+                        ticket,
+                        attempt: None,
+                        local: true,
+                    };
+                    match store.store(order).await {
                         Ok(Stored::Inserted | Stored::AlreadyStored) => {
                             waiter.finish(Delivery::Queued)
                         }

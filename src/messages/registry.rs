@@ -288,6 +288,47 @@ impl Registry {
         }
     }
 
+    /// Switches the user to storage for `conn_id`, whose recipient stopped
+    /// reading, and takes every live message queued on the connection
+    /// (`rx`, its own queue), each non-ephemeral one with a ticket marking
+    /// it on its way to storage. As after an overflow, everything from now
+    /// on is stored until the connection has drained; the tickets keep that
+    /// drain from reading past a taken message before it commits, since
+    /// those are ahead of what it has delivered. Queued pushes are dropped:
+    /// they are advisory, as when the queue is full.
+    ///
+    /// One decision under the user's lock, which every route to the user
+    /// takes too: nothing can be queued live between emptying the queue and
+    /// the switch, and any drain bound taken after it sees every ticket.
+    pub fn divert(
+        &self,
+        user: Uuid,
+        conn_id: u64,
+        rx: &mut mpsc::Receiver<Outbound>,
+    ) -> Vec<(LiveDelivery, Option<StoreTicket>)> {
+        let mut slot = self.inner.slots.entry(user).or_insert_with(Slot::new);
+        if slot.conn.as_ref().is_some_and(|c| c.id == conn_id) {
+            slot.draining = true;
+            slot.wake.notify_one();
+        }
+        let mut taken = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            let Outbound::Deliver(delivery) = item else {
+                continue;
+            };
+            let ticket = (!delivery.message.ephemeral).then(|| {
+                slot.storing.insert(delivery.message.seq);
+                StoreTicket {
+                    registry: self.clone(),
+                    recipient: user,
+                    seq: delivery.message.seq,
+                }
+            });
+            taken.push((*delivery, ticket));
+        }
+        taken
+    }
+
     /// Removes the user's connection if it is still `conn_id`. After this
     /// returns, nothing new is routed to that connection.
     pub fn disconnect(&self, user: Uuid, conn_id: u64) {
@@ -579,6 +620,54 @@ mod tests {
             Some(new.id),
             "the old id no longer matches"
         );
+    }
+
+    #[test]
+    fn a_diverted_connection_takes_nothing_live_and_its_drain_waits_for_the_diverted() {
+        let registry = Registry::new(1, 8);
+        let user = Uuid::new_v4();
+        let (handle, mut ends) = registry.new_connection();
+        registry.connect(user, handle.clone());
+        let bound = registry.drain_bound(user);
+        assert!(registry.try_go_live(user, handle.id, bound.generation));
+        for _ in 0..2 {
+            assert!(matches!(
+                registry.route(user, false, None, |s| message(user, s)),
+                Route::Live(_)
+            ));
+        }
+        let ephemeral = |seq| Message {
+            ephemeral: true,
+            ..message(user, seq)
+        };
+        assert!(matches!(
+            registry.route(user, true, None, ephemeral),
+            Route::Live(_)
+        ));
+        assert!(registry.push(user, proto::push::Event::QueueEmpty(Default::default())));
+        let taken = registry.divert(user, handle.id, &mut ends.rx);
+        assert_eq!(taken.len(), 3, "every delivery, and no push");
+        assert!(ends.rx.try_recv().is_err(), "the queue is empty");
+        let tickets: Vec<bool> = taken.iter().map(|(_, t)| t.is_some()).collect();
+        assert_eq!(
+            tickets,
+            [true, true, false],
+            "ephemeral ones are not stored"
+        );
+        assert!(registry.is_draining(user));
+        assert!(
+            matches!(
+                registry.route(user, false, None, |s| message(user, s)),
+                Route::Store(..)
+            ),
+            "everything new is stored"
+        );
+        let first = taken[0].0.message.seq;
+        assert_eq!(registry.drain_bound(user).below, first);
+        let bound = registry.drain_bound(user);
+        assert!(!registry.try_go_live(user, handle.id, bound.generation));
+        drop(taken);
+        assert!(registry.drain_bound(user).below > first + 2);
     }
 
     #[test]

@@ -29,8 +29,9 @@ use crate::storage::messages::{self as queries, Stored};
 pub struct ToStore {
     pub message: Message,
     /// Held until the commit; see the module docs. `None` for a message
-    /// whose connection still holds the recipient's drain back itself (a
-    /// hand-off of unacked live messages).
+    /// the recipient's drain has passed already (written live, then handed
+    /// back unacked) or whose connection holds its successor's drain back
+    /// itself (everything it held when it ended).
     pub ticket: Option<StoreTicket>,
     /// Completed as `Queued` once the message is stored.
     pub attempt: Option<Attempt>,
@@ -38,18 +39,6 @@ pub struct ToStore {
     /// routed. In cluster mode a message for anyone else may belong to
     /// another node, and takes the forwarding lane rather than the writer.
     pub local: bool,
-}
-
-impl ToStore {
-    /// A message handed back by a connection: nothing to release.
-    pub fn handed_back(message: Message) -> Self {
-        ToStore {
-            message,
-            ticket: None,
-            attempt: None,
-            local: true,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

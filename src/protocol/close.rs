@@ -13,9 +13,15 @@ pub enum CloseCode {
     Normal,
     /// The server is shutting down, or the peer went silent.
     GoingAway,
+    /// The peer broke the WebSocket protocol itself (RFC 6455 section
+    /// 7.4.1): an unmasked frame, reserved bits or opcodes, a bad control
+    /// frame, a continuation with nothing to continue, a close code no
+    /// endpoint may send.
+    ProtocolError,
     /// A frame of a kind the protocol does not use (text).
     Unsupported,
-    /// A frame that does not decode as the protocol's message.
+    /// A frame that does not decode as the protocol's message, or text
+    /// (a close reason) that is not UTF-8.
     InvalidPayload,
     /// The peer broke a rule (no authentication, stopped reading).
     PolicyViolation,
@@ -37,6 +43,7 @@ impl CloseCode {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
             CloseCode::Unsupported => 1003,
             CloseCode::InvalidPayload => 1007,
             CloseCode::PolicyViolation => 1008,
@@ -112,6 +119,7 @@ mod tests {
         let all = [
             (CloseCode::Normal, 1000),
             (CloseCode::GoingAway, 1001),
+            (CloseCode::ProtocolError, 1002),
             (CloseCode::Unsupported, 1003),
             (CloseCode::InvalidPayload, 1007),
             (CloseCode::PolicyViolation, 1008),

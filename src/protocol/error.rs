@@ -24,6 +24,13 @@ pub enum ProtocolError {
     Malformed(#[source] prost::DecodeError),
     #[error("frame exceeds the {limit}-byte limit")]
     TooLarge { limit: usize },
+    /// The WebSocket framing itself is broken; see
+    /// [`CloseCode::ProtocolError`].
+    #[error("websocket protocol violation: {0}")]
+    Violation(#[source] tungstenite::error::ProtocolError),
+    /// A text payload (a close reason) that is not UTF-8.
+    #[error("invalid UTF-8: {0}")]
+    InvalidUtf8(String),
     #[error("websocket transport failed")]
     Transport(#[source] tungstenite::Error),
 }
@@ -36,6 +43,8 @@ impl ProtocolError {
             ProtocolError::TextFrame => CloseCode::Unsupported,
             ProtocolError::Malformed(_) => CloseCode::InvalidPayload,
             ProtocolError::TooLarge { .. } => CloseCode::TooBig,
+            ProtocolError::Violation(_) => CloseCode::ProtocolError,
+            ProtocolError::InvalidUtf8(_) => CloseCode::InvalidPayload,
             ProtocolError::Transport(_) => return None,
         };
         Some(Close::new(code, self.to_string()))

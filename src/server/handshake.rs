@@ -141,46 +141,14 @@ where
         Ok(Ok(None)) => return Err(UpgradeError::HeadTooLarge),
         Ok(Err(_)) | Err(_) => return Err(UpgradeError::Gone),
     };
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err(UpgradeError::Malformed),
-    }
-    let path = request.path.unwrap_or("").split('?').next().unwrap_or("");
-    let probe = Probe::from_path(path);
-    if path != WEBSOCKET_PATH && probe.is_none() {
-        return Err(UpgradeError::NotFound);
-    }
-    if request.method != Some("GET") {
-        return Err(UpgradeError::MethodNotAllowed);
-    }
-    if let Some(probe) = probe {
-        return Ok(Accepted::Probe(probe));
-    }
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
+    let (accept_key, authorization) = match parse(&head)? {
+        Requested::Probe(probe) => return Ok(Accepted::Probe(probe)),
+        Requested::Upgrade {
+            accept_key,
+            authorization,
+        } => (accept_key, authorization),
     };
-    let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let connection = header("connection").is_some_and(|v| {
-        v.split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-    });
-    if !upgrade || !connection {
-        return Err(UpgradeError::NotWebSocket);
-    }
-    if header("sec-websocket-version") != Some("13") {
-        return Err(UpgradeError::UnsupportedVersion);
-    }
-    let Some(key) = header("sec-websocket-key") else {
-        return Err(UpgradeError::MissingKey);
-    };
-    let accept_key = derive_accept_key(key.trim().as_bytes());
-    let (auth, issued_token) = match header("authorization") {
+    let (auth, issued_token) = match authorization {
         None => (None, None),
         Some(value) => {
             let credentials = HeaderCredentials::parse(value);
@@ -232,6 +200,68 @@ where
         return Err(UpgradeError::Gone);
     }
     Ok(Accepted::Upgrade(Upgrade { auth, leftover }))
+}
+
+/// What a well-formed request head asks for, before any credentials are
+/// checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requested<'h> {
+    /// A health probe.
+    Probe(Probe),
+    /// A WebSocket upgrade: the `Sec-WebSocket-Accept` value to answer,
+    /// and the `Authorization` header's value, if any.
+    Upgrade {
+        accept_key: String,
+        authorization: Option<&'h str>,
+    },
+}
+
+/// Parses a request head (as [`http::read_head`] returns it) and checks
+/// it is a WebSocket upgrade at [`WEBSOCKET_PATH`] or a probe. Pure, so it
+/// can be fuzzed without a socket (`tests/fuzz`).
+pub fn parse(head: &[u8]) -> Result<Requested<'_>, UpgradeError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(UpgradeError::Malformed),
+    }
+    let path = request.path.unwrap_or("").split('?').next().unwrap_or("");
+    let probe = Probe::from_path(path);
+    if path != WEBSOCKET_PATH && probe.is_none() {
+        return Err(UpgradeError::NotFound);
+    }
+    if request.method != Some("GET") {
+        return Err(UpgradeError::MethodNotAllowed);
+    }
+    if let Some(probe) = probe {
+        return Ok(Requested::Probe(probe));
+    }
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connection = header("connection").is_some_and(|v| {
+        v.split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    });
+    if !upgrade || !connection {
+        return Err(UpgradeError::NotWebSocket);
+    }
+    if header("sec-websocket-version") != Some("13") {
+        return Err(UpgradeError::UnsupportedVersion);
+    }
+    let Some(key) = header("sec-websocket-key") else {
+        return Err(UpgradeError::MissingKey);
+    };
+    Ok(Requested::Upgrade {
+        accept_key: derive_accept_key(key.trim().as_bytes()),
+        authorization: header("authorization"),
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The periodic sweeper: deletes expired messages and sessions in bounded
-//! batches, and forgets idle rate-limit buckets.
+//! batches, and forgets idle rate-limit buckets and stale pre-key notices.
 
 use std::time::Duration;
 
@@ -49,5 +49,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         state.send_limiter().prune();
         state.bundle_limiter().prune();
         state.lookup_limiter().prune();
+        state.upload_limiter().prune();
+        state.prekeys_low().prune(std::time::Instant::now());
     }
 }

@@ -372,9 +372,11 @@ pub struct Acked {
     pub envelope_type: i16,
 }
 
-/// Deletes those of `ids` that are the recipient's, in one statement.
+/// Deletes those of `ids` that are the recipient's, in one statement, on
+/// `conn`: the ack's transaction, which also stores their receipts (see
+/// [`insert_receipts`]).
 pub async fn delete_acked(
-    db: &PgPool,
+    conn: &mut PgConnection,
     recipient: Uuid,
     ids: &[Uuid],
 ) -> Result<Vec<Acked>, StorageError> {
@@ -392,8 +394,25 @@ pub async fn delete_acked(
     )
     .bind(recipient)
     .bind(ids)
-    .fetch_all(db)
+    .fetch_all(&mut *conn)
     .await?)
+}
+
+/// Stores delivery receipts on `conn`, inside the ack's transaction that
+/// deleted the messages they confirm, so a failure (or a crash) cannot
+/// keep the delete and lose the receipt. Always the guarded statement: a
+/// receipt whose recipient (the original sender) is gone, or that is
+/// stored already, is skipped. `store_batch`'s plain insert first would,
+/// on such a row, abort the whole transaction and the ack with it.
+pub async fn insert_receipts(
+    conn: &mut PgConnection,
+    receipts: &[&Message],
+) -> Result<(), StorageError> {
+    Columns::new(receipts)
+        .bind(sqlx::query_scalar::<_, Uuid>(GUARDED_INSERT))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Deletes up to `batch` expired messages; returns how many went.

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use signal_relay::client::{Event, Events};
 use signal_relay::proto::Envelope;
+use signal_relay::testing::TestApp;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Upper bound on any single wait, so a broken server fails the test
 /// instead of hanging it. Not a sleep: waits end as soon as the event comes.
@@ -65,4 +68,111 @@ where
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The close opcode.
+pub const CLOSE: u8 = 0x8;
+
+/// A WebSocket spoken byte by byte, for what no WebSocket library sends
+/// (protocol violations) or does (never reading).
+pub struct Raw {
+    stream: TcpStream,
+    /// Bytes read but not yet parsed into frames.
+    buffered: Vec<u8>,
+}
+
+impl Raw {
+    /// Upgrades a fresh TCP connection, authenticated with `token` if
+    /// given.
+    pub async fn upgrade(app: &TestApp, token: Option<&[u8]>) -> Raw {
+        let stream = TcpStream::connect(app.addr).await.unwrap();
+        Raw::upgrade_on(stream, token).await
+    }
+
+    /// Upgrades `stream`, authenticated with `token` if given.
+    pub async fn upgrade_on(mut stream: TcpStream, token: Option<&[u8]>) -> Raw {
+        let authorization = token.map_or_else(String::new, |token| {
+            use base64::Engine;
+            let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
+            format!("Authorization: Bearer {token}\r\n")
+        });
+        let request = format!(
+            "GET /v1/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             {authorization}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Raw {
+            stream,
+            buffered: Vec::new(),
+        };
+        let end = loop {
+            if let Some(end) = raw.buffered.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            raw.fill().await;
+        };
+        let head = String::from_utf8_lossy(&raw.buffered[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw.buffered.drain(..end);
+        raw
+    }
+
+    /// Reads more bytes; panics if the server closed first.
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+            .await
+            .expect("the server answers in time")
+            .expect("read");
+        assert!(n > 0, "the server closed the socket without a close frame");
+        self.buffered.extend_from_slice(&chunk[..n]);
+    }
+
+    /// The next server frame: opcode and payload.
+    pub async fn next_frame(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if let Some((opcode, payload, used)) = parse_frame(&self.buffered) {
+                self.buffered.drain(..used);
+                return (opcode, payload);
+            }
+            self.fill().await;
+        }
+    }
+
+    /// Skips the server's other frames (pushes) up to its close frame, and
+    /// returns the close code.
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            let (opcode, payload) = self.next_frame().await;
+            if opcode == CLOSE {
+                assert!(payload.len() >= 2, "a close frame with a code");
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+}
+
+/// One whole server frame (never masked) at the front of `bytes`: its
+/// opcode, its payload, and how many bytes it used.
+fn parse_frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    let (&first, &second) = (bytes.first()?, bytes.get(1)?);
+    assert_eq!(second & 0x80, 0, "server frames are unmasked");
+    let (len, at) = match second & 0x7f {
+        126 => (
+            u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = bytes.get(at..at + len)?.to_vec();
+    Some((first & 0x0f, payload, at + len))
 }

@@ -792,6 +792,94 @@ async fn the_owner_is_told_when_a_fetch_leaves_few_keys() {
     bob.fetch_bundle(alice_id).await.unwrap();
 }
 
+/// 100 pipelined fetches below the threshold tell the owner once, not 100
+/// times (issue 14); an upload makes the next crossing news again (see
+/// the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_low_fetches_push_pre_keys_low_once() {
+    let app = spawn_app_with(|c| c.limits.rates.bundle_burst = 1_000.0).await;
+    let me = TestIdentity::generate();
+    let (alice, mut events, alice_id) =
+        user_with(&app, "alice", me.upload(7, 1..=5, 1..=5, 1000)).await;
+    expect_queue_empty(&mut events).await;
+    let (bob, _e, _) = app.register(&unique("bob")).await;
+    let fetches = (0..100).map(|_| bob.fetch_bundle(alice_id));
+    for fetched in futures::future::join_all(fetches).await {
+        fetched.unwrap();
+    }
+    // Every push those fetches made is queued for Alice ahead of this
+    // message, so counting up to it counts them all.
+    let send = tokio::spawn({
+        let bob = bob.clone();
+        async move {
+            bob.send(signal_relay::client::Outgoing::new(
+                alice_id,
+                b"after".to_vec(),
+            ))
+            .await
+        }
+    });
+    let mut lows = 0;
+    loop {
+        match next_event(&mut events).await {
+            Event::PreKeysLow(_) => lows += 1,
+            Event::Deliver(envelope) => {
+                assert_eq!(envelope.content.as_ref(), b"after");
+                let id = Uuid::from_slice(&envelope.message_id).unwrap();
+                alice.ack(&[id]).await.unwrap();
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(lows, 1, "one push for one crossing");
+    send.await.unwrap().unwrap();
+}
+
+/// Each upload verifies up to 102 signatures: uploads are rate-limited per
+/// user, answered RATE_LIMITED with a retry hint like the other limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_uploads_are_rate_limited_per_user() {
+    let app = spawn_app_with(|config| {
+        config.limits.rates.upload_keys_burst = 2.0;
+        config.limits.rates.upload_keys_rate_per_sec = 5.0;
+    })
+    .await;
+    let me = TestIdentity::generate();
+    // The first upload is one of the two.
+    let (alice, _events, _) = user_with(&app, "alice", me.upload(7, 1..=5, 1..=5, 1000)).await;
+    let more = |ids: std::ops::RangeInclusive<u32>| proto::UploadKeys {
+        one_time_pre_keys: ids.map(one_time_pre_key).collect(),
+        ..Default::default()
+    };
+    alice.upload_keys(more(10..=14)).await.unwrap();
+    let retry_after = match alice.upload_keys(more(20..=24)).await {
+        Err(ClientError::Status {
+            status: Status::RateLimited,
+            retry_after: Some(retry_after),
+            ..
+        }) => retry_after,
+        other => panic!("expected rate limited with a retry-after, got {other:?}"),
+    };
+    assert!(
+        retry_after > Duration::ZERO && retry_after <= Duration::from_millis(200),
+        "{retry_after:?}"
+    );
+    assert_eq!(
+        count(&alice).await,
+        (10, 5),
+        "the refused upload stored nothing"
+    );
+    // Another user has a bucket of its own.
+    let other = TestIdentity::generate();
+    user_with(&app, "bob", other.upload(7, 1..=5, 1..=5, 1000)).await;
+    // Waiting as told is enough. (This wait is the behaviour under test,
+    // not a stand-in for synchronisation.)
+    tokio::time::sleep(retry_after).await;
+    alice.upload_keys(more(20..=24)).await.unwrap();
+    assert_eq!(count(&alice).await, (15, 5));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundle_fetches_are_rate_limited_per_requester() {
     let app = spawn_app_with(|config| {

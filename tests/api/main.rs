@@ -15,3 +15,4 @@ mod outage;
 mod shutdown;
 mod storage;
 mod tls;
+mod violations;

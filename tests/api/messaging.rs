@@ -3,13 +3,19 @@
 //! and slow readers. Every wait is on an event (with a timeout that fails
 //! the test), never a sleep.
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use prost::Message as _;
 use signal_relay::client::{Client, ClientError, ConnectOptions, Event, Events, Outgoing, Sent};
-use signal_relay::proto::{EnvelopeType, SendOutcome, Status};
+use signal_relay::proto::{
+    EnvelopeType, Push, SendOutcome, ServerFrame, Status, push, server_frame,
+};
 use signal_relay::testing::{TestApp, spawn_app, spawn_app_with};
 use uuid::Uuid;
 
-use crate::helpers::{WAIT, expect_queue_empty, next_delivery, next_event, wait_until};
+use crate::helpers::{Raw, WAIT, expect_queue_empty, next_delivery, next_event, wait_until};
+use tokio::time::Instant;
 
 /// Registers `name`, waits for its (empty) queue, and returns its token.
 async fn online(app: &TestApp, name: &str) -> (Client, Events, Uuid, Vec<u8>) {
@@ -408,6 +414,71 @@ async fn acking_a_queued_message_sends_the_sender_a_receipt() {
     expect_queue_empty(&mut alice_events).await;
 }
 
+/// An ack and the receipts it must store commit together (issue 14: a
+/// crash between the delete and the receipt's insert lost the receipt).
+/// The database itself fails the receipt's insert, through a trigger, as a
+/// crash at that point would: the ack must fail whole, leaving the message
+/// queued, and succeed with its receipt once the database recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_and_its_stored_receipt_commit_together() {
+    let app = spawn_app().await;
+    let (alice, _alice_events, alice_id, alice_token) = online(&app, "alice").await;
+    let (bob_id, bob_token) = offline(&app, "bob").await;
+    let sent = alice.send(text(bob_id, "one")).await.unwrap();
+    assert_eq!(sent.outcome, SendOutcome::Queued);
+    // Alice offline: her receipt must be stored.
+    alice.close().await;
+    alice.closed().await;
+
+    sqlx::query(
+        "CREATE FUNCTION fail_receipts() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.envelope_type = 5 THEN RAISE EXCEPTION 'injected: receipt insert fails'; END IF; \
+           RETURN NEW; \
+         END $$",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER fail_receipts BEFORE INSERT ON messages \
+         FOR EACH ROW EXECUTE FUNCTION fail_receipts()",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let (bob, mut bob_events) = app.resume(&bob_token).await;
+    let message = next_delivery(&mut bob_events).await;
+    match bob.ack(&[id_of(&message)]).await {
+        Err(ClientError::Status {
+            status: Status::InternalError,
+            ..
+        }) => {}
+        other => panic!("the ack must fail with its receipt, got {other:?}"),
+    }
+    assert_eq!(
+        stored_count(&app, bob_id).await,
+        1,
+        "the failed ack deleted nothing"
+    );
+    assert_eq!(stored_count(&app, alice_id).await, 0);
+
+    sqlx::query("DROP TRIGGER fail_receipts ON messages")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (acked, unknown) = bob.ack(&[id_of(&message)]).await.unwrap();
+    assert_eq!((acked, unknown), (vec![id_of(&message)], vec![]));
+    assert_eq!(stored_count(&app, bob_id).await, 0);
+    // Stored before the ack answered, in its transaction.
+    assert_eq!(stored_count(&app, alice_id).await, 1);
+    let (_alice, mut alice_events) = app.resume(&alice_token).await;
+    let receipt = next_event(&mut alice_events).await;
+    assert_eq!(receipt.receipt_for(), Some(sent.message_id));
+    expect_queue_empty(&mut alice_events).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_of_foreign_or_unknown_ids_have_no_effect() {
     let app = spawn_app().await;
@@ -586,6 +657,99 @@ async fn a_slow_reader_overflows_to_storage_and_a_stalled_one_is_closed() {
     for id in ids {
         assert!(seen.contains(&id), "message {id} was lost");
     }
+}
+
+/// A recipient that authenticates and then never reads must not hold its
+/// senders for the write timeout: once the relay's writes to it block, the
+/// ack timeout still holds (issue 14: 2,304 senders waited 20 s for the
+/// write timeout instead of 5 s). Nothing is lost: reconnecting, the
+/// recipient drains every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_that_never_reads_holds_its_senders_no_longer_than_the_ack_timeout() {
+    const ACK_TIMEOUT: Duration = Duration::from_millis(500);
+    const WRITE_TIMEOUT_SECS: u64 = 120;
+    const SENDERS: usize = 20;
+    const EACH: usize = 60;
+    let app = spawn_app_with(|c| {
+        c.limits.messaging.ack_timeout_ms = ACK_TIMEOUT.as_millis() as u64;
+        // Far beyond the test's patience: waiting for it is the bug.
+        c.limits.connection.write_timeout_secs = WRITE_TIMEOUT_SECS;
+        c.limits.connection.idle_timeout_secs = WRITE_TIMEOUT_SECS;
+    })
+    .await;
+    let (bob_id, bob_token) = offline(&app, "bob").await;
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        senders.push(online(&app, &format!("sender{i}")).await.0);
+    }
+
+    // Bob authenticates at the upgrade, reads up to his queue-empty push
+    // (from then on the relay delivers to him live), and never reads
+    // again. A small receive buffer makes the relay's writes block soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let mut bob = Raw::upgrade_on(stream, Some(&bob_token)).await;
+    loop {
+        let (_, payload) = bob.next_frame().await;
+        let frame = ServerFrame::decode(&payload[..]).expect("a server frame");
+        if let Some(server_frame::Kind::Push(Push {
+            event: Some(push::Event::QueueEmpty(_)),
+        })) = frame.kind
+        {
+            break;
+        }
+    }
+
+    // 1,200 messages of 8 KiB: far more than the socket's buffers hold.
+    let payload = Bytes::from(vec![0x5a; 8 * 1024]);
+    let sends = senders.iter().flat_map(|sender| {
+        let payload = payload.clone();
+        (0..EACH).map(move |_| {
+            let sender = sender.clone();
+            let payload = payload.clone();
+            async move {
+                let started = Instant::now();
+                let sent = sender.send(Outgoing::new(bob_id, payload)).await;
+                (sent, started.elapsed())
+            }
+        })
+    });
+    let results = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(sends))
+        .await
+        .expect("every sender is answered well before the write timeout");
+    let mut ids = std::collections::HashSet::new();
+    let mut slowest = Duration::ZERO;
+    for (sent, took) in results {
+        let sent = sent.unwrap();
+        assert_eq!(sent.outcome, SendOutcome::Queued, "bob acks nothing");
+        ids.insert(sent.message_id);
+        slowest = slowest.max(took);
+    }
+    assert_eq!(ids.len(), SENDERS * EACH);
+    // The ack timeout, plus time to store and answer on a busy host: far
+    // from the write timeout.
+    assert!(
+        slowest < ACK_TIMEOUT + Duration::from_secs(10),
+        "a sender waited {slowest:?}"
+    );
+
+    // Nothing was lost: bob reconnects (displacing his stalled socket) and
+    // drains everything.
+    let (bob_again, mut bob_events) = app.resume(&bob_token).await;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        match next_event(&mut bob_events).await {
+            Event::Deliver(envelope) => {
+                seen.insert(id_of(&envelope));
+                bob_again.ack(&[id_of(&envelope)]).await.unwrap();
+            }
+            Event::QueueEmpty => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen, ids, "every message is delivered once bob reads");
+    drop(bob);
 }
 
 /// Reconnects share the storage reader's statements (session lookups and
