@@ -5,8 +5,9 @@
 
 use std::borrow::Cow;
 
-/// The close codes the relay sends (RFC 6455 section 7.4, plus one of our
-/// own in the private 4000–4999 range); [`CloseCode::code`] is the number.
+/// The close codes the relay sends (RFC 6455 section 7.4 and the IANA
+/// registry, plus our own in the private 4000–4999 range, each an HTTP
+/// status moved there); [`CloseCode::code`] is the number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseCode {
     /// Done as asked (logout, account deleted).
@@ -23,6 +24,12 @@ pub enum CloseCode {
     TooBig,
     /// The server failed; the client may reconnect and retry.
     InternalError,
+    /// The server is at its connection limit; reconnect later.
+    TryAgainLater,
+    /// The session token this socket authenticated with expired or was
+    /// revoked (HTTP's 401 Unauthorized, moved into the private range):
+    /// authenticate again with the password; a resume would be refused.
+    SessionEnded,
     /// A newer connection of the same user took over (HTTP's 409 Conflict,
     /// moved into the private range).
     Displaced,
@@ -39,6 +46,8 @@ impl CloseCode {
             CloseCode::PolicyViolation => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::InternalError => 1011,
+            CloseCode::TryAgainLater => 1013,
+            CloseCode::SessionEnded => 4401,
             CloseCode::Displaced => 4409,
         }
     }
@@ -88,6 +97,14 @@ impl Close {
         CloseCode::PolicyViolation,
         "write timeout: the client stopped reading",
     );
+    pub const SESSION_EXPIRED: Close =
+        Close::fixed(CloseCode::SessionEnded, "session token expired");
+    pub const SESSION_REVOKED: Close =
+        Close::fixed(CloseCode::SessionEnded, "session token revoked");
+    pub const SERVER_FULL: Close = Close::fixed(
+        CloseCode::TryAgainLater,
+        "server is at its connection limit",
+    );
     pub const DRAIN_FAILED: Close = Close::fixed(
         CloseCode::InternalError,
         "internal error while reading queued messages",
@@ -109,6 +126,8 @@ mod tests {
             (CloseCode::PolicyViolation, 1008),
             (CloseCode::TooBig, 1009),
             (CloseCode::InternalError, 1011),
+            (CloseCode::TryAgainLater, 1013),
+            (CloseCode::SessionEnded, 4401),
             (CloseCode::Displaced, 4409),
         ];
         for (code, number) in all {
