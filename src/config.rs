@@ -128,7 +128,9 @@ pub struct Limits {
 /// connection handler's bounds.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionLimits {
-    /// Most WebSocket connections held at once; more get HTTP 503.
+    /// Most authenticated WebSocket connections held at once; more get
+    /// HTTP 503 (sockets not yet authenticated have their own budget,
+    /// `max_unauthenticated`).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 25_000)]
     pub max_connections: usize,
 
