@@ -8,7 +8,8 @@
 //! - The **account** bucket bounds the guesses against one account from
 //!   all addresses together, which the address bucket alone cannot (a
 //!   botnet has many addresses). Only wrong passwords count: a right one
-//!   gives its token back, so the owner's own logins never drain it.
+//!   (or a check that never ran, the server being busy) gives its token
+//!   back, so the owner's own logins never drain it.
 //!
 //! The trade-off: someone guessing an account's password keeps its bucket
 //! empty, and while they do, its owner's password logins are refused too
@@ -51,10 +52,10 @@ impl Refused {
     }
 }
 
-/// An admitted attempt: the account token it took, to give back if the
-/// password is right.
+/// An admitted attempt: the account token it took, to give back unless
+/// the password turns out wrong.
 #[derive(Debug)]
-#[must_use = "a right password gives its account token back"]
+#[must_use = "only a wrong password keeps its account token"]
 pub struct Admitted {
     account: Option<Slot>,
 }
@@ -99,15 +100,18 @@ impl PasswordLimits {
         })
     }
 
-    /// The password was right: the account's token goes back.
-    pub fn succeeded(&self, admitted: Admitted) {
+    /// The password was right, or never checked (the server was busy):
+    /// it was no guess, so the account's token goes back. The address's
+    /// stays taken.
+    pub fn not_a_guess(&self, admitted: Admitted) {
         if let Some(slot) = admitted.account {
             self.by_account.give_back(slot);
         }
     }
 
-    /// The password was wrong, or unchecked: the tokens stay taken.
-    pub fn failed(&self, admitted: Admitted) {
+    /// The password was wrong (or, registering, there is no account): the
+    /// tokens stay taken.
+    pub fn spent(&self, admitted: Admitted) {
         let _ = admitted;
     }
 }
@@ -140,7 +144,7 @@ mod tests {
         let attacker: IpAddr = "192.0.2.1".parse().unwrap();
         for user in ["a01", "a02", "a03"] {
             let admitted = limits.admit(attacker, Some(&name(user))).unwrap();
-            limits.succeeded(admitted);
+            limits.not_a_guess(admitted);
         }
         // Right passwords count against the address too: each was a hash.
         assert!(matches!(
@@ -162,14 +166,14 @@ mod tests {
         // The owner logs in again and again: never limited.
         for _ in 0..10 {
             let admitted = limits.admit(owner, Some(&name("alice"))).unwrap();
-            limits.succeeded(admitted);
+            limits.not_a_guess(admitted);
         }
         // Two wrong guesses from two addresses empty the account's bucket,
         // in any letter case, and the next attempt from anywhere waits.
         for (i, user) in ["alice", "ALICE"].iter().enumerate() {
             let from = IpAddr::from([203, 0, 113, i as u8]);
             let admitted = limits.admit(from, Some(&name(user))).unwrap();
-            limits.failed(admitted);
+            limits.spent(admitted);
         }
         let refused = limits.admit(owner, Some(&name("Alice"))).unwrap_err();
         assert!(matches!(refused, Refused::Account(_)), "{refused:?}");

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::health::Health;
@@ -156,7 +158,48 @@ pub struct Authenticator {
     health: Health,
     /// Live sessions one user may hold; issuing one more revokes the oldest.
     max_sessions: u32,
+    /// Recent `Logout{all}`s, for sockets that authenticated just before.
+    revocations: Arc<Revocations>,
 }
+
+/// When each user last revoked all their sessions (`Logout{all}`), kept for
+/// [`REVOCATION_MEMORY`]. A socket that looked its session up before the
+/// revocation but took the user's place in the registry only after the
+/// revoking socket closed whoever held it there would otherwise live on
+/// with a revoked token. The rule: the revocation is recorded after the
+/// sessions are deleted and before the user's connection is closed, and a
+/// socket checks it after taking its place; so either the close finds the
+/// socket, or the socket finds the record. One entry per user at most;
+/// pruned by the sweeper.
+#[derive(Debug, Default)]
+pub struct Revocations(DashMap<Uuid, Instant>);
+
+impl Revocations {
+    /// `user` revoked all their sessions just now.
+    pub fn record(&self, user: Uuid) {
+        self.record_at(user, Instant::now());
+    }
+
+    fn record_at(&self, user: Uuid, at: Instant) {
+        self.0.insert(user, at);
+    }
+
+    /// Whether `user` revoked all their sessions at or after `since`.
+    pub fn since(&self, user: Uuid, since: Instant) -> bool {
+        self.0.get(&user).is_some_and(|at| *at >= since)
+    }
+
+    /// Forgets revocations older than [`REVOCATION_MEMORY`] at `now`.
+    pub fn prune(&self, now: Instant) {
+        self.0
+            .retain(|_, at| now.saturating_duration_since(*at) < REVOCATION_MEMORY);
+    }
+}
+
+/// How long a `Logout{all}` is remembered: longer than any socket takes
+/// from authenticating to taking its place (the auth timeout bounds the
+/// first, the displacement grace the second).
+pub const REVOCATION_MEMORY: Duration = Duration::from_secs(300);
 
 /// How an [`Authenticator`] is set up.
 pub struct AuthSettings {
@@ -184,6 +227,7 @@ impl Authenticator {
             session_ttl: settings.session_ttl,
             max_sessions: settings.max_sessions,
             health,
+            revocations: Arc::default(),
         }
     }
 
@@ -204,9 +248,9 @@ impl Authenticator {
         })
     }
 
-    /// Checks `password` against `user`'s (a dummy hash when there is no
-    /// such user, so the answer takes as long), after the rate limits; a
-    /// right password gives its account token back.
+    /// Checks `password` against `hash` (the dummy hash when there is no
+    /// such user, so the answer takes as long), after the rate limits; only
+    /// a wrong password keeps its account token.
     async fn check_password(
         &self,
         username: &Username,
@@ -217,8 +261,8 @@ impl Authenticator {
         let admitted = self.admit(from, Some(username))?;
         let checked = self.hasher.verify(password, hash, from).await;
         match checked {
-            Ok(true) => self.limits.succeeded(admitted),
-            Ok(false) | Err(_) => self.limits.failed(admitted),
+            Ok(false) => self.limits.spent(admitted),
+            Ok(true) | Err(_) => self.limits.not_a_guess(admitted),
         }
         if matches!(checked, Err(AuthError::TooManyPending)) {
             self.metrics.rate_limited(Limit::password_queue);
@@ -242,7 +286,7 @@ impl Authenticator {
     ) -> Result<IssuedSession, AuthError> {
         self.database_up()?;
         let admitted = self.admit(from, None)?;
-        self.limits.failed(admitted);
+        self.limits.spent(admitted);
         let hash = self.hasher.hash(password, from).await.inspect_err(|err| {
             if matches!(err, AuthError::TooManyPending) {
                 self.metrics.rate_limited(Limit::password_queue);
@@ -310,8 +354,23 @@ impl Authenticator {
     }
 
     /// Revokes every session of the user; returns how many there were.
+    /// Remembered after the sessions are gone (see `revocations`), so the
+    /// caller closes the user's connection after this returns.
     pub async fn logout_all(&self, auth: &Authenticated) -> Result<u64, AuthError> {
-        Ok(storage::sessions::delete_all_for_user(&self.db, auth.user_id).await?)
+        let revoked = storage::sessions::delete_all_for_user(&self.db, auth.user_id).await?;
+        self.revocations.record(auth.user_id);
+        Ok(revoked)
+    }
+
+    /// Whether `user` revoked all their sessions at or after `since`: a
+    /// socket that began authenticating then may hold a revoked session.
+    pub fn revoked_since(&self, user: Uuid, since: Instant) -> bool {
+        self.revocations.since(user, since)
+    }
+
+    /// Forgets old revocations.
+    pub fn prune_revocations(&self) {
+        self.revocations.prune(Instant::now());
     }
 
     /// Checks `password` against the user's, for destructive operations,
@@ -361,5 +420,30 @@ impl Authenticator {
             token,
             expires_at,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revocation concerns sockets that began authenticating before it,
+    /// not after, and is forgotten after [`REVOCATION_MEMORY`].
+    #[test]
+    fn revocations_concern_earlier_sockets_and_are_forgotten() {
+        let revocations = Revocations::default();
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let before = Instant::now();
+        let at = before + Duration::from_millis(1);
+        let after = at + Duration::from_millis(1);
+        revocations.record_at(alice, at);
+        assert!(revocations.since(alice, before));
+        assert!(revocations.since(alice, at), "at the same instant too");
+        assert!(!revocations.since(alice, after), "a later socket is fine");
+        assert!(!revocations.since(bob, before), "only that user");
+        revocations.prune(at + REVOCATION_MEMORY - Duration::from_secs(1));
+        assert!(revocations.since(alice, before), "still remembered");
+        revocations.prune(at + REVOCATION_MEMORY);
+        assert!(!revocations.since(alice, before), "forgotten");
     }
 }

@@ -38,6 +38,8 @@ pub enum Entry {
         auth: Authenticated,
         method: AuthMethod,
         slot: Slot,
+        /// When the socket arrived (before its credentials were checked).
+        accepted: Instant,
     },
     /// It must authenticate with its first requests, holding this
     /// unauthenticated slot until it does.
@@ -92,13 +94,23 @@ async fn admit<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (auth, slot, early) = match entry {
-        Entry::Authenticated { auth, slot, .. } => (auth, slot, None),
+    let (auth, slot, early, since) = match entry {
+        Entry::Authenticated {
+            auth,
+            slot,
+            accepted,
+            ..
+        } => (auth, slot, None, accepted),
         Entry::Unauthenticated(ticket) => {
             match authenticate(&state, &mut conn, ledger.peer, ticket, &shutdown).await {
                 Ok(authenticated) => {
                     ledger.method = Some(authenticated.method);
-                    (authenticated.auth, authenticated.slot, authenticated.early)
+                    (
+                        authenticated.auth,
+                        authenticated.slot,
+                        authenticated.early,
+                        authenticated.since,
+                    )
                 }
                 Err(Some(close)) => {
                     conn.close(close).await;
@@ -110,6 +122,13 @@ where
     };
     tracing::debug!(user_id = %auth.user_id, "authenticated");
     let seat = state.relay().connect(auth.user_id).await;
+    // Checked once seated: a `Logout{all}` that revoked this session after
+    // it was looked up closes whatever holds the user's place after
+    // revoking, so either it closed us just now, or we see it here.
+    if state.auth().revoked_since(auth.user_id, since) {
+        let _ = seat.close_reason.set(Close::SESSION_REVOKED);
+        seat.kick.cancel();
+    }
     ledger.opened = Instant::now();
     let mut session = Session::new(state, conn, auth, seat, slot, ledger);
     session.early = early;
@@ -127,6 +146,8 @@ struct SelfAuthenticated {
     /// A frame the client sent while its authentication was being checked
     /// (pipelined), for the session to handle first.
     early: Option<Box<Read>>,
+    /// When the request that authenticated it began to be checked.
+    since: Instant,
 }
 
 /// Reads requests until one authenticates the socket, by the ticket's auth
@@ -145,6 +166,7 @@ where
     let max_failures = state.limits().auth.max_auth_attempts;
     let mut failures = 0;
     let mut early: Option<Box<Read>> = None;
+    let mut since = ticket.accepted;
     loop {
         let inbound = match early.take() {
             Some(read) => *read,
@@ -199,6 +221,7 @@ where
                 return Err(Some(Close::SERVER_FULL));
             }
             Ok(command) => {
+                since = Instant::now();
                 let applying = timeout_at(deadline, command.apply(state, peer.ip()));
                 match while_connected(conn, &mut early, applying).await {
                     // The client left: the check was withdrawn with the
@@ -225,6 +248,7 @@ where
                     method,
                     slot: ticket.authenticated(),
                     early,
+                    since,
                 });
             }
             Err(err) => {

@@ -389,6 +389,7 @@ async fn upgrade<S>(
         Some((auth, method)) => Entry::Authenticated {
             auth,
             method,
+            accepted: ticket.accepted,
             slot: ticket.authenticated(),
         },
         None => Entry::Unauthenticated(ticket),

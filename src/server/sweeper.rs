@@ -1,5 +1,5 @@
 //! The periodic sweeper: deletes expired messages and sessions in bounded
-//! batches, and forgets idle rate-limit buckets.
+//! batches, and forgets idle rate-limit buckets and old revocations.
 
 use std::time::Duration;
 
@@ -48,5 +48,6 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         }
         state.send_limiter().prune();
         state.bundle_limiter().prune();
+        state.auth().prune_revocations();
     }
 }

@@ -178,8 +178,7 @@ async fn flooded(run: &mut Run, a: &LoginArgs, accounts: &[Account]) {
     );
     let flooded_p99 = snap.latency_ms.get(&Kind::Op).map(|p| p.p99);
     run.rows.push(
-        Row::new("legit logins, under flood", "relay", Kind::Op, &snap, usage)
-            .only(&[Kind::Op]),
+        Row::new("legit logins, under flood", "relay", Kind::Op, &snap, usage).only(&[Kind::Op]),
     );
     let attempts: u64 = snap
         .counts
