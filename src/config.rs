@@ -209,7 +209,9 @@ pub struct Limits {
 /// connection handler's bounds.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionLimits {
-    /// Most WebSocket connections held at once; more get HTTP 503.
+    /// Most authenticated WebSocket connections held at once; more get
+    /// HTTP 503 (sockets not yet authenticated have their own budget,
+    /// `max_unauthenticated`).
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 25_000)]
     pub max_connections: usize,
 
@@ -241,9 +243,35 @@ pub struct ConnectionLimits {
     #[arg(long, env = "RELAY_WRITE_TIMEOUT_SECS", default_value_t = 20)]
     pub write_timeout_secs: u64,
 
-    /// Time to finish the WebSocket handshake and authenticate.
+    /// Time from a new socket's arrival to finishing its TLS handshake and
+    /// sending its whole HTTP request head; a request head still incomplete
+    /// then is answered 408. Short, because an honest client sends its
+    /// head at once, and a silent socket holds an unauthenticated slot.
+    #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+
+    /// Time from a new socket's arrival to its authentication (header or
+    /// first request), password check included.
     #[arg(long, env = "RELAY_AUTH_TIMEOUT_SECS", default_value_t = 30)]
     pub auth_timeout_secs: u64,
+
+    /// Sockets not yet authenticated held at once, on top of
+    /// `max_connections` (which counts authenticated ones): silent or slow
+    /// sockets cannot take the slots of authenticated users. More get HTTP
+    /// 503 at once.
+    #[arg(long, env = "RELAY_MAX_UNAUTHENTICATED", default_value_t = 2_048)]
+    pub max_unauthenticated: usize,
+
+    /// Sockets not yet authenticated held at once from one client address
+    /// (an IPv6 client by its /64); more get HTTP 429 at once. Generous,
+    /// for clients behind one NAT reconnecting together.
+    #[arg(
+        long,
+        env = "RELAY_MAX_UNAUTHENTICATED_PER_ADDRESS",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_unauthenticated_per_address: u32,
 
     /// Connections the kernel may hold completed but not yet accepted
     /// (listen backlog; Linux caps it at net.core.somaxconn). Too small a
@@ -364,6 +392,39 @@ pub struct AuthLimits {
     #[arg(long, env = "RELAY_ARGON2_QUEUE", default_value_t = 1024)]
     pub argon2_queue: usize,
 
+    /// Argon2 jobs one client address may have waiting; beyond this its
+    /// attempts are answered `rate limited`. Waiting jobs are served one
+    /// address at a time, round robin, so one address cannot make another
+    /// wait for more than a few hashes.
+    #[arg(long, env = "RELAY_ARGON2_QUEUE_PER_ADDRESS", default_value_t = 4)]
+    pub argon2_queue_per_address: usize,
+
+    /// Password attempts (login, register, Basic header, delete-account)
+    /// one client address may make per second, sustained. Every attempt
+    /// counts, right or wrong: each costs an Argon2 hash.
+    #[arg(long, env = "RELAY_PASSWORD_ADDRESS_RATE", default_value_t = 0.5)]
+    pub password_address_rate_per_sec: f64,
+
+    /// Burst of password attempts one client address may make at once.
+    #[arg(long, env = "RELAY_PASSWORD_ADDRESS_BURST", default_value_t = 20.0)]
+    pub password_address_burst: f64,
+
+    /// Wrong password attempts one account may take per second, sustained,
+    /// from all addresses together. A right password does not count, so
+    /// an owner waits at most 1/rate (20 s) after guessing stops.
+    #[arg(long, env = "RELAY_PASSWORD_ACCOUNT_RATE", default_value_t = 0.05)]
+    pub password_account_rate_per_sec: f64,
+
+    /// Burst of wrong password attempts one account may take at once.
+    #[arg(long, env = "RELAY_PASSWORD_ACCOUNT_BURST", default_value_t = 10.0)]
+    pub password_account_burst: f64,
+
+    /// Token buckets in each of the two password tables (by address, by
+    /// account). Fixed, so invented keys cannot grow memory (32 bytes each);
+    /// keys that share a bucket share its limit.
+    #[arg(long, env = "RELAY_PASSWORD_LIMIT_SLOTS", default_value_t = 65_536)]
+    pub password_limit_slots: usize,
+
     /// Live sessions one user may hold. A login beyond it revokes the
     /// user's oldest session, so tokens from clients that never log out do
     /// not pile up.
@@ -466,6 +527,9 @@ impl ConnectionLimits {
     }
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_secs(self.auth_timeout_secs)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
     }
 }
 

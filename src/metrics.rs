@@ -94,7 +94,12 @@ pub enum Limit {
     bundle,
     lookup,
     upload_keys,
-    login,
+    /// Password attempts from one client address.
+    password_address,
+    /// Wrong passwords against one account.
+    password_account,
+    /// One address's share of the Argon2 queue is waiting already.
+    password_queue,
     inflight,
 }
 
@@ -363,6 +368,10 @@ type Source = Box<dyn Fn() -> i64 + Send + Sync>;
 struct Sampled {
     store_queue: OnceLock<Source>,
     argon2_queue: OnceLock<Source>,
+    /// Password checks skipped because their requester had gone.
+    argon2_abandoned: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// Sockets not yet authenticated.
+    unauthenticated: OnceLock<Source>,
     /// (idle, busy) pool connections.
     pool: OnceLock<Box<dyn Fn() -> (i64, i64) + Send + Sync>>,
 }
@@ -396,6 +405,19 @@ impl Collector for SampledCollector {
             "relay_argon2_queue_depth",
             "Password checks waiting for an Argon2 worker",
             read(&sampled.argon2_queue),
+        )?;
+        let abandoned = ConstCounter::new(sampled.argon2_abandoned.get().map_or(0, |f| f()));
+        abandoned.encode(encoder.encode_descriptor(
+            "relay_argon2_abandoned",
+            "Password checks skipped because their socket had closed",
+            None,
+            abandoned.metric_type(),
+        )?)?;
+        gauge(
+            &mut encoder,
+            "relay_connections_unauthenticated",
+            "Sockets open now that have not authenticated yet",
+            read(&sampled.unauthenticated),
         )?;
         let (idle, busy) = sampled.pool.get().map_or((0, 0), |f| f());
         let mut family = encoder.encode_descriptor(
@@ -653,7 +675,9 @@ impl Metrics {
             Limit::bundle,
             Limit::lookup,
             Limit::upload_keys,
-            Limit::login,
+            Limit::password_address,
+            Limit::password_account,
+            Limit::password_queue,
             Limit::inflight,
         ] {
             let _ = rate_limited.get_or_create(&LimitLabel { limit });
@@ -745,6 +769,16 @@ impl Metrics {
     /// Where `relay_argon2_queue_depth` is read from.
     pub fn sample_argon2_queue(&self, source: impl Fn() -> i64 + Send + Sync + 'static) {
         let _ = self.sampled.argon2_queue.set(Box::new(source));
+    }
+
+    /// Where `relay_argon2_abandoned_total` is read from.
+    pub fn sample_argon2_abandoned(&self, source: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.sampled.argon2_abandoned.set(Box::new(source));
+    }
+
+    /// Where `relay_connections_unauthenticated` is read from.
+    pub fn sample_unauthenticated(&self, source: impl Fn() -> i64 + Send + Sync + 'static) {
+        let _ = self.sampled.unauthenticated.set(Box::new(source));
     }
 
     /// Where `relay_db_pool_connections` is read from: (idle, busy).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Authenticator, PasswordHasher};
+use crate::auth::{AuthSettings, Authenticator, PasswordHasher, PasswordLimits};
 use crate::config::Limits;
 use crate::health::Health;
 use crate::keys::low::LowNotices;
@@ -71,8 +71,13 @@ impl AppState {
             &metrics,
         )
         .await?;
-        let hasher = PasswordHasher::new(limits.auth.argon2_concurrency, limits.auth.argon2_queue);
+        let hasher = PasswordHasher::new(
+            limits.auth.argon2_concurrency,
+            limits.auth.argon2_queue,
+            limits.auth.argon2_queue_per_address,
+        );
         metrics.sample_argon2_queue(hasher.depth_reader());
+        metrics.sample_argon2_abandoned(hasher.abandoned_reader());
         let pool = db.pool().clone();
         metrics.sample_pool(move || {
             let idle = pool.num_idle() as i64;
@@ -84,9 +89,13 @@ impl AppState {
                 auth: Authenticator::new(
                     db.clone(),
                     hasher,
-                    limits.auth.session_ttl(),
+                    AuthSettings {
+                        session_ttl: limits.auth.session_ttl(),
+                        max_sessions: limits.auth.max_sessions_per_user,
+                        limits: PasswordLimits::new(&limits.auth),
+                    },
                     health.clone(),
-                    limits.auth.max_sessions_per_user,
+                    metrics.clone(),
                 ),
                 metrics,
                 health,

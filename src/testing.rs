@@ -85,6 +85,18 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let mut config = Config::for_tests(&url);
     // Tests create many users; keep Argon2 from serializing them all.
     config.limits.auth.argon2_concurrency = 4;
+    // Every test client connects from 127.0.0.1, and a test registers and
+    // logs in far faster than a person: the per-address limits (password
+    // attempts, its share of the Argon2 queue, sockets not yet
+    // authenticated) are raised, as the bench raises its rate limits.
+    // Tests of those limits set their own.
+    let auth = &mut config.limits.auth;
+    auth.password_address_rate_per_sec = 1e9;
+    auth.password_address_burst = 1e9;
+    auth.argon2_queue_per_address = auth.argon2_queue;
+    let connection = &mut config.limits.connection;
+    connection.max_unauthenticated_per_address =
+        u32::try_from(connection.max_unauthenticated).unwrap_or(u32::MAX);
     adjust(&mut config);
     spawn_on(config, db_name).await
 }

@@ -27,8 +27,9 @@ pub async fn accounts(db: &PgPool, prefix: &str, count: usize) -> anyhow::Result
     if count == 0 {
         return Ok(Vec::new());
     }
-    let hash = PasswordHasher::new(1, 1)
-        .hash(Password::parse(PASSWORD.to_owned()).map_err(|e| anyhow::anyhow!("{e:?}"))?)
+    let password = Password::parse(PASSWORD.to_owned()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let hash = PasswordHasher::new(1, 1, 1)
+        .hash(password, std::net::Ipv4Addr::LOCALHOST.into())
         .await?;
     let expires = chrono::Utc::now() + chrono::Duration::days(7);
     let run = &Uuid::new_v4().simple().to_string()[..6];

@@ -348,8 +348,18 @@ impl Client {
         })
     }
 
+    /// Revokes this socket's session token; the server then closes it.
     pub async fn logout(&self) -> Result<(), ClientError> {
-        self.request(Request::Logout(proto::Logout {})).await?;
+        self.request(Request::Logout(proto::Logout { all: false }))
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes every session token of the user, closing their other
+    /// sockets too; the server then closes this one.
+    pub async fn logout_all(&self) -> Result<(), ClientError> {
+        self.request(Request::Logout(proto::Logout { all: true }))
+            .await?;
         Ok(())
     }
 

@@ -21,11 +21,12 @@ impl DeleteAccount {
 
     pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
         let state = ctx.state.clone();
-        let user_id = ctx.auth.user_id;
+        let (auth, peer) = (ctx.auth.clone(), ctx.peer);
+        let user_id = auth.user_id;
         async move {
             state
                 .auth()
-                .confirm_password(user_id, self.password)
+                .confirm_password(&auth, self.password, peer)
                 .await?;
             storage::users::delete(state.db(), user_id)
                 .await

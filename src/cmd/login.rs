@@ -1,5 +1,7 @@
 //! `Login`: authenticate with a password and get a new session token.
 
+use std::net::IpAddr;
+
 use super::register::session_result;
 use crate::auth::{Authenticated, Password, Username};
 use crate::protocol::RequestError;
@@ -25,8 +27,12 @@ impl Login {
     pub async fn apply(
         self,
         state: &AppState,
+        from: IpAddr,
     ) -> Result<(Authenticated, response::Result), RequestError> {
-        let issued = state.auth().login(self.username, self.password).await?;
+        let issued = state
+            .auth()
+            .login(self.username, self.password, from)
+            .await?;
         Ok(session_result(issued, state))
     }
 }

@@ -18,6 +18,8 @@ pub mod send_message;
 pub mod upload_keys;
 pub mod who_am_i;
 
+use std::net::IpAddr;
+
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
@@ -62,13 +64,15 @@ impl AuthCommand {
         }))
     }
 
+    /// Authenticates a socket from client address `from`.
     pub async fn apply(
         self,
         state: &AppState,
+        from: IpAddr,
     ) -> Result<(Authenticated, response::Result), RequestError> {
         match self {
-            AuthCommand::Register(c) => c.apply(state).await,
-            AuthCommand::Login(c) => c.apply(state).await,
+            AuthCommand::Register(c) => c.apply(state, from).await,
+            AuthCommand::Login(c) => c.apply(state, from).await,
             AuthCommand::Resume(c) => c.apply(state).await,
         }
     }
@@ -191,6 +195,11 @@ pub fn ready(result: Result<Done, RequestError>) -> Reply {
 pub struct Ctx<'a> {
     pub state: &'a AppState,
     pub auth: &'a Authenticated,
+    /// The client's address, for the limits on password checks.
+    pub peer: IpAddr,
+    /// This connection, told apart from the user's others (`Logout{all}`
+    /// closes those).
+    pub conn_id: u64,
     /// This connection's live messages awaiting ack.
     pub unacked: &'a mut Unacked,
 }

@@ -1,5 +1,7 @@
 //! `Register`: create a user and authenticate the socket.
 
+use std::net::IpAddr;
+
 use bytes::Bytes;
 
 use crate::auth::{Authenticated, IssuedSession, Password, Username};
@@ -23,8 +25,12 @@ impl Register {
     pub async fn apply(
         self,
         state: &AppState,
+        from: IpAddr,
     ) -> Result<(Authenticated, response::Result), RequestError> {
-        let issued = state.auth().register(self.username, self.password).await?;
+        let issued = state
+            .auth()
+            .register(self.username, self.password, from)
+            .await?;
         Ok(session_result(issued, state))
     }
 }

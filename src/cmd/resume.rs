@@ -27,7 +27,7 @@ impl Resume {
             user_id: Bytes::copy_from_slice(auth.user_id.as_bytes()),
             username: auth.username.to_string(),
             token: Bytes::new(),
-            token_expires_at_ms: 0,
+            token_expires_at_ms: auth.expires_at.timestamp_millis(),
             max_message_bytes: super::register::max_message_bytes(state),
         });
         Ok((auth, result))

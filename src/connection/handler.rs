@@ -20,6 +20,7 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use super::slots::{Slot, Ticket};
 use super::{Connection, Inbound};
 use crate::auth::{self, Authenticated};
 use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Reply};
@@ -30,8 +31,22 @@ use crate::protocol::proto::{ServerFrame, push};
 use crate::protocol::{self, Close, ProtocolError, RequestError};
 use crate::state::AppState;
 
-/// Serves one upgraded socket from `peer` to the end. `pre_auth` is set
-/// when the upgrade request carried valid credentials.
+/// How a socket arrives at the handler.
+pub enum Entry {
+    /// Its upgrade request authenticated it (`Authorization` header).
+    Authenticated {
+        auth: Authenticated,
+        method: AuthMethod,
+        slot: Slot,
+        /// When the socket arrived (before its credentials were checked).
+        accepted: Instant,
+    },
+    /// It must authenticate with its first requests, holding this
+    /// unauthenticated slot until it does.
+    Unauthenticated(Ticket),
+}
+
+/// Serves one upgraded socket from `peer` to the end.
 ///
 /// Two phases, chained so that they share the future's memory rather than
 /// add up: admission (authentication, taking the user's seat), boxed
@@ -42,7 +57,7 @@ use crate::state::AppState;
 pub fn serve<S>(
     state: AppState,
     ws: WebSocketStream<S>,
-    pre_auth: Option<(Authenticated, AuthMethod)>,
+    entry: Entry,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send
@@ -52,18 +67,15 @@ where
     let conn = Connection::new(ws, state.limits().connection.max_frame_bytes);
     let ledger = Box::new(Ledger {
         peer,
-        method: pre_auth.as_ref().map(|(_, method)| *method),
+        method: match &entry {
+            Entry::Authenticated { method, .. } => Some(*method),
+            Entry::Unauthenticated(_) => None,
+        },
         opened: Instant::now(),
         sent: 0,
         received: 0,
     });
-    let admission = Box::pin(admit(
-        state,
-        conn,
-        pre_auth.map(|(auth, _)| auth),
-        ledger,
-        shutdown.clone(),
-    ));
+    let admission = Box::pin(admit(state, conn, entry, ledger, shutdown.clone()));
     admission.then(|admitted| match admitted {
         Some(session) => Either::Left(session.run(shutdown)),
         None => Either::Right(std::future::ready(())),
@@ -75,25 +87,38 @@ where
 async fn admit<S>(
     state: AppState,
     mut conn: Connection<S>,
-    pre_auth: Option<Authenticated>,
+    entry: Entry,
     mut ledger: Box<Ledger>,
     shutdown: CancellationToken,
 ) -> Option<Session<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let auth = match pre_auth {
-        Some(auth) => auth,
-        None => match authenticate(&state, &mut conn, ledger.peer, &shutdown).await {
-            Ok((auth, method)) => {
-                ledger.method = Some(method);
-                auth
+    let (auth, slot, early, since) = match entry {
+        Entry::Authenticated {
+            auth,
+            slot,
+            accepted,
+            ..
+        } => (auth, slot, None, accepted),
+        Entry::Unauthenticated(ticket) => {
+            match authenticate(&state, &mut conn, ledger.peer, ticket, &shutdown).await {
+                Ok(authenticated) => {
+                    ledger.method = Some(authenticated.method);
+                    (
+                        authenticated.auth,
+                        authenticated.slot,
+                        authenticated.early,
+                        authenticated.since,
+                    )
+                }
+                Err(Some(close)) => {
+                    conn.close(Some(close)).await;
+                    return None;
+                }
+                Err(None) => return None,
             }
-            Err(close) => {
-                conn.close(close).await;
-                return None;
-            }
-        },
+        }
     };
     tracing::debug!(user_id = %auth.user_id, "authenticated");
     let seat = match state.relay().connect(auth.user_id).await {
@@ -104,31 +129,60 @@ where
             return None;
         }
     };
+    // Checked once seated: a `Logout{all}` that revoked this session after
+    // it was looked up closes whatever holds the user's place after
+    // revoking, so either it closed us just now, or we see it here.
+    if state.auth().revoked_since(auth.user_id, since) {
+        let _ = seat.close_reason.set(Close::SESSION_REVOKED);
+        seat.kick.cancel();
+    }
     ledger.opened = Instant::now();
-    Some(Session::new(state, conn, auth, seat, ledger))
+    let mut session = Session::new(state, conn, auth, seat, slot, ledger);
+    session.early = early;
+    Some(session)
 }
 
-/// Reads requests until one authenticates the socket. `Err` carries the
-/// close, if the socket should be told why; `None` answers only a close
-/// the peer sent.
+/// What a socket read. Boxed where it is kept: it is large, and rare.
+type Read = Result<Option<Inbound>, ProtocolError>;
+
+/// A socket that authenticated on its own.
+struct SelfAuthenticated {
+    auth: Authenticated,
+    method: AuthMethod,
+    slot: Slot,
+    /// A frame the client sent while its authentication was being checked
+    /// (pipelined), for the session to handle first.
+    early: Option<Box<Read>>,
+    /// When the request that authenticated it began to be checked.
+    since: Instant,
+}
+
+/// Reads requests until one authenticates the socket, by the ticket's auth
+/// deadline. `Err` carries the close, if the socket should be told why.
 async fn authenticate<S>(
     state: &AppState,
     conn: &mut Connection<S>,
     peer: SocketAddr,
+    mut ticket: Ticket,
     shutdown: &CancellationToken,
-) -> Result<(Authenticated, AuthMethod), Option<Close>>
+) -> Result<SelfAuthenticated, Option<Close>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = Instant::now() + state.limits().connection.auth_timeout();
+    let deadline = ticket.accepted + state.limits().connection.auth_timeout();
     let max_failures = state.limits().auth.max_auth_attempts;
     let mut failures = 0;
+    let mut early: Option<Box<Read>> = None;
+    let mut since = ticket.accepted;
     loop {
-        let inbound = tokio::select! {
-            _ = shutdown.cancelled() => return Err(Some(Close::SHUTTING_DOWN)),
-            read = timeout_at(deadline, conn.read()) => match read {
-                Err(_) => return Err(Some(Close::AUTH_TIMEOUT)),
-                Ok(read) => read,
+        let inbound = match early.take() {
+            Some(read) => *read,
+            None => tokio::select! {
+                _ = shutdown.cancelled() => return Err(Some(Close::SHUTTING_DOWN)),
+                read = timeout_at(deadline, conn.read()) => match read {
+                    Err(_) => return Err(Some(Close::AUTH_TIMEOUT)),
+                    Ok(read) => read,
+                },
             },
         };
         let frame = match inbound {
@@ -156,7 +210,34 @@ where
             Some(Err(err)) => Err(err),
         };
         let outcome = match command {
-            Ok(command) => command.apply(state).await,
+            // Only a socket that will have a place once authenticated
+            // costs a password check or a lookup.
+            Ok(_) if !ticket.reserve() => {
+                let err = RequestError::Unavailable(Close::SERVER_FULL.reason.to_string());
+                if let Some(method) = method {
+                    let result = Err(&err);
+                    auth::record_attempt(
+                        state.metrics(),
+                        method,
+                        username.as_deref(),
+                        peer,
+                        result,
+                    );
+                }
+                let _ = conn.send(&protocol::error(request_id, &err)).await;
+                return Err(Some(Close::SERVER_FULL));
+            }
+            Ok(command) => {
+                since = Instant::now();
+                let applying = timeout_at(deadline, command.apply(state, peer.ip()));
+                match while_connected(conn, &mut early, applying).await {
+                    // The client left: the check was withdrawn with the
+                    // future (a queued password check is skipped).
+                    None => return Err(None),
+                    Some(Err(_)) => return Err(Some(Close::AUTH_TIMEOUT)),
+                    Some(Ok(outcome)) => outcome,
+                }
+            }
             Err(err) => Err(err),
         };
         if let Some(method) = method {
@@ -169,9 +250,16 @@ where
                     return Err(None);
                 }
                 let method = method.expect("only authentication requests authenticate");
-                return Ok((auth, method));
+                return Ok(SelfAuthenticated {
+                    auth,
+                    method,
+                    slot: ticket.authenticated(),
+                    early,
+                    since,
+                });
             }
             Err(err) => {
+                ticket.unreserve();
                 log_request_error("authenticate", &err);
                 if conn.send(&protocol::error(request_id, &err)).await.is_err() {
                     return Err(None);
@@ -183,6 +271,33 @@ where
             }
         }
     }
+}
+
+/// Runs `work` while watching the socket: `None` if the peer leaves first,
+/// and `work` is dropped unfinished. A frame read meanwhile (the client
+/// pipelined it) is kept in `early`, and watching stops there: the socket
+/// is not read further until it has been handled.
+async fn while_connected<S, F>(
+    conn: &mut Connection<S>,
+    early: &mut Option<Box<Read>>,
+    work: F,
+) -> Option<F::Output>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Future,
+{
+    let mut work = pin!(work);
+    while early.is_none() {
+        tokio::select! {
+            done = &mut work => return Some(done),
+            read = conn.read() => match read {
+                Ok(Some(Inbound::Heartbeat)) => {}
+                Ok(None) | Err(ProtocolError::Transport(_)) => return None,
+                other => *early = Some(Box::new(other)),
+            },
+        }
+    }
+    Some(work.await)
 }
 
 /// Why the session loop ended.
@@ -269,6 +384,12 @@ struct Session<S> {
     unflushed: bool,
     /// For the closing log line.
     ledger: Box<Ledger>,
+    /// When the session token expires: the socket closes then.
+    expires: Instant,
+    /// A frame read while authenticating, handled before any other.
+    early: Option<Box<Read>>,
+    /// This socket's place among the authenticated; given back at the end.
+    _slot: Slot,
 }
 
 impl<S> Session<S>
@@ -280,12 +401,14 @@ where
         conn: Connection<S>,
         auth: Authenticated,
         seat: Seat,
+        slot: Slot,
         ledger: Box<Ledger>,
     ) -> Self {
         let metrics = state.metrics();
         metrics.connections.inc();
         metrics.connections_opened.inc();
         let now = Instant::now();
+        let expires = expiry_instant(auth.expires_at, now);
         let messaging = &state.limits().messaging;
         Session {
             drain: seat.drain,
@@ -302,6 +425,9 @@ where
             heard: false,
             last_heard: now,
             unflushed: false,
+            expires,
+            early: None,
+            _slot: slot,
             state,
         }
     }
@@ -324,12 +450,19 @@ where
         let mut shutting_down = pin!(shutdown.cancelled());
         let mut kicked = pin!(kick.cancelled());
         let ping_every = ping_interval(idle_timeout);
-        let mut ping = pin!(sleep_until(Instant::now() + ping_every));
+        // The heartbeat timer also fires when the session token expires.
+        let next_tick = |expires: Instant| (Instant::now() + ping_every).min(expires);
+        let mut ping = pin!(sleep_until(next_tick(self.expires)));
         // Armed at the oldest unacked deadline. Acks only move that deadline
         // later, so the timer is left as it is and may fire early, finding
         // nothing due; it is re-armed after firing.
         let mut ack_timer = pin!(sleep_until(Instant::now()));
         let mut ack_armed = false;
+        if let Some(early) = self.early.take()
+            && let Err(end) = self.on_inbound(*early).await
+        {
+            return end;
+        }
         loop {
             if self.drain.wanted() {
                 // Live messages queued before the switch to storage are older
@@ -367,7 +500,10 @@ where
                 }
                 Some(()) = self.handoffs.next() => Ok(()),
                 _ = &mut ping => {
-                    ping.as_mut().reset(Instant::now() + ping_every);
+                    if Instant::now() >= self.expires {
+                        return End::Close(Close::SESSION_EXPIRED);
+                    }
+                    ping.as_mut().reset(next_tick(self.expires));
                     self.heartbeat(idle_timeout).await
                 }
             };
@@ -456,6 +592,8 @@ where
                 let mut ctx = Ctx {
                     state: &self.state,
                     auth: &self.auth,
+                    peer: self.ledger.peer.ip(),
+                    conn_id: self.presence.conn_id(),
                     unacked: &mut self.unacked,
                 };
                 let mut reply = command.apply(&mut ctx);
@@ -767,6 +905,18 @@ impl Blocked<'_> {
     }
 }
 
+/// The instant a session token expiring at `expires_at` (wall clock)
+/// expires on the monotonic clock, seen from `now`.
+fn expiry_instant(expires_at: chrono::DateTime<chrono::Utc>, now: Instant) -> Instant {
+    // Past expiry: at once. Beyond any sane lifetime: a century, which
+    // cannot overflow the clock.
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let left = (expires_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    now + left.min(CENTURY)
+}
+
 fn ping_interval(idle_timeout: Duration) -> Duration {
     (idle_timeout / 3).max(Duration::from_millis(100))
 }
@@ -791,13 +941,7 @@ mod tests {
 
     fn returned_size<F, Fut>(_: &F) -> usize
     where
-        F: FnOnce(
-            AppState,
-            WebSocketStream<Plain>,
-            Option<(Authenticated, AuthMethod)>,
-            SocketAddr,
-            CancellationToken,
-        ) -> Fut,
+        F: FnOnce(AppState, WebSocketStream<Plain>, Entry, SocketAddr, CancellationToken) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

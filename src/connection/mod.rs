@@ -1,9 +1,11 @@
 //! One client's WebSocket: [`Connection`] turns WebSocket messages into
 //! protocol frames and back, and [`handler`] runs the connection's life:
-//! authentication, then the session loop.
+//! authentication, then the session loop; [`slots`] are the budgets of
+//! unauthenticated and authenticated sockets it moves between.
 
 pub mod handler;
 pub mod read_ahead;
+pub mod slots;
 
 use std::time::Duration;
 

@@ -5,8 +5,9 @@
 
 use std::borrow::Cow;
 
-/// The close codes the relay sends (RFC 6455 section 7.4, plus one of our
-/// own in the private 4000–4999 range); [`CloseCode::code`] is the number.
+/// The close codes the relay sends (RFC 6455 section 7.4 and the IANA
+/// registry, plus our own in the private 4000–4999 range, each an HTTP
+/// status moved there); [`CloseCode::code`] is the number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseCode {
     /// Done as asked (logout, account deleted).
@@ -29,9 +30,14 @@ pub enum CloseCode {
     TooBig,
     /// The server failed; the client may reconnect and retry.
     InternalError,
-    /// The server cannot take the session now (cluster mode: the user could
-    /// not be claimed for this node); reconnect shortly.
+    /// The server cannot take the session now: it is at its connection
+    /// limit, or (cluster mode) the user could not be claimed for this
+    /// node; reconnect shortly.
     TryAgainLater,
+    /// The session token this socket authenticated with expired or was
+    /// revoked (HTTP's 401 Unauthorized, moved into the private range):
+    /// authenticate again with the password; a resume would be refused.
+    SessionEnded,
     /// A newer connection of the same user took over (HTTP's 409 Conflict,
     /// moved into the private range).
     Displaced,
@@ -50,6 +56,7 @@ impl CloseCode {
             CloseCode::TooBig => 1009,
             CloseCode::InternalError => 1011,
             CloseCode::TryAgainLater => 1013,
+            CloseCode::SessionEnded => 4401,
             CloseCode::Displaced => 4409,
         }
     }
@@ -103,6 +110,14 @@ impl Close {
         CloseCode::TryAgainLater,
         "cannot take over the session now; reconnect shortly",
     );
+    pub const SESSION_EXPIRED: Close =
+        Close::fixed(CloseCode::SessionEnded, "session token expired");
+    pub const SESSION_REVOKED: Close =
+        Close::fixed(CloseCode::SessionEnded, "session token revoked");
+    pub const SERVER_FULL: Close = Close::fixed(
+        CloseCode::TryAgainLater,
+        "server is at its connection limit",
+    );
     pub const DRAIN_FAILED: Close = Close::fixed(
         CloseCode::InternalError,
         "internal error while reading queued messages",
@@ -126,6 +141,7 @@ mod tests {
             (CloseCode::TooBig, 1009),
             (CloseCode::InternalError, 1011),
             (CloseCode::TryAgainLater, 1013),
+            (CloseCode::SessionEnded, 4401),
             (CloseCode::Displaced, 4409),
         ];
         for (code, number) in all {

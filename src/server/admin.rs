@@ -84,7 +84,7 @@ fn answer(head: &[u8], health: &Health, metrics: &Metrics) -> Response {
     }
     if request.method != Some("GET") {
         return Response {
-            extra_headers: "Allow: GET\r\n",
+            extra_headers: "Allow: GET\r\n".into(),
             ..Response::text(405, "Method Not Allowed", "use GET")
         };
     }
@@ -94,7 +94,7 @@ fn answer(head: &[u8], health: &Health, metrics: &Metrics) -> Response {
             status: 200,
             reason: "OK",
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            extra_headers: "",
+            extra_headers: "".into(),
             body: metrics.encode(),
         },
     }

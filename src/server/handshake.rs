@@ -4,14 +4,18 @@
 //! hand rather than in tungstenite's synchronous callback so credentials
 //! can be checked (asynchronously) before the upgrade is accepted.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::http::{self, Probe, Response};
+use super::http::{self, MAX_HEAD, Probe, Response};
 use crate::auth::{self, Authenticated, HeaderCredentials};
+use crate::connection::slots::Ticket;
 use crate::metrics::AuthMethod;
 use crate::protocol::RequestError;
 use crate::state::AppState;
@@ -29,7 +33,8 @@ pub enum Accepted {
 
 /// An accepted upgrade.
 pub struct Upgrade {
-    /// Set when the request authenticated itself, with how.
+    /// Set when the request authenticated itself, with how; the ticket
+    /// then holds its reserved authenticated slot.
     pub auth: Option<(Authenticated, AuthMethod)>,
     /// Bytes the client sent after the request head (early frames).
     pub leftover: Vec<u8>,
@@ -39,11 +44,14 @@ pub struct Upgrade {
 /// an HTTP error ([`UpgradeError::response`]) before the socket is dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    /// The peer closed, failed or stalled before its request head was in;
-    /// there is nobody to answer.
-    #[error("no request head arrived")]
+    /// The peer closed or failed before its request head was in, or left
+    /// while its credentials were checked: there is nobody to answer.
+    #[error("the client went away")]
     Gone,
-    #[error("request head too large")]
+    /// The request head was not complete by the handshake deadline.
+    #[error("the request head did not arrive in time")]
+    Timeout,
+    #[error("request head too large (the limit is {MAX_HEAD} bytes)")]
     HeadTooLarge,
     #[error("malformed HTTP request")]
     Malformed,
@@ -59,6 +67,12 @@ pub enum UpgradeError {
     MissingKey,
     #[error("server is at its connection limit")]
     AtCapacity,
+    /// Too many sockets not yet authenticated, from everyone.
+    #[error("server has too many connections in progress")]
+    UnauthenticatedFull,
+    /// Too many sockets not yet authenticated from this client address.
+    #[error("too many connections in progress from this address")]
+    AddressFull,
     /// The `Authorization` header's credentials were refused (the client's
     /// fault), or the server could not check them now (`Unavailable`), or
     /// failed (`Internal`): the request error says which.
@@ -71,6 +85,7 @@ impl UpgradeError {
     pub fn reason(&self) -> &'static str {
         match self {
             UpgradeError::Gone => "gone",
+            UpgradeError::Timeout => "timeout",
             UpgradeError::HeadTooLarge => "head_too_large",
             UpgradeError::Malformed => "malformed",
             UpgradeError::NotFound => "not_found",
@@ -79,36 +94,50 @@ impl UpgradeError {
             UpgradeError::UnsupportedVersion => "unsupported_version",
             UpgradeError::MissingKey => "missing_key",
             UpgradeError::AtCapacity => "at_capacity",
+            UpgradeError::UnauthenticatedFull => "unauthenticated_full",
+            UpgradeError::AddressFull => "address_full",
             UpgradeError::Auth(RequestError::Internal(_)) => "auth_error",
             UpgradeError::Auth(RequestError::Unavailable(_)) => "auth_unavailable",
+            UpgradeError::Auth(RequestError::RateLimited { .. }) => "auth_rate_limited",
             UpgradeError::Auth(_) => "unauthorized",
         }
     }
 
     /// The HTTP answer, if the peer can still be told.
     pub fn response(&self) -> Option<Response> {
-        let (status, reason, extra_headers) = match self {
+        let (status, reason, extra_headers): (u16, &'static str, Cow<'static, str>) = match self {
             UpgradeError::Gone => return None,
-            UpgradeError::HeadTooLarge => (431, "Request Header Fields Too Large", ""),
-            UpgradeError::Malformed | UpgradeError::MissingKey => (400, "Bad Request", ""),
-            UpgradeError::NotFound => (404, "Not Found", ""),
-            UpgradeError::MethodNotAllowed => (405, "Method Not Allowed", "Allow: GET\r\n"),
+            UpgradeError::Timeout => (408, "Request Timeout", "".into()),
+            UpgradeError::HeadTooLarge => (431, "Request Header Fields Too Large", "".into()),
+            UpgradeError::Malformed | UpgradeError::MissingKey => (400, "Bad Request", "".into()),
+            UpgradeError::NotFound => (404, "Not Found", "".into()),
+            UpgradeError::MethodNotAllowed => (405, "Method Not Allowed", "Allow: GET\r\n".into()),
             UpgradeError::NotWebSocket => (
                 426,
                 "Upgrade Required",
-                "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n".into(),
             ),
-            UpgradeError::UnsupportedVersion => {
-                (426, "Upgrade Required", "Sec-WebSocket-Version: 13\r\n")
+            UpgradeError::UnsupportedVersion => (
+                426,
+                "Upgrade Required",
+                "Sec-WebSocket-Version: 13\r\n".into(),
+            ),
+            UpgradeError::AtCapacity | UpgradeError::UnauthenticatedFull => {
+                (503, "Service Unavailable", retry_after(BUSY_RETRY_AFTER))
             }
-            UpgradeError::AtCapacity => (503, "Service Unavailable", ""),
+            UpgradeError::AddressFull => (429, "Too Many Requests", retry_after(BUSY_RETRY_AFTER)),
             UpgradeError::Auth(err) => match err {
-                RequestError::Internal(_) => (500, "Internal Server Error", ""),
-                RequestError::Unavailable(_) => (503, "Service Unavailable", ""),
+                RequestError::Internal(_) => (500, "Internal Server Error", "".into()),
+                RequestError::Unavailable(_) => {
+                    (503, "Service Unavailable", retry_after(BUSY_RETRY_AFTER))
+                }
+                RequestError::RateLimited { retry_after: wait } => {
+                    (429, "Too Many Requests", retry_after(*wait))
+                }
                 _ => (
                     401,
                     "Unauthorized",
-                    "WWW-Authenticate: Bearer, Basic realm=\"relay\"\r\n",
+                    "WWW-Authenticate: Bearer, Basic realm=\"relay\"\r\n".into(),
                 ),
             },
         };
@@ -125,21 +154,44 @@ impl UpgradeError {
     }
 }
 
+/// The retry hint of a busy or full server.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A `Retry-After` header line: whole seconds, rounded up, at least 1.
+fn retry_after(wait: Duration) -> Cow<'static, str> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    format!("Retry-After: {}\r\n", secs.max(1)).into()
+}
+
+/// When a new socket's steps must be done by.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// The whole request head in (after TLS, if any).
+    pub head: Instant,
+    /// Authenticated (credentials checked), if it authenticates at all.
+    pub auth: Instant,
+}
+
 /// Reads the request and, for an upgrade, answers it. On `Err` the caller
-/// writes the error's response (if it has one) and drops the socket.
+/// writes the error's response (if it has one) and drops the socket. An
+/// `Authorization` header is checked only with an authenticated slot
+/// reserved on `ticket` (none free: `AtCapacity`), and while the socket is
+/// watched: a client that leaves withdraws its password check.
 pub async fn accept<S>(
     stream: &mut S,
     state: &AppState,
     peer: SocketAddr,
-    timeout: Duration,
+    ticket: &mut Ticket,
+    deadlines: Deadlines,
 ) -> Result<Accepted, UpgradeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (head, leftover) = match tokio::time::timeout(timeout, http::read_head(stream)).await {
+    let (head, mut leftover) = match timeout_at(deadlines.head, http::read_head(stream)).await {
         Ok(Ok(Some(read))) => read,
         Ok(Ok(None)) => return Err(UpgradeError::HeadTooLarge),
-        Ok(Err(_)) | Err(_) => return Err(UpgradeError::Gone),
+        Ok(Err(_)) => return Err(UpgradeError::Gone),
+        Err(_) => return Err(UpgradeError::Timeout),
     };
     let (accept_key, authorization) = match parse(&head)? {
         Requested::Probe(probe) => return Ok(Accepted::Probe(probe)),
@@ -151,6 +203,9 @@ where
     let (auth, issued_token) = match authorization {
         None => (None, None),
         Some(value) => {
+            if !ticket.reserve() {
+                return Err(UpgradeError::AtCapacity);
+            }
             let credentials = HeaderCredentials::parse(value);
             let (method, username) = match &credentials {
                 Ok(HeaderCredentials::Basic(user, _)) => {
@@ -168,9 +223,23 @@ where
                 }
                 Err(_) => (AuthMethod::basic, None),
             };
-            let authenticated =
-                async { Ok::<_, RequestError>(state.auth().from_header(credentials?).await?) }
-                    .await;
+            let checking = async {
+                let credentials = credentials?;
+                let checked = timeout_at(
+                    deadlines.auth,
+                    state.auth().from_header(credentials, peer.ip()),
+                )
+                .await;
+                match checked {
+                    Ok(checked) => Ok::<_, RequestError>(checked?),
+                    Err(_) => Err(RequestError::Unavailable(
+                        "authentication did not finish in time; retry".into(),
+                    )),
+                }
+            };
+            let Some(authenticated) = while_connected(stream, &mut leftover, checking).await else {
+                return Err(UpgradeError::Gone);
+            };
             let outcome = authenticated.as_ref().map(|_| ());
             auth::record_attempt(state.metrics(), method, username.as_deref(), peer, outcome);
             match authenticated {
@@ -264,6 +333,29 @@ pub fn parse(head: &[u8]) -> Result<Requested<'_>, UpgradeError> {
     })
 }
 
+/// Runs `work` while watching the socket: `None` if the peer closes (or
+/// the socket fails) first, and `work` is dropped unfinished. Bytes that
+/// arrive meanwhile (early frames) are kept in `leftover`, up to
+/// [`MAX_HEAD`]; past that the socket is no longer watched.
+async fn while_connected<S, F>(stream: &mut S, leftover: &mut Vec<u8>, work: F) -> Option<F::Output>
+where
+    S: AsyncRead + Unpin,
+    F: Future,
+{
+    let mut work = pin!(work);
+    let mut chunk = [0u8; 512];
+    while leftover.len() < MAX_HEAD {
+        tokio::select! {
+            done = &mut work => return Some(done),
+            read = stream.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => leftover.extend_from_slice(&chunk[..n]),
+            },
+        }
+    }
+    Some(work.await)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +367,7 @@ mod tests {
     fn every_refusal_has_its_status() {
         let status = |err: UpgradeError| err.response().map(|r| r.status);
         assert_eq!(status(UpgradeError::Gone), None);
+        assert_eq!(status(UpgradeError::Timeout), Some(408));
         assert_eq!(status(UpgradeError::HeadTooLarge), Some(431));
         assert_eq!(status(UpgradeError::Malformed), Some(400));
         assert_eq!(status(UpgradeError::MissingKey), Some(400));
@@ -283,10 +376,19 @@ mod tests {
         assert_eq!(status(UpgradeError::NotWebSocket), Some(426));
         assert_eq!(status(UpgradeError::UnsupportedVersion), Some(426));
         assert_eq!(status(UpgradeError::AtCapacity), Some(503));
+        assert_eq!(status(UpgradeError::UnauthenticatedFull), Some(503));
+        assert_eq!(status(UpgradeError::AddressFull), Some(429));
         let auth = |err| status(UpgradeError::Auth(err));
         assert_eq!(auth(RequestError::Unauthorized("no".into())), Some(401));
         assert_eq!(auth(RequestError::bad_request("short")), Some(401));
         assert_eq!(auth(RequestError::Unavailable("busy".into())), Some(503));
+        let limited = UpgradeError::Auth(RequestError::RateLimited {
+            retry_after: Duration::from_millis(2_100),
+        })
+        .response()
+        .expect("answered");
+        assert_eq!(limited.status, 429);
+        assert_eq!(limited.extra_headers, "Retry-After: 3\r\n");
         let internal = UpgradeError::Auth(RequestError::internal(std::io::Error::other(
             "secret detail",
         )))

@@ -3,13 +3,16 @@
 //! by the admin endpoint. Every response closes its connection, so nothing
 //! here keeps state between requests.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 use crate::health::Health;
 
-/// Largest request head accepted.
+/// Largest request head accepted, in bytes, its closing blank line
+/// included; a larger one is answered 431.
 pub const MAX_HEAD: usize = 8 * 1024;
 
 /// A response to write whole.
@@ -19,7 +22,7 @@ pub struct Response {
     pub reason: &'static str,
     pub content_type: &'static str,
     /// Whole header lines, each ending in CRLF.
-    pub extra_headers: &'static str,
+    pub extra_headers: Cow<'static, str>,
     pub body: String,
 }
 
@@ -30,7 +33,7 @@ impl Response {
             status,
             reason,
             content_type: "text/plain; charset=utf-8",
-            extra_headers: "",
+            extra_headers: Cow::Borrowed(""),
             body: format!("{message}\n"),
         }
     }
@@ -93,21 +96,27 @@ impl Probe {
             status,
             reason,
             content_type,
-            extra_headers: "Cache-Control: no-store\r\n",
+            extra_headers: Cow::Borrowed("Cache-Control: no-store\r\n"),
             body,
         }
     }
 }
 
 /// Reads up to the blank line ending the request head. `None` if the head
-/// exceeds [`MAX_HEAD`]. Also returns what the client sent after it.
+/// (closing blank line included) is longer than [`MAX_HEAD`]. Also returns
+/// what the client sent after it. Never reads past `MAX_HEAD` bytes in all,
+/// so the limit is exact whatever the reads return.
 pub async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = stream.read(&mut chunk).await?;
+        let room = MAX_HEAD - buf.len();
+        if room == 0 {
+            return Ok(None);
+        }
+        let n = stream.read(&mut chunk[..room.min(1024)]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -118,17 +127,34 @@ pub async fn read_head<S: AsyncRead + Unpin>(
             let leftover = buf.split_off(end);
             return Ok(Some((buf, leftover)));
         }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
+    }
+}
+
+/// Writes a refusal, then reads and discards what the client sends until it
+/// closes or `linger` passes: closing with part of its request unread would
+/// reset the connection, and the client might lose the answer. For a
+/// socket that gets no slot, the answer comes at once, before anything is
+/// read: a slow client must not hold the server's attention.
+pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    response: &Response,
+    linger: Duration,
+) {
+    response.write(stream).await;
+    let until = Instant::now() + linger;
+    let mut sink = [0u8; 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(until, stream.read(&mut sink)).await {
+        if n == 0 {
+            break;
         }
     }
 }
 
-/// Reads a request head within `timeout`: the probe it asks for, if it is
-/// a `GET` of one. Read whatever it is, so a refusal that follows reaches
+/// Reads a request head by `deadline`: the probe it asks for, if it is a
+/// `GET` of one. Read whatever it is, so a refusal that follows reaches
 /// the client rather than a reset.
-pub async fn read_probe<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> Option<Probe> {
-    let Ok(Ok(Some((head, _)))) = tokio::time::timeout(timeout, read_head(stream)).await else {
+pub async fn read_probe<S: AsyncRead + Unpin>(stream: &mut S, deadline: Instant) -> Option<Probe> {
+    let Ok(Ok(Some((head, _)))) = tokio::time::timeout_at(deadline, read_head(stream)).await else {
         return None;
     };
     let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -138,4 +164,46 @@ pub async fn read_probe<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration)
         return None;
     }
     Probe::from_path(request.path?.split('?').next()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head of exactly `len` bytes, closing blank line included.
+    fn head_of(len: usize) -> Vec<u8> {
+        let start = b"GET /v1/websocket HTTP/1.1\r\nX-Pad: ";
+        let end = b"\r\n\r\n";
+        let mut head = start.to_vec();
+        head.resize(len - end.len(), b'a');
+        head.extend_from_slice(end);
+        head
+    }
+
+    /// The limit is exact: a head of `MAX_HEAD` bytes is read, one byte
+    /// more is refused, however the bytes arrive and whatever follows.
+    #[tokio::test]
+    async fn the_head_limit_is_exact() {
+        for len in [MAX_HEAD - 1, MAX_HEAD] {
+            let mut bytes = head_of(len);
+            bytes.extend_from_slice(b"early frame");
+            let (head, leftover) = read_head(&mut bytes.as_slice()).await.unwrap().unwrap();
+            assert_eq!(head.len(), len);
+            assert!(b"early frame".starts_with(&leftover));
+        }
+        let bytes = head_of(MAX_HEAD + 1);
+        assert!(read_head(&mut bytes.as_slice()).await.unwrap().is_none());
+        // One byte at a time.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for byte in head_of(MAX_HEAD + 1) {
+                if client.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        assert!(read_head(&mut server).await.unwrap().is_none());
+        drop(server);
+        writer.await.unwrap();
+    }
 }

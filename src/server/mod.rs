@@ -20,12 +20,10 @@ pub mod sweeper;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -34,8 +32,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
 use crate::config::{Config, ConnectionLimits};
-use crate::connection::handler;
+use crate::connection::handler::{self, Entry};
 use crate::connection::read_ahead::ReadAhead;
+use crate::connection::slots::{NoSlot, Slots, Ticket};
 use crate::health::{self, Health};
 use crate::messages::ClusterLink;
 use crate::metrics::Metrics;
@@ -238,7 +237,10 @@ impl Server {
         tracing::info!(?addr, tls = tls.is_some(), "relay listening");
 
         let connections = TaskTracker::new();
-        let capacity = Arc::new(Semaphore::new(config.limits.connection.max_connections));
+        let slots = Slots::new(&config.limits.connection);
+        state
+            .metrics()
+            .sample_unauthenticated(slots.unauthenticated_reader());
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -256,13 +258,13 @@ impl Server {
                     }
                 },
             };
-            let permit = capacity.clone().try_acquire_owned().ok();
+            let ticket = slots.accept(peer.ip());
             connections.spawn(serve_socket(
                 state.clone(),
                 stream,
                 peer,
                 tls.clone(),
-                permit,
+                ticket,
                 shutdown.clone(),
             ));
         }
@@ -327,22 +329,46 @@ pub fn websocket_config(limits: &ConnectionLimits) -> WebSocketConfig {
         .max_frame_size(Some(limits.max_frame_bytes))
 }
 
+/// How long a refused socket is read (and its bytes discarded) after its
+/// answer, so closing does not reset the connection before the client has
+/// read the answer.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
 async fn serve_socket(
     state: AppState,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
-    permit: Option<OwnedSemaphorePermit>,
+    ticket: Result<Ticket, NoSlot>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let ticket = match ticket {
+        Ok(ticket) => ticket,
+        Err(no_slot) => {
+            let refusal = match no_slot {
+                NoSlot::Full => handshake::UpgradeError::UnauthenticatedFull,
+                NoSlot::AddressFull => handshake::UpgradeError::AddressFull,
+            };
+            state.metrics().upgrade_rejected(refusal.reason());
+            tracing::debug!(%peer, reason = refusal.reason(), "socket refused");
+            // Over TLS there is no HTTP to answer in before a handshake,
+            // which a refused socket does not get.
+            if tls.is_none()
+                && let Some(response) = refusal.response()
+            {
+                Box::pin(http::refuse(&mut stream, &response, REFUSAL_LINGER)).await;
+            }
+            return;
+        }
+    };
     // Each path is boxed: inline, this future would be as large as the TLS
     // path's largest state (its stream holds the rustls connection) for
     // every plain connection too, for the socket's whole life.
     match tls {
-        None => Box::pin(upgrade(state, stream, peer, permit, shutdown)).await,
+        None => Box::pin(upgrade(state, stream, peer, ticket, shutdown)).await,
         Some(acceptor) => {
-            Box::pin(accept_tls(state, stream, peer, acceptor, permit, shutdown)).await
+            Box::pin(accept_tls(state, stream, peer, acceptor, ticket, shutdown)).await
         }
     }
 }
@@ -352,12 +378,12 @@ async fn accept_tls(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    permit: Option<OwnedSemaphorePermit>,
+    ticket: Ticket,
     shutdown: CancellationToken,
 ) {
-    let handshake_timeout = state.limits().connection.auth_timeout();
-    match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream))).await {
-        Ok(Ok(stream)) => upgrade(state, stream, peer, permit, shutdown).await,
+    let deadline = ticket.accepted + state.limits().connection.handshake_timeout();
+    match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream))).await {
+        Ok(Ok(stream)) => upgrade(state, stream, peer, ticket, shutdown).await,
         Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -367,7 +393,7 @@ async fn upgrade<S>(
     state: AppState,
     mut stream: S,
     peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    mut ticket: Ticket,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -376,11 +402,14 @@ async fn upgrade<S>(
     // is as large as its largest state, and it lives as long as the socket,
     // so only the (boxed) session should stay allocated (see the test).
     let limits = &state.limits().connection;
-    let timeout = limits.auth_timeout();
-    let Some(permit) = permit else {
+    let deadlines = handshake::Deadlines {
+        head: ticket.accepted + limits.handshake_timeout(),
+        auth: ticket.accepted + limits.auth_timeout(),
+    };
+    if ticket.authenticated_full() {
         // Full: a probe is still answered (a full relay is alive, and a
         // load balancer must not take it for dead); an upgrade is refused.
-        let answer = match Box::pin(http::read_probe(&mut stream, timeout)).await {
+        let answer = match Box::pin(http::read_probe(&mut stream, deadlines.head)).await {
             Some(probe) => probe.answer(state.health()),
             None => {
                 let full = handshake::UpgradeError::AtCapacity;
@@ -389,20 +418,38 @@ async fn upgrade<S>(
             }
         };
         return Box::pin(answer.write(&mut stream)).await;
-    };
-    let upgraded = Box::pin(handshake::accept(&mut stream, &state, peer, timeout)).await;
-    let (upgrade, _permit) = match upgraded {
-        Ok(handshake::Accepted::Upgrade(upgrade)) => (upgrade, permit),
+    }
+    let upgraded = Box::pin(handshake::accept(
+        &mut stream,
+        &state,
+        peer,
+        &mut ticket,
+        deadlines,
+    ))
+    .await;
+    let upgrade = match upgraded {
+        Ok(handshake::Accepted::Upgrade(upgrade)) => upgrade,
         Ok(handshake::Accepted::Probe(probe)) => {
             return Box::pin(probe.answer(state.health()).write(&mut stream)).await;
         }
         Err(err) => {
             state.metrics().upgrade_rejected(err.reason());
             if let Some(response) = err.response() {
-                Box::pin(response.write(&mut stream)).await;
+                // The request may not have been read whole (too large, too
+                // slow): read the rest, so the answer is not reset away.
+                Box::pin(http::refuse(&mut stream, &response, REFUSAL_LINGER)).await;
             }
             return;
         }
+    };
+    let entry = match upgrade.auth {
+        Some((auth, method)) => Entry::Authenticated {
+            auth,
+            method,
+            accepted: ticket.accepted,
+            slot: ticket.authenticated(),
+        },
+        None => Entry::Unauthenticated(ticket),
     };
     let config = Some(websocket_config(&state.limits().connection));
     let stream = ReadAhead::new(stream, state.limits().connection.read_ahead_bytes);
@@ -413,7 +460,7 @@ async fn upgrade<S>(
         config,
     ))
     .await;
-    Box::pin(handler::serve(state, ws, upgrade.auth, peer, shutdown)).await;
+    Box::pin(handler::serve(state, ws, entry, peer, shutdown)).await;
 }
 
 #[cfg(test)]
@@ -428,7 +475,7 @@ mod tests {
             TcpStream,
             SocketAddr,
             Option<TlsAcceptor>,
-            Option<OwnedSemaphorePermit>,
+            Result<Ticket, NoSlot>,
             CancellationToken,
         ) -> Fut,
     {

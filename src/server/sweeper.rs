@@ -1,5 +1,6 @@
 //! The periodic sweeper: deletes expired messages and sessions in bounded
-//! batches, and forgets idle rate-limit buckets and stale pre-key notices.
+//! batches, and forgets idle rate-limit buckets, stale pre-key notices and
+//! old revocations.
 
 use std::time::Duration;
 
@@ -51,5 +52,6 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         state.lookup_limiter().prune();
         state.upload_limiter().prune();
         state.prekeys_low().prune(std::time::Instant::now());
+        state.auth().prune_revocations();
     }
 }

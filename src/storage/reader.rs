@@ -14,19 +14,19 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
-use uuid::Uuid;
 
 use super::StorageError;
 use super::batch::{Batch, Conn, Source, WorkerLimits, Workers};
 use super::messages::DrainRead;
+use super::sessions::LiveSession;
 use crate::config::ReaderLimits;
 use crate::envelope::Message;
 use crate::metrics::{DbOp, Metrics};
 
 type Reply<T> = oneshot::Sender<Result<T, Arc<StorageError>>>;
 
-/// A live session's user id and username.
-type SessionOwner = Option<(Uuid, String)>;
+/// The live session of a token, if it has one.
+type SessionOwner = Option<LiveSession>;
 
 enum Request {
     /// Who holds this live session (by token hash), if anyone.
@@ -70,8 +70,7 @@ impl Reader {
         Reader { workers }
     }
 
-    /// The user id and username of the live session whose token hashes to
-    /// `hash`.
+    /// The live session whose token hashes to `hash`, if there is one.
     pub async fn session(&self, hash: [u8; 32]) -> Result<SessionOwner, StorageError> {
         let (done, answer) = oneshot::channel();
         self.ask(Request::Session { hash, done }, answer).await
@@ -142,10 +141,7 @@ async fn look_up_sessions(
         .await;
     match result {
         Ok(found) => {
-            let found: HashMap<Vec<u8>, (Uuid, String)> = found
-                .into_iter()
-                .map(|(hash, user, name)| (hash, (user, name)))
-                .collect();
+            let found: HashMap<Vec<u8>, LiveSession> = found.into_iter().collect();
             // Not `remove`: the same token may be asked twice in one batch
             // (a client reconnecting while its old socket is still open).
             for (hash, done) in batch.drain(..) {

@@ -72,19 +72,41 @@ pub async fn delete_all_for_user(db: &PgPool, user_id: Uuid) -> Result<u64, Stor
     Ok(result.rows_affected())
 }
 
+/// A live session: who holds it, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSession {
+    pub user_id: Uuid,
+    pub username: String,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Of `token_hashes`, those of live (unexpired) sessions, in one
-/// statement: (hash, user id, username).
+/// statement, by hash.
 pub async fn find_live_many(
     conn: &mut sqlx::PgConnection,
     token_hashes: &[&[u8]],
-) -> Result<Vec<(Vec<u8>, Uuid, String)>, StorageError> {
-    Ok(sqlx::query_as(
-        "SELECT s.token_hash, u.id, u.username FROM sessions s JOIN users u ON u.id = s.user_id \
+) -> Result<Vec<(Vec<u8>, LiveSession)>, StorageError> {
+    let rows: Vec<(Vec<u8>, Uuid, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT s.token_hash, u.id, u.username, s.expires_at \
+         FROM sessions s JOIN users u ON u.id = s.user_id \
          WHERE s.token_hash = ANY($1) AND s.expires_at > now()",
     )
     .bind(token_hashes)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(hash, user_id, username, expires_at)| {
+            (
+                hash,
+                LiveSession {
+                    user_id,
+                    username,
+                    expires_at,
+                },
+            )
+        })
+        .collect())
 }
 
 pub async fn delete(db: &PgPool, token_hash: &[u8; 32]) -> Result<(), StorageError> {

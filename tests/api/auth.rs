@@ -4,7 +4,7 @@ use signal_relay::client::{Client, ClientError, ConnectOptions};
 use signal_relay::proto::Status;
 use signal_relay::testing::{spawn_app, spawn_app_with};
 
-use crate::helpers::{close_code, expect_queue_empty};
+use crate::helpers::{WAIT, close_code, expect_queue_empty};
 
 fn status(err: ClientError) -> Status {
     err.status()
@@ -297,4 +297,92 @@ fn base64_url(bytes: &[u8]) -> String {
 fn base64_std(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A socket closes when its session token expires (4401), whether it
+/// authenticated with a password or resumed; resume reports the expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_close_when_their_token_expires() {
+    let app = spawn_app_with(|c| c.limits.auth.session_ttl_secs = 2).await;
+    let (client, mut events, registered) = app.register("alice").await;
+    expect_queue_empty(&mut events).await;
+    assert!(registered.token_expires_at_ms > 0);
+    let (resumed, mut resumed_events) = app.connect().await;
+    let info = resumed.resume(&registered.token).await.unwrap();
+    assert_eq!(info.token_expires_at_ms, registered.token_expires_at_ms);
+    assert_eq!(close_code(&mut events).await, Some(4409), "displaced");
+    let closed = tokio::time::timeout(WAIT, resumed_events.closed())
+        .await
+        .expect("closed at expiry");
+    assert_eq!(closed.code, Some(4401));
+    assert_eq!(closed.reason, "session token expired");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        now_ms >= registered.token_expires_at_ms,
+        "not before expiry"
+    );
+    drop(client);
+}
+
+/// `Logout{all}` revokes every session of the user, not only the socket's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_revokes_every_session() {
+    let app = spawn_app().await;
+    let (_c, _e, first) = app.register("alice").await;
+    let (other, _e2) = app.connect().await;
+    let second = other.login("alice", "password123").await.unwrap();
+    let (bob, _eb, bob_auth) = app.register("bob").await;
+    drop(bob);
+
+    let (client, mut events) = app.resume(&second.token).await;
+    client.logout_all().await.unwrap();
+    assert_eq!(close_code(&mut events).await, Some(1000));
+    for token in [&first.token, &second.token] {
+        let (c, _e) = app.connect().await;
+        assert_eq!(
+            status(c.resume(token).await.unwrap_err()),
+            Status::Unauthorized
+        );
+    }
+    let (c, _e) = app.connect().await;
+    c.resume(&bob_auth.token)
+        .await
+        .expect("other users keep theirs");
+}
+
+/// A request pipelined behind the authentication (sent before its answer)
+/// is answered once the socket is authenticated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_pipelined_behind_login_is_answered() {
+    let app = spawn_app().await;
+    app.register("alice").await;
+    let (client, _e) = app.connect().await;
+    let (login, me) = tokio::join!(client.login("alice", "password123"), client.who_am_i());
+    login.unwrap();
+    assert_eq!(me.unwrap().username, "alice");
+}
+
+/// Usernames differing only in letter case are one name; look-alike
+/// characters (0 and O, 1 and l) are not folded: see the README.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_alike_usernames_are_distinct_but_case_is_not() {
+    let app = spawn_app().await;
+    app.register("config").await;
+    let (c, _e) = app.connect().await;
+    assert_eq!(
+        status(c.register("CONFIG", "password123").await.unwrap_err()),
+        Status::Conflict
+    );
+    for name in ["c0nfig", "conf1g", "confIg"] {
+        let (c, _e) = app.connect().await;
+        let result = c.register(name, "password123").await;
+        if name == "confIg" {
+            assert_eq!(status(result.unwrap_err()), Status::Conflict, "{name}");
+        } else {
+            result.unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
 }

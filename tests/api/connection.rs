@@ -8,7 +8,7 @@ use signal_relay::testing::{spawn_app, spawn_app_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::helpers::{WAIT, close_code, expect_queue_empty, wait_until};
+use crate::helpers::{WAIT, close_code, exchange, expect_queue_empty, wait_until};
 
 async fn http_status(addr: std::net::SocketAddr, request: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -152,8 +152,10 @@ async fn silent_peers_are_closed_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_answers_503() {
     let app = spawn_app_with(|c| c.limits.connection.max_connections = 2).await;
-    let (_a, _ea) = app.connect().await;
-    let (b, _eb) = app.connect().await;
+    let (_a, mut ae, _) = app.register("alice").await;
+    let (b, mut be, _) = app.register("bob").await;
+    expect_queue_empty(&mut ae).await;
+    expect_queue_empty(&mut be).await;
     match Client::connect_with(&app.url, ConnectOptions::default()).await {
         Err(ClientError::Http { status, .. }) => assert_eq!(status, 503),
         Err(e) => panic!("{e}"),
@@ -164,12 +166,45 @@ async fn the_connection_cap_answers_503() {
     b.closed().await;
     wait_until("a connection slot frees", || async {
         match Client::connect(&app.url).await {
-            Ok(_) => true,
+            Ok((client, _events)) => client.login("bob", "password123").await.is_ok(),
             Err(ClientError::Http { status: 503, .. }) => false,
             Err(e) => panic!("{e}"),
         }
     })
     .await;
+}
+
+/// A socket that upgraded while there was room, but tries to authenticate
+/// once every slot is taken, is told so and closed with 1013.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticating_into_a_full_server_closes_with_1013() {
+    let app = spawn_app_with(|c| c.limits.connection.max_connections = 1).await;
+    let (late, mut late_events) = app.connect().await;
+    let (_a, mut ae, _) = app.register("alice").await;
+    expect_queue_empty(&mut ae).await;
+    let err = late.login("alice", "password123").await.unwrap_err();
+    assert_eq!(err.status(), Some(Status::Unavailable));
+    assert_eq!(close_code(&mut late_events).await, Some(1013));
+}
+
+/// The request head may be 8 KiB (its closing blank line included), as
+/// documented, and not a byte more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_head_limit_is_8_kib() {
+    let app = spawn_app().await;
+    let head_of = |len: usize| {
+        let start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ";
+        let mut head = start.to_vec();
+        head.resize(len - 4, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        head
+    };
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let response = exchange(&mut stream, &head_of(8 * 1024)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let response = exchange(&mut stream, &head_of(8 * 1024 + 1)).await;
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
 }
 
 /// Graceful shutdown ends when the work does, not at the grace deadline:

@@ -1,8 +1,10 @@
 //! Shared test helpers.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use signal_relay::client::{Event, Events};
+use signal_relay::client::{Client, ConnectOptions, Event, Events};
 use signal_relay::proto::Envelope;
 use signal_relay::testing::TestApp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -175,4 +177,88 @@ fn parse_frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
     };
     let payload = bytes.get(at..at + len)?.to_vec();
     Some((first & 0x0f, payload, at + len))
+}
+
+/// `GET path` over a fresh connection: the status and the body.
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("read the response");
+        response
+    };
+    let response = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("timed out waiting for an HTTP answer");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Every sample of `/metrics`, keyed by name and labels as written.
+pub async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+    let (status, body) = get(app.admin_addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One sample of `/metrics` (0 when absent).
+pub async fn metric(app: &TestApp, series: &str) -> f64 {
+    scrape(app).await.get(series).copied().unwrap_or(0.0)
+}
+
+/// `127.0.0.N`: every address of 127.0.0.0/8 is loopback on Linux, so a
+/// client bound to one is, to the server, a client from another address.
+pub fn loopback(n: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, n])
+}
+
+/// An unauthenticated client connected from `127.0.0.N`.
+pub async fn connect_from(app: &TestApp, n: u8) -> (Client, Events) {
+    let options = ConnectOptions {
+        bind: Some(loopback(n)),
+        ..ConnectOptions::default()
+    };
+    Client::connect_with(&app.url, options)
+        .await
+        .expect("connect to test server")
+}
+
+/// A raw TCP connection to `addr` from `127.0.0.N`.
+pub async fn tcp_from(addr: SocketAddr, n: u8) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(loopback(n), 0))
+        .expect("bind a loopback address");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// Writes `request` (maybe nothing) and reads until the server closes;
+/// panics after [`WAIT`].
+pub async fn exchange(stream: &mut TcpStream, request: &[u8]) -> String {
+    stream.write_all(request).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("the server answers and closes")
+        .expect("read");
+    String::from_utf8_lossy(&response).into_owned()
 }

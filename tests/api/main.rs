@@ -2,6 +2,7 @@
 //! server on port 0, and speaks to it over real WebSockets through the
 //! library's client.
 
+mod abuse;
 mod admin;
 mod auth;
 mod connection;

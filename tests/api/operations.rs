@@ -3,57 +3,14 @@
 //! 503 once shutdown begins.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use bytes::Bytes;
 use signal_relay::client::Outgoing;
 use signal_relay::proto::SendOutcome;
-use signal_relay::testing::{TestApp, spawn_app};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use signal_relay::testing::spawn_app;
 use uuid::Uuid;
 
-use crate::helpers::{WAIT, expect_queue_empty, next_delivery, wait_until};
-
-/// `GET path` over a fresh connection: the status and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .await
-            .expect("read the response");
-        response
-    };
-    let response = tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("timed out waiting for an HTTP answer");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Every sample of `/metrics`, keyed by name and labels as written.
-async fn scrape(app: &TestApp) -> HashMap<String, f64> {
-    let (status, body) = get(app.admin_addr, "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
+use crate::helpers::{expect_queue_empty, get, next_delivery, scrape, wait_until};
 
 /// How much `series` grew between two scrapes.
 fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> f64 {

@@ -95,7 +95,7 @@ fn request() -> impl Strategy<Value = Request> {
         (field_string(), field_string())
             .prop_map(|(username, password)| Request::Login(proto::Login { username, password })),
         field_bytes().prop_map(|token| Request::Resume(proto::Resume { token })),
-        Just(Request::Logout(proto::Logout {})),
+        any::<bool>().prop_map(|all| Request::Logout(proto::Logout { all })),
         field_string()
             .prop_map(|password| Request::DeleteAccount(proto::DeleteAccount { password })),
         Just(Request::WhoAmI(proto::WhoAmI {})),

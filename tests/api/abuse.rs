@@ -1,0 +1,298 @@
+//! Abuse from one client or many: password guessing (per-address and
+//! per-account limits on every password path), one address flooding the
+//! Argon2 queue, password checks of sockets that left, silent sockets
+//! filling the connection slots. Distinct client addresses are distinct
+//! loopback addresses (127.0.0.N), which the server sees as TCP peers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use signal_relay::client::{Client, ClientError, ConnectOptions};
+use signal_relay::proto::Status;
+use signal_relay::testing::{TestApp, spawn_app_with};
+use tokio::io::AsyncWriteExt;
+
+use crate::helpers::{
+    WAIT, connect_from, exchange, expect_queue_empty, metric, tcp_from, wait_until,
+};
+
+/// The status and retry hint of a refused request.
+fn refusal(err: ClientError) -> (Status, Option<Duration>) {
+    match err {
+        ClientError::Status {
+            status,
+            retry_after,
+            ..
+        } => (status, retry_after),
+        other => panic!("expected a status error, got {other}"),
+    }
+}
+
+/// A `Basic` upgrade from `127.0.0.N`, raw, so the answer's headers show.
+async fn basic_upgrade_from(app: &TestApp, n: u8, user: &str, password: &str) -> String {
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let request = format!(
+        "GET /v1/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Basic {credentials}\r\n\r\n"
+    );
+    let mut stream = tcp_from(app.addr, n).await;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // A refusal is answered and closed; an upgrade is not closed, so read
+    // only the head.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(WAIT, async {
+        use tokio::io::AsyncReadExt;
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap() == 1 {
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("an answer to the upgrade");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// One address gets its burst of password attempts, then `RATE_LIMITED`
+/// with a retry hint, on every password path (login, register, the Basic
+/// header), right or wrong; another address is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_attempts_are_limited_per_address() {
+    let app = spawn_app_with(|c| {
+        let auth = &mut c.limits.auth;
+        auth.password_address_rate_per_sec = 0.001;
+        auth.password_address_burst = 3.0;
+    })
+    .await;
+    let (owner, _e) = connect_from(&app, 9).await;
+    owner.register("alice", "password123").await.unwrap();
+
+    // Three attempts from 127.0.0.2: a right one, two wrong ones.
+    let (c, _e) = connect_from(&app, 2).await;
+    c.login("alice", "password123").await.unwrap();
+    for _ in 0..2 {
+        let (c, _e) = connect_from(&app, 2).await;
+        let err = c.login("alice", "wrong password").await.unwrap_err();
+        assert_eq!(refusal(err).0, Status::Unauthorized);
+    }
+    // Now every password path from 127.0.0.2 is refused before hashing.
+    let (c, _e) = connect_from(&app, 2).await;
+    let (status, retry) = refusal(c.login("alice", "password123").await.unwrap_err());
+    assert_eq!(status, Status::RateLimited);
+    assert!(retry.is_some_and(|r| r > Duration::ZERO), "{retry:?}");
+    let (c, _e) = connect_from(&app, 2).await;
+    let (status, _) = refusal(c.register("mallory", "password123").await.unwrap_err());
+    assert_eq!(status, Status::RateLimited);
+    let head = basic_upgrade_from(&app, 2, "alice", "password123").await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(head.contains("Retry-After: "), "{head}");
+
+    // Another address is not limited by 127.0.0.2's attempts.
+    let (c, _e) = connect_from(&app, 3).await;
+    c.login("alice", "password123").await.unwrap();
+    let head = basic_upgrade_from(&app, 3, "alice", "password123").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let limited = metric(
+        &app,
+        r#"relay_rate_limited_total{limit="password_address"}"#,
+    )
+    .await;
+    assert_eq!(limited, 3.0);
+}
+
+/// Guesses against one account from many addresses drain its bucket: its
+/// password logins wait, whoever tries (the documented trade-off), while
+/// the owner's own right logins never drain it and a session token still
+/// works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_limit_the_account_but_not_its_tokens() {
+    let app = spawn_app_with(|c| {
+        let auth = &mut c.limits.auth;
+        auth.password_account_rate_per_sec = 0.001;
+        auth.password_account_burst = 3.0;
+    })
+    .await;
+    let (_owner, _e, registered) = app.register("alice").await;
+    // Right passwords give their token back: the owner logs in often.
+    for _ in 0..5 {
+        let (c, _e) = connect_from(&app, 2).await;
+        c.login("alice", "password123").await.unwrap();
+    }
+    // Three wrong guesses, each from its own address, in any case.
+    for (n, name) in [(10, "alice"), (11, "ALICE"), (12, "Alice")] {
+        let (c, _e) = connect_from(&app, n).await;
+        let err = c.login(name, "guess-guess").await.unwrap_err();
+        assert_eq!(refusal(err).0, Status::Unauthorized);
+    }
+    let (c, _e) = connect_from(&app, 13).await;
+    let (status, retry) = refusal(c.login("alice", "guess-guess").await.unwrap_err());
+    assert_eq!(status, Status::RateLimited);
+    assert!(retry.is_some());
+    let (c, _e) = connect_from(&app, 2).await;
+    let (status, _) = refusal(c.login("alice", "password123").await.unwrap_err());
+    assert_eq!(
+        status,
+        Status::RateLimited,
+        "the owner's password waits too"
+    );
+    let (resumed, mut events) = app.resume(&registered.token).await;
+    expect_queue_empty(&mut events).await;
+    assert_eq!(resumed.who_am_i().await.unwrap().username, "alice");
+    // Other accounts are not limited.
+    let (_bob, _e, _) = app.register("bob").await;
+    let (c, _e) = connect_from(&app, 13).await;
+    c.login("bob", "password123").await.unwrap();
+}
+
+/// One Argon2 worker. The per-address limits stay raised (as for every
+/// test), so a flood from one address reaches the queue and the queue's
+/// fairness alone is tested.
+fn one_hasher(config: &mut signal_relay::Config) {
+    config.limits.auth.argon2_concurrency = 1;
+}
+
+/// `n` sockets from `127.0.0.2`, each with one wrong password check
+/// waiting; resolves once the server's Argon2 queue holds `queued` of them.
+/// Each socket's answer bumps `answered`.
+async fn flood(
+    app: &TestApp,
+    n: usize,
+    queued: f64,
+    answered: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Client>> {
+    let mut floods = Vec::new();
+    for i in 0..n {
+        let (client, events) = connect_from(app, 2).await;
+        let answered = answered.clone();
+        floods.push(tokio::spawn(async move {
+            // A different unknown name each: no account bucket runs dry.
+            let _ = client.login(&format!("nobody_{i}"), "wrong password").await;
+            answered.fetch_add(1, Ordering::SeqCst);
+            drop(events);
+            client
+        }));
+    }
+    wait_until("the flood fills the Argon2 queue", || async {
+        metric(app, "relay_argon2_queue_depth").await >= queued
+    })
+    .await;
+    floods
+}
+
+/// One address with a hundred password checks waiting makes another
+/// address's login wait for a few hashes, not a hundred: the queue serves
+/// addresses in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_address_delays_another_by_a_few_hashes() {
+    let app = spawn_app_with(one_hasher).await;
+    let (_alice, _e, _) = app.register("alice").await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let floods = flood(&app, 100, 90.0, &answered).await;
+
+    let (legit, _e) = connect_from(&app, 3).await;
+    let start = answered.load(Ordering::SeqCst);
+    legit.login("alice", "password123").await.unwrap();
+    let meanwhile = answered.load(Ordering::SeqCst) - start;
+    assert!(
+        meanwhile <= 6,
+        "{meanwhile} of the flood's checks ran before the other address's one"
+    );
+    for flood in floods {
+        flood.await.unwrap();
+    }
+}
+
+/// A password check queued by a socket that closed is skipped, not run:
+/// the queue empties at once, and the next login does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checks_of_closed_sockets_are_skipped() {
+    let app = spawn_app_with(one_hasher).await;
+    let (_alice, _e, _) = app.register("alice").await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let floods = flood(&app, 60, 50.0, &answered).await;
+    // The flood's sockets close; their answers never come.
+    for flood in &floods {
+        flood.abort();
+    }
+    for flood in floods {
+        let _ = flood.await;
+    }
+    wait_until("the closed sockets' checks are skipped", || async {
+        metric(&app, "relay_argon2_abandoned_total").await >= 40.0
+    })
+    .await;
+    let (legit, _e) = connect_from(&app, 3).await;
+    legit.login("alice", "password123").await.unwrap();
+}
+
+/// A socket that sends its request head slowly gets 408 at the handshake
+/// timeout, not silence at the (longer) auth timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_head_gets_408() {
+    let app = spawn_app_with(|c| c.limits.connection.handshake_timeout_secs = 1).await;
+    let mut stream = tcp_from(app.addr, 2).await;
+    let response = exchange(&mut stream, b"GET /v1/websocket HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+}
+
+/// Sockets that never authenticate hold only the unauthenticated budget:
+/// with as many of them open as there are connection slots, authenticated
+/// users still connect, up to the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_do_not_take_authenticated_slots() {
+    let app = spawn_app_with(|c| {
+        c.limits.connection.max_connections = 2;
+        c.limits.connection.max_unauthenticated = 8;
+    })
+    .await;
+    let mut silent = Vec::new();
+    for n in 2..6 {
+        silent.push(tcp_from(app.addr, n).await);
+    }
+    wait_until("the silent sockets are accepted", || async {
+        metric(&app, "relay_connections_unauthenticated").await >= 4.0
+    })
+    .await;
+    let (_a, mut ae, _) = app.register("alice").await;
+    let (_b, mut be, _) = app.register("bob").await;
+    expect_queue_empty(&mut ae).await;
+    expect_queue_empty(&mut be).await;
+    // The authenticated cap holds: a third is refused at the upgrade.
+    match Client::connect_with(&app.url, ConnectOptions::default()).await {
+        Err(ClientError::Http { status, .. }) => assert_eq!(status, 503),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("over the cap"),
+    }
+    drop(silent);
+}
+
+/// The unauthenticated budget and each address's share of it are
+/// enforced at once, before anything is read: 429 for an address over its
+/// share, 503 when the budget is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_sockets_are_capped_per_address_and_in_all() {
+    let app = spawn_app_with(|c| {
+        c.limits.connection.max_unauthenticated = 3;
+        c.limits.connection.max_unauthenticated_per_address = 2;
+    })
+    .await;
+    let _a1 = tcp_from(app.addr, 2).await;
+    let _a2 = tcp_from(app.addr, 2).await;
+    let mut a3 = tcp_from(app.addr, 2).await;
+    let response = exchange(&mut a3, b"").await;
+    assert!(response.starts_with("HTTP/1.1 429"), "{response}");
+    let _b1 = tcp_from(app.addr, 3).await;
+    let mut c1 = tcp_from(app.addr, 4).await;
+    let response = exchange(&mut c1, b"").await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    let rejected = |reason: &str| {
+        let app = &app;
+        let series = format!(r#"relay_upgrades_rejected_total{{reason="{reason}"}}"#);
+        async move { metric(app, &series).await }
+    };
+    assert_eq!(rejected("address_full").await, 1.0);
+    assert_eq!(rejected("unauthenticated_full").await, 1.0);
+}
