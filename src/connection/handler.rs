@@ -27,11 +27,12 @@ use crate::envelope;
 use crate::messages::{Delivery, Drain, LiveDelivery, Outbound, Presence, Seat, Step, Unacked};
 use crate::metrics::{AuthMethod, Limit};
 use crate::protocol::proto::{ServerFrame, push};
-use crate::protocol::{self, Close, ProtocolError, RequestError};
+use crate::protocol::{self, Close, Encoding, ProtocolError, RequestError};
 use crate::state::AppState;
 
-/// Serves one upgraded socket from `peer` to the end. `pre_auth` is set
-/// when the upgrade request carried valid credentials.
+/// Serves one upgraded socket from `peer` to the end, in the `encoding` its
+/// upgrade chose. `pre_auth` is set when the upgrade request carried valid
+/// credentials.
 ///
 /// Two phases, chained so that they share the future's memory rather than
 /// add up: admission (authentication, taking the user's seat), boxed
@@ -42,6 +43,7 @@ use crate::state::AppState;
 pub fn serve<S>(
     state: AppState,
     ws: WebSocketStream<S>,
+    encoding: Encoding,
     pre_auth: Option<(Authenticated, AuthMethod)>,
     peer: SocketAddr,
     shutdown: CancellationToken,
@@ -49,7 +51,7 @@ pub fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Connection::new(ws, state.limits().connection.max_frame_bytes);
+    let conn = Connection::new(ws, state.limits().connection.max_frame_bytes, encoding);
     let ledger = Box::new(Ledger {
         peer,
         method: pre_auth.as_ref().map(|(_, method)| *method),
@@ -709,6 +711,7 @@ mod tests {
         F: FnOnce(
             AppState,
             WebSocketStream<Plain>,
+            Encoding,
             Option<(Authenticated, AuthMethod)>,
             SocketAddr,
             CancellationToken,

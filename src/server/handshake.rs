@@ -1,6 +1,7 @@
 //! The HTTP side of a connection: read the upgrade request, check the path
-//! and headers, authenticate from an `Authorization` header if present, and
-//! answer either `101 Switching Protocols` or a proper HTTP error. Done by
+//! and headers, choose the subprotocol (and so the frames' encoding),
+//! authenticate from an `Authorization` header if present, and answer
+//! either `101 Switching Protocols` or a proper HTTP error. Done by
 //! hand rather than in tungstenite's synchronous callback so credentials
 //! can be checked (asynchronously) before the upgrade is accepted.
 
@@ -13,7 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use super::http::{self, Probe, Response};
 use crate::auth::{self, Authenticated, HeaderCredentials};
 use crate::metrics::AuthMethod;
-use crate::protocol::RequestError;
+use crate::protocol::{Encoding, RequestError, UnsupportedSubprotocols};
 use crate::state::AppState;
 
 /// The only path that upgrades.
@@ -29,6 +30,8 @@ pub enum Accepted {
 
 /// An accepted upgrade.
 pub struct Upgrade {
+    /// The frames' encoding, from the negotiated subprotocol.
+    pub encoding: Encoding,
     /// Set when the request authenticated itself, with how.
     pub auth: Option<(Authenticated, AuthMethod)>,
     /// Bytes the client sent after the request head (early frames).
@@ -57,6 +60,8 @@ pub enum UpgradeError {
     UnsupportedVersion,
     #[error("missing Sec-WebSocket-Key")]
     MissingKey,
+    #[error(transparent)]
+    Subprotocol(#[from] UnsupportedSubprotocols),
     #[error("server is at its connection limit")]
     AtCapacity,
     /// The `Authorization` header's credentials were refused (the client's
@@ -78,6 +83,7 @@ impl UpgradeError {
             UpgradeError::NotWebSocket => "not_websocket",
             UpgradeError::UnsupportedVersion => "unsupported_version",
             UpgradeError::MissingKey => "missing_key",
+            UpgradeError::Subprotocol(_) => "unsupported_subprotocol",
             UpgradeError::AtCapacity => "at_capacity",
             UpgradeError::Auth(RequestError::Internal(_)) => "auth_error",
             UpgradeError::Auth(RequestError::Unavailable(_)) => "auth_unavailable",
@@ -90,7 +96,9 @@ impl UpgradeError {
         let (status, reason, extra_headers) = match self {
             UpgradeError::Gone => return None,
             UpgradeError::HeadTooLarge => (431, "Request Header Fields Too Large", ""),
-            UpgradeError::Malformed | UpgradeError::MissingKey => (400, "Bad Request", ""),
+            UpgradeError::Malformed | UpgradeError::MissingKey | UpgradeError::Subprotocol(_) => {
+                (400, "Bad Request", "")
+            }
             UpgradeError::NotFound => (404, "Not Found", ""),
             UpgradeError::MethodNotAllowed => (405, "Method Not Allowed", "Allow: GET\r\n"),
             UpgradeError::NotWebSocket => (
@@ -180,6 +188,14 @@ where
         return Err(UpgradeError::MissingKey);
     };
     let accept_key = derive_accept_key(key.trim().as_bytes());
+    // Before authentication: a refused upgrade must not cost a password
+    // hash, nor issue a session nobody will use.
+    let offered = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok());
+    let chosen = Encoding::negotiate(offered)?;
     let (auth, issued_token) = match header("authorization") {
         None => (None, None),
         Some(value) => {
@@ -219,6 +235,12 @@ where
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n"
     );
+    if let Some(encoding) = chosen {
+        response.push_str(&format!(
+            "Sec-WebSocket-Protocol: {}\r\n",
+            encoding.subprotocol()
+        ));
+    }
     if let (Some((auth, _)), Some(token)) = (&auth, issued_token) {
         // Basic authentication issued a session; hand its token over.
         response.push_str(&format!(
@@ -231,7 +253,11 @@ where
     if stream.write_all(response.as_bytes()).await.is_err() {
         return Err(UpgradeError::Gone);
     }
-    Ok(Accepted::Upgrade(Upgrade { auth, leftover }))
+    Ok(Accepted::Upgrade(Upgrade {
+        encoding: chosen.unwrap_or_default(),
+        auth,
+        leftover,
+    }))
 }
 
 #[cfg(test)]
@@ -248,6 +274,10 @@ mod tests {
         assert_eq!(status(UpgradeError::HeadTooLarge), Some(431));
         assert_eq!(status(UpgradeError::Malformed), Some(400));
         assert_eq!(status(UpgradeError::MissingKey), Some(400));
+        assert_eq!(
+            status(UpgradeError::Subprotocol(UnsupportedSubprotocols)),
+            Some(400)
+        );
         assert_eq!(status(UpgradeError::NotFound), Some(404));
         assert_eq!(status(UpgradeError::MethodNotAllowed), Some(405));
         assert_eq!(status(UpgradeError::NotWebSocket), Some(426));

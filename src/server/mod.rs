@@ -356,7 +356,15 @@ async fn upgrade<S>(
         config,
     ))
     .await;
-    Box::pin(handler::serve(state, ws, upgrade.auth, peer, shutdown)).await;
+    Box::pin(handler::serve(
+        state,
+        ws,
+        upgrade.encoding,
+        upgrade.auth,
+        peer,
+        shutdown,
+    ))
+    .await;
 }
 
 #[cfg(test)]
