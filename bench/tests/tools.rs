@@ -173,7 +173,10 @@ async fn the_tsung_scenario_runs() {
         .arg("start");
     run(command, "tsung").await;
 
-    // tsung's final statistics: `stats: NAME COUNT ...` lines.
+    // tsung's statistics, the last interval's lines: a sample is `stats:
+    // NAME count mean stddev max min mean_before count_before` (counts of
+    // the last interval and of those before it), a counter `stats: NAME
+    // count total`.
     let log = std::fs::read_dir(&logs)
         .expect("tsung's log directory")
         .filter_map(Result::ok)
@@ -187,7 +190,15 @@ async fn the_tsung_scenario_runs() {
             .rev()
             .find_map(|line| {
                 let mut words = line.strip_prefix("stats: ")?.split_whitespace();
-                (words.next()? == name).then(|| words.next()?.parse::<u64>().ok())?
+                if words.next()? != name {
+                    return None;
+                }
+                let numbers: Vec<f64> = words.filter_map(|w| w.parse().ok()).collect();
+                match numbers.len() {
+                    2 => Some(numbers[1] as u64),
+                    7 => Some((numbers[0] + numbers[6]) as u64),
+                    _ => None,
+                }
             })
             .unwrap_or(0)
     };
