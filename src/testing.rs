@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::client::{AuthInfo, Client, Event, Events};
+use crate::client::{self, AuthInfo, Client, Encoding, Event, Events};
 use crate::config::Config;
 use crate::messages::registry::Registry;
 use crate::server;
@@ -169,14 +169,32 @@ async fn start(
 impl TestApp {
     /// A connected, unauthenticated client.
     pub async fn connect(&self) -> (Client, Events) {
-        Client::connect(&self.url)
+        self.connect_as(Encoding::Proto).await
+    }
+
+    /// A connected, unauthenticated client speaking `encoding`.
+    pub async fn connect_as(&self, encoding: Encoding) -> (Client, Events) {
+        let options = client::ConnectOptions {
+            encoding,
+            ..client::ConnectOptions::default()
+        };
+        Client::connect_with(&self.url, options)
             .await
             .expect("connect to test server")
     }
 
     /// Registers `username` (password `password123`) on a new connection.
     pub async fn register(&self, username: &str) -> (Client, Events, AuthInfo) {
-        let (client, events) = self.connect().await;
+        self.register_as(Encoding::Proto, username).await
+    }
+
+    /// [`TestApp::register`] on a connection speaking `encoding`.
+    pub async fn register_as(
+        &self,
+        encoding: Encoding,
+        username: &str,
+    ) -> (Client, Events, AuthInfo) {
+        let (client, events) = self.connect_as(encoding).await;
         let auth = client
             .register(username, "password123")
             .await
@@ -190,7 +208,16 @@ impl TestApp {
     /// sender a RECEIPT). Panics on a delivery, which a new account cannot
     /// have, and after 30 s.
     pub async fn register_live(&self, username: &str) -> (Client, Events, AuthInfo) {
-        let (client, mut events, auth) = self.register(username).await;
+        self.register_live_as(Encoding::Proto, username).await
+    }
+
+    /// [`TestApp::register_live`] on a connection speaking `encoding`.
+    pub async fn register_live_as(
+        &self,
+        encoding: Encoding,
+        username: &str,
+    ) -> (Client, Events, AuthInfo) {
+        let (client, mut events, auth) = self.register_as(encoding, username).await;
         let live = async {
             loop {
                 match events.next().await.expect("connection open") {
@@ -208,7 +235,12 @@ impl TestApp {
 
     /// Reconnects with a session token.
     pub async fn resume(&self, token: &[u8]) -> (Client, Events) {
-        let (client, events) = self.connect().await;
+        self.resume_as(Encoding::Proto, token).await
+    }
+
+    /// [`TestApp::resume`] on a connection speaking `encoding`.
+    pub async fn resume_as(&self, encoding: Encoding, token: &[u8]) -> (Client, Events) {
+        let (client, events) = self.connect_as(encoding).await;
         client.resume(token).await.expect("resume");
         (client, events)
     }

@@ -28,7 +28,7 @@ use anyhow::Context;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
-use signal_relay::client::{Client, ConnectOptions, Event, Events, Outgoing};
+use signal_relay::client::{Client, ConnectOptions, Encoding, Event, Events, Outgoing};
 use signal_relay::proto::SendOutcome;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -74,6 +74,9 @@ pub enum Load {
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     Relay,
+    /// The relay, with every client speaking the `relay.v1.json`
+    /// subprotocol: what the JSON encoding costs on top of protobuf.
+    RelayJson,
     Baseline,
     /// The forwarder, with B answering every message back to A through it:
     /// the relay's frames (one to the recipient, one back to the sender per
@@ -82,9 +85,23 @@ pub enum Target {
 }
 
 impl Target {
+    /// The relay target whose clients speak `encoding`.
+    pub fn relay(encoding: Encoding) -> Target {
+        match encoding {
+            Encoding::Proto => Target::Relay,
+            Encoding::Json => Target::RelayJson,
+        }
+    }
+
+    /// Whether this is the relay (in either encoding), not a baseline.
+    pub fn is_relay(self) -> bool {
+        matches!(self, Target::Relay | Target::RelayJson)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Target::Relay => "relay",
+            Target::RelayJson => "relay_json",
             Target::Baseline => "baseline",
             Target::Answered => "answered",
         }
@@ -135,7 +152,20 @@ pub struct Pairs {
 
 /// Connects a relay client and authenticates it with its session token.
 pub async fn connect_relay(url: &str, account: &Account) -> anyhow::Result<(Client, Events)> {
-    let (client, events) = Client::connect_with(url, ConnectOptions::default())
+    connect_relay_as(url, account, Encoding::Proto).await
+}
+
+/// [`connect_relay`] speaking `encoding`.
+pub async fn connect_relay_as(
+    url: &str,
+    account: &Account,
+    encoding: Encoding,
+) -> anyhow::Result<(Client, Events)> {
+    let options = ConnectOptions {
+        encoding,
+        ..ConnectOptions::default()
+    };
+    let (client, events) = Client::connect_with(url, options)
         .await
         .with_context(|| format!("connect to {url}"))?;
     client
@@ -158,13 +188,18 @@ pub async fn wait_queue_empty(events: &mut Events) -> anyhow::Result<()> {
 }
 
 impl Pairs {
-    /// Connects `accounts.len() / 2` relay pairs: account 2i sends to 2i+1.
-    pub async fn relay(url: &str, accounts: &[Account]) -> anyhow::Result<Pairs> {
+    /// Connects `accounts.len() / 2` relay pairs speaking `encoding`:
+    /// account 2i sends to 2i+1.
+    pub async fn relay(
+        url: &str,
+        accounts: &[Account],
+        encoding: Encoding,
+    ) -> anyhow::Result<Pairs> {
         let pairs = futures::stream::iter(accounts.chunks_exact(2))
             .map(|two| async move {
-                let (b, mut b_events) = connect_relay(url, &two[1]).await?;
+                let (b, mut b_events) = connect_relay_as(url, &two[1], encoding).await?;
                 wait_queue_empty(&mut b_events).await?;
-                let (a, a_events) = connect_relay(url, &two[0]).await?;
+                let (a, a_events) = connect_relay_as(url, &two[0], encoding).await?;
                 // A receives nothing in this scenario but must not stall
                 // its reader; dropping its events is fine (pushes are then
                 // discarded by the client).
@@ -187,7 +222,7 @@ impl Pairs {
             .into_iter()
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Pairs {
-            target: Target::Relay,
+            target: Target::relay(encoding),
             pairs,
         })
     }
@@ -271,7 +306,7 @@ impl Pairs {
             // baseline at B's receipt, else at the sender's answer.
             let release = match target {
                 Target::Baseline => windows[i].clone(),
-                Target::Relay | Target::Answered => None,
+                Target::Relay | Target::RelayJson | Target::Answered => None,
             };
             tasks.push(tokio::spawn(receive(
                 pair.recv,

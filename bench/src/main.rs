@@ -6,7 +6,8 @@
 //! per-client rate limits raised, drives it through the library's client
 //! over loopback, measures the server's CPU and memory from `/proc`, and
 //! prints a summary table (or JSON with `--json`, and an SVG chart with
-//! `--plot`). `forwarder` and `agent` are this binary's helper processes.
+//! `--plot`). `forwarder` and `agent` are this binary's helper processes;
+//! `seed` writes accounts for other load generators.
 //! See BENCHMARKS.md for the method and the results.
 
 #![forbid(unsafe_code)]
@@ -81,6 +82,10 @@ enum Cmd {
     Login(scenarios::LoginArgs),
     /// Pre-key bundle fetches, consuming one-time keys.
     Prekeys(scenarios::PrekeysArgs),
+    /// Create accounts with session tokens in the relay's database
+    /// (--database-url) and write them to a CSV file, for other load
+    /// generators (bench/artillery, bench/tsung).
+    Seed(seed::SeedArgs),
     /// (helper) The bare WebSocket forwarder baseline.
     #[command(hide = true)]
     Forwarder {
@@ -110,6 +115,7 @@ fn main() -> anyhow::Result<()> {
                 write_buffer,
             } => forwarder::run(listen, write_buffer).await,
             Cmd::Agent(args) => agent::run(args).await,
+            Cmd::Seed(args) => seed::export(&args, &cli.server.database_url).await,
             command => scenarios::run(command_kind(command), &cli.server, &cli.output).await,
         }
     })
@@ -123,7 +129,7 @@ fn command_kind(command: Cmd) -> scenarios::Scenario {
         Cmd::Reconnect(a) => scenarios::Scenario::Reconnect(a),
         Cmd::Login(a) => scenarios::Scenario::Login(a),
         Cmd::Prekeys(a) => scenarios::Scenario::Prekeys(a),
-        Cmd::Forwarder { .. } | Cmd::Agent(_) => unreachable!("handled in main"),
+        Cmd::Forwarder { .. } | Cmd::Agent(_) | Cmd::Seed(_) => unreachable!("handled in main"),
     }
 }
 

@@ -4,7 +4,17 @@
 //! and measure nothing the scenarios care about. Every seeded user gets a
 //! real Argon2 hash of the same password (so password login works and costs
 //! what it costs) and a real session token (so `resume` works).
+//!
+//! `relay-bench seed` does the same for other load generators (Artillery,
+//! tsung; see bench/artillery and bench/tsung): it writes the accounts to a
+//! CSV file they read.
 
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use futures::StreamExt;
 use signal_relay::auth::{Password, PasswordHasher, SessionToken};
 use sqlx::PgPool;
@@ -53,4 +63,47 @@ pub async fn accounts(db: &PgPool, prefix: &str, count: usize) -> anyhow::Result
         .collect()
         .await;
     made.into_iter().collect()
+}
+
+/// `relay-bench seed`: accounts for another load generator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SeedArgs {
+    /// Accounts to create.
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    /// Username prefix; a random run id and the account's index follow.
+    #[arg(long, default_value = "load")]
+    pub prefix: String,
+    /// The CSV file to write, one account per line and no header:
+    /// `username,user_id,token`, the user id in standard base64 (as the
+    /// JSON encoding writes bytes) and the session token in base64url
+    /// without padding (as `Authorization: Bearer` takes it; the JSON
+    /// encoding accepts it for bytes fields too).
+    #[arg(long, value_name = "FILE.csv")]
+    pub out: PathBuf,
+}
+
+/// Seeds `args.count` accounts into the relay's database at `database_url`
+/// and writes them to `args.out`.
+pub async fn export(args: &SeedArgs, database_url: &str) -> anyhow::Result<()> {
+    let db = crate::server::connect_db(database_url).await?;
+    let made = accounts(&db, &args.prefix, args.count).await?;
+    let mut csv = String::new();
+    for account in &made {
+        csv.push_str(&format!(
+            "{},{},{}\n",
+            account.username,
+            STANDARD.encode(account.user_id.as_bytes()),
+            URL_SAFE_NO_PAD.encode(&account.token)
+        ));
+    }
+    std::fs::File::create(&args.out)
+        .and_then(|mut file| file.write_all(csv.as_bytes()))
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} accounts (password {PASSWORD:?}) to {}",
+        made.len(),
+        args.out.display()
+    );
+    Ok(())
 }

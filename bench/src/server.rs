@@ -217,7 +217,7 @@ impl Drop for Relay {
     }
 }
 
-async fn connect_db(url: &str) -> anyhow::Result<PgPool> {
+pub(crate) async fn connect_db(url: &str) -> anyhow::Result<PgPool> {
     // Through the library, so a database the bench creates gets the same
     // schema the relay expects (migrations are idempotent).
     signal_relay::storage::connect(&SecretString::from(url.to_owned()), 16)

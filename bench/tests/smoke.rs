@@ -120,6 +120,58 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     let _ = std::fs::remove_file(plot);
 }
 
+/// `--encoding both`: every relay phase in protobuf and then in JSON, with
+/// the JSON encoding's CPU per message next to protobuf's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_measures_the_json_encoding_beside_protobuf() {
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "live",
+            "--pairs",
+            "2",
+            "--window",
+            "4",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--target",
+            "relay",
+            "--encoding",
+            "both",
+            "--max-in-flight",
+            "2",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    let targets: Vec<&str> = rows(&report)
+        .iter()
+        .map(|r| r["target"].as_str().expect("target"))
+        .collect();
+    let each = ["relay", "relay_json"];
+    assert_eq!(targets, [each, each].concat());
+    for row in rows(&report) {
+        assert!(
+            row["latency_ms"]["answer"]["count"].as_u64() > Some(0),
+            "{row:#}"
+        );
+        assert!(row["server_cpu_us_per_op"].is_number(), "{row:#}");
+    }
+    assert!(summary(&report, "relay_to_relay_json_ratio_median").is_number());
+    assert!(
+        summary(
+            &report,
+            "relay_json_closed_loop_server_cpu_us_per_msg_median"
+        )
+        .is_number()
+    );
+    assert!(summary(&report, "relay_json_to_relay_closed_loop_cpu_per_msg_ratio").is_number());
+    assert!(summary(&report, "relay_json_to_relay_open_loop_cpu_per_msg_ratio").is_number());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_stores_then_drains_everything() {
     let app = app().await;

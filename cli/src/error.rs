@@ -130,7 +130,9 @@ fn client_kind(err: &ClientError) -> Kind {
             Status::Unavailable => Kind::Unreachable,
             _ => Kind::Other,
         },
-        ClientError::Url(_) | ClientError::UnexpectedResponse => Kind::Other,
+        ClientError::Url(_) | ClientError::UnexpectedResponse | ClientError::Encode(_) => {
+            Kind::Other
+        }
     }
 }
 

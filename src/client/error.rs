@@ -38,6 +38,10 @@ pub enum ClientError {
     Closed { code: Option<u16>, reason: String },
     #[error("the server sent a response of the wrong kind")]
     UnexpectedResponse,
+    /// The request cannot be written in the connection's encoding: in JSON,
+    /// an enum field holding a number the schema does not name.
+    #[error("the request cannot be written as JSON")]
+    Encode(#[source] serde_json::Error),
 }
 
 /// Why the server URL, or the upgrade request made from it, was refused.

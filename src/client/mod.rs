@@ -1,5 +1,6 @@
-//! A typed async client for the relay: connect (ws:// or wss://),
-//! authenticate, send requests and await their responses, receive pushes.
+//! A typed async client for the relay: connect (ws:// or wss://) in either
+//! encoding ([`ConnectOptions::encoding`]), authenticate, send requests and
+//! await their responses, receive pushes.
 //! The tests, the CLI and the load generator all speak to the server
 //! through it; none of them handle raw frames.
 //!
@@ -24,11 +25,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use uuid::Uuid;
 
+use crate::protocol::json;
 use crate::protocol::proto::{
     self, ClientFrame, EnvelopeType, ServerFrame, Status, client_frame::Request, push, response,
     server_frame,
 };
 
+pub use crate::protocol::Encoding;
 pub use error::{ClientError, TlsError, UrlError};
 pub use transport::ConnectOptions;
 
@@ -88,6 +91,8 @@ type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<proto::Response>>>>
 pub struct Client {
     /// Frames for the writer task.
     out: mpsc::Sender<WsMessage>,
+    /// How requests are written and answers read.
+    encoding: Encoding,
     /// Requests awaiting their response, by request id.
     pending: Pending,
     /// Source of request ids.
@@ -139,6 +144,7 @@ impl Client {
         options: ConnectOptions,
     ) -> Result<(Client, Events), ClientError> {
         let event_buffer = options.event_buffer;
+        let encoding = options.encoding;
         let (ws, headers) = transport::connect(url, &options).await?;
         let (mut sink, mut stream) = ws.split();
         let (out, mut out_rx) = mpsc::channel::<WsMessage>(1024);
@@ -155,9 +161,15 @@ impl Client {
         tokio::spawn(async move {
             let mut close = CloseInfo::default();
             while let Some(message) = stream.next().await {
-                let bytes = match message {
-                    Ok(WsMessage::Binary(bytes)) => bytes,
-                    Ok(WsMessage::Close(frame)) => {
+                let decoded = match (message, encoding) {
+                    (Ok(WsMessage::Binary(bytes)), Encoding::Proto) => {
+                        ServerFrame::decode(bytes).ok()
+                    }
+                    (Ok(WsMessage::Text(text)), Encoding::Json) => json::decode(&text).ok(),
+                    // The other encoding's frames: the server broke the
+                    // protocol, as with a frame that does not decode.
+                    (Ok(WsMessage::Binary(_) | WsMessage::Text(_)), _) => None,
+                    (Ok(WsMessage::Close(frame)), _) => {
                         if let Some(frame) = frame {
                             close.code = Some(frame.code.into());
                             close.reason = frame.reason.to_string();
@@ -173,10 +185,10 @@ impl Client {
                         .await;
                         break;
                     }
-                    Ok(_) => continue,
-                    Err(_) => break,
+                    (Ok(_), _) => continue,
+                    (Err(_), _) => break,
                 };
-                let Ok(frame) = ServerFrame::decode(bytes) else {
+                let Some(frame) = decoded else {
                     break;
                 };
                 match frame.kind {
@@ -209,6 +221,7 @@ impl Client {
 
         let client = Client {
             out,
+            encoding,
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
             closed: closed_rx.clone(),
@@ -248,18 +261,40 @@ impl Client {
             request_id,
             request: Some(request),
         };
-        if self
-            .out
-            .send(WsMessage::Binary(frame.encode_to_vec().into()))
-            .await
-            .is_err()
-        {
-            if let Some(pending) = self.pending.lock().expect("pending lock").as_mut() {
-                pending.remove(&request_id);
+        let message = match self.encode(&frame) {
+            Ok(message) => message,
+            Err(err) => {
+                self.forget(request_id);
+                return Err(err);
             }
+        };
+        if self.out.send(message).await.is_err() {
+            self.forget(request_id);
             return Err(self.closed_error());
         }
         rx.await.map_err(|_| self.closed_error())
+    }
+
+    /// The WebSocket message carrying `frame` in this connection's encoding.
+    pub fn encode(&self, frame: &ClientFrame) -> Result<WsMessage, ClientError> {
+        Ok(match self.encoding {
+            Encoding::Proto => WsMessage::Binary(frame.encode_to_vec().into()),
+            Encoding::Json => {
+                let text = serde_json::to_string(frame).map_err(ClientError::Encode)?;
+                WsMessage::Text(text.into())
+            }
+        })
+    }
+
+    /// The encoding this connection speaks.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    fn forget(&self, request_id: u64) {
+        if let Some(pending) = self.pending.lock().expect("pending lock").as_mut() {
+            pending.remove(&request_id);
+        }
     }
 
     /// Sends a request; an error status becomes [`ClientError::Status`].

@@ -1,5 +1,6 @@
 //! Opening the client's socket: TCP, optional TLS with a chosen CA, and the
-//! WebSocket upgrade with an optional `Authorization` header.
+//! WebSocket upgrade with an optional `Authorization` header and the
+//! subprotocol of the chosen encoding.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self};
 
 use super::{ClientError, TlsError, UrlError};
+use crate::protocol::Encoding;
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -29,6 +31,10 @@ pub struct ConnectOptions {
     pub event_buffer: usize,
     /// Local address to connect from (load tests spread source addresses).
     pub bind: Option<std::net::IpAddr>,
+    /// The frames' encoding. `Proto` asks for no subprotocol (the server's
+    /// default, as for any client that does not ask); `Json` asks for
+    /// `relay.v1.json`.
+    pub encoding: Encoding,
 }
 
 impl Default for ConnectOptions {
@@ -38,6 +44,7 @@ impl Default for ConnectOptions {
             authorization: None,
             event_buffer: 4096,
             bind: None,
+            encoding: Encoding::Proto,
         }
     }
 }
@@ -86,6 +93,13 @@ pub(super) async fn connect(
     if let Some(auth) = &options.authorization {
         let value = HeaderValue::from_str(auth).map_err(UrlError::Authorization)?;
         request.headers_mut().insert("authorization", value);
+    }
+    if options.encoding != Encoding::Proto {
+        // tungstenite checks that the answer names the same subprotocol.
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(options.encoding.subprotocol()),
+        );
     }
     let config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)

@@ -28,7 +28,7 @@ use crate::envelope;
 use crate::messages::{Delivery, Drain, LiveDelivery, Outbound, Presence, Seat, Step, Unacked};
 use crate::metrics::{AuthMethod, Limit};
 use crate::protocol::proto::{ServerFrame, push};
-use crate::protocol::{self, Close, ProtocolError, RequestError};
+use crate::protocol::{self, Close, Encoding, ProtocolError, RequestError};
 use crate::state::AppState;
 
 /// How a socket arrives at the handler.
@@ -46,7 +46,8 @@ pub enum Entry {
     Unauthenticated(Ticket),
 }
 
-/// Serves one upgraded socket from `peer` to the end.
+/// Serves one upgraded socket from `peer` to the end, in the `encoding` its
+/// upgrade chose.
 ///
 /// Two phases, chained so that they share the future's memory rather than
 /// add up: admission (authentication, taking the user's seat), boxed
@@ -57,6 +58,7 @@ pub enum Entry {
 pub fn serve<S>(
     state: AppState,
     ws: WebSocketStream<S>,
+    encoding: Encoding,
     entry: Entry,
     peer: SocketAddr,
     shutdown: CancellationToken,
@@ -64,7 +66,7 @@ pub fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Connection::new(ws, state.limits().connection.max_frame_bytes);
+    let conn = Connection::new(ws, state.limits().connection.max_frame_bytes, encoding);
     let ledger = Box::new(Ledger {
         peer,
         method: match &entry {
@@ -941,7 +943,14 @@ mod tests {
 
     fn returned_size<F, Fut>(_: &F) -> usize
     where
-        F: FnOnce(AppState, WebSocketStream<Plain>, Entry, SocketAddr, CancellationToken) -> Fut,
+        F: FnOnce(
+            AppState,
+            WebSocketStream<Plain>,
+            Encoding,
+            Entry,
+            SocketAddr,
+            CancellationToken,
+        ) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

@@ -1,7 +1,8 @@
 //! One client's WebSocket: [`Connection`] turns WebSocket messages into
-//! protocol frames and back, and [`handler`] runs the connection's life:
-//! authentication, then the session loop; [`slots`] are the budgets of
-//! unauthenticated and authenticated sockets it moves between.
+//! protocol frames and back, in the encoding the upgrade chose, and
+//! [`handler`] runs the connection's life: authentication, then the session
+//! loop; [`slots`] are the budgets of unauthenticated and authenticated
+//! sockets it moves between.
 
 pub mod handler;
 pub mod read_ahead;
@@ -17,10 +18,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
 
 use crate::protocol::proto::{ClientFrame, ServerFrame};
-use crate::protocol::{Close, ProtocolError};
+use crate::protocol::{Close, Encoding, ProtocolError, json};
 
 /// Something read from the socket.
 // Not boxed: it is moved once per frame, and boxing would allocate per frame.
@@ -38,6 +39,10 @@ pub struct Connection<S> {
     ws: WebSocketStream<S>,
     /// The frame limit, for the error message when a frame exceeds it.
     max_frame: usize,
+    /// The subprotocol's encoding, fixed at the upgrade. Matched once per
+    /// frame, so the protobuf path pays one predictable branch for the
+    /// JSON one existing, and nothing per field.
+    encoding: Encoding,
     /// Outgoing frames are encoded here. tungstenite copies each into its
     /// write buffer and drops it before the next is encoded, so the
     /// allocation is reclaimed and reused: writing a frame allocates nothing.
@@ -49,10 +54,11 @@ pub struct Connection<S> {
 const KEEP_ENCODE_CAPACITY: usize = 16 * 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    pub fn new(ws: WebSocketStream<S>, max_frame: usize) -> Self {
+    pub fn new(ws: WebSocketStream<S>, max_frame: usize, encoding: Encoding) -> Self {
         Connection {
             ws,
             max_frame,
+            encoding,
             encoded: BytesMut::new(),
         }
     }
@@ -87,10 +93,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Some(Err(err)) => return Err(ProtocolError::Transport(err)),
             };
             return match message {
-                WsMessage::Binary(bytes) => ClientFrame::decode(bytes)
-                    .map(|f| Some(Inbound::Frame(f)))
-                    .map_err(ProtocolError::Malformed),
-                WsMessage::Text(_) => Err(ProtocolError::TextFrame),
+                WsMessage::Binary(bytes) => match self.encoding {
+                    Encoding::Proto => ClientFrame::decode(bytes)
+                        .map(|f| Some(Inbound::Frame(f)))
+                        .map_err(ProtocolError::Malformed),
+                    Encoding::Json => Err(ProtocolError::BinaryFrame),
+                },
+                WsMessage::Text(text) => match self.encoding {
+                    Encoding::Json => json::decode(&text)
+                        .map(|f| Some(Inbound::Frame(f)))
+                        .map_err(ProtocolError::MalformedJson),
+                    Encoding::Proto => Err(ProtocolError::TextFrame),
+                },
                 // tungstenite has queued the answer (an echo, or 1002 for
                 // a close code no endpoint may send); `close(None)` sends it.
                 WsMessage::Close(_) => Ok(None),
@@ -110,8 +124,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// did not complete queued nothing. The write futures here are `Unpin`,
     /// so a caller can try one once and move it elsewhere only if it waits.
     pub fn feed(&mut self, frame: &ServerFrame) -> Feed<'_, WebSocketStream<S>, WsMessage> {
-        let bytes = self.encode(frame);
-        self.ws.feed(WsMessage::Binary(bytes))
+        let message = match self.encoding {
+            Encoding::Proto => WsMessage::Binary(self.encode(frame)),
+            Encoding::Json => WsMessage::Text(self.encode_json(frame)),
+        };
+        self.ws.feed(message)
     }
 
     fn encode(&mut self, frame: &ServerFrame) -> Bytes {
@@ -119,6 +136,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         frame
             .encode(&mut self.encoded)
             .expect("the buffer was reserved for the whole frame");
+        self.take_encoded()
+    }
+
+    fn encode_json(&mut self, frame: &ServerFrame) -> Utf8Bytes {
+        // Fails only for an enum field holding a number the schema does not
+        // name, and every enum the server writes comes from a Rust enum
+        // (`Status`, `SendOutcome`, `envelope::EnvelopeType`), never from a
+        // client's number.
+        json::encode_into(frame, &mut self.encoded)
+            .expect("server frames hold only named enum values");
+        Utf8Bytes::try_from(self.take_encoded()).expect("serde_json writes UTF-8")
+    }
+
+    /// The frame just encoded, leaving the buffer's allocation for the next.
+    fn take_encoded(&mut self) -> Bytes {
         // Measured before the split, which leaves only the spare room
         // behind while the empty buffer still holds the whole allocation.
         let oversized = self.encoded.capacity() > KEEP_ENCODE_CAPACITY;

@@ -71,12 +71,23 @@ pub struct Close {
     pub reason: Cow<'static, str>,
 }
 
+/// Most bytes of reason a close frame holds (RFC 6455: a control frame
+/// carries at most 125 bytes, two of which are the code).
+pub const MAX_REASON_BYTES: usize = 123;
+
 impl Close {
+    /// A close whose reason is cut, at a character boundary, to what a close
+    /// frame holds: reasons may quote the client's input.
     pub fn new(code: CloseCode, reason: impl Into<Cow<'static, str>>) -> Self {
-        Close {
-            code,
-            reason: reason.into(),
+        let mut reason = reason.into();
+        if reason.len() > MAX_REASON_BYTES {
+            let mut end = MAX_REASON_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.to_mut().truncate(end);
         }
+        Close { code, reason }
     }
 
     pub const fn fixed(code: CloseCode, reason: &'static str) -> Self {
@@ -147,5 +158,21 @@ mod tests {
         for (code, number) in all {
             assert_eq!(code.code(), number, "{code:?}");
         }
+    }
+
+    #[test]
+    fn long_reasons_are_cut_to_fit_a_close_frame_at_a_character_boundary() {
+        let long = "é".repeat(100);
+        let close = Close::new(CloseCode::InvalidPayload, long);
+        assert_eq!(
+            close.reason.len(),
+            122,
+            "two-byte characters, cut before the 123rd byte"
+        );
+        assert!(close.reason.chars().all(|c| c == 'é'));
+        let short = Close::new(CloseCode::InvalidPayload, "fine");
+        assert_eq!(short.reason, "fine");
+        let exact = "x".repeat(MAX_REASON_BYTES);
+        assert_eq!(Close::new(CloseCode::Normal, exact.clone()).reason, exact);
     }
 }

@@ -13,15 +13,22 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite;
 
 use super::close::{Close, CloseCode};
+use super::json::InvalidJson;
 use super::proto::Status;
 
 /// A frame the server cannot accept; ends the connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("text frames are not part of the protocol; send binary protobuf frames")]
+    #[error("text frames need the relay.v1.json subprotocol; this socket speaks relay.v1.proto")]
     TextFrame,
+    #[error("binary frames need the relay.v1.proto subprotocol; this socket speaks relay.v1.json")]
+    BinaryFrame,
     #[error("frame is not a valid ClientFrame")]
     Malformed(#[source] prost::DecodeError),
+    /// The close reason carries the detail (which field, where), since
+    /// that is what someone typing JSON by hand needs.
+    #[error("not a valid ClientFrame: {0}")]
+    MalformedJson(#[source] InvalidJson),
     #[error("frame exceeds the {limit}-byte limit")]
     TooLarge { limit: usize },
     /// The WebSocket framing itself is broken; see
@@ -40,8 +47,10 @@ impl ProtocolError {
     /// told anything.
     pub fn close(&self) -> Option<Close> {
         let code = match self {
-            ProtocolError::TextFrame => CloseCode::Unsupported,
-            ProtocolError::Malformed(_) => CloseCode::InvalidPayload,
+            ProtocolError::TextFrame | ProtocolError::BinaryFrame => CloseCode::Unsupported,
+            ProtocolError::Malformed(_) | ProtocolError::MalformedJson(_) => {
+                CloseCode::InvalidPayload
+            }
             ProtocolError::TooLarge { .. } => CloseCode::TooBig,
             ProtocolError::Violation(_) => CloseCode::ProtocolError,
             ProtocolError::InvalidUtf8(_) => CloseCode::InvalidPayload,

@@ -1,20 +1,26 @@
-//! The wire protocol: the generated protobuf types of `proto/relay.proto`,
-//! the frames the server builds from them, the errors that become a
-//! response's status or a close ([`RequestError`], [`ProtocolError`]), the
-//! close codes ([`close`]), and the id newtypes requests are parsed into at
-//! the edge ([`ids`]).
+//! The wire protocol: the generated protobuf types of `proto/relay.proto`
+//! and their JSON mapping, the two encodings a connection may choose
+//! ([`Encoding`], [`json`]), the frames the server builds from them, the
+//! errors that become a response's status or a close ([`RequestError`],
+//! [`ProtocolError`]), the close codes ([`close`]), and the id newtypes
+//! requests are parsed into at the edge ([`ids`]).
 
 pub mod close;
+mod encoding;
 mod error;
 pub mod ids;
+pub mod json;
 
 pub use close::{Close, CloseCode};
+pub use encoding::{Encoding, SUBPROTOCOLS, UnsupportedSubprotocols};
 pub use error::{ProtocolError, RequestError};
 
 /// Types generated from `proto/relay.proto`.
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/relay.v1.rs"));
+    // Their proto3 JSON mapping, for the relay.v1.json subprotocol.
+    include!(concat!(env!("OUT_DIR"), "/relay.v1.serde.rs"));
 }
 
 use proto::{Response, ServerFrame, response, server_frame};

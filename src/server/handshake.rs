@@ -1,6 +1,7 @@
 //! The HTTP side of a connection: read the upgrade request, check the path
-//! and headers, authenticate from an `Authorization` header if present, and
-//! answer either `101 Switching Protocols` or a proper HTTP error. Done by
+//! and headers, choose the subprotocol (and so the frames' encoding),
+//! authenticate from an `Authorization` header if present, and answer
+//! either `101 Switching Protocols` or a proper HTTP error. Done by
 //! hand rather than in tungstenite's synchronous callback so credentials
 //! can be checked (asynchronously) before the upgrade is accepted.
 
@@ -17,7 +18,7 @@ use super::http::{self, MAX_HEAD, Probe, Response};
 use crate::auth::{self, Authenticated, HeaderCredentials};
 use crate::connection::slots::Ticket;
 use crate::metrics::AuthMethod;
-use crate::protocol::RequestError;
+use crate::protocol::{Encoding, RequestError, UnsupportedSubprotocols};
 use crate::state::AppState;
 
 /// The only path that upgrades.
@@ -33,6 +34,8 @@ pub enum Accepted {
 
 /// An accepted upgrade.
 pub struct Upgrade {
+    /// The frames' encoding, from the negotiated subprotocol.
+    pub encoding: Encoding,
     /// Set when the request authenticated itself, with how; the ticket
     /// then holds its reserved authenticated slot.
     pub auth: Option<(Authenticated, AuthMethod)>,
@@ -65,6 +68,8 @@ pub enum UpgradeError {
     UnsupportedVersion,
     #[error("missing Sec-WebSocket-Key")]
     MissingKey,
+    #[error(transparent)]
+    Subprotocol(#[from] UnsupportedSubprotocols),
     #[error("server is at its connection limit")]
     AtCapacity,
     /// Too many sockets not yet authenticated, from everyone.
@@ -93,6 +98,7 @@ impl UpgradeError {
             UpgradeError::NotWebSocket => "not_websocket",
             UpgradeError::UnsupportedVersion => "unsupported_version",
             UpgradeError::MissingKey => "missing_key",
+            UpgradeError::Subprotocol(_) => "unsupported_subprotocol",
             UpgradeError::AtCapacity => "at_capacity",
             UpgradeError::UnauthenticatedFull => "unauthenticated_full",
             UpgradeError::AddressFull => "address_full",
@@ -109,7 +115,9 @@ impl UpgradeError {
             UpgradeError::Gone => return None,
             UpgradeError::Timeout => (408, "Request Timeout", "".into()),
             UpgradeError::HeadTooLarge => (431, "Request Header Fields Too Large", "".into()),
-            UpgradeError::Malformed | UpgradeError::MissingKey => (400, "Bad Request", "".into()),
+            UpgradeError::Malformed | UpgradeError::MissingKey | UpgradeError::Subprotocol(_) => {
+                (400, "Bad Request", "".into())
+            }
             UpgradeError::NotFound => (404, "Not Found", "".into()),
             UpgradeError::MethodNotAllowed => (405, "Method Not Allowed", "Allow: GET\r\n".into()),
             UpgradeError::NotWebSocket => (
@@ -193,12 +201,13 @@ where
         Ok(Err(_)) => return Err(UpgradeError::Gone),
         Err(_) => return Err(UpgradeError::Timeout),
     };
-    let (accept_key, authorization) = match parse(&head)? {
+    let (accept_key, chosen, authorization) = match parse(&head)? {
         Requested::Probe(probe) => return Ok(Accepted::Probe(probe)),
         Requested::Upgrade {
             accept_key,
+            encoding,
             authorization,
-        } => (accept_key, authorization),
+        } => (accept_key, encoding, authorization),
     };
     let (auth, issued_token) = match authorization {
         None => (None, None),
@@ -256,6 +265,12 @@ where
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n"
     );
+    if let Some(encoding) = chosen {
+        response.push_str(&format!(
+            "Sec-WebSocket-Protocol: {}\r\n",
+            encoding.subprotocol()
+        ));
+    }
     if let (Some((auth, _)), Some(token)) = (&auth, issued_token) {
         // Basic authentication issued a session; hand its token over.
         response.push_str(&format!(
@@ -268,7 +283,11 @@ where
     if stream.write_all(response.as_bytes()).await.is_err() {
         return Err(UpgradeError::Gone);
     }
-    Ok(Accepted::Upgrade(Upgrade { auth, leftover }))
+    Ok(Accepted::Upgrade(Upgrade {
+        encoding: chosen.unwrap_or_default(),
+        auth,
+        leftover,
+    }))
 }
 
 /// What a well-formed request head asks for, before any credentials are
@@ -278,9 +297,11 @@ pub enum Requested<'h> {
     /// A health probe.
     Probe(Probe),
     /// A WebSocket upgrade: the `Sec-WebSocket-Accept` value to answer,
-    /// and the `Authorization` header's value, if any.
+    /// the subprotocol chosen (`None` when the client offered none), and
+    /// the `Authorization` header's value, if any.
     Upgrade {
         accept_key: String,
+        encoding: Option<Encoding>,
         authorization: Option<&'h str>,
     },
 }
@@ -327,8 +348,17 @@ pub fn parse(head: &[u8]) -> Result<Requested<'_>, UpgradeError> {
     let Some(key) = header("sec-websocket-key") else {
         return Err(UpgradeError::MissingKey);
     };
+    // Before authentication: a refused upgrade must not cost a password
+    // hash, nor issue a session nobody will use.
+    let offered = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok());
+    let encoding = Encoding::negotiate(offered)?;
     Ok(Requested::Upgrade {
         accept_key: derive_accept_key(key.trim().as_bytes()),
+        encoding,
         authorization: header("authorization"),
     })
 }
@@ -371,6 +401,10 @@ mod tests {
         assert_eq!(status(UpgradeError::HeadTooLarge), Some(431));
         assert_eq!(status(UpgradeError::Malformed), Some(400));
         assert_eq!(status(UpgradeError::MissingKey), Some(400));
+        assert_eq!(
+            status(UpgradeError::Subprotocol(UnsupportedSubprotocols)),
+            Some(400)
+        );
         assert_eq!(status(UpgradeError::NotFound), Some(404));
         assert_eq!(status(UpgradeError::MethodNotAllowed), Some(405));
         assert_eq!(status(UpgradeError::NotWebSocket), Some(426));

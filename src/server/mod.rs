@@ -442,6 +442,7 @@ async fn upgrade<S>(
             return;
         }
     };
+    let encoding = upgrade.encoding;
     let entry = match upgrade.auth {
         Some((auth, method)) => Entry::Authenticated {
             auth,
@@ -460,7 +461,7 @@ async fn upgrade<S>(
         config,
     ))
     .await;
-    Box::pin(handler::serve(state, ws, entry, peer, shutdown)).await;
+    Box::pin(handler::serve(state, ws, encoding, entry, peer, shutdown)).await;
 }
 
 #[cfg(test)]

@@ -23,26 +23,26 @@ const VECTORS: &str = concat!(
     "/../shared/vectors/libsignal-prekeys.json"
 );
 
-fn vectors() -> Value {
+pub(crate) fn vectors() -> Value {
     let text =
         std::fs::read_to_string(VECTORS).unwrap_or_else(|e| panic!("cannot read {VECTORS}: {e}"));
     serde_json::from_str(&text).expect("vectors file is not JSON")
 }
 
-fn hex_bytes(v: &Value) -> Bytes {
+pub(crate) fn hex_bytes(v: &Value) -> Bytes {
     let s = v
         .as_str()
         .unwrap_or_else(|| panic!("expected hex, got {v}"));
     Bytes::from(hex::decode(s).expect("valid hex"))
 }
 
-fn id(v: &Value) -> u32 {
+pub(crate) fn id(v: &Value) -> u32 {
     v.as_u64()
         .and_then(|id| u32::try_from(id).ok())
         .unwrap_or_else(|| panic!("expected an id, got {v}"))
 }
 
-fn signed_ec(v: &Value) -> proto::SignedEcPreKey {
+pub(crate) fn signed_ec(v: &Value) -> proto::SignedEcPreKey {
     proto::SignedEcPreKey {
         id: id(&v["id"]),
         public_key: hex_bytes(&v["public_key"]),
@@ -50,7 +50,7 @@ fn signed_ec(v: &Value) -> proto::SignedEcPreKey {
     }
 }
 
-fn signed_kyber(v: &Value) -> proto::SignedKyberPreKey {
+pub(crate) fn signed_kyber(v: &Value) -> proto::SignedKyberPreKey {
     proto::SignedKyberPreKey {
         id: id(&v["id"]),
         public_key: hex_bytes(&v["public_key"]),
@@ -59,7 +59,8 @@ fn signed_kyber(v: &Value) -> proto::SignedKyberPreKey {
 }
 
 /// A vector upload (field names as in the vectors file) as a request.
-fn vector_upload(u: &Value) -> proto::UploadKeys {
+/// Shared with the JSON tests, which upload the same vectors.
+pub(crate) fn vector_upload(u: &Value) -> proto::UploadKeys {
     let list = |field: &str| u[field].as_array().expect("an array").clone();
     proto::UploadKeys {
         identity_key: Some(hex_bytes(&u["identity_key"])),

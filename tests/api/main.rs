@@ -9,6 +9,7 @@ mod connection;
 mod crash;
 mod deploy;
 mod helpers;
+mod json;
 mod keys;
 mod messaging;
 mod operations;

@@ -193,6 +193,7 @@ fn upgrade_requests() {
                 Ok(Requested::Upgrade {
                     accept_key,
                     authorization,
+                    ..
                 }),
                 Ok(None),
             ) => {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use signal_relay::client::Encoding;
+
 use super::{Run, secs};
 use crate::live::{self, Load, Pairs};
 use crate::metrics::{Kind, ProcWindow, Snapshot, Usage};
@@ -31,7 +33,7 @@ pub(super) async fn start_background(
     b: &Background,
     accounts: &[Account],
 ) -> anyhow::Result<live::Running> {
-    let pairs = Pairs::relay(&run.relay.url, accounts).await?;
+    let pairs = Pairs::relay(&run.relay.url, accounts, Encoding::Proto).await?;
     let load = Load::Open {
         rate: b.rate,
         tick: Duration::from_micros(100),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::json;
+use signal_relay::client::Encoding;
 
 use super::{Run, median, secs};
 use crate::live::{self, Load, Pairs, Target};
@@ -26,6 +27,28 @@ pub enum Targets {
     Relay,
     Baseline,
     Both,
+}
+
+/// The subprotocol the relay pairs speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Encodings {
+    /// relay.v1.proto (binary protobuf frames).
+    Proto,
+    /// relay.v1.json (text frames, proto3 JSON).
+    Json,
+    /// Each relay phase twice, protobuf then JSON, on the same accounts:
+    /// the JSON encoding's cost side by side in one run.
+    Both,
+}
+
+impl Encodings {
+    fn list(self) -> &'static [Encoding] {
+        match self {
+            Encodings::Proto => &[Encoding::Proto],
+            Encodings::Json => &[Encoding::Json],
+            Encodings::Both => &[Encoding::Proto, Encoding::Json],
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -55,6 +78,9 @@ pub struct LiveArgs {
     pub rate_fraction: f64,
     #[arg(long, value_enum, default_value = "both")]
     pub target: Targets,
+    /// The relay pairs' encoding; `both` measures each, alternating.
+    #[arg(long, value_enum, default_value = "proto")]
+    pub encoding: Encodings,
     /// Closed-loop runs per target, alternating relay and baseline; the
     /// summary quotes medians.
     #[arg(long, default_value_t = 1)]
@@ -116,6 +142,7 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
         "window": a.window, "mode": format!("{:?}", a.mode), "target": format!("{:?}", a.target),
         "runs": a.runs, "rate": a.rate, "rate_fraction": a.rate_fraction, "tick_us": a.tick_us,
         "max_in_flight": a.max_in_flight, "answered_baseline": a.answered_baseline,
+        "encoding": format!("{:?}", a.encoding),
     });
     if a.mode == Mode::Open && a.rate.is_none() {
         bail!("--mode open needs --rate (or use --mode both)");
@@ -123,9 +150,10 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
     if a.answered_baseline && a.target == Targets::Relay {
         bail!("--answered-baseline needs --target baseline or both");
     }
+    // The relay targets come first: ratios are of the first to the others.
     let mut targets = Vec::new();
     if a.target != Targets::Baseline {
-        targets.push(Target::Relay);
+        targets.extend(a.encoding.list().iter().map(|&e| Target::relay(e)));
     }
     if a.target != Targets::Relay {
         targets.push(Target::Baseline);
@@ -133,13 +161,13 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
             targets.push(Target::Answered);
         }
     }
-    let relay_on = targets.contains(&Target::Relay);
+    let relay_on = targets.iter().any(|t| t.is_relay());
     let accounts = if relay_on {
         run.seed("live", a.pairs * 2).await?
     } else {
         Vec::new()
     };
-    let forwarder = if targets.len() > usize::from(relay_on) {
+    let forwarder = if targets.iter().any(|t| !t.is_relay()) {
         Some(Forwarder::start(a.baseline_write_buffer)?)
     } else {
         None
@@ -149,8 +177,13 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
     let mut pair_base = 0;
     // Connects fresh pairs for one phase against `target`.
     let mut connect = async |target: Target| -> anyhow::Result<(Pairs, Option<u32>)> {
-        if target == Target::Relay {
-            return Ok((Pairs::relay(&url, &accounts).await?, relay_pid));
+        let encoding = match target {
+            Target::Relay => Some(Encoding::Proto),
+            Target::RelayJson => Some(Encoding::Json),
+            Target::Baseline | Target::Answered => None,
+        };
+        if let Some(encoding) = encoding {
+            return Ok((Pairs::relay(&url, &accounts, encoding).await?, relay_pid));
         }
         let f = forwarder.as_ref().expect("forwarder started");
         let base = pair_base;
@@ -160,8 +193,10 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
         Ok((pairs.await?, Some(f.pid)))
     };
 
-    // Closed-loop rates per target, in `targets` order.
+    // Closed-loop rates and server CPU per message per target, in
+    // `targets` order.
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut cpu_per_msg: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     if a.mode != Mode::Open {
         let load = Load::Closed { window: a.window };
         for r in 1..=a.runs.max(1) {
@@ -173,6 +208,9 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
                 )
                 .await;
                 rates[t].push(row.rate_per_sec);
+                if let Some(cpu) = row.server_cpu_us_per_op {
+                    cpu_per_msg[t].push(cpu);
+                }
                 run.rows.push(row);
             }
         }
@@ -186,6 +224,12 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
                 &format!("{name}_closed_loop_msgs_per_s_runs"),
                 rates[t].iter().map(|r| r.round()).collect::<Vec<_>>(),
             );
+            if !cpu_per_msg[t].is_empty() {
+                run.summary(
+                    &format!("{name}_closed_loop_server_cpu_us_per_msg_median"),
+                    round_to(median(&mut cpu_per_msg[t].clone()), 2),
+                );
+            }
             if relay_on && t > 0 {
                 // Ratios per run (same invocation, alternating), then the
                 // median.
@@ -198,7 +242,7 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
                 if ratios.is_empty() {
                     continue;
                 }
-                let round = |r: f64| (r * 1000.0).round() / 1000.0;
+                let round = |r: f64| round_to(r, 3);
                 let runs: Vec<f64> = ratios.iter().copied().map(round).collect();
                 run.summary(
                     &format!("relay_to_{name}_ratio_median"),
@@ -223,6 +267,7 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
             tick: Duration::from_micros(a.tick_us.max(10)),
             max_in_flight: a.max_in_flight.max(1),
         };
+        let mut open_cpu = Vec::new();
         for &target in &targets {
             let (pairs, pid) = connect(target).await?;
             let row = measure_live(
@@ -235,8 +280,47 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
                     p.p99,
                 );
             }
+            if let Some(cpu) = row.server_cpu_us_per_op {
+                run.summary(
+                    &format!("{}_open_loop_server_cpu_us_per_msg", target.name()),
+                    round_to(cpu, 2),
+                );
+                open_cpu.push((target, cpu));
+            }
             run.rows.push(row);
+        }
+        // The JSON encoding's server CPU per message over protobuf's, at
+        // the same offered rate.
+        let cpu_of = |want: Target| open_cpu.iter().find(|(t, _)| *t == want).map(|p| p.1);
+        if let (Some(proto), Some(json)) = (cpu_of(Target::Relay), cpu_of(Target::RelayJson))
+            && proto > 0.0
+        {
+            run.summary(
+                "relay_json_to_relay_open_loop_cpu_per_msg_ratio",
+                round_to(json / proto, 3),
+            );
+        }
+    }
+    if a.mode != Mode::Open && targets.contains(&Target::RelayJson) {
+        let (proto, json) = (
+            median(&mut cpu_per_msg[0].clone()),
+            targets
+                .iter()
+                .position(|&t| t == Target::RelayJson)
+                .map_or(0.0, |j| median(&mut cpu_per_msg[j].clone())),
+        );
+        if targets[0] == Target::Relay && proto > 0.0 && json > 0.0 {
+            run.summary(
+                "relay_json_to_relay_closed_loop_cpu_per_msg_ratio",
+                round_to(json / proto, 3),
+            );
         }
     }
     Ok(params)
+}
+
+/// `value` rounded to `places` decimal places.
+fn round_to(value: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (value * scale).round() / scale
 }
