@@ -114,11 +114,12 @@ where
                         authenticated.since,
                     )
                 }
-                Err(Some(close)) => {
-                    conn.close(Some(close)).await;
+                // `None` still answers a close the peer sent (or one
+                // tungstenite queued for a protocol violation).
+                Err(close) => {
+                    conn.close(close).await;
                     return None;
                 }
-                Err(None) => return None,
             }
         }
     };
@@ -160,7 +161,8 @@ struct SelfAuthenticated {
 }
 
 /// Reads requests until one authenticates the socket, by the ticket's auth
-/// deadline. `Err` carries the close, if the socket should be told why.
+/// deadline. `Err` carries the close, if the socket should be told why;
+/// `None` answers only a close the peer sent or tungstenite queued.
 async fn authenticate<S>(
     state: &AppState,
     conn: &mut Connection<S>,
