@@ -262,6 +262,31 @@ pub struct User {
     pub token: Vec<u8>,
 }
 
+/// Connects and resumes through the first of `urls` (from `*at` on, in
+/// turn) that accepts, as a client behind a load balancer would: a node
+/// that is down is skipped, not waited for. Advances `*at` to the node
+/// used.
+pub async fn connect_any(urls: &[String], at: &mut usize, token: &[u8]) -> (Client, Events) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let url = &urls[*at];
+        if let Ok(Ok((client, events))) =
+            tokio::time::timeout(Duration::from_secs(2), Client::connect(url)).await
+            && client.resume(token).await.is_ok()
+        {
+            return (client, events);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "could not connect to any of {urls:?}"
+        );
+        *at = (*at + 1) % urls.len();
+        // A retry delay while nodes restart, not a stand-in for
+        // synchronisation.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Connects and resumes, retrying while the node is down or refuses.
 pub async fn connect(url: &str, token: &[u8]) -> (Client, Events) {
     let deadline = Instant::now() + WAIT;

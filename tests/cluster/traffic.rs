@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::checker::Checker;
-use crate::support::{User, WAIT, connect};
+use crate::support::{User, WAIT, connect_any};
 
 /// Most tries of one message before the test gives up on it.
 const MAX_TRIES: usize = 200;
@@ -34,7 +34,7 @@ pub async fn send_all(
     hop: Option<Duration>,
 ) {
     let mut at = 0;
-    let mut client = connect_sender(&urls[at], &user).await;
+    let mut client = connect_sender(&urls, &mut at, &user).await;
     let mut connections = 0usize;
     let mut next = 0u64;
     let mut retry = BTreeSet::new();
@@ -89,7 +89,7 @@ pub async fn send_all(
                         // This connection is over (displaced, node gone):
                         // go on through the next node.
                         at = (at + 1) % urls.len();
-                        client = connect_sender(&urls[at], &user).await;
+                        client = connect_sender(&urls, &mut at, &user).await;
                         connections += 1;
                     } else {
                         // Told to retry (UNAVAILABLE): a retry delay, not a
@@ -103,7 +103,7 @@ pub async fn send_all(
                     eprintln!("hop: in flight {}, retry {}, next {next}", in_flight.len(), retry.len());
                 }
                 at = (at + 1) % urls.len();
-                client = connect_sender(&urls[at], &user).await;
+                client = connect_sender(&urls, &mut at, &user).await;
                 connections += 1;
             }
         }
@@ -112,8 +112,8 @@ pub async fn send_all(
 
 /// Connects a sender, and acks the receipts it is sent as a client would
 /// (a client that stops reading its pushes stalls its own responses).
-async fn connect_sender(url: &str, user: &User) -> Client {
-    let (client, mut events) = connect(url, &user.token).await;
+async fn connect_sender(urls: &[String], at: &mut usize, user: &User) -> Client {
+    let (client, mut events) = connect_any(urls, at, &user.token).await;
     let acker = client.clone();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
@@ -160,7 +160,7 @@ pub async fn receive_all(
         let (client, mut events) = match next.take() {
             Some(connection) => connection,
             None => tokio::select! {
-                c = connect(&urls[at], &user.token) => c,
+                c = connect_any(&urls, &mut at, &user.token) => c,
                 () = stop.cancelled() => break,
             },
         };
@@ -178,7 +178,7 @@ pub async fn receive_all(
                 },
                 _ = hops.tick(), if hop.is_some() => {
                     at = (at + 1) % urls.len();
-                    let new = connect(&urls[at], &user.token).await;
+                    let new = connect_any(&urls, &mut at, &user.token).await;
                     // The new node has the old connection closed; what
                     // the old one delivered until then came first.
                     read_until_closed(&checker, &user, &client, &mut events, &via).await;
