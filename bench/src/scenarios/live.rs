@@ -1,6 +1,8 @@
 //! The `live` scenario: messages between connected pairs, on the relay and
 //! on the bare forwarder baseline in the same run, closed loop (maximum
-//! throughput) and open loop (latency at a fixed offered rate).
+//! throughput) and open loop (latency at a fixed offered rate). With
+//! `--nodes N` also on a cluster of N relays the bench starts, every pair
+//! split across two nodes.
 
 use std::time::Duration;
 
