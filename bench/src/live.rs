@@ -77,6 +77,9 @@ pub enum Target {
     /// The relay, with every client speaking the `relay.v1.json`
     /// subprotocol: what the JSON encoding costs on top of protobuf.
     RelayJson,
+    /// Several relays in cluster mode (protobuf), each pair's sender on one
+    /// node and its recipient on the next: every message crosses nodes.
+    Cluster,
     Baseline,
     /// The forwarder, with B answering every message back to A through it:
     /// the relay's frames (one to the recipient, one back to the sender per
@@ -95,13 +98,14 @@ impl Target {
 
     /// Whether this is the relay (in either encoding), not a baseline.
     pub fn is_relay(self) -> bool {
-        matches!(self, Target::Relay | Target::RelayJson)
+        matches!(self, Target::Relay | Target::RelayJson | Target::Cluster)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Relay => "relay",
             Target::RelayJson => "relay_json",
+            Target::Cluster => "cluster",
             Target::Baseline => "baseline",
             Target::Answered => "answered",
         }
@@ -195,11 +199,31 @@ impl Pairs {
         accounts: &[Account],
         encoding: Encoding,
     ) -> anyhow::Result<Pairs> {
-        let pairs = futures::stream::iter(accounts.chunks_exact(2))
-            .map(|two| async move {
-                let (b, mut b_events) = connect_relay_as(url, &two[1], encoding).await?;
+        let urls = [url.to_owned()];
+        Self::across(&urls, accounts, encoding, Target::relay(encoding)).await
+    }
+
+    /// Connects `accounts.len() / 2` protobuf pairs across the nodes of a
+    /// cluster: pair i's sender on node i mod n, its recipient on node
+    /// (i+1) mod n, so with two nodes or more no pair shares a node.
+    pub async fn cluster(urls: &[String], accounts: &[Account]) -> anyhow::Result<Pairs> {
+        Self::across(urls, accounts, Encoding::Proto, Target::Cluster).await
+    }
+
+    async fn across(
+        urls: &[String],
+        accounts: &[Account],
+        encoding: Encoding,
+        target: Target,
+    ) -> anyhow::Result<Pairs> {
+        anyhow::ensure!(!urls.is_empty(), "no relay to connect to");
+        let n = urls.len();
+        let pairs = futures::stream::iter(accounts.chunks_exact(2).enumerate())
+            .map(|(i, two)| async move {
+                let (a_url, b_url) = (&urls[i % n], &urls[(i + 1) % n]);
+                let (b, mut b_events) = connect_relay_as(b_url, &two[1], encoding).await?;
                 wait_queue_empty(&mut b_events).await?;
-                let (a, a_events) = connect_relay_as(url, &two[0], encoding).await?;
+                let (a, a_events) = connect_relay_as(a_url, &two[0], encoding).await?;
                 // A receives nothing in this scenario but must not stall
                 // its reader; dropping its events is fine (pushes are then
                 // discarded by the client).
@@ -221,10 +245,7 @@ impl Pairs {
             .await
             .into_iter()
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Pairs {
-            target: Target::relay(encoding),
-            pairs,
-        })
+        Ok(Pairs { target, pairs })
     }
 
     /// Connects `n` pairs to the forwarder at `url` (`ws://host:port`),
@@ -306,7 +327,7 @@ impl Pairs {
             // baseline at B's receipt, else at the sender's answer.
             let release = match target {
                 Target::Baseline => windows[i].clone(),
-                Target::Relay | Target::RelayJson | Target::Answered => None,
+                Target::Relay | Target::RelayJson | Target::Cluster | Target::Answered => None,
             };
             tasks.push(tokio::spawn(receive(
                 pair.recv,

@@ -353,6 +353,9 @@ pub struct ProcWindow {
     rss_start: Option<u64>,
     machine_start: Option<(u64, u64)>,
     started: Instant,
+    /// Further processes measured by name (a cluster's nodes and its
+    /// Redis), with their CPU seconds at the start.
+    named: Vec<(String, u32, Option<f64>)>,
 }
 
 /// CPU and memory of the server, generator and PostgreSQL over a window.
@@ -366,6 +369,10 @@ pub struct Usage {
     /// The whole machine, percent of all CPUs: everything above plus agents
     /// and anything else running.
     pub machine_busy_percent: Option<f64>,
+    /// CPU of further named processes (a cluster's nodes and its Redis),
+    /// percent of one core.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub processes_cpu_percent: BTreeMap<String, f64>,
 }
 
 impl ProcWindow {
@@ -378,7 +385,17 @@ impl ProcWindow {
             rss_start: pid.and_then(procfs::rss_kib),
             machine_start: procfs::cpu_jiffies(),
             started: Instant::now(),
+            named: Vec::new(),
         }
+    }
+
+    /// Also measures these processes, each under its name.
+    pub fn with_processes(mut self, processes: &[(String, u32)]) -> Self {
+        self.named = processes
+            .iter()
+            .map(|(name, pid)| (name.clone(), *pid, procfs::cpu_seconds(*pid)))
+            .collect();
+        self
     }
 
     pub fn finish(&self) -> Usage {
@@ -402,6 +419,13 @@ impl ProcWindow {
                 }
                 _ => None,
             },
+            processes_cpu_percent: self
+                .named
+                .iter()
+                .filter_map(|(name, pid, start)| {
+                    Some((name.clone(), pct(procfs::cpu_seconds(*pid)?, (*start)?)))
+                })
+                .collect(),
         }
     }
 }

@@ -53,6 +53,10 @@ pub struct Row {
     /// sensitive than the rate to other work sharing the machine, so the
     /// number to compare between builds on a noisy box.
     pub server_cpu_us_per_op: Option<f64>,
+    /// CPU time per completed operation of each further named process (a
+    /// cluster's nodes and its Redis), in microseconds.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub process_cpu_us_per_op: BTreeMap<String, f64>,
 }
 
 impl Row {
@@ -68,6 +72,7 @@ impl Row {
             counts: snap.counts.clone(),
             usage,
             server_cpu_us_per_op: None,
+            process_cpu_us_per_op: BTreeMap::new(),
         }
         .with_cpu_per_op()
     }
@@ -76,6 +81,16 @@ impl Row {
         self.server_cpu_us_per_op = match self.usage.server_cpu_percent {
             Some(cpu) if self.rate_per_sec > 0.0 => Some(cpu / 100.0 * 1e6 / self.rate_per_sec),
             _ => None,
+        };
+        let rate = self.rate_per_sec;
+        self.process_cpu_us_per_op = match rate > 0.0 {
+            true => self
+                .usage
+                .processes_cpu_percent
+                .iter()
+                .map(|(name, cpu)| (name.clone(), cpu / 100.0 * 1e6 / rate))
+                .collect(),
+            false => BTreeMap::new(),
         };
         self
     }
@@ -180,6 +195,17 @@ impl Report {
                         p.count
                     );
                 }
+            }
+            for (name, cpu) in &row.usage.processes_cpu_percent {
+                println!(
+                    "{:<28} {:>8} {:>11}   {name}: {cpu:.0}% CPU, {} µs/op",
+                    "",
+                    "",
+                    "",
+                    row.process_cpu_us_per_op
+                        .get(name)
+                        .map_or("-".into(), |us| format!("{us:.2}")),
+                );
             }
             for (what, n) in &row.errors {
                 println!("{:<28} error: {what} × {n}", "");

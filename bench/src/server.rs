@@ -1,10 +1,12 @@
 //! The processes under test: the relay (started by the bench as a child on a
 //! fresh database, or an external one given by URL and pid) and the bare
-//! WebSocket forwarder baseline (always a child: this same binary).
+//! WebSocket forwarder baseline (always a child: this same binary), and for
+//! `live --nodes N` a cluster: N relays and a private `redis-server`.
 //!
 //! Children are started with `--listen 127.0.0.1:0` and report the port they
 //! bound in their log, so there is no race for a free port; the bench waits
-//! for that line rather than polling the port.
+//! for that line rather than polling the port. (`redis-server` cannot do
+//! that, so it gets a port the kernel just handed out and released.)
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -115,75 +117,17 @@ impl Relay {
     }
 
     async fn spawn(args: &ServerArgs) -> anyhow::Result<Relay> {
-        let base = PgConnectOptions::from_str(&args.database_url)
-            .with_context(|| format!("invalid --database-url {}", args.database_url))?;
-        let name = format!(
-            "{}_{}_{:08x}",
-            base.get_database().unwrap_or("relay_bench"),
-            std::process::id(),
-            rand::random::<u32>()
-        );
-        let url = base.clone().database(&name).to_url_lossy().to_string();
-        let admin = base.database("postgres").to_url_lossy().to_string();
-
-        let bin = match &args.relay_bin {
-            Some(bin) => bin.clone(),
-            None => std::env::current_exe()?.with_file_name("relay"),
-        };
-        if !bin.exists() {
-            bail!(
-                "relay binary not found at {}; build it with `cargo build --release --bin relay` \
-                 or pass --relay-bin",
-                bin.display()
-            );
-        }
-        let log_path = std::env::temp_dir().join(format!("relay-bench-{name}.log"));
-        let mut command = Command::new(&bin);
-        command
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .arg("--database-url")
-            .arg(&url)
-            // Several relays may run at once (and an older relay ignores
-            // a variable it does not know, where it would refuse a flag).
-            .env("RELAY_ADMIN_LISTEN", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in RAISED_LIMITS {
-            command.env(k, v);
-        }
-        for kv in &args.server_env {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("--server-env {kv}: expected NAME=VALUE"))?;
-            command.env(k, v);
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let pid = child.id();
-        let addr = wait_for_line(&mut child, &log_path, |line| {
-            let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            let fields = v.get("fields")?;
-            if fields.get("message")?.as_str()? != "relay listening" {
-                return None;
-            }
-            // Logged as `Some(127.0.0.1:port)`.
-            let addr = fields.get("addr")?.as_str()?;
-            Some(
-                addr.trim_start_matches("Some(")
-                    .trim_end_matches(')')
-                    .to_owned(),
-            )
-        })
-        .context("the relay did not start")?;
-        let db = connect_db(&url).await?;
+        let db = FreshDb::name(args)?;
+        let bin = relay_bin(args)?;
+        let log_path = std::env::temp_dir().join(format!("relay-bench-{}.log", db.name));
+        let (child, addr) = spawn_relay(&bin, &db.url, args, &[], &log_path)?;
+        let pool = connect_db(&db.url).await?;
         Ok(Relay {
             url: format!("ws://{addr}/v1/websocket"),
-            pid: Some(pid),
-            db,
+            pid: Some(child.id()),
+            db: pool,
             child: Some(child),
-            created_db: (!args.keep_db).then_some((admin, name)),
+            created_db: (!args.keep_db).then_some((db.admin, db.name)),
             log_path: Some(log_path),
         })
     }
@@ -195,16 +139,8 @@ impl Relay {
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);
         }
-        if let Some((admin, name)) = self.created_db.take()
-            && let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&admin)
-                .await
-        {
-            let _ = pool
-                .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-                .await;
-            pool.close().await;
+        if let Some((admin, name)) = self.created_db.take() {
+            drop_db(&admin, &name).await;
         }
     }
 }
@@ -213,6 +149,238 @@ impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
             terminate(child);
+        }
+    }
+}
+
+/// A database name of the run's own, beside --database-url's.
+struct FreshDb {
+    /// The new database's URL.
+    url: String,
+    /// The server's `postgres` database, to drop the new one from.
+    admin: String,
+    name: String,
+}
+
+impl FreshDb {
+    fn name(args: &ServerArgs) -> anyhow::Result<FreshDb> {
+        let base = PgConnectOptions::from_str(&args.database_url)
+            .with_context(|| format!("invalid --database-url {}", args.database_url))?;
+        let name = format!(
+            "{}_{}_{:08x}",
+            base.get_database().unwrap_or("relay_bench"),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        Ok(FreshDb {
+            url: base.clone().database(&name).to_url_lossy().to_string(),
+            admin: base.database("postgres").to_url_lossy().to_string(),
+            name,
+        })
+    }
+}
+
+async fn drop_db(admin: &str, name: &str) {
+    if let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin)
+        .await
+    {
+        let _ = pool
+            .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+            .await;
+        pool.close().await;
+    }
+}
+
+fn relay_bin(args: &ServerArgs) -> anyhow::Result<PathBuf> {
+    let bin = match &args.relay_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?.with_file_name("relay"),
+    };
+    if !bin.exists() {
+        bail!(
+            "relay binary not found at {}; build it with `cargo build --release --bin relay` \
+             or pass --relay-bin",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Starts the relay on `database_url` with the bench's raised limits, then
+/// `extra` (cluster settings), then --server-env; returns it and the address
+/// it listens on once it says so.
+fn spawn_relay(
+    bin: &std::path::Path,
+    database_url: &str,
+    args: &ServerArgs,
+    extra: &[(&str, String)],
+    log_path: &std::path::Path,
+) -> anyhow::Result<(Child, String)> {
+    let mut command = Command::new(bin);
+    command
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--database-url")
+        .arg(database_url)
+        // Several relays may run at once (and an older relay ignores
+        // a variable it does not know, where it would refuse a flag).
+        .env("RELAY_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in RAISED_LIMITS {
+        command.env(k, v);
+    }
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    for kv in &args.server_env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--server-env {kv}: expected NAME=VALUE"))?;
+        command.env(k, v);
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let addr = wait_for_line(&mut child, log_path, |line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = v.get("fields")?;
+        if fields.get("message")?.as_str()? != "relay listening" {
+            return None;
+        }
+        // Logged as `Some(127.0.0.1:port)`.
+        let addr = fields.get("addr")?.as_str()?;
+        Some(
+            addr.trim_start_matches("Some(")
+                .trim_end_matches(')')
+                .to_owned(),
+        )
+    });
+    match addr {
+        Ok(addr) => Ok((child, addr)),
+        Err(e) => {
+            terminate(&mut child);
+            Err(e.context("the relay did not start"))
+        }
+    }
+}
+
+/// Database connections per cluster node. Three nodes at the single
+/// node's 16, beside it and the bench's own pools, would come close to
+/// PostgreSQL's default of 100 connections; live delivery between
+/// connected users does not touch the database. --server-env
+/// RELAY_DB_POOL=… overrides it.
+const CLUSTER_NODE_DB_POOL: &str = "8";
+
+/// A cluster the bench starts: a private `redis-server` keeping nothing on
+/// disk, and `n` relays on one fresh database, each with its own node id
+/// and port.
+pub struct Cluster {
+    /// Each node's WebSocket URL, in node order.
+    pub urls: Vec<String>,
+    /// Each node's pid, in node order.
+    pub pids: Vec<u32>,
+    pub redis_pid: u32,
+    /// A pool on the cluster's database, for seeding its accounts.
+    pub db: PgPool,
+    nodes: Vec<Child>,
+    redis: Option<Child>,
+    created_db: Option<(String, String)>,
+    /// Where each node's log goes, then redis's.
+    pub log_paths: Vec<PathBuf>,
+}
+
+impl Cluster {
+    pub async fn start(args: &ServerArgs, n: usize) -> anyhow::Result<Cluster> {
+        let bin = relay_bin(args)?;
+        let fresh = FreshDb::name(args)?;
+        let mut cluster = Cluster {
+            urls: Vec::new(),
+            pids: Vec::new(),
+            redis_pid: 0,
+            // Creates the database with the relay's schema before any node
+            // starts, so the nodes do not race to migrate it.
+            db: connect_db(&fresh.url).await?,
+            nodes: Vec::new(),
+            redis: None,
+            created_db: (!args.keep_db).then(|| (fresh.admin.clone(), fresh.name.clone())),
+            log_paths: Vec::new(),
+        };
+        let redis_log = std::env::temp_dir().join(format!("relay-bench-{}-redis.log", fresh.name));
+        let (redis, port) = start_redis(&redis_log)?;
+        cluster.redis_pid = redis.id();
+        cluster.redis = Some(redis);
+        let redis_url = format!("redis://127.0.0.1:{port}/0");
+        for i in 1..=n {
+            let log = std::env::temp_dir().join(format!("relay-bench-{}-node{i}.log", fresh.name));
+            let extra = [
+                ("RELAY_REDIS_URL", redis_url.clone()),
+                ("RELAY_NODE_ID", format!("bench-node-{i}")),
+                ("RELAY_DB_POOL", CLUSTER_NODE_DB_POOL.to_owned()),
+            ];
+            let (child, addr) = spawn_relay(&bin, &fresh.url, args, &extra, &log)?;
+            cluster.urls.push(format!("ws://{addr}/v1/websocket"));
+            cluster.pids.push(child.id());
+            cluster.nodes.push(child);
+            cluster.log_paths.push(log);
+        }
+        cluster.log_paths.push(redis_log);
+        Ok(cluster)
+    }
+
+    /// Stops the nodes (SIGTERM), then redis, and drops the database.
+    pub async fn stop(mut self) {
+        self.db.close().await;
+        self.terminate_all();
+        if let Some((admin, name)) = self.created_db.take() {
+            drop_db(&admin, &name).await;
+        }
+    }
+
+    fn terminate_all(&mut self) {
+        for mut node in self.nodes.drain(..) {
+            terminate(&mut node);
+        }
+        if let Some(mut redis) = self.redis.take() {
+            terminate(&mut redis);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.terminate_all();
+    }
+}
+
+/// Starts `redis-server` on a free loopback port, with no snapshots and no
+/// append-only file: the bench's Redis holds only what is in flight.
+fn start_redis(log: &std::path::Path) -> anyhow::Result<(Child, u16)> {
+    // A port the kernel just handed out and took back: free unless someone
+    // else grabs it in the next instant, and then redis fails to start and
+    // says so.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start redis-server (is it installed?)")?;
+    let ready = wait_for_line(&mut child, log, |line| {
+        line.contains("Ready to accept connections")
+            .then(String::new)
+    });
+    match ready {
+        Ok(_) => Ok((child, port)),
+        Err(e) => {
+            terminate(&mut child);
+            Err(e.context("redis-server did not start"))
         }
     }
 }

@@ -172,6 +172,69 @@ async fn live_measures_the_json_encoding_beside_protobuf() {
     assert!(summary(&report, "relay_json_to_relay_open_loop_cpu_per_msg_ratio").is_number());
 }
 
+/// `--nodes 3`: the bench starts its own Redis and three cluster nodes
+/// beside the single relay, every pair crossing nodes, and reports each
+/// process's CPU per message. It starts the `relay` binary beside
+/// relay-bench, which cargo builds for the workspace's tests (or run
+/// `cargo build --bin relay` first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_measures_a_three_node_cluster_beside_the_single_node() {
+    let relay = std::path::Path::new(env!("CARGO_BIN_EXE_relay-bench")).with_file_name("relay");
+    assert!(
+        relay.exists(),
+        "{} is missing: build it with `cargo build --bin relay` (cargo test --workspace does)",
+        relay.display()
+    );
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "live",
+            "--nodes",
+            "3",
+            "--relay-bin",
+            relay.to_str().expect("utf-8 path"),
+            "--pairs",
+            "3",
+            "--window",
+            "4",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--target",
+            "relay",
+            "--max-in-flight",
+            "2",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    let targets: Vec<&str> = rows(&report)
+        .iter()
+        .map(|r| r["target"].as_str().expect("target"))
+        .collect();
+    let each = ["relay", "cluster"];
+    assert_eq!(targets, [each, each].concat());
+    for row in rows(&report) {
+        assert!(
+            row["latency_ms"]["answer"]["count"].as_u64() > Some(0),
+            "{row:#}"
+        );
+        if row["target"] == "cluster" {
+            let cpu = row["process_cpu_us_per_op"]
+                .as_object()
+                .expect("per process");
+            let names: Vec<&str> = cpu.keys().map(String::as_str).collect();
+            assert_eq!(names, ["node1", "node2", "node3", "redis"], "{row:#}");
+            assert!(row["server_cpu_us_per_op"].is_number(), "{row:#}");
+        }
+    }
+    assert!(summary(&report, "cluster_to_relay_closed_loop_ratio_median").is_number());
+    assert!(summary(&report, "cluster_to_relay_open_loop_p99_ratio").is_number());
+    assert!(summary(&report, "cluster_open_loop_cpu_us_per_msg_by_process")["redis"].is_number());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_stores_then_drains_everything() {
     let app = app().await;

@@ -1,6 +1,8 @@
 //! The `live` scenario: messages between connected pairs, on the relay and
 //! on the bare forwarder baseline in the same run, closed loop (maximum
-//! throughput) and open loop (latency at a fixed offered rate).
+//! throughput) and open loop (latency at a fixed offered rate). With
+//! `--nodes N` also on a cluster of N relays the bench starts, every pair
+//! split across two nodes.
 
 use std::time::Duration;
 
@@ -12,7 +14,8 @@ use super::{Run, median, secs};
 use crate::live::{self, Load, Pairs, Target};
 use crate::metrics::{Kind, ProcWindow};
 use crate::report::Row;
-use crate::server::Forwarder;
+use crate::seed;
+use crate::server::{Cluster, Forwarder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -107,6 +110,46 @@ pub struct LiveArgs {
     /// ratio compares like with like.
     #[arg(long)]
     pub baseline_write_buffer: Option<usize>,
+    /// With 2 or more: also measure a cluster of this many relays, side by
+    /// side with the single node. The bench starts a private redis-server
+    /// and the nodes on one fresh database (each with its own node id and
+    /// port; see docs/cluster.md), and puts each pair's sender on node i
+    /// and its recipient on node i+1 mod N, so every message crosses
+    /// nodes. CPU is reported per node and for Redis.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+}
+
+/// The processes a phase measures.
+#[derive(Default)]
+struct Procs {
+    /// The single server process (the relay or a forwarder).
+    server: Option<u32>,
+    /// Further processes by name: a cluster's nodes first, then its Redis.
+    named: Vec<(String, u32)>,
+    /// How many of `named` are relay nodes, together the cluster's server.
+    nodes: usize,
+}
+
+impl Procs {
+    fn single(pid: Option<u32>) -> Procs {
+        Procs {
+            server: pid,
+            ..Procs::default()
+        }
+    }
+
+    fn cluster(cluster: &Cluster) -> Procs {
+        let mut named: Vec<(String, u32)> = (cluster.pids.iter().enumerate())
+            .map(|(i, &pid)| (format!("node{}", i + 1), pid))
+            .collect();
+        named.push(("redis".into(), cluster.redis_pid));
+        Procs {
+            server: None,
+            nodes: cluster.pids.len(),
+            named,
+        }
+    }
 }
 
 /// Runs one measured phase of live traffic and returns its row.
@@ -116,28 +159,65 @@ async fn measure_live(
     name: &str,
     pairs: Pairs,
     target: Target,
-    pid: Option<u32>,
+    procs: &Procs,
     load: Load,
     size: usize,
     warmup: f64,
     duration: f64,
 ) -> Row {
     run.phase(&format!("{name} {}", target.name()));
-    run.sampler.set_server(pid);
+    run.sampler.set_server(procs.server);
     let running = pairs.start(load, size, &run.metrics);
     tokio::time::sleep(secs(warmup)).await;
     run.metrics.take();
-    let window = ProcWindow::start(pid);
+    let window = ProcWindow::start(procs.server).with_processes(&procs.named);
     tokio::time::sleep(secs(duration)).await;
     let snap = run.metrics.take();
-    let usage = window.finish();
+    let mut usage = window.finish();
+    if procs.server.is_none() && procs.nodes > 0 {
+        // A cluster's server is its nodes together (not Redis), so its CPU
+        // per message compares with the single node's.
+        usage.server_cpu_percent = Some(
+            procs.named[..procs.nodes]
+                .iter()
+                .filter_map(|(n, _)| usage.processes_cpu_percent.get(n))
+                .sum(),
+        );
+    }
     running.stop().await;
     run.metrics.take();
     Row::new(name, target.name(), Kind::Delivery, &snap, usage)
 }
 
 pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json::Value> {
+    if a.nodes >= 2 && a.target == Targets::Baseline {
+        bail!("--nodes needs the relay: --target relay or both");
+    }
+    let cluster = match a.nodes >= 2 {
+        true => {
+            run.phase("cluster");
+            let cluster = Cluster::start(&run.server_args, a.nodes).await?;
+            for log in &cluster.log_paths {
+                run.notes.push(format!("cluster log: {}", log.display()));
+            }
+            Some(cluster)
+        }
+        false => None,
+    };
+    let result = scenario_on(run, a, cluster.as_ref()).await;
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
+    result
+}
+
+async fn scenario_on(
+    run: &mut Run,
+    a: LiveArgs,
+    cluster: Option<&Cluster>,
+) -> anyhow::Result<serde_json::Value> {
     let params = json!({
+        "nodes": a.nodes,
         "pairs": a.pairs, "size": a.size, "duration_s": a.duration, "warmup_s": a.warmup,
         "window": a.window, "mode": format!("{:?}", a.mode), "target": format!("{:?}", a.target),
         "runs": a.runs, "rate": a.rate, "rate_fraction": a.rate_fraction, "tick_us": a.tick_us,
@@ -154,6 +234,9 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
     let mut targets = Vec::new();
     if a.target != Targets::Baseline {
         targets.extend(a.encoding.list().iter().map(|&e| Target::relay(e)));
+        if cluster.is_some() {
+            targets.push(Target::Cluster);
+        }
     }
     if a.target != Targets::Relay {
         targets.push(Target::Baseline);
@@ -167,6 +250,13 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
     } else {
         Vec::new()
     };
+    let cluster_accounts = match cluster {
+        Some(c) => {
+            run.phase("seed");
+            seed::accounts(&c.db, "live", a.pairs * 2).await?
+        }
+        None => Vec::new(),
+    };
     let forwarder = if targets.iter().any(|t| !t.is_relay()) {
         Some(Forwarder::start(a.baseline_write_buffer)?)
     } else {
@@ -176,40 +266,52 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
     let relay_pid = run.relay.pid;
     let mut pair_base = 0;
     // Connects fresh pairs for one phase against `target`.
-    let mut connect = async |target: Target| -> anyhow::Result<(Pairs, Option<u32>)> {
+    let mut connect = async |target: Target| -> anyhow::Result<(Pairs, Procs)> {
         let encoding = match target {
             Target::Relay => Some(Encoding::Proto),
             Target::RelayJson => Some(Encoding::Json),
+            Target::Cluster => {
+                let c = cluster.expect("cluster started");
+                let pairs = Pairs::cluster(&c.urls, &cluster_accounts).await?;
+                return Ok((pairs, Procs::cluster(c)));
+            }
             Target::Baseline | Target::Answered => None,
         };
         if let Some(encoding) = encoding {
-            return Ok((Pairs::relay(&url, &accounts, encoding).await?, relay_pid));
+            let pairs = Pairs::relay(&url, &accounts, encoding).await?;
+            return Ok((pairs, Procs::single(relay_pid)));
         }
         let f = forwarder.as_ref().expect("forwarder started");
         let base = pair_base;
         pair_base += a.pairs;
         let answered = target == Target::Answered;
         let pairs = Pairs::baseline(&f.url, base, a.pairs, a.baseline_write_buffer, answered);
-        Ok((pairs.await?, Some(f.pid)))
+        Ok((pairs.await?, Procs::single(Some(f.pid))))
     };
 
     // Closed-loop rates and server CPU per message per target, in
     // `targets` order.
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut cpu_per_msg: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    // The cluster's CPU per message per process, in the last closed-loop
+    // run.
+    let mut cluster_closed_cpu = None;
     if a.mode != Mode::Open {
         let load = Load::Closed { window: a.window };
         for r in 1..=a.runs.max(1) {
             for (t, &target) in targets.iter().enumerate() {
-                let (pairs, pid) = connect(target).await?;
+                let (pairs, procs) = connect(target).await?;
                 let name = format!("closed #{r}");
                 let row = measure_live(
-                    run, &name, pairs, target, pid, load, a.size, a.warmup, a.duration,
+                    run, &name, pairs, target, &procs, load, a.size, a.warmup, a.duration,
                 )
                 .await;
                 rates[t].push(row.rate_per_sec);
                 if let Some(cpu) = row.server_cpu_us_per_op {
                     cpu_per_msg[t].push(cpu);
+                }
+                if target == Target::Cluster {
+                    cluster_closed_cpu = Some(process_cpu(&row));
                 }
                 run.rows.push(row);
             }
@@ -252,6 +354,27 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
             }
         }
     }
+    if let Some(c) = targets.iter().position(|&t| t == Target::Cluster)
+        && !rates[c].is_empty()
+    {
+        // The cluster's throughput as a share of the single node's, per run
+        // (alternating in one invocation), then the median.
+        let mut shares: Vec<f64> = rates[0]
+            .iter()
+            .zip(&rates[c])
+            .filter(|(r, _)| **r > 0.0)
+            .map(|(r, c)| c / r)
+            .collect();
+        if !shares.is_empty() {
+            run.summary(
+                "cluster_to_relay_closed_loop_ratio_median",
+                round_to(median(&mut shares), 3),
+            );
+        }
+        if let Some(cpu) = cluster_closed_cpu {
+            run.summary("cluster_closed_loop_cpu_us_per_msg_by_process", cpu);
+        }
+    }
     if a.mode != Mode::Closed {
         let rate = match a.rate {
             Some(rate) => rate,
@@ -268,16 +391,24 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
             max_in_flight: a.max_in_flight.max(1),
         };
         let mut open_cpu = Vec::new();
+        let mut open_p99 = Vec::new();
         for &target in &targets {
-            let (pairs, pid) = connect(target).await?;
+            let (pairs, procs) = connect(target).await?;
             let row = measure_live(
-                run, "open", pairs, target, pid, load, a.size, a.warmup, a.duration,
+                run, "open", pairs, target, &procs, load, a.size, a.warmup, a.duration,
             )
             .await;
             if let Some(p) = row.latency_ms.get(&Kind::Delivery) {
                 run.summary(
                     &format!("{}_open_loop_delivery_p99_ms", target.name()),
                     p.p99,
+                );
+                open_p99.push((target, p.p99));
+            }
+            if target == Target::Cluster {
+                run.summary(
+                    "cluster_open_loop_cpu_us_per_msg_by_process",
+                    process_cpu(&row),
                 );
             }
             if let Some(cpu) = row.server_cpu_us_per_op {
@@ -288,6 +419,15 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
                 open_cpu.push((target, cpu));
             }
             run.rows.push(row);
+        }
+        let p99_of = |want: Target| open_p99.iter().find(|(t, _)| *t == want).map(|p| p.1);
+        if let (Some(single), Some(cluster)) = (p99_of(Target::Relay), p99_of(Target::Cluster))
+            && single > 0.0
+        {
+            run.summary(
+                "cluster_to_relay_open_loop_p99_ratio",
+                round_to(cluster / single, 3),
+            );
         }
         // The JSON encoding's server CPU per message over protobuf's, at
         // the same offered rate.
@@ -317,6 +457,15 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
         }
     }
     Ok(params)
+}
+
+/// A row's CPU per message of each named process, rounded, as JSON.
+fn process_cpu(row: &Row) -> serde_json::Value {
+    row.process_cpu_us_per_op
+        .iter()
+        .map(|(name, us)| (name.clone(), json!(round_to(*us, 2))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// `value` rounded to `places` decimal places.

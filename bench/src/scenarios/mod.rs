@@ -64,6 +64,8 @@ impl Scenario {
 /// What every scenario works with.
 pub struct Run {
     pub relay: Relay,
+    /// How to start relays, for scenarios that start more (a cluster).
+    pub server_args: ServerArgs,
     pub metrics: Metrics,
     pub sampler: Sampler,
     pub progress: ProgressBar,
@@ -125,6 +127,7 @@ pub async fn run(
     let server_pid = relay.pid;
     let mut run = Run {
         relay,
+        server_args: server.clone(),
         metrics,
         sampler,
         progress,
