@@ -376,12 +376,8 @@ impl Registry {
                 routed_at: Instant::now(),
             });
             let conn = slot.conn.as_ref().expect("checked above");
-            let (id, seq) = (live.message.id, live.message.seq);
             match conn.tx.try_send(Outbound::Deliver(live)) {
-                Ok(()) => {
-                    tracing::trace!(%id, seq, recipient = %recipient, "routed live");
-                    return Route::Live(outcome);
-                }
+                Ok(()) => return Route::Live(outcome),
                 Err(refused) => {
                     let Outbound::Deliver(live) = refused.into_inner() else {
                         unreachable!("try_send hands back the item it was given")
@@ -396,7 +392,6 @@ impl Registry {
                 }
             }
         }
-        tracing::trace!(id = %message.id, seq, recipient = %recipient, local = slot.conn.is_some(), draining = slot.draining, "routed to storage");
         slot.storing.insert(seq);
         let ticket = StoreTicket {
             registry: self.clone(),
