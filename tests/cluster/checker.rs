@@ -109,6 +109,17 @@ impl Checker {
         self.missing().is_empty()
     }
 
+    /// What happened to message `n` from `sender` to `recipient`, for a
+    /// failure message.
+    pub fn history(&self, sender: Uuid, recipient: Uuid, n: u64) -> String {
+        let state = self.state.lock().unwrap();
+        let send = state
+            .sends
+            .get(&(sender, recipient))
+            .and_then(|m| m.get(&n));
+        format!("{:?}", send.map(|s| (&s.history, &s.ids)))
+    }
+
     /// Confirmed messages that have not arrived: (sender, recipient, n).
     pub fn missing(&self) -> Vec<(Uuid, Uuid, u64)> {
         let state = self.state.lock().unwrap();

@@ -177,8 +177,15 @@ impl Pid {
     }
 }
 
+/// One cluster at a time: each runs three debug-built relays, PostgreSQL
+/// and Redis on the machine's two cores, and two at once starve each other
+/// into timeouts that say nothing about the relay.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Three (or N) relays on one database and one Redis.
 pub struct Cluster {
+    /// Held for the cluster's life (see [`ONE_AT_A_TIME`]).
+    _turn: tokio::sync::MutexGuard<'static, ()>,
     pub redis: Redis,
     pub nodes: Vec<Node>,
     pub db_name: String,
@@ -193,6 +200,7 @@ impl Cluster {
     /// database does not exist yet: the nodes, starting together, create
     /// and migrate it.
     pub async fn start_with(n: usize, extra: &[(&str, &str)]) -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().await;
         let redis = Redis::start().await;
         let db_name = format!("test_cluster_{}", uuid::Uuid::new_v4().simple());
         let db_url = signal_relay::testing::database_url(&db_name);
@@ -212,6 +220,7 @@ impl Cluster {
         // All at once, as a deployment would.
         futures::future::join_all(nodes.iter_mut().map(Node::spawn)).await;
         Cluster {
+            _turn: turn,
             redis,
             nodes,
             db_name,
@@ -270,11 +279,13 @@ pub async fn connect_any(urls: &[String], at: &mut usize, token: &[u8]) -> (Clie
     let deadline = Instant::now() + WAIT;
     loop {
         let url = &urls[*at];
-        if let Ok(Ok((client, events))) =
-            tokio::time::timeout(Duration::from_secs(2), Client::connect(url)).await
-            && client.resume(token).await.is_ok()
-        {
-            return (client, events);
+        let attempt = async {
+            let (client, events) = Client::connect(url).await.ok()?;
+            client.resume(token).await.ok()?;
+            Some((client, events))
+        };
+        if let Ok(Some(connected)) = tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            return connected;
         }
         assert!(
             Instant::now() < deadline,
