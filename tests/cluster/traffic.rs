@@ -92,9 +92,14 @@ pub async fn send_all(
                         client = connect_sender(&urls, &mut at, &user).await;
                         connections += 1;
                     } else {
-                        // Told to retry (UNAVAILABLE): a retry delay, not a
-                        // stand-in for synchronisation.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        // Told to retry (UNAVAILABLE, RATE_LIMITED): the
+                        // delay it asked for, not a stand-in for
+                        // synchronisation.
+                        let delay = match &err {
+                            ClientError::Status { retry_after: Some(after), .. } => *after,
+                            _ => Duration::from_millis(20),
+                        };
+                        tokio::time::sleep(delay).await;
                     }
                 }
             },
@@ -130,11 +135,14 @@ async fn connect_sender(urls: &[String], at: &mut usize, user: &User) -> Client 
     client
 }
 
+/// Whether a client should send again: told to retry (UNAVAILABLE, or
+/// RATE_LIMITED, which the retry delay honours), or the connection failed.
 fn retryable(err: &ClientError) -> bool {
     match err {
-        ClientError::Status { status, .. } => {
-            matches!(status, signal_relay::proto::Status::Unavailable)
-        }
+        ClientError::Status { status, .. } => matches!(
+            status,
+            signal_relay::proto::Status::Unavailable | signal_relay::proto::Status::RateLimited
+        ),
         _ => true,
     }
 }
