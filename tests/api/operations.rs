@@ -10,7 +10,7 @@ use signal_relay::proto::SendOutcome;
 use signal_relay::testing::spawn_app;
 use uuid::Uuid;
 
-use crate::helpers::{expect_queue_empty, get, next_delivery, scrape, wait_until};
+use crate::helpers::{Raw, expect_queue_empty, get, next_delivery, scrape, wait_until};
 
 /// How much `series` grew between two scrapes.
 fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> f64 {
@@ -135,10 +135,13 @@ async fn probes_answer_on_both_listeners_and_metrics_only_on_the_admin_one() {
     }
     assert_eq!(get(app.addr, "/metrics").await.0, 404, "never public");
 
-    // A connected client keeps the graceful shutdown going (it answers no
-    // close frame, so the server waits for it), during which the admin
-    // endpoint must say the relay is going away.
-    let (_client, _events, _) = app.register_live("carol").await;
+    // A connected socket that never reads keeps the graceful shutdown going
+    // (it answers no close frame, so the server waits for it), during which
+    // the admin endpoint must say the relay is going away. A library client
+    // would answer the close frame at once and end the shutdown too soon.
+    let (client, _events, auth) = app.register("carol").await;
+    drop(client);
+    let _silent = Raw::upgrade(&app, Some(&auth.token)).await;
     app.shutdown.cancel();
     wait_until("healthz turns 503", || async {
         get(app.admin_addr, "/healthz").await.0 == 503
