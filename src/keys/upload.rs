@@ -25,7 +25,10 @@ use super::{
     SignedEcPreKey, SignedKyberPreKey,
 };
 use crate::protocol::proto;
-use crate::storage::keys::{self as store, NewKey, NewSignedKey};
+use crate::storage::{
+    self,
+    keys::{self as store, NewKey, NewSignedKey},
+};
 
 /// Most one-time EC pre-keys in one upload.
 pub const MAX_ONE_TIME_PRE_KEYS: usize = 100;
@@ -223,6 +226,16 @@ async fn verify_blocking(
 /// its rows without bound 100 keys at a time.
 pub async fn store(
     db: &PgPool,
+    user: Uuid,
+    upload: Upload,
+    max_stored: u32,
+) -> Result<PreKeyCounts, KeyError> {
+    // Detached: a socket that goes away must not cancel the transaction.
+    storage::detached(store_in_transaction(db.clone(), user, upload, max_stored)).await?
+}
+
+async fn store_in_transaction(
+    db: PgPool,
     user: Uuid,
     upload: Upload,
     max_stored: u32,

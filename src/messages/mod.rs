@@ -326,7 +326,7 @@ impl Relay {
         ids: Vec<Uuid>,
     ) -> impl Future<Output = Result<StoredAcks, MessagingError>> + Send + 'static {
         let relay = self.clone();
-        async move {
+        let work = async move {
             let failed = |err: sqlx::Error| MessagingError::Ack(err.into());
             let mut tx = relay.inner.db.pool().begin().await.map_err(failed)?;
             let acked = storage::messages::delete_acked(&mut tx, acker, &ids)
@@ -382,7 +382,10 @@ impl Relay {
                 deleted: deleted.into_iter().collect(),
                 unknown,
             })
-        }
+        };
+        // Detached: the acking socket may go away meanwhile, and the
+        // transaction must not be cancelled halfway (see `detached`).
+        async move { storage::detached(work).await.map_err(MessagingError::Ack)? }
     }
 
     /// Stores live messages a connection held but that were not acked,

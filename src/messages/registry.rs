@@ -121,6 +121,14 @@ struct Slot {
     /// drain never reads past the lowest, so it cannot skip one that commits
     /// late.
     storing: BTreeSet<i64>,
+    /// How many of those were routed while the user was not connected
+    /// here (`ToStore::local` false: in cluster mode they go through the
+    /// user's lane, which numbers them again when it places them). While
+    /// any is on its way, later messages are routed the same way, behind
+    /// them: routed here instead, a later message would be stored first,
+    /// under an earlier number than the one the lane then gives the
+    /// earlier message, and the drain would deliver them out of order.
+    lane: u32,
     /// Bumped whenever a store for this user finishes, so a drain can tell
     /// that something arrived between its last read and going live.
     stored_generation: u64,
@@ -135,6 +143,7 @@ impl Slot {
             conn: None,
             draining: false,
             storing: BTreeSet::new(),
+            lane: 0,
             stored_generation: 0,
             wake: Arc::new(Notify::new()),
         }
@@ -166,11 +175,14 @@ pub struct StoreTicket {
     registry: Registry,
     recipient: Uuid,
     seq: i64,
+    /// Counted in the slot's `lane`.
+    lane: bool,
 }
 
 impl Drop for StoreTicket {
     fn drop(&mut self) {
-        self.registry.store_finished(self.recipient, self.seq);
+        self.registry
+            .store_finished(self.recipient, self.seq, self.lane);
     }
 }
 
@@ -322,6 +334,7 @@ impl Registry {
                     registry: self.clone(),
                     recipient: user,
                     seq: delivery.message.seq,
+                    lane: false,
                 }
             });
             taken.push((*delivery, ticket));
@@ -393,16 +406,19 @@ impl Registry {
             }
         }
         slot.storing.insert(seq);
+        let lane = slot.conn.is_none() || slot.lane > 0;
+        slot.lane += u32::from(lane);
         let ticket = StoreTicket {
             registry: self.clone(),
             recipient,
             seq,
+            lane,
         };
         Route::Store(ToStore {
             message,
             ticket: Some(ticket),
             attempt,
-            local: slot.conn.is_some(),
+            local: !lane,
         })
     }
 
@@ -491,9 +507,10 @@ impl Registry {
         }
     }
 
-    fn store_finished(&self, user: Uuid, seq: i64) {
+    fn store_finished(&self, user: Uuid, seq: i64, lane: bool) {
         if let Some(mut slot) = self.inner.slots.get_mut(&user) {
             slot.storing.remove(&seq);
+            slot.lane -= u32::from(lane);
             slot.stored_generation += 1;
             slot.wake.notify_one();
         }
@@ -537,6 +554,37 @@ mod tests {
             0,
             "slot removed once idle"
         );
+    }
+
+    /// A message routed while the user was elsewhere goes through the lane
+    /// (in cluster mode), and every later one follows it there until it is
+    /// placed, even once the user is connected here: the lane numbers its
+    /// messages when it places them, so one routed here meanwhile would be
+    /// numbered, and drained, first.
+    #[test]
+    fn messages_follow_one_on_its_way_through_the_lane() {
+        let registry = Registry::new(100, 8);
+        let user = Uuid::new_v4();
+        let Route::Store(first) = registry.route(user, false, None, |s| message(user, s)) else {
+            panic!("offline messages are stored")
+        };
+        assert!(!first.local, "not connected here: the lane");
+        let (handle, _ends) = registry.new_connection();
+        registry.connect(user, handle.clone());
+        let Route::Store(second) = registry.route(user, false, None, |s| message(user, s)) else {
+            panic!("stored while draining")
+        };
+        assert!(!second.local, "connected now, but behind the first");
+        drop(first);
+        let Route::Store(third) = registry.route(user, false, None, |s| message(user, s)) else {
+            panic!("stored while draining")
+        };
+        assert!(!third.local, "still behind the second");
+        drop((second, third));
+        let Route::Store(fourth) = registry.route(user, false, None, |s| message(user, s)) else {
+            panic!("stored while draining")
+        };
+        assert!(fourth.local, "the lane is empty: stored here");
     }
 
     #[test]

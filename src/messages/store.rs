@@ -36,7 +36,8 @@ pub struct ToStore {
     /// Completed as `Queued` once the message is stored.
     pub attempt: Option<Attempt>,
     /// The recipient was connected to this node when the message was
-    /// routed. In cluster mode a message for anyone else may belong to
+    /// routed, and nothing routed before it for them was on its way through
+    /// the lane. In cluster mode a message for anyone else may belong to
     /// another node, and takes the forwarding lane rather than the writer.
     pub local: bool,
 }

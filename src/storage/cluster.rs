@@ -18,24 +18,28 @@ pub async fn register_node(
     incarnation: Uuid,
     node_id: &str,
 ) -> Result<Vec<Uuid>, StorageError> {
-    let mut tx = db.begin().await?;
-    let previous: Vec<Uuid> = sqlx::query_scalar(
+    let (db, node_id) = (db.clone(), node_id.to_owned());
+    super::detached(async move {
+        let mut tx = db.begin().await?;
+        let previous: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE relay_nodes SET dead = true WHERE node_id = $1 AND NOT dead RETURNING incarnation",
     )
-    .bind(node_id)
+    .bind(&node_id)
     .fetch_all(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM relay_presence WHERE incarnation = ANY($1)")
-        .bind(&previous)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("INSERT INTO relay_nodes (incarnation, node_id) VALUES ($1, $2)")
-        .bind(incarnation)
-        .bind(node_id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(previous)
+        sqlx::query("DELETE FROM relay_presence WHERE incarnation = ANY($1)")
+            .bind(&previous)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO relay_nodes (incarnation, node_id) VALUES ($1, $2)")
+            .bind(incarnation)
+            .bind(&node_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(previous)
+    })
+    .await?
 }
 
 /// Renews this incarnation's heartbeat. False when it was declared dead
@@ -56,23 +60,27 @@ pub async fn heartbeat(db: &PgPool, incarnation: Uuid) -> Result<bool, StorageEr
 /// held. Any node may run it; each death is declared once. Returns the
 /// incarnations declared dead now.
 pub async fn declare_dead(db: &PgPool, dead_after: Duration) -> Result<Vec<Uuid>, StorageError> {
-    let mut tx = db.begin().await?;
-    let dead: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE relay_nodes SET dead = true \
+    let db = db.clone();
+    super::detached(async move {
+        let mut tx = db.begin().await?;
+        let dead: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE relay_nodes SET dead = true \
          WHERE NOT dead AND heartbeat_at < now() - make_interval(secs => $1) \
          RETURNING incarnation",
-    )
-    .bind(dead_after.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
-    if !dead.is_empty() {
-        sqlx::query("DELETE FROM relay_presence WHERE incarnation = ANY($1)")
-            .bind(&dead)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(dead)
+        )
+        .bind(dead_after.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
+        if !dead.is_empty() {
+            sqlx::query("DELETE FROM relay_presence WHERE incarnation = ANY($1)")
+                .bind(&dead)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(dead)
+    })
+    .await?
 }
 
 /// Of `incarnations`, those that are dead or have not sent a heartbeat for

@@ -53,6 +53,10 @@ pub enum StorageError {
     /// A batch on a dedicated connection took longer than its deadline.
     #[error("the database did not answer within {0:?}")]
     TimedOut(std::time::Duration),
+    /// A [`detached`] transaction's task was cancelled: the runtime is
+    /// going down, and the transaction was rolled back with its connection.
+    #[error("the database task was cancelled by the shutdown")]
+    Abandoned,
 }
 
 /// The database as the server uses it: the pool, plus the [`Reader`]'s
@@ -93,6 +97,27 @@ impl Deref for Database {
 
     fn deref(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+/// Runs `work`, which holds a transaction on a pooled connection, on a task
+/// of its own: whoever awaits it may be dropped (a socket that went away, a
+/// deadline), the transaction is not, and it commits or rolls back whole.
+///
+/// Why every pooled transaction goes through here: with sqlx 0.8, a
+/// `BEGIN` cancelled while in flight leaves the transaction open on the
+/// server while sqlx counts none, so the connection goes back to the pool
+/// inside it. Its next borrowers' statements then run in that transaction,
+/// uncommitted and invisible to everyone else, holding their locks until
+/// some later `COMMIT` on the same connection. (Cluster mode met exactly
+/// that: a heartbeat never committed, and a claim's lock held for seconds.)
+pub async fn detached<T: Send + 'static>(
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, StorageError> {
+    match tokio::spawn(work).await {
+        Ok(done) => Ok(done),
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(_) => Err(StorageError::Abandoned),
     }
 }
 

@@ -37,30 +37,34 @@ pub async fn insert_capped(
     expires_at: DateTime<Utc>,
     cap: u32,
 ) -> Result<u64, StorageError> {
-    let mut tx = db.begin().await?;
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    let keep_old = i64::from(cap.max(1)) - 1;
-    let revoked = sqlx::query(
-        "DELETE FROM sessions WHERE user_id = $1 AND (expires_at <= now() OR token_hash IN \
+    let (db, token_hash) = (db.clone(), *token_hash);
+    super::detached(async move {
+        let mut tx = db.begin().await?;
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        let keep_old = i64::from(cap.max(1)) - 1;
+        let revoked = sqlx::query(
+            "DELETE FROM sessions WHERE user_id = $1 AND (expires_at <= now() OR token_hash IN \
          (SELECT token_hash FROM sessions WHERE user_id = $1 AND expires_at > now() \
           ORDER BY created_at DESC, token_hash DESC OFFSET $2))",
-    )
-    .bind(user_id)
-    .bind(keep_old)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    sqlx::query("INSERT INTO sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)")
-        .bind(&token_hash[..])
+        )
         .bind(user_id)
-        .bind(expires_at)
+        .bind(keep_old)
         .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(revoked)
+        .await?
+        .rows_affected();
+        sqlx::query("INSERT INTO sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)")
+            .bind(&token_hash[..])
+            .bind(user_id)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(revoked)
+    })
+    .await?
 }
 
 /// Deletes every session of a user, expired or not; returns how many went.

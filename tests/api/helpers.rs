@@ -74,6 +74,34 @@ where
 
 /// The close opcode.
 pub const CLOSE: u8 = 0x8;
+/// The binary-frame opcode.
+pub const BINARY: u8 = 0x2;
+
+/// A masked client frame (the mask is fixed; any mask will do).
+pub fn frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = masked_header(fin, rsv, opcode, payload.len());
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    bytes
+}
+
+/// A client frame's header, with the mask bit set.
+pub fn masked_header(fin: bool, rsv: u8, opcode: u8, len: usize) -> Vec<u8> {
+    let mut bytes = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
+    match len {
+        0..=125 => bytes.push(0x80 | len as u8),
+        126..=0xffff => {
+            bytes.push(0x80 | 126);
+            bytes.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            bytes.push(0x80 | 127);
+            bytes.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    bytes
+}
 
 /// A WebSocket spoken byte by byte, for what no WebSocket library sends
 /// (protocol violations) or does (never reading).

@@ -9,12 +9,15 @@ use bytes::Bytes;
 use prost::Message as _;
 use signal_relay::client::{Client, ClientError, ConnectOptions, Event, Events, Outgoing, Sent};
 use signal_relay::proto::{
-    EnvelopeType, Push, SendOutcome, ServerFrame, Status, push, server_frame,
+    AckMessages, ClientFrame, EnvelopeType, Push, SendOutcome, ServerFrame, Status, client_frame,
+    push, server_frame,
 };
 use signal_relay::testing::{TestApp, spawn_app, spawn_app_with};
 use uuid::Uuid;
 
-use crate::helpers::{Raw, WAIT, expect_queue_empty, next_delivery, next_event, wait_until};
+use crate::helpers::{
+    BINARY, Raw, WAIT, expect_queue_empty, frame, next_delivery, next_event, wait_until,
+};
 use tokio::time::Instant;
 
 /// Registers `name`, waits for its (empty) queue, and returns its token.
@@ -503,6 +506,61 @@ async fn acks_of_foreign_or_unknown_ids_have_no_effect() {
     {
         Err(ClientError::Status { status, .. }) => assert_eq!(status, Status::BadRequest),
         other => panic!("{other:?}"),
+    }
+}
+
+/// An ack whose socket goes away at once must leave no transaction open.
+/// With sqlx, a transaction whose `BEGIN` is cancelled in flight goes back
+/// to the pool still open, and whoever borrows that connection next runs
+/// in it, uncommitted, holding locks (in cluster mode: a heartbeat never
+/// committed, a claim's lock held for seconds). So acks run detached from
+/// their sockets: after each ack cut off by its socket, no connection is
+/// left idle in a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_cut_off_by_their_socket_leave_no_transaction_open() {
+    const ROUNDS: usize = 40;
+    let app = spawn_app().await;
+    let (alice, _alice_events, _, _) = online(&app, "alice").await;
+    let (bob_id, bob_token) = offline(&app, "bob").await;
+    for round in 0..ROUNDS {
+        let sent = alice.send(text(bob_id, "cut off")).await.unwrap();
+        assert_eq!(sent.outcome, SendOutcome::Queued);
+        let mut bob = Raw::upgrade(&app, Some(&bob_token)).await;
+        let message_id = loop {
+            let (_, payload) = bob.next_frame().await;
+            let frame = ServerFrame::decode(&payload[..]).expect("a server frame");
+            if let Some(server_frame::Kind::Push(Push {
+                event: Some(push::Event::Deliver(envelope)),
+            })) = frame.kind
+            {
+                break envelope.message_id;
+            }
+        };
+        let ack = ClientFrame {
+            request_id: 1,
+            request: Some(client_frame::Request::AckMessages(AckMessages {
+                message_ids: vec![message_id],
+            })),
+        };
+        bob.send(&frame(true, 0, BINARY, &ack.encode_to_vec()))
+            .await;
+        // Gone with the ack in flight.
+        drop(bob);
+        wait_until(
+            &format!("no transaction is left open (round {round})"),
+            || async {
+                let open: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND state LIKE 'idle in transaction%'",
+                )
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+                open == 0
+            },
+        )
+        .await;
     }
 }
 

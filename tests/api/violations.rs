@@ -6,44 +6,18 @@
 
 use signal_relay::testing::spawn_app;
 
-use crate::helpers::{CLOSE, Raw};
+use crate::helpers::{BINARY, CLOSE, Raw, frame, masked_header};
 
 /// The opcodes the tests use.
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
 const PING: u8 = 0x9;
-
-/// A masked client frame (the mask is fixed; any mask will do).
-fn frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = masked_header(fin, rsv, opcode, payload.len());
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    bytes.extend_from_slice(&mask);
-    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    bytes
-}
 
 /// The same frame, unmasked, as only a server may send it.
 fn unmasked(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut bytes = masked_header(true, 0, opcode, payload.len());
     bytes[1] &= 0x7f;
     bytes.extend_from_slice(payload);
-    bytes
-}
-
-fn masked_header(fin: bool, rsv: u8, opcode: u8, len: usize) -> Vec<u8> {
-    let mut bytes = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
-    match len {
-        0..=125 => bytes.push(0x80 | len as u8),
-        126..=0xffff => {
-            bytes.push(0x80 | 126);
-            bytes.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            bytes.push(0x80 | 127);
-            bytes.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
     bytes
 }
 
