@@ -608,7 +608,9 @@ async fn the_default_size_limit_is_96_kib() {
 async fn senders_are_rate_limited_with_retry_after() {
     let app = spawn_app_with(|c| {
         c.limits.rates.send_burst = 5.0;
-        c.limits.rates.send_rate_per_sec = 0.5;
+        // Slow enough that no token comes back during the test, however
+        // loaded the host.
+        c.limits.rates.send_rate_per_sec = 0.01;
     })
     .await;
     let (alice, _ae, _, _) = online(&app, "alice").await;
@@ -625,7 +627,7 @@ async fn senders_are_rate_limited_with_retry_after() {
             assert_eq!(status, Status::RateLimited);
             let retry = retry_after.expect("retry-after");
             assert!(
-                retry > std::time::Duration::ZERO && retry <= std::time::Duration::from_secs(2)
+                retry > std::time::Duration::ZERO && retry <= std::time::Duration::from_secs(100)
             );
         }
         other => panic!("{other}"),
