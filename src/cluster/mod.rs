@@ -103,8 +103,15 @@ impl Cluster {
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Result<(Cluster, mpsc::Receiver<Inbound>), ClusterError> {
+        // TCP_NODELAY, which redis-rs leaves off: with Nagle's algorithm a
+        // small write waits for the ACK of the one before it, and the
+        // outboxes share one multiplexed connection, so a forward would sit
+        // behind another peer's unanswered batch.
+        let info = redis::IntoConnectionInfo::into_connection_info(redis_url.expose_secret())
+            .map_err(ClusterError::RedisUrl)?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
         let client =
-            redis::Client::open(redis_url.expose_secret()).map_err(ClusterError::RedisUrl)?;
+            redis::Client::open(info.set_tcp_settings(tcp)).map_err(ClusterError::RedisUrl)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
             .set_response_timeout(Some(std::time::Duration::from_secs(2)))
