@@ -113,6 +113,30 @@ pub enum FetchResult {
     error,
 }
 
+/// What became of a unit of messages forwarded to another node (cluster
+/// mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ForwardResult {
+    /// The owner routed it.
+    routed,
+    /// The owner no longer had the recipient; the lane followed them.
+    moved,
+    /// Redis refused it, the owner died or did not answer in time: its
+    /// senders were told to retry.
+    failed,
+}
+
+/// How taking a user over from the node that held them went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum HandoffResult {
+    /// The old node let go and said so.
+    released,
+    /// No answer within the release timeout: claimed anyway.
+    timed_out,
+}
+
 /// Which database work failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -150,6 +174,16 @@ struct LimitLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct FetchLabel {
     result: FetchResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ForwardLabel {
+    result: ForwardResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandoffLabel {
+    result: HandoffResult,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -374,6 +408,9 @@ struct Sampled {
     unauthenticated: OnceLock<Source>,
     /// (idle, busy) pool connections.
     pool: OnceLock<Box<dyn Fn() -> (i64, i64) + Send + Sync>>,
+    /// Cluster mode: (recipients with a lane here, units forwarded and
+    /// not yet answered).
+    cluster: OnceLock<Box<dyn Fn() -> (i64, i64) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Sampled {
@@ -429,6 +466,22 @@ impl Collector for SampledCollector {
         for (state, value) in [("idle", idle), ("busy", busy)] {
             let labels = [("state", state)];
             ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        drop(family);
+        if let Some(cluster) = sampled.cluster.get() {
+            let (lanes, units) = cluster();
+            gauge(
+                &mut encoder,
+                "relay_cluster_lanes",
+                "Recipients with messages in a lane on this node (cluster mode)",
+                lanes,
+            )?;
+            gauge(
+                &mut encoder,
+                "relay_cluster_units_in_flight",
+                "Units forwarded to other nodes and not yet answered (cluster mode)",
+                units,
+            )?;
         }
         Ok(())
     }
@@ -540,6 +593,10 @@ pub struct Inner {
     prekey_fetches: Family<FetchLabel, Counter>,
     /// `PreKeysLow` pushes sent.
     pub prekeys_low: Counter,
+    cluster_forwards: Family<ForwardLabel, Counter>,
+    cluster_handoffs: Family<HandoffLabel, Counter>,
+    /// Items in batches Redis refused to take for a peer.
+    pub cluster_undelivered: Counter,
 }
 
 impl std::ops::Deref for Metrics {
@@ -651,6 +708,24 @@ impl Metrics {
             "PreKeysLow pushes sent",
             prekeys_low.clone(),
         );
+        let cluster_forwards = Family::<ForwardLabel, Counter>::default();
+        registry.register(
+            "relay_cluster_forwards",
+            "Units of messages forwarded to the node owning their recipient, by result (cluster mode)",
+            cluster_forwards.clone(),
+        );
+        let cluster_handoffs = Family::<HandoffLabel, Counter>::default();
+        registry.register(
+            "relay_cluster_handoffs",
+            "Users taken over from the node that held them, by result (cluster mode)",
+            cluster_handoffs.clone(),
+        );
+        let cluster_undelivered = Counter::default();
+        registry.register(
+            "relay_cluster_undelivered",
+            "Items for other nodes that Redis refused to take (cluster mode)",
+            cluster_undelivered.clone(),
+        );
         let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         build_info
             .get_or_create(&vec![
@@ -692,6 +767,16 @@ impl Metrics {
         ] {
             let _ = db_errors.get_or_create(&OpLabel { op });
         }
+        for result in [
+            ForwardResult::routed,
+            ForwardResult::moved,
+            ForwardResult::failed,
+        ] {
+            let _ = cluster_forwards.get_or_create(&ForwardLabel { result });
+        }
+        for result in [HandoffResult::released, HandoffResult::timed_out] {
+            let _ = cluster_handoffs.get_or_create(&HandoffLabel { result });
+        }
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -715,6 +800,9 @@ impl Metrics {
                 rate_limited,
                 prekey_fetches,
                 prekeys_low,
+                cluster_forwards,
+                cluster_handoffs,
+                cluster_undelivered,
             }),
         }
     }
@@ -779,6 +867,24 @@ impl Metrics {
     /// Where `relay_connections_unauthenticated` is read from.
     pub fn sample_unauthenticated(&self, source: impl Fn() -> i64 + Send + Sync + 'static) {
         let _ = self.sampled.unauthenticated.set(Box::new(source));
+    }
+
+    pub fn cluster_forward(&self, result: ForwardResult) {
+        self.cluster_forwards
+            .get_or_create(&ForwardLabel { result })
+            .inc();
+    }
+
+    pub fn cluster_handoff(&self, result: HandoffResult) {
+        self.cluster_handoffs
+            .get_or_create(&HandoffLabel { result })
+            .inc();
+    }
+
+    /// Where `relay_cluster_lanes` and `relay_cluster_units_in_flight` are
+    /// read from (cluster mode only: without it they are not reported).
+    pub fn sample_cluster(&self, source: impl Fn() -> (i64, i64) + Send + Sync + 'static) {
+        let _ = self.sampled.cluster.set(Box::new(source));
     }
 
     /// Where `relay_db_pool_connections` is read from: (idle, busy).

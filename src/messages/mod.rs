@@ -240,6 +240,7 @@ impl Relay {
                 registry.clone(),
                 store.clone(),
                 tasks,
+                metrics.clone(),
                 link.stop,
             )
         });

@@ -46,6 +46,7 @@ use super::{Delivery, MessagingError};
 use crate::cluster::wire::{self, DeliveryResult, Envelope, Kind};
 use crate::cluster::{Cluster, Inbound};
 use crate::envelope::Message;
+use crate::metrics::{ForwardResult, HandoffResult, Metrics};
 use crate::protocol::{Close, proto};
 use crate::storage::messages::Stored;
 use crate::storage::{self, Database};
@@ -143,6 +144,8 @@ pub(super) struct Remote {
     release_timeout: Duration,
     /// Spawned work (forward handling, releases) that shutdown waits for.
     tasks: TaskTracker,
+    /// Forwards and hand-offs are counted for operators.
+    metrics: Metrics,
 }
 
 impl Remote {
@@ -154,6 +157,7 @@ impl Remote {
         registry: Registry,
         store: StoreWriter,
         tasks: &TaskTracker,
+        metrics: Metrics,
         stop: CancellationToken,
     ) -> Arc<Remote> {
         let config = cluster.config().clone();
@@ -176,6 +180,14 @@ impl Remote {
             forward_timeout: config.forward_timeout(),
             release_timeout: config.release_timeout(),
             tasks: tasks.clone(),
+            metrics: metrics.clone(),
+        });
+        // Weak: the metrics outlive the relay in tests that start several.
+        let sampled = Arc::downgrade(&remote);
+        metrics.sample_cluster(move || {
+            sampled.upgrade().map_or((0, 0), |remote| {
+                (remote.lanes.len() as i64, remote.units.len() as i64)
+            })
         });
         tasks.spawn(remote.clone().dispatch(inbound, stop.clone()));
         tasks.spawn(remote.clone().watch(stop));
@@ -435,11 +447,17 @@ impl Remote {
         tracing::debug!(unit = id, peer = %owner, recipient = %recipient, "forwarding");
         if let Err(err) = self.cluster.send(owner, Kind::Forward(forward)) {
             self.fail_unit(id, send_error_text(err));
+            self.metrics.cluster_forward(ForwardResult::failed);
             return Forwarded::Done;
         }
         // Held until routed, so this node's drain for the recipient (should
         // they connect here meanwhile) cannot pass these messages.
         let answer = tokio::time::timeout(self.forward_timeout, routed_answer).await;
+        self.metrics.cluster_forward(match &answer {
+            Ok(Ok(RoutedAnswer::Accepted)) => ForwardResult::routed,
+            Ok(Ok(RoutedAnswer::Moved { .. })) => ForwardResult::moved,
+            Ok(Err(_)) | Err(_) => ForwardResult::failed,
+        });
         match answer {
             Ok(Ok(RoutedAnswer::Accepted)) => Forwarded::Done,
             Ok(Ok(RoutedAnswer::Moved { to, waiters })) => {
@@ -531,12 +549,14 @@ impl Remote {
                     user: wire::id_bytes(user),
                 }),
             );
-            if asked.is_ok()
-                && tokio::time::timeout(self.release_timeout, wait)
-                    .await
-                    .is_err()
-            {
-                tracing::warn!(user_id = %user, peer = %owner, "the previous node did not let go in time; claiming anyway");
+            if asked.is_ok() {
+                match tokio::time::timeout(self.release_timeout, wait).await {
+                    Ok(_) => self.metrics.cluster_handoff(HandoffResult::released),
+                    Err(_) => {
+                        self.metrics.cluster_handoff(HandoffResult::timed_out);
+                        tracing::warn!(user_id = %user, peer = %owner, "the previous node did not let go in time; claiming anyway");
+                    }
+                }
             }
             self.releases.remove(&request);
         }
@@ -687,6 +707,7 @@ impl Remote {
                     }
                 }
                 Inbound::Undelivered { to, items } => {
+                    self.metrics.cluster_undelivered.inc_by(items.len() as u64);
                     for kind in items.into_iter().filter_map(|i| i.kind) {
                         match kind {
                             Kind::Forward(f) => self.fail_unit(f.unit, "Redis refused the forward"),

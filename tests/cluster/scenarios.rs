@@ -234,12 +234,10 @@ async fn displacement_across_nodes_keeps_what_was_held() {
         Some(4409)
     );
     drop(old);
-    eprintln!("{:?} closed", std::time::Instant::now());
     // The held messages were stored for Bob: their senders hear QUEUED.
     for sent in held {
         assert_eq!(sent.await.unwrap().unwrap().outcome, SendOutcome::Queued);
     }
-    eprintln!("{:?} held answered", std::time::Instant::now());
     let newer = tokio::spawn({
         let a = a.clone();
         let bob = bob.id;
@@ -257,9 +255,20 @@ async fn displacement_across_nodes_keeps_what_was_held() {
             Event::QueueEmpty | Event::PreKeysLow(_) => {}
         }
     }
-    eprintln!("{:?} all got", std::time::Instant::now());
     assert_eq!(got, ["0", "1", "2", "3", "4", "5"]);
     newer.await.unwrap().unwrap();
+    // What an operator sees: Alice's node forwarded to Bob's, and node 3
+    // took Bob over from node 2, which let go.
+    let forwarded = cluster.nodes[0]
+        .metric(r#"relay_cluster_forwards_total{result="routed"}"#)
+        .await;
+    assert!(forwarded >= 1.0, "{forwarded}");
+    assert_eq!(
+        cluster.nodes[2]
+            .metric(r#"relay_cluster_handoffs_total{result="released"}"#)
+            .await,
+        1.0
+    );
 }
 
 /// Alice sends `count` messages to Bob (a window of 8 in flight) through

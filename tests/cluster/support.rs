@@ -72,6 +72,8 @@ impl Redis {
 pub struct Node {
     pub name: String,
     pub addr: SocketAddr,
+    /// Its admin listener, for `/metrics`.
+    pub admin: SocketAddr,
     db_url: String,
     redis_url: String,
     extra: Vec<(String, String)>,
@@ -87,7 +89,7 @@ impl Node {
         let mut command = Command::new(env!("CARGO_BIN_EXE_relay"));
         command
             .env("RELAY_LISTEN", self.addr.to_string())
-            .env("RELAY_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("RELAY_ADMIN_LISTEN", self.admin.to_string())
             .env("DATABASE_URL", &self.db_url)
             .env("RELAY_REDIS_URL", &self.redis_url)
             .env("RELAY_NODE_ID", &self.name)
@@ -116,6 +118,27 @@ impl Node {
             .expect("start the relay binary");
         self.child = Some(child);
         wait_for_port(self.addr, &self.name).await;
+    }
+
+    /// The value of one series of its `/metrics`, e.g.
+    /// `relay_cluster_forwards_total{result="routed"}`; 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin)
+            .await
+            .expect("the admin listener");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut text))
+            .await
+            .expect("metrics in time")
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub async fn kill9(&mut self) {
@@ -208,6 +231,7 @@ impl Cluster {
             .map(|i| Node {
                 name: format!("n{i}"),
                 addr: free_addr(),
+                admin: free_addr(),
                 db_url: db_url.clone(),
                 redis_url: redis.url(),
                 extra: extra
