@@ -467,7 +467,6 @@ impl Collector for SampledCollector {
             let labels = [("state", state)];
             ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
         }
-        drop(family);
         if let Some(cluster) = sampled.cluster.get() {
             let (lanes, units) = cluster();
             gauge(
