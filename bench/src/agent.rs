@@ -2,7 +2,8 @@
 //! hold at most 20,000 open files here, so `connections` and `reconnect`
 //! spread their clients over several agents (this binary, `agent`
 //! subcommand), each bound to its own 127.x.y.z source address so each has
-//! a full ephemeral port range.
+//! a full ephemeral port range. In a cluster each agent connects to one
+//! node and comes back on another after a `reconnect`.
 //!
 //! The parent talks to an agent over its stdin and stdout, one line at a
 //! time: the agent prints a JSON [`AgentReport`] after connecting all its
@@ -27,6 +28,12 @@ use tokio::io::AsyncBufReadExt;
 pub struct AgentArgs {
     #[arg(long)]
     pub url: String,
+    /// Where the `reconnect` command brings the clients back (default:
+    /// --url). In a cluster, another node: a load balancer may send a
+    /// returning client anywhere, and the new node must then take the
+    /// user over from the old one.
+    #[arg(long)]
+    pub reconnect_url: Option<String>,
     /// Source address for every connection.
     #[arg(long)]
     pub bind: IpAddr,
@@ -90,12 +97,13 @@ async fn connect_one(url: &str, bind: IpAddr, token: &[u8]) -> Result<(Held, Dur
 
 async fn connect_all(
     args: &AgentArgs,
+    url: &str,
     tokens: &[Vec<u8>],
     event: &str,
 ) -> (Vec<Held>, AgentReport) {
     let start = Instant::now();
     let results: Vec<_> = futures::stream::iter(tokens)
-        .map(|t| connect_one(&args.url, args.bind, t))
+        .map(|t| connect_one(url, args.bind, t))
         .buffer_unordered(args.concurrency.max(1))
         .collect()
         .await;
@@ -139,7 +147,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .filter(|l| !l.is_empty())
         .map(hex::decode)
         .collect::<Result<_, _>>()?;
-    let (mut held, report) = connect_all(&args, &tokens, "connected").await;
+    let (mut held, report) = connect_all(&args, &args.url, &tokens, "connected").await;
+    let reconnect_url = args.reconnect_url.as_deref().unwrap_or(&args.url);
     emit(&report);
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
@@ -151,7 +160,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 for h in held.drain(..) {
                     h.client.close().await;
                 }
-                let (again, mut report) = connect_all(&args, &tokens, "reconnected").await;
+                let (again, mut report) =
+                    connect_all(&args, reconnect_url, &tokens, "reconnected").await;
                 report.seconds = start.elapsed().as_secs_f64();
                 held = again;
                 emit(&report);
@@ -185,9 +195,11 @@ impl Drop for TempFile {
 }
 
 impl Agent {
-    /// Starts an agent for `tokens`, connecting from `bind`.
+    /// Starts an agent for `tokens`, connecting from `bind` to `url`, and
+    /// to `reconnect_url` on a `reconnect`.
     pub fn spawn(
         url: &str,
+        reconnect_url: &str,
         bind: IpAddr,
         tokens: &[Vec<u8>],
         concurrency: usize,
@@ -203,6 +215,7 @@ impl Agent {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("agent")
             .args(["--url", url])
+            .args(["--reconnect-url", reconnect_url])
             .arg("--bind")
             .arg(bind.to_string())
             .arg("--tokens")
