@@ -7,8 +7,8 @@
 //!
 //! The parent talks to an agent over its stdin and stdout, one line at a
 //! time: the agent prints a JSON [`AgentReport`] after connecting all its
-//! clients and after each `reconnect` command; `stop` (or end of input)
-//! closes everything and exits.
+//! clients and after each `reconnect` (or `reconnect linger`) command;
+//! `stop` (or end of input) closes everything and exits.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use signal_relay::client::{Client, ConnectOptions, Event, Events};
+use signal_relay::protocol::CloseCode;
 use tokio::io::AsyncBufReadExt;
 
 /// How an agent is started.
@@ -57,6 +58,11 @@ pub struct AgentReport {
     /// Per client: connect, resume and queue-empty, in microseconds.
     pub latencies_us: Vec<u64>,
     pub errors: BTreeMap<String, u64>,
+    /// After `reconnect linger`: old sockets the server closed as displaced
+    /// (4409) when their user came back, as it must. Proof that each
+    /// reconnect was a hand-off, not a fresh start.
+    #[serde(default)]
+    pub displaced: usize,
 }
 
 struct Held {
@@ -154,17 +160,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     while let Some(line) = lines.next_line().await? {
         match line.trim() {
             "reconnect" => {
-                // Drop every connection the way a network change does it
-                // for a fleet of phones, then come back with the token.
-                let start = Instant::now();
-                for h in held.drain(..) {
-                    h.client.close().await;
-                }
-                let (again, mut report) =
-                    connect_all(&args, reconnect_url, &tokens, "reconnected").await;
-                report.seconds = start.elapsed().as_secs_f64();
-                held = again;
-                emit(&report);
+                let old = std::mem::take(&mut held);
+                held = reconnect(&args, reconnect_url, &tokens, old, false).await;
+            }
+            "reconnect linger" => {
+                let old = std::mem::take(&mut held);
+                held = reconnect(&args, reconnect_url, &tokens, old, true).await;
             }
             "stop" => break,
             other => bail!("unknown agent command {other:?}"),
@@ -174,6 +175,56 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         h.client.close().await;
     }
     Ok(())
+}
+
+/// Brings every client back on `url` with its token and reports. Without
+/// `linger` the old connections are dropped first, the way a network
+/// change does it for a fleet of phones; with it they stay open, as when
+/// a phone's old TCP connection outlives a change it did not notice, so
+/// the server must displace each (4409) as its user comes back: on a
+/// cluster, the new node asking the old one to let go.
+async fn reconnect(
+    args: &AgentArgs,
+    url: &str,
+    tokens: &[Vec<u8>],
+    old: Vec<Held>,
+    linger: bool,
+) -> Vec<Held> {
+    let start = Instant::now();
+    let lingering = match linger {
+        true => old,
+        false => {
+            for h in old {
+                h.client.close().await;
+            }
+            Vec::new()
+        }
+    };
+    let (again, mut report) = connect_all(args, url, tokens, "reconnected").await;
+    report.seconds = start.elapsed().as_secs_f64();
+    report.displaced = displaced(lingering).await;
+    emit(&report);
+    again
+}
+
+/// How many of the `old` connections the server closed as displaced; then
+/// closes the rest. The server sends each close before it lets the user
+/// go, so by now every one is at most on its way: the wait is a bound for
+/// a server that never sends it, not a guess at how long it takes.
+async fn displaced(old: Vec<Held>) -> usize {
+    const BOUND: Duration = Duration::from_secs(5);
+    let closes = old
+        .iter()
+        .map(|h| tokio::time::timeout(BOUND, h.client.closed()));
+    let displaced = futures::future::join_all(closes)
+        .await
+        .into_iter()
+        .filter(|c| matches!(c, Ok(info) if info.code == Some(CloseCode::Displaced.code())))
+        .count();
+    for h in old {
+        h.client.close().await;
+    }
+    displaced
 }
 
 /// The parent's handle on a running agent.

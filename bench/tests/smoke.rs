@@ -321,18 +321,28 @@ async fn reconnect_storm_brings_every_client_back() {
     assert!(summary(&report, "seconds_to_full_reconnection").is_number());
 }
 
-/// `reconnect --nodes 2`: every client comes back on the other node, which
-/// takes the user over from the one it left, while live pairs cross nodes.
+/// `reconnect --nodes 2 --linger`: every client comes back on the other
+/// node while its old socket is still open there, so the new node must ask
+/// the old one to let go (4409 on the old socket), while live pairs cross
+/// nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_storm_hands_every_client_to_the_next_node() {
     let app = app().await;
-    let size = ["reconnect", "--clients", "200", "--per-agent", "50"];
+    let size = [
+        "reconnect",
+        "--clients",
+        "200",
+        "--per-agent",
+        "50",
+        "--linger",
+    ];
     let report = bench_cluster(&app, "2", &[&size, QUIET_LIVE].concat()).await;
     assert_no_errors(&report);
     assert!(rows(&report).iter().all(|r| r["target"] == "cluster"));
     assert_eq!(summary(&report, "clients_connected"), 200);
     assert_eq!(summary(&report, "reconnected"), 200);
     assert_eq!(summary(&report, "reconnect_failed"), 0);
+    assert_eq!(summary(&report, "displaced"), 200);
     assert!(summary(&report, "seconds_to_full_reconnection").is_number());
     let cpu = summary(&report, "storm_cpu_us_per_reconnect_by_process");
     let names: Vec<&str> = cpu

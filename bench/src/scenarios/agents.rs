@@ -162,6 +162,7 @@ async fn collect_each(
         ok_per_agent.push(report.ok);
         merged.ok += report.ok;
         merged.failed += report.failed;
+        merged.displaced += report.displaced;
         merged.seconds = merged.seconds.max(report.seconds);
         run.metrics.record_reported(
             Kind::Op,

@@ -33,6 +33,15 @@ pub struct ReconnectArgs {
     /// reported per node and for Redis.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// Reconnect before the old sockets are closed, as when a phone's old
+    /// TCP connection outlives a network change it did not notice: the
+    /// server must displace each old socket (4409) as its user comes back.
+    /// With --nodes that is the cross-node hand-off, the new node asking
+    /// the old one to let go, for every client (without it the old node
+    /// has mostly let go on its own by the time the client is back). The
+    /// summary counts the old sockets closed as displaced.
+    #[arg(long)]
+    pub linger: bool,
     #[command(flatten)]
     pub background: Background,
 }
@@ -54,7 +63,7 @@ async fn storm(
     let params = json!({
         "clients": a.clients, "per_agent": a.per_agent, "concurrency": a.concurrency,
         "live_pairs": b.pairs, "live_rate": b.rate, "calm_s": b.calm, "size": b.size,
-        "nodes": a.nodes,
+        "nodes": a.nodes, "linger": a.linger,
     });
     let accounts = run.seed_into(&servers.db, "rc", a.clients).await?;
     let live_accounts = run.seed_into(&servers.db, "rcl", b.pairs * 2).await?;
@@ -69,8 +78,12 @@ async fn storm(
     run.phase("storm");
     let window = servers.procs.window();
     let start = Instant::now();
+    let command = match a.linger {
+        true => "reconnect linger",
+        false => "reconnect",
+    };
     for agent in agents.iter_mut() {
-        agent.command("reconnect")?;
+        agent.command(command)?;
     }
     // Live latency during the storm goes to the same metrics as the
     // reconnect latencies (different kinds), both until the last is back.
@@ -90,6 +103,9 @@ async fn storm(
     run.summary("reconnected", report.ok);
     run.summary("reconnect_failed", report.failed);
     run.summary("seconds_to_full_reconnection", round_to(seconds, 3));
+    if a.linger {
+        run.summary("displaced", report.displaced);
+    }
     if servers.is_cluster()
         && let Some(storm) = run.rows.last()
     {
