@@ -2,12 +2,13 @@
 //! hold at most 20,000 open files here, so `connections` and `reconnect`
 //! spread their clients over several agents (this binary, `agent`
 //! subcommand), each bound to its own 127.x.y.z source address so each has
-//! a full ephemeral port range.
+//! a full ephemeral port range. In a cluster each agent connects to one
+//! node and comes back on another after a `reconnect`.
 //!
 //! The parent talks to an agent over its stdin and stdout, one line at a
 //! time: the agent prints a JSON [`AgentReport`] after connecting all its
-//! clients and after each `reconnect` command; `stop` (or end of input)
-//! closes everything and exits.
+//! clients and after each `reconnect` (or `reconnect linger`) command;
+//! `stop` (or end of input) closes everything and exits.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -20,6 +21,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use signal_relay::client::{Client, ConnectOptions, Event, Events};
+use signal_relay::protocol::CloseCode;
 use tokio::io::AsyncBufReadExt;
 
 /// How an agent is started.
@@ -27,6 +29,12 @@ use tokio::io::AsyncBufReadExt;
 pub struct AgentArgs {
     #[arg(long)]
     pub url: String,
+    /// Where the `reconnect` command brings the clients back (default:
+    /// --url). In a cluster, another node: a load balancer may send a
+    /// returning client anywhere, and the new node must then take the
+    /// user over from the old one.
+    #[arg(long)]
+    pub reconnect_url: Option<String>,
     /// Source address for every connection.
     #[arg(long)]
     pub bind: IpAddr,
@@ -50,6 +58,11 @@ pub struct AgentReport {
     /// Per client: connect, resume and queue-empty, in microseconds.
     pub latencies_us: Vec<u64>,
     pub errors: BTreeMap<String, u64>,
+    /// After `reconnect linger`: old sockets the server closed as displaced
+    /// (4409) when their user came back, as it must. Proof that each
+    /// reconnect was a hand-off, not a fresh start.
+    #[serde(default)]
+    pub displaced: usize,
 }
 
 struct Held {
@@ -90,12 +103,13 @@ async fn connect_one(url: &str, bind: IpAddr, token: &[u8]) -> Result<(Held, Dur
 
 async fn connect_all(
     args: &AgentArgs,
+    url: &str,
     tokens: &[Vec<u8>],
     event: &str,
 ) -> (Vec<Held>, AgentReport) {
     let start = Instant::now();
     let results: Vec<_> = futures::stream::iter(tokens)
-        .map(|t| connect_one(&args.url, args.bind, t))
+        .map(|t| connect_one(url, args.bind, t))
         .buffer_unordered(args.concurrency.max(1))
         .collect()
         .await;
@@ -139,22 +153,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .filter(|l| !l.is_empty())
         .map(hex::decode)
         .collect::<Result<_, _>>()?;
-    let (mut held, report) = connect_all(&args, &tokens, "connected").await;
+    let (mut held, report) = connect_all(&args, &args.url, &tokens, "connected").await;
+    let reconnect_url = args.reconnect_url.as_deref().unwrap_or(&args.url);
     emit(&report);
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         match line.trim() {
             "reconnect" => {
-                // Drop every connection the way a network change does it
-                // for a fleet of phones, then come back with the token.
-                let start = Instant::now();
-                for h in held.drain(..) {
-                    h.client.close().await;
-                }
-                let (again, mut report) = connect_all(&args, &tokens, "reconnected").await;
-                report.seconds = start.elapsed().as_secs_f64();
-                held = again;
-                emit(&report);
+                let old = std::mem::take(&mut held);
+                held = reconnect(&args, reconnect_url, &tokens, old, false).await;
+            }
+            "reconnect linger" => {
+                let old = std::mem::take(&mut held);
+                held = reconnect(&args, reconnect_url, &tokens, old, true).await;
             }
             "stop" => break,
             other => bail!("unknown agent command {other:?}"),
@@ -164,6 +175,56 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         h.client.close().await;
     }
     Ok(())
+}
+
+/// Brings every client back on `url` with its token and reports. Without
+/// `linger` the old connections are dropped first, the way a network
+/// change does it for a fleet of phones; with it they stay open, as when
+/// a phone's old TCP connection outlives a change it did not notice, so
+/// the server must displace each (4409) as its user comes back: on a
+/// cluster, the new node asking the old one to let go.
+async fn reconnect(
+    args: &AgentArgs,
+    url: &str,
+    tokens: &[Vec<u8>],
+    old: Vec<Held>,
+    linger: bool,
+) -> Vec<Held> {
+    let start = Instant::now();
+    let lingering = match linger {
+        true => old,
+        false => {
+            for h in old {
+                h.client.close().await;
+            }
+            Vec::new()
+        }
+    };
+    let (again, mut report) = connect_all(args, url, tokens, "reconnected").await;
+    report.seconds = start.elapsed().as_secs_f64();
+    report.displaced = displaced(lingering).await;
+    emit(&report);
+    again
+}
+
+/// How many of the `old` connections the server closed as displaced; then
+/// closes the rest. The server sends each close before it lets the user
+/// go, so by now every one is at most on its way: the wait is a bound for
+/// a server that never sends it, not a guess at how long it takes.
+async fn displaced(old: Vec<Held>) -> usize {
+    const BOUND: Duration = Duration::from_secs(5);
+    let closes = old
+        .iter()
+        .map(|h| tokio::time::timeout(BOUND, h.client.closed()));
+    let displaced = futures::future::join_all(closes)
+        .await
+        .into_iter()
+        .filter(|c| matches!(c, Ok(info) if info.code == Some(CloseCode::Displaced.code())))
+        .count();
+    for h in old {
+        h.client.close().await;
+    }
+    displaced
 }
 
 /// The parent's handle on a running agent.
@@ -185,9 +246,11 @@ impl Drop for TempFile {
 }
 
 impl Agent {
-    /// Starts an agent for `tokens`, connecting from `bind`.
+    /// Starts an agent for `tokens`, connecting from `bind` to `url`, and
+    /// to `reconnect_url` on a `reconnect`.
     pub fn spawn(
         url: &str,
+        reconnect_url: &str,
         bind: IpAddr,
         tokens: &[Vec<u8>],
         concurrency: usize,
@@ -203,6 +266,7 @@ impl Agent {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("agent")
             .args(["--url", url])
+            .args(["--reconnect-url", reconnect_url])
             .arg("--bind")
             .arg(bind.to_string())
             .arg("--tokens")

@@ -1,7 +1,8 @@
 //! The processes under test: the relay (started by the bench as a child on a
 //! fresh database, or an external one given by URL and pid) and the bare
 //! WebSocket forwarder baseline (always a child: this same binary), and for
-//! `live --nodes N` a cluster: N relays and a private `redis-server`.
+//! `--nodes N` (`live`, `connections`, `reconnect`) a cluster: N relays and
+//! a private `redis-server`.
 //!
 //! Children are started with `--listen 127.0.0.1:0` and report the port they
 //! bound in their log, so there is no race for a free port; the bench waits

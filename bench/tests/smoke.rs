@@ -44,6 +44,31 @@ async fn bench(app: &TestApp, args: &[&str]) -> Value {
     report
 }
 
+/// [`bench`] on a cluster of `nodes` that relay-bench starts itself (its
+/// own Redis and that many relays): the `relay` binary beside relay-bench,
+/// which cargo builds for the workspace's tests (or run `cargo build --bin
+/// relay` first).
+async fn bench_cluster(app: &TestApp, nodes: &str, args: &[&str]) -> Value {
+    let relay = std::path::Path::new(env!("CARGO_BIN_EXE_relay-bench")).with_file_name("relay");
+    assert!(
+        relay.exists(),
+        "{} is missing: build it with `cargo build --bin relay` (cargo test --workspace does)",
+        relay.display()
+    );
+    let relay = relay.to_str().expect("utf-8 path");
+    bench(
+        app,
+        &[args, &["--nodes", nodes, "--relay-bin", relay]].concat(),
+    )
+    .await
+}
+
+/// Live traffic beside the storms, small and slow: proof it flows, no more.
+const QUIET_LIVE: &[&str] = &["--pairs", "1", "--rate", "100", "--calm", "0.3"];
+
+/// The connections scenario's tiny size, before its spread over agents.
+const FEW_CONNECTIONS: &[&str] = &["connections", "--hold", "0.2"];
+
 fn rows(report: &Value) -> &Vec<Value> {
     let rows = report["rows"].as_array().expect("rows");
     assert!(!rows.is_empty(), "no rows in {report:#}");
@@ -174,26 +199,15 @@ async fn live_measures_the_json_encoding_beside_protobuf() {
 
 /// `--nodes 3`: the bench starts its own Redis and three cluster nodes
 /// beside the single relay, every pair crossing nodes, and reports each
-/// process's CPU per message. It starts the `relay` binary beside
-/// relay-bench, which cargo builds for the workspace's tests (or run
-/// `cargo build --bin relay` first).
+/// process's CPU per message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_measures_a_three_node_cluster_beside_the_single_node() {
-    let relay = std::path::Path::new(env!("CARGO_BIN_EXE_relay-bench")).with_file_name("relay");
-    assert!(
-        relay.exists(),
-        "{} is missing: build it with `cargo build --bin relay` (cargo test --workspace does)",
-        relay.display()
-    );
     let app = app().await;
-    let report = bench(
+    let report = bench_cluster(
         &app,
+        "3",
         &[
             "live",
-            "--nodes",
-            "3",
-            "--relay-bin",
-            relay.to_str().expect("utf-8 path"),
             "--pairs",
             "3",
             "--window",
@@ -260,72 +274,99 @@ async fn offline_stores_then_drains_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_held_by_several_agents() {
     let app = app().await;
-    let report = bench(
-        &app,
-        &[
-            "connections",
-            "--connections",
-            "40",
-            "--per-agent",
-            "20",
-            "--hold",
-            "0.2",
-        ],
-    )
-    .await;
+    let size = ["--connections", "40", "--per-agent", "20"];
+    let report = bench(&app, &[FEW_CONNECTIONS, &size].concat()).await;
     assert_no_errors(&report);
     assert_eq!(summary(&report, "connections_held"), 40);
     assert_eq!(summary(&report, "agents"), 2);
     assert!(summary(&report, "server_rss_per_connection_kib").is_number());
 }
 
+/// `connections --nodes 2`: half the connections on each node, each
+/// node's share in whole agents, memory and descriptors per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_evenly_over_a_cluster() {
+    let app = app().await;
+    let size = ["--connections", "200", "--per-agent", "50"];
+    let report = bench_cluster(&app, "2", &[FEW_CONNECTIONS, &size].concat()).await;
+    assert_no_errors(&report);
+    assert!(rows(&report).iter().all(|r| r["target"] == "cluster"));
+    assert_eq!(summary(&report, "connections_held"), 200);
+    assert_eq!(summary(&report, "agents"), 4);
+    for node in ["node1", "node2"] {
+        assert_eq!(summary(&report, &format!("{node}_connections")), 100);
+        // Counted in the node's /proc: it really holds its sockets.
+        let fds = summary(&report, &format!("{node}_fds_added"));
+        assert!(fds.as_i64() >= Some(100), "{node}: {fds}");
+        assert!(summary(&report, &format!("{node}_rss_per_connection_kib")).is_number());
+    }
+    assert!(summary(&report, "server_rss_per_connection_kib").is_number());
+    let cpu = summary(&report, "connect_cpu_percent_by_process");
+    let names: Vec<&str> = cpu
+        .as_object()
+        .expect("by process")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(names, ["node1", "node2", "redis"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_storm_brings_every_client_back() {
     let app = app().await;
-    let report = bench(
-        &app,
-        &[
-            "reconnect",
-            "--clients",
-            "40",
-            "--per-agent",
-            "20",
-            "--pairs",
-            "1",
-            "--rate",
-            "100",
-            "--calm",
-            "0.3",
-        ],
-    )
-    .await;
+    let size = ["reconnect", "--clients", "40", "--per-agent", "20"];
+    let report = bench(&app, &[&size, QUIET_LIVE].concat()).await;
     assert_no_errors(&report);
     assert_eq!(summary(&report, "reconnected"), 40);
     assert!(summary(&report, "seconds_to_full_reconnection").is_number());
 }
 
+/// `reconnect --nodes 2 --linger`: every client comes back on the other
+/// node while its old socket is still open there, so the new node must ask
+/// the old one to let go (4409 on the old socket), while live pairs cross
+/// nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_hands_every_client_to_the_next_node() {
+    let app = app().await;
+    let size = [
+        "reconnect",
+        "--clients",
+        "200",
+        "--per-agent",
+        "50",
+        "--linger",
+    ];
+    let report = bench_cluster(&app, "2", &[&size, QUIET_LIVE].concat()).await;
+    assert_no_errors(&report);
+    assert!(rows(&report).iter().all(|r| r["target"] == "cluster"));
+    assert_eq!(summary(&report, "clients_connected"), 200);
+    assert_eq!(summary(&report, "reconnected"), 200);
+    assert_eq!(summary(&report, "reconnect_failed"), 0);
+    assert_eq!(summary(&report, "displaced"), 200);
+    assert!(summary(&report, "seconds_to_full_reconnection").is_number());
+    let cpu = summary(&report, "storm_cpu_us_per_reconnect_by_process");
+    let names: Vec<&str> = cpu
+        .as_object()
+        .expect("by process")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(names, ["node1", "node2", "redis"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_storm_logs_in() {
     let app = app().await;
-    let report = bench(
-        &app,
-        &[
-            "login",
-            "--logins",
-            "4",
-            "--concurrency",
-            "2",
-            "--accounts",
-            "2",
-            "--pairs",
-            "1",
-            "--rate",
-            "100",
-            "--calm",
-            "0.3",
-        ],
-    )
-    .await;
+    let size = [
+        "login",
+        "--logins",
+        "4",
+        "--concurrency",
+        "2",
+        "--accounts",
+        "2",
+    ];
+    let report = bench(&app, &[&size, QUIET_LIVE].concat()).await;
     assert_no_errors(&report);
     assert_eq!(summary(&report, "logins_ok"), 4);
 }

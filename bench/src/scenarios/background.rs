@@ -1,13 +1,14 @@
 //! Live traffic alongside the `reconnect` and `login` storms: its latency
-//! shows what a storm does to everyone else.
+//! shows what a storm does to everyone else. On a cluster its pairs cross
+//! nodes, as in `live --nodes`.
 
 use std::time::Duration;
 
 use signal_relay::client::Encoding;
 
-use super::{Run, secs};
+use super::{Run, Servers, secs};
 use crate::live::{self, Load, Pairs};
-use crate::metrics::{Kind, ProcWindow, Snapshot, Usage};
+use crate::metrics::{Kind, Snapshot, Usage};
 use crate::report::Row;
 use crate::seed::Account;
 
@@ -28,12 +29,20 @@ pub struct Background {
     pub size: usize,
 }
 
+/// Starts the traffic between `accounts` (seeded on `servers`) and lets it
+/// warm up. On a cluster pair i's sender is on node i and its recipient on
+/// node i+1, so the storm's hand-offs share the nodes with cross-node
+/// delivery.
 pub(super) async fn start_background(
     run: &Run,
     b: &Background,
     accounts: &[Account],
+    servers: &Servers,
 ) -> anyhow::Result<live::Running> {
-    let pairs = Pairs::relay(&run.relay.url, accounts, Encoding::Proto).await?;
+    let pairs = match servers.is_cluster() {
+        true => Pairs::cluster(&servers.urls, accounts).await?,
+        false => Pairs::relay(&servers.urls[0], accounts, Encoding::Proto).await?,
+    };
     let load = Load::Open {
         rate: b.rate,
         tick: Duration::from_micros(100),
@@ -48,25 +57,27 @@ pub(super) async fn start_background(
 
 /// A phase of `--calm` seconds with only the live traffic, as its own row:
 /// before the storm ("calm") it is the reference the storm is judged by.
-pub(super) async fn live_alone(run: &mut Run, b: &Background, phase: &str) {
+pub(super) async fn live_alone(run: &mut Run, b: &Background, phase: &str, servers: &Servers) {
     run.phase(phase);
-    let window = ProcWindow::start(run.relay.pid);
+    let window = servers.procs.window();
     tokio::time::sleep(secs(b.calm)).await;
     let snap = run.metrics.take();
     let name = format!("live, {phase}");
     run.rows.push(Row::new(
         &name,
-        "relay",
+        servers.target(),
         Kind::Delivery,
         &snap,
-        window.finish(),
+        servers.procs.usage(&window),
     ));
 }
 
-/// The storm's two rows, from one window: the live traffic's latency
-/// during it, and the storm's own operations (`done` in `seconds`).
+/// The storm's two rows on `target` ("relay" or "cluster"), from one
+/// window: the live traffic's latency during it, and the storm's own
+/// operations (`done` in `seconds`).
 pub(super) fn push_storm_rows(
     run: &mut Run,
+    target: &str,
     storm: &str,
     snap: &Snapshot,
     usage: Usage,
@@ -76,7 +87,7 @@ pub(super) fn push_storm_rows(
     run.rows.push(
         Row::new(
             "live, during storm",
-            "relay",
+            target,
             Kind::Delivery,
             snap,
             usage.clone(),
@@ -84,7 +95,7 @@ pub(super) fn push_storm_rows(
         .only(&[Kind::Delivery, Kind::Answer]),
     );
     run.rows.push(
-        Row::new(storm, "relay", Kind::Op, snap, usage)
+        Row::new(storm, target, Kind::Op, snap, usage)
             .only(&[Kind::Op])
             .with_rate(done, seconds),
     );

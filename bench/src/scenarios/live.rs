@@ -10,11 +10,10 @@ use anyhow::bail;
 use serde_json::json;
 use signal_relay::client::Encoding;
 
-use super::{Run, median, secs};
+use super::{Procs, Run, by_process, median, round_to, secs, with_cluster};
 use crate::live::{self, Load, Pairs, Target};
-use crate::metrics::{Kind, ProcWindow};
+use crate::metrics::Kind;
 use crate::report::Row;
-use crate::seed;
 use crate::server::{Cluster, Forwarder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -120,38 +119,6 @@ pub struct LiveArgs {
     pub nodes: usize,
 }
 
-/// The processes a phase measures.
-#[derive(Default)]
-struct Procs {
-    /// The single server process (the relay or a forwarder).
-    server: Option<u32>,
-    /// Further processes by name: a cluster's nodes first, then its Redis.
-    named: Vec<(String, u32)>,
-    /// How many of `named` are relay nodes, together the cluster's server.
-    nodes: usize,
-}
-
-impl Procs {
-    fn single(pid: Option<u32>) -> Procs {
-        Procs {
-            server: pid,
-            ..Procs::default()
-        }
-    }
-
-    fn cluster(cluster: &Cluster) -> Procs {
-        let mut named: Vec<(String, u32)> = (cluster.pids.iter().enumerate())
-            .map(|(i, &pid)| (format!("node{}", i + 1), pid))
-            .collect();
-        named.push(("redis".into(), cluster.redis_pid));
-        Procs {
-            server: None,
-            nodes: cluster.pids.len(),
-            named,
-        }
-    }
-}
-
 /// Runs one measured phase of live traffic and returns its row.
 #[allow(clippy::too_many_arguments)]
 async fn measure_live(
@@ -170,20 +137,10 @@ async fn measure_live(
     let running = pairs.start(load, size, &run.metrics);
     tokio::time::sleep(secs(warmup)).await;
     run.metrics.take();
-    let window = ProcWindow::start(procs.server).with_processes(&procs.named);
+    let window = procs.window();
     tokio::time::sleep(secs(duration)).await;
     let snap = run.metrics.take();
-    let mut usage = window.finish();
-    if procs.server.is_none() && procs.nodes > 0 {
-        // A cluster's server is its nodes together (not Redis), so its CPU
-        // per message compares with the single node's.
-        usage.server_cpu_percent = Some(
-            procs.named[..procs.nodes]
-                .iter()
-                .filter_map(|(n, _)| usage.processes_cpu_percent.get(n))
-                .sum(),
-        );
-    }
+    let usage = procs.usage(&window);
     running.stop().await;
     run.metrics.take();
     Row::new(name, target.name(), Kind::Delivery, &snap, usage)
@@ -193,22 +150,10 @@ pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde
     if a.nodes >= 2 && a.target == Targets::Baseline {
         bail!("--nodes needs the relay: --target relay or both");
     }
-    let cluster = match a.nodes >= 2 {
-        true => {
-            run.phase("cluster");
-            let cluster = Cluster::start(&run.server_args, a.nodes).await?;
-            for log in &cluster.log_paths {
-                run.notes.push(format!("cluster log: {}", log.display()));
-            }
-            Some(cluster)
-        }
-        false => None,
-    };
-    let result = scenario_on(run, a, cluster.as_ref()).await;
-    if let Some(cluster) = cluster {
-        cluster.stop().await;
-    }
-    result
+    with_cluster(run, a.nodes, async move |run, cluster| {
+        scenario_on(run, a, cluster).await
+    })
+    .await
 }
 
 async fn scenario_on(
@@ -251,10 +196,7 @@ async fn scenario_on(
         Vec::new()
     };
     let cluster_accounts = match cluster {
-        Some(c) => {
-            run.phase("seed");
-            seed::accounts(&c.db, "live", a.pairs * 2).await?
-        }
+        Some(c) => run.seed_into(&c.db, "live", a.pairs * 2).await?,
         None => Vec::new(),
     };
     let forwarder = if targets.iter().any(|t| !t.is_relay()) {
@@ -461,15 +403,5 @@ async fn scenario_on(
 
 /// A row's CPU per message of each named process, rounded, as JSON.
 fn process_cpu(row: &Row) -> serde_json::Value {
-    row.process_cpu_us_per_op
-        .iter()
-        .map(|(name, us)| (name.clone(), json!(round_to(*us, 2))))
-        .collect::<serde_json::Map<_, _>>()
-        .into()
-}
-
-/// `value` rounded to `places` decimal places.
-fn round_to(value: f64, places: i32) -> f64 {
-    let scale = 10f64.powi(places);
-    (value * scale).round() / scale
+    by_process(&row.process_cpu_us_per_op)
 }

@@ -13,8 +13,8 @@ use serde_json::json;
 use signal_relay::client::{Client, ClientError, ConnectOptions};
 use signal_relay::proto::Status;
 
-use super::Run;
 use super::background::{Background, live_alone, push_storm_rows, start_background};
+use super::{Run, Servers};
 use crate::metrics::{Kind, Metrics, ProcWindow};
 use crate::report::Row;
 use crate::seed::{Account, PASSWORD};
@@ -61,8 +61,9 @@ pub(super) async fn scenario(run: &mut Run, a: LoginArgs) -> anyhow::Result<serd
     });
     let accounts = run.seed("lg", a.accounts.max(1)).await?;
     let live_accounts = run.seed("lgl", b.pairs * 2).await?;
-    let running = start_background(run, b, &live_accounts).await?;
-    live_alone(run, b, "calm").await;
+    let servers = Servers::of(run, None);
+    let running = start_background(run, b, &live_accounts, &servers).await?;
+    live_alone(run, b, "calm", &servers).await;
     if a.flood > 0 {
         flooded(run, &a, &accounts).await;
         running.stop().await;
@@ -117,7 +118,15 @@ pub(super) async fn scenario(run: &mut Run, a: LoginArgs) -> anyhow::Result<serd
     let snap = run.metrics.take();
     let usage = window.finish();
     let ok = ok.load(Ordering::Relaxed);
-    push_storm_rows(run, "logins", &snap, usage, ok as u64, seconds);
+    push_storm_rows(
+        run,
+        servers.target(),
+        "logins",
+        &snap,
+        usage,
+        ok as u64,
+        seconds,
+    );
     run.summary("logins_per_s", (ok as f64 / seconds * 10.0).round() / 10.0);
     run.summary("logins_ok", ok);
     running.stop().await;

@@ -1,6 +1,6 @@
 //! The scenarios, one module each, and the harness they share: start the
-//! relay, seed accounts, sample `/proc` once a second, run phases, and
-//! report.
+//! relay (and with `--nodes N` a cluster), seed accounts, sample `/proc`
+//! once a second, run phases, and report.
 
 mod agents;
 mod background;
@@ -16,13 +16,15 @@ use std::time::Duration;
 
 use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::PgPool;
 
 use crate::OutputArgs;
-use crate::metrics::{Kind, Metrics, Sampler};
+use crate::live::Target;
+use crate::metrics::{Kind, Metrics, ProcWindow, Sampler, Usage};
 use crate::procfs;
 use crate::report::{Report, Row};
 use crate::seed::{self, Account};
-use crate::server::{Relay, ServerArgs};
+use crate::server::{Cluster, Relay, ServerArgs};
 
 pub use connections::ConnectionsArgs;
 pub use live::LiveArgs;
@@ -86,8 +88,139 @@ impl Run {
     }
 
     pub async fn seed(&self, prefix: &str, count: usize) -> anyhow::Result<Vec<Account>> {
+        self.seed_into(&self.relay.db, prefix, count).await
+    }
+
+    /// [`Run::seed`] into another database: a cluster's.
+    pub async fn seed_into(
+        &self,
+        db: &PgPool,
+        prefix: &str,
+        count: usize,
+    ) -> anyhow::Result<Vec<Account>> {
         self.phase("seed");
-        seed::accounts(&self.relay.db, prefix, count).await
+        seed::accounts(db, prefix, count).await
+    }
+}
+
+/// Runs `scenario` with a cluster of `nodes` relays when asked for (2 or
+/// more), else with none. The bench starts the cluster and its Redis for
+/// this scenario alone and stops them after it, whatever its outcome.
+async fn with_cluster(
+    run: &mut Run,
+    nodes: usize,
+    scenario: impl AsyncFnOnce(&mut Run, Option<&Cluster>) -> anyhow::Result<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    if nodes < 2 {
+        return scenario(run, None).await;
+    }
+    run.phase("cluster");
+    let cluster = Cluster::start(&run.server_args, nodes).await?;
+    for log in &cluster.log_paths {
+        run.notes.push(format!("cluster log: {}", log.display()));
+    }
+    // The single relay stays up but idle: the timeline's server column
+    // would show its nothing as the cluster's load.
+    run.sampler.set_server(None);
+    let result = scenario(run, Some(&cluster)).await;
+    cluster.stop().await;
+    result
+}
+
+/// The processes a phase measures.
+#[derive(Default)]
+struct Procs {
+    /// The single server process (the relay or a forwarder).
+    server: Option<u32>,
+    /// Further processes by name: a cluster's nodes first, then its Redis.
+    named: Vec<(String, u32)>,
+    /// How many of `named` are relay nodes, together the cluster's server.
+    nodes: usize,
+}
+
+impl Procs {
+    fn single(pid: Option<u32>) -> Procs {
+        Procs {
+            server: pid,
+            ..Procs::default()
+        }
+    }
+
+    fn cluster(cluster: &Cluster) -> Procs {
+        let mut named: Vec<(String, u32)> = (cluster.pids.iter().enumerate())
+            .map(|(i, &pid)| (format!("node{}", i + 1), pid))
+            .collect();
+        named.push(("redis".into(), cluster.redis_pid));
+        Procs {
+            server: None,
+            nodes: cluster.pids.len(),
+            named,
+        }
+    }
+
+    /// Starts measuring every process.
+    fn window(&self) -> ProcWindow {
+        ProcWindow::start(self.server).with_processes(&self.named)
+    }
+
+    /// What `window` measured. A cluster's server CPU is its nodes
+    /// together (not Redis), so its CPU per operation compares with the
+    /// single node's.
+    fn usage(&self, window: &ProcWindow) -> Usage {
+        let mut usage = window.finish();
+        if self.server.is_none() && self.nodes > 0 {
+            usage.server_cpu_percent = Some(
+                self.relays()
+                    .filter_map(|(n, _)| usage.processes_cpu_percent.get(n))
+                    .sum(),
+            );
+        }
+        usage
+    }
+
+    /// A cluster's relay nodes, by name and pid.
+    fn relays(&self) -> impl Iterator<Item = &(String, u32)> {
+        self.named[..self.nodes].iter()
+    }
+}
+
+/// Where a scenario's clients go: the single relay, or the nodes of a
+/// cluster the bench started for `--nodes N`.
+struct Servers {
+    /// WebSocket URLs in node order; one for the single relay.
+    urls: Vec<String>,
+    /// Their database, for seeding accounts.
+    db: PgPool,
+    /// Their processes, for CPU and memory.
+    procs: Procs,
+}
+
+impl Servers {
+    fn of(run: &Run, cluster: Option<&Cluster>) -> Servers {
+        match cluster {
+            Some(c) => Servers {
+                urls: c.urls.clone(),
+                db: c.db.clone(),
+                procs: Procs::cluster(c),
+            },
+            None => Servers {
+                urls: vec![run.relay.url.clone()],
+                db: run.relay.db.clone(),
+                procs: Procs::single(run.relay.pid),
+            },
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        self.procs.nodes > 0
+    }
+
+    /// The rows' target: "relay" or "cluster".
+    fn target(&self) -> &'static str {
+        match self.is_cluster() {
+            true => Target::Cluster.name(),
+            false => Target::Relay.name(),
+        }
     }
 }
 
@@ -203,4 +336,20 @@ fn median(values: &mut [f64]) -> f64 {
     } else {
         (values[mid - 1] + values[mid]) / 2.0
     }
+}
+
+/// `value` rounded to `places` decimal places.
+fn round_to(value: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (value * scale).round() / scale
+}
+
+/// A number per named process, rounded to two places, as a JSON object for
+/// the summary.
+fn by_process(values: &BTreeMap<String, f64>) -> serde_json::Value {
+    values
+        .iter()
+        .map(|(name, v)| (name.clone(), serde_json::json!(round_to(*v, 2))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
