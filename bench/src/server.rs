@@ -284,6 +284,8 @@ pub struct Cluster {
     /// Each node's pid, in node order.
     pub pids: Vec<u32>,
     pub redis_pid: u32,
+    /// Its port, for reading its command and byte counters.
+    pub redis_port: u16,
     /// A pool on the cluster's database, for seeding its accounts.
     pub db: PgPool,
     nodes: Vec<Child>,
@@ -301,6 +303,7 @@ impl Cluster {
             urls: Vec::new(),
             pids: Vec::new(),
             redis_pid: 0,
+            redis_port: 0,
             // Creates the database with the relay's schema before any node
             // starts, so the nodes do not race to migrate it.
             db: connect_db(&fresh.url).await?,
@@ -312,6 +315,7 @@ impl Cluster {
         let redis_log = std::env::temp_dir().join(format!("relay-bench-{}-redis.log", fresh.name));
         let (redis, port) = start_redis(&redis_log)?;
         cluster.redis_pid = redis.id();
+        cluster.redis_port = port;
         cluster.redis = Some(redis);
         let redis_url = format!("redis://127.0.0.1:{port}/0");
         for i in 1..=n {

@@ -138,12 +138,37 @@ async fn measure_live(
     tokio::time::sleep(secs(warmup)).await;
     run.metrics.take();
     let window = procs.window();
+    let redis_before = procs.redis_counters();
     tokio::time::sleep(secs(duration)).await;
     let snap = run.metrics.take();
     let usage = procs.usage(&window);
+    let redis_after = procs.redis_counters();
     running.stop().await;
     run.metrics.take();
-    Row::new(name, target.name(), Kind::Delivery, &snap, usage)
+    let mut row = Row::new(name, target.name(), Kind::Delivery, &snap, usage);
+    if let (Some(before), Some(after)) = (redis_before, redis_after) {
+        for (key, (b, a)) in REDIS_COUNTS.iter().zip(before.into_iter().zip(after)) {
+            row.counts.insert((*key).into(), a.saturating_sub(b));
+        }
+    }
+    row
+}
+
+/// A cluster row's Redis counts over its window, in `Procs::redis_counters`
+/// order.
+const REDIS_COUNTS: [&str; 3] = ["redis_commands", "redis_bytes_in", "redis_bytes_out"];
+
+/// A cluster row's Redis commands and bytes per delivered message.
+fn redis_per_msg(row: &Row) -> serde_json::Value {
+    let messages = row.rate_per_sec * row.seconds;
+    REDIS_COUNTS
+        .iter()
+        .filter_map(|key| {
+            let n = *row.counts.get(*key)?;
+            (messages > 0.0).then(|| ((*key).to_owned(), json!(round_to(n as f64 / messages, 2))))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 pub(super) async fn scenario(run: &mut Run, a: LiveArgs) -> anyhow::Result<serde_json::Value> {
@@ -238,6 +263,7 @@ async fn scenario_on(
     // The cluster's CPU per message per process, in the last closed-loop
     // run.
     let mut cluster_closed_cpu = None;
+    let mut cluster_closed_redis = None;
     if a.mode != Mode::Open {
         let load = Load::Closed { window: a.window };
         for r in 1..=a.runs.max(1) {
@@ -254,6 +280,7 @@ async fn scenario_on(
                 }
                 if target == Target::Cluster {
                     cluster_closed_cpu = Some(process_cpu(&row));
+                    cluster_closed_redis = Some(redis_per_msg(&row));
                 }
                 run.rows.push(row);
             }
@@ -316,6 +343,9 @@ async fn scenario_on(
         if let Some(cpu) = cluster_closed_cpu {
             run.summary("cluster_closed_loop_cpu_us_per_msg_by_process", cpu);
         }
+        if let Some(redis) = cluster_closed_redis {
+            run.summary("cluster_closed_loop_redis_per_msg", redis);
+        }
     }
     if a.mode != Mode::Closed {
         let rate = match a.rate {
@@ -352,6 +382,7 @@ async fn scenario_on(
                     "cluster_open_loop_cpu_us_per_msg_by_process",
                     process_cpu(&row),
                 );
+                run.summary("cluster_open_loop_redis_per_msg", redis_per_msg(&row));
             }
             if let Some(cpu) = row.server_cpu_us_per_op {
                 run.summary(

@@ -136,6 +136,8 @@ struct Procs {
     named: Vec<(String, u32)>,
     /// How many of `named` are relay nodes, together the cluster's server.
     nodes: usize,
+    /// A cluster's Redis port: its commands and bytes are counted too.
+    redis_port: Option<u16>,
 }
 
 impl Procs {
@@ -155,7 +157,29 @@ impl Procs {
             server: None,
             nodes: cluster.pids.len(),
             named,
+            redis_port: Some(cluster.redis_port),
         }
+    }
+
+    /// A cluster's Redis counters now (`INFO stats`, through
+    /// `redis-cli`): commands processed, bytes in, bytes out. `None`
+    /// without a cluster or if they cannot be read.
+    fn redis_counters(&self) -> Option<[u64; 3]> {
+        let port = self.redis_port?;
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "info", "stats"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+        };
+        Some([
+            field("total_commands_processed")?,
+            field("total_net_input_bytes")?,
+            field("total_net_output_bytes")?,
+        ])
     }
 
     /// Starts measuring every process.
