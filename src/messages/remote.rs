@@ -535,34 +535,30 @@ impl Remote {
     /// register here: asks the previous owner to let go, waits for it (up
     /// to the release timeout), then claims. Returns the claim's epoch.
     pub(super) async fn claim(&self, user: Uuid) -> Result<i64, MessagingError> {
-        let owner = storage::cluster::owner(&self.db, user)
+        // Usually nobody else holds the user, and this is the whole claim.
+        let first = storage::cluster::claim_if_free(&self.db, user, self.me)
             .await
             .map_err(MessagingError::Ack)?;
-        if let Some(owner) = owner.filter(|o| *o != self.me) {
-            let request = self.next_id();
-            let (released, wait) = oneshot::channel();
-            self.releases.insert(request, (owner, released));
-            let asked = self.cluster.send(
-                owner,
-                Kind::Release(wire::Release {
-                    request,
-                    user: wire::id_bytes(user),
-                }),
-            );
-            if asked.is_ok() {
-                match tokio::time::timeout(self.release_timeout, wait).await {
-                    Ok(_) => self.metrics.cluster_handoff(HandoffResult::released),
-                    Err(_) => {
-                        self.metrics.cluster_handoff(HandoffResult::timed_out);
-                        tracing::warn!(user_id = %user, peer = %owner, "the previous node did not let go in time; claiming anyway");
-                    }
-                }
+        let (claim, owner) = match first.epoch {
+            Some(epoch) => {
+                let claim = storage::cluster::Claim {
+                    epoch,
+                    previous: first.previous,
+                    max_seq: first.max_seq,
+                };
+                (claim, None)
             }
-            self.releases.remove(&request);
-        }
-        let claim = storage::cluster::claim(&self.db, user, self.me)
-            .await
-            .map_err(MessagingError::Ack)?;
+            None => {
+                let owner = first.previous;
+                if let Some(owner) = owner {
+                    self.ask_to_let_go(user, owner).await;
+                }
+                let claim = storage::cluster::claim(&self.db, user, self.me)
+                    .await
+                    .map_err(MessagingError::Ack)?;
+                (claim, owner)
+            }
+        };
         tracing::debug!(user_id = %user, epoch = claim.epoch, previous = ?claim.previous, "claimed a user");
         if let Some(max) = claim.max_seq {
             self.registry.raise_seq(max);
@@ -583,6 +579,31 @@ impl Remote {
             );
         }
         Ok(claim.epoch)
+    }
+
+    /// Asks `owner` to let the user go, and waits for it up to the release
+    /// timeout (it may be dead or paused: the claim goes ahead anyway).
+    async fn ask_to_let_go(&self, user: Uuid, owner: Uuid) {
+        let request = self.next_id();
+        let (released, wait) = oneshot::channel();
+        self.releases.insert(request, (owner, released));
+        let asked = self.cluster.send(
+            owner,
+            Kind::Release(wire::Release {
+                request,
+                user: wire::id_bytes(user),
+            }),
+        );
+        if asked.is_ok() {
+            match tokio::time::timeout(self.release_timeout, wait).await {
+                Ok(_) => self.metrics.cluster_handoff(HandoffResult::released),
+                Err(_) => {
+                    self.metrics.cluster_handoff(HandoffResult::timed_out);
+                    tracing::warn!(user_id = %user, peer = %owner, "the previous node did not let go in time; claiming anyway");
+                }
+            }
+        }
+        self.releases.remove(&request);
     }
 
     /// Records that connection `conn_id` holds the user under `epoch`.

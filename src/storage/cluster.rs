@@ -123,6 +123,28 @@ pub struct Claim {
     pub max_seq: Option<i64>,
 }
 
+/// What [`claim_if_free`] found.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct FirstClaim {
+    /// Set when the claim was made; `None` when another incarnation owns
+    /// the user (then `previous` names it, and nothing changed).
+    pub epoch: Option<i64>,
+    pub previous: Option<Uuid>,
+    pub max_seq: Option<i64>,
+}
+
+/// Claims the user for `me` unless another incarnation owns them, in one
+/// statement (see `relay_claim_if_free`).
+pub async fn claim_if_free(db: &PgPool, user: Uuid, me: Uuid) -> Result<FirstClaim, StorageError> {
+    Ok(
+        sqlx::query_as("SELECT epoch, previous, max_seq FROM relay_claim_if_free($1, $2)")
+            .bind(user)
+            .bind(me)
+            .fetch_one(db)
+            .await?,
+    )
+}
+
 /// Makes `me` the user's owner, once every store in flight for them has
 /// committed (see `relay_claim`).
 pub async fn claim(db: &PgPool, user: Uuid, me: Uuid) -> Result<Claim, StorageError> {
