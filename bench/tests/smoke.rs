@@ -93,6 +93,17 @@ fn summary(report: &Value, key: &str) -> Value {
         .unwrap_or_else(|| panic!("summary has no {key}: {:#}", report["summary"]))
 }
 
+/// The process names of a by-process summary entry (a cluster's nodes,
+/// then its Redis).
+fn processes(report: &Value, key: &str) -> Vec<String> {
+    summary(report, key)
+        .as_object()
+        .expect("by process")
+        .keys()
+        .cloned()
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     let app = app().await;
@@ -301,14 +312,10 @@ async fn connections_spread_evenly_over_a_cluster() {
         assert!(summary(&report, &format!("{node}_rss_per_connection_kib")).is_number());
     }
     assert!(summary(&report, "server_rss_per_connection_kib").is_number());
-    let cpu = summary(&report, "connect_cpu_percent_by_process");
-    let names: Vec<&str> = cpu
-        .as_object()
-        .expect("by process")
-        .keys()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(names, ["node1", "node2", "redis"]);
+    assert_eq!(
+        processes(&report, "connect_cpu_percent_by_process"),
+        ["node1", "node2", "redis"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,14 +351,10 @@ async fn reconnect_storm_hands_every_client_to_the_next_node() {
     assert_eq!(summary(&report, "reconnect_failed"), 0);
     assert_eq!(summary(&report, "displaced"), 200);
     assert!(summary(&report, "seconds_to_full_reconnection").is_number());
-    let cpu = summary(&report, "storm_cpu_us_per_reconnect_by_process");
-    let names: Vec<&str> = cpu
-        .as_object()
-        .expect("by process")
-        .keys()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(names, ["node1", "node2", "redis"]);
+    assert_eq!(
+        processes(&report, "storm_cpu_us_per_reconnect_by_process"),
+        ["node1", "node2", "redis"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
