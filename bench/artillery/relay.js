@@ -18,8 +18,8 @@ let taken = 0;
 // How long to wait for an answer before failing the virtual user.
 const ANSWER_TIMEOUT_MS = 10000;
 // How long to wait for the queue-empty push. It may have arrived before
-// `listen` could listen; a message sent before the relay went live for the
-// socket is stored and answered QUEUED (counted as relay.queued), no harm.
+// `listen` could listen; then the live deliveries are not timed (only
+// those after the push are), no harm.
 const QUEUE_EMPTY_WAIT_MS = 1000;
 
 // connect.function: the account, and Bearer authentication on the upgrade.
@@ -37,6 +37,14 @@ function authenticate(wsArgs, context, done) {
   const [username, userId, token] = row;
   context.vars.username = username;
   context.vars.userId = userId;
+  // Accounts pair up, 0 with 1, 2 with 3, ...: each user sends to its
+  // partner (an odd last account, to the one before it).
+  const index = WORKER + WORKERS * (taken - 1);
+  const partner = accounts[index ^ 1] || accounts[index - 1];
+  if (!partner || partner.length < 3) {
+    return done(new Error('accounts.csv needs at least two accounts: users send to each other'));
+  }
+  context.vars.partnerId = partner[1];
   wsArgs.options = wsArgs.options || {};
   wsArgs.options.headers = {
     ...(wsArgs.options.headers || {}),
@@ -92,6 +100,14 @@ function onFrame(relay, data) {
   } else if (push && push.deliver) {
     // Ack every delivery (receipts too), as a client must.
     const deliver = push.deliver;
+    // The partner's message, sent live (after the queue-empty push; the
+    // ones before it waited in the queue while this user was away): send
+    // to delivery, from the sender's clock in the message (one machine,
+    // one clock).
+    if (relay.queueEmpty && deliver.type === 'CIPHERTEXT' && deliver.clientTimestampMs) {
+      relay.events.emit('histogram', 'relay.deliver_ms', (nowMicros() - Number(deliver.clientTimestampMs)) / 1000);
+      relay.events.emit('counter', 'relay.received', 1);
+    }
     relay.ws.send(
       JSON.stringify({
         // Request ids are 64-bit integers; acks count from 10^12 so they
@@ -100,10 +116,6 @@ function onFrame(relay, data) {
         ackMessages: { messageIds: [deliver.messageId] }
       })
     );
-    const current = relay.current;
-    if (current && deliver.clientTimestampMs === current.tag) {
-      relay.events.emit('histogram', 'relay.deliver_ms', elapsed(current.sentAt));
-    }
   } else if (frame.response) {
     const response = frame.response;
     const current = relay.current;
@@ -120,13 +132,16 @@ function elapsed(sentAt) {
   return Number(process.hrtime.bigint() - sentAt) / 1e6;
 }
 
-// Sends one message to this user and waits for its answer.
-function sendToSelf(context, events, next) {
+// Wall-clock microseconds, comparable between Artillery's worker threads.
+function nowMicros() {
+  return Math.round((performance.timeOrigin + performance.now()) * 1000);
+}
+
+// Sends one message to the partner and waits for its answer: DELIVERED
+// once the partner has acked it, QUEUED while the partner is away.
+function sendToPartner(context, events, next) {
   const relay = context.vars.relay;
   const n = (context.vars.sent = (context.vars.sent || 0) + 1);
-  // One message in flight per user, so the sender's clock (a field the
-  // delivery carries back) tells this delivery apart from earlier ones.
-  const tag = String(Date.now() * 1000 + (n % 1000));
   const requestId = String(n);
   if (relay.closed) {
     events.emit('counter', 'relay.errors', 1);
@@ -139,7 +154,6 @@ function sendToSelf(context, events, next) {
   }, ANSWER_TIMEOUT_MS);
   relay.current = {
     requestId,
-    tag,
     sentAt: process.hrtime.bigint(),
     fail(why) {
       clearTimeout(timer);
@@ -166,13 +180,14 @@ function sendToSelf(context, events, next) {
     JSON.stringify({
       requestId,
       sendMessage: {
-        recipientId: context.vars.userId,
+        recipientId: context.vars.partnerId,
         type: 'CIPHERTEXT',
         content: context.vars.content,
-        clientTimestampMs: tag
+        // The send time, for the partner's delivery latency.
+        clientTimestampMs: String(nowMicros())
       }
     })
   );
 }
 
-module.exports = { authenticate, listen, sendToSelf };
+module.exports = { authenticate, listen, sendToPartner };

@@ -128,6 +128,14 @@ mod tests {
                 target: Some(fetch_bundle::Target::Username("Bob".into()))
             }))
         );
+        // URL-safe with padding, and standard without: the same bytes.
+        for content in [r#""_-8=""#, r#""/+8""#] {
+            let text = format!(r#"{{"sendMessage":{{"content":{content}}}}}"#);
+            let Some(Request::SendMessage(send)) = client(&text).unwrap().request else {
+                panic!("{text}");
+            };
+            assert_eq!(send.content.as_ref(), &[0xff, 0xef], "{text}");
+        }
         let frame = client(r#"{"requestId":"4","whoAmI":{}}"#).unwrap();
         assert_eq!(frame.request, Some(Request::WhoAmI(proto::WhoAmI {})));
         assert_eq!(client("{}").unwrap(), ClientFrame::default());
@@ -272,6 +280,8 @@ mod tests {
             any::<String>()
                 .prop_map(|password| Request::DeleteAccount(proto::DeleteAccount { password })),
             Just(Request::WhoAmI(proto::WhoAmI {})),
+            any::<String>()
+                .prop_map(|username| Request::LookupUser(proto::LookupUser { username })),
             upload,
             Just(Request::GetPreKeyCount(proto::GetPreKeyCount {})),
             proptest::option::of(target)

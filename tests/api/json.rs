@@ -432,6 +432,18 @@ async fn errors_are_answered_the_same_in_both_encodings() {
             }),
         ),
         (
+            "look up a malformed name".to_owned(),
+            Request::LookupUser(proto::LookupUser {
+                username: "x".into(),
+            }),
+        ),
+        (
+            "look up an unknown name".to_owned(),
+            Request::LookupUser(proto::LookupUser {
+                username: "no_such_user".into(),
+            }),
+        ),
+        (
             "first upload without an identity".to_owned(),
             Request::UploadKeys(Default::default()),
         ),
@@ -695,6 +707,18 @@ async fn every_request_kind_across(a: Encoding, b: Encoding) {
         alice_auth.user_id.as_bytes()
     );
 
+    // A lookup from either encoding finds the other's user, keys not yet
+    // published.
+    let found = alice.lookup_user(&bob_auth.username).await.unwrap();
+    assert_eq!(
+        (found.user_id, &found.username, &found.identity_key),
+        (bob_auth.user_id, &bob_auth.username, &None)
+    );
+    assert_eq!(
+        bob.lookup_user(&alice_auth.username).await.unwrap().user_id,
+        alice_auth.user_id
+    );
+
     // Keys uploaded in one encoding are fetched in the other, both ways;
     // counts and the low-keys push follow.
     alice
@@ -713,6 +737,18 @@ async fn every_request_kind_across(a: Encoding, b: Encoding) {
         .unwrap();
     assert_bundle_is_vector(&bob_bundle, &v["valid"][2], &bob_auth);
     assert_low(next_event(&mut bob_events).await, 2, 1);
+    // Looked up across once published: the identity key, and no one-time
+    // key consumed (the counts below are what the two fetches left).
+    let found = bob.lookup_user(&alice_auth.username).await.unwrap();
+    assert_eq!(
+        found.identity_key.as_deref(),
+        Some(alice_bundle.identity_key.as_ref())
+    );
+    let found = alice.lookup_user(&bob_auth.username).await.unwrap();
+    assert_eq!(
+        found.identity_key.as_deref(),
+        Some(bob_bundle.identity_key.as_ref())
+    );
     let counted = alice.pre_key_count().await.unwrap();
     assert_eq!((counted.one_time_pre_keys, counted.kyber_pre_keys), (2, 1));
 

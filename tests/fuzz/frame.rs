@@ -99,6 +99,7 @@ fn request() -> impl Strategy<Value = Request> {
         field_string()
             .prop_map(|password| Request::DeleteAccount(proto::DeleteAccount { password })),
         Just(Request::WhoAmI(proto::WhoAmI {})),
+        field_string().prop_map(|username| Request::LookupUser(proto::LookupUser { username })),
         upload_keys().prop_map(Request::UploadKeys),
         Just(Request::GetPreKeyCount(proto::GetPreKeyCount {})),
         prop_oneof![
