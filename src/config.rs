@@ -379,6 +379,14 @@ pub struct AuthLimits {
     #[arg(long, env = "RELAY_MAX_AUTH_ATTEMPTS", default_value_t = 5)]
     pub max_auth_attempts: u32,
 
+    /// Bytes of requests a client may pipeline behind an authentication
+    /// still being checked, beyond the first such request (held whatever
+    /// its size). The socket is read on during a check, to notice a client
+    /// that leaves; one that sends more than this meanwhile is closed
+    /// (1008) and its check withdrawn.
+    #[arg(long, env = "RELAY_MAX_EARLY_BYTES", default_value_t = 64 * 1024)]
+    pub max_early_bytes: usize,
+
     /// Session token lifetime.
     #[arg(long, env = "RELAY_SESSION_TTL_SECS", default_value_t = 30 * 24 * 3600)]
     pub session_ttl_secs: u64,

@@ -375,6 +375,31 @@ async fn login_storm_logs_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_under_a_flood_times_the_legitimate_users_logins() {
+    let app = app().await;
+    let size = [
+        "login",
+        "--flood",
+        "8",
+        "--legit-logins",
+        "3",
+        "--accounts",
+        "2",
+        "--flood-warmup",
+        "0.3",
+    ];
+    let report = bench(&app, &[&size, QUIET_LIVE].concat()).await;
+    assert_no_errors(&report);
+    for key in ["legit_p99_ms_alone", "legit_p99_ms_under_flood"] {
+        assert!(
+            summary(&report, key).as_f64() > Some(0.0),
+            "{key}: {report:#}"
+        );
+    }
+    assert!(summary(&report, "flood_attempts_per_s").as_f64() > Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prekeys_fetches_bundles_and_consumes_one_time_keys() {
     let app = app().await;
     let report = bench(

@@ -4,6 +4,7 @@
 //! connection still held (live messages not yet acked or not yet written) is
 //! stored before a successor may start draining, so nothing is lost.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -148,14 +149,60 @@ where
 /// What a socket read. Boxed where it is kept: it is large, and rare.
 type Read = Result<Option<Inbound>, ProtocolError>;
 
+/// Frames a client pipelined behind an authentication still being checked,
+/// in order, for whatever comes next to handle first. The socket is read on
+/// while a check runs, because that is how a client that leaves is noticed
+/// (its queued password check is then skipped), so what it sends meanwhile
+/// is kept here: the first frame whatever its size (a key upload right
+/// behind a login is legitimate), then up to `max_early_bytes` more. Past
+/// that the socket is closed (1008) and the check withdrawn: a client
+/// cannot make the relay stop watching its socket by sending more.
+#[derive(Default)]
+struct Early {
+    reads: VecDeque<Read>,
+    /// Encoded bytes of the frames held.
+    bytes: usize,
+}
+
+impl Early {
+    fn pop(&mut self) -> Option<Read> {
+        let read = self.reads.pop_front()?;
+        self.bytes -= Self::size(&read);
+        Some(read)
+    }
+
+    fn size(read: &Read) -> usize {
+        match read {
+            Ok(Some(Inbound::Frame(frame))) => prost::Message::encoded_len(frame),
+            _ => 0,
+        }
+    }
+
+    /// Keeps `read` if the budget allows; `false` if it does not.
+    fn push(&mut self, read: Read, budget: usize) -> bool {
+        let size = Self::size(&read);
+        if !self.reads.is_empty() && self.bytes + size > budget {
+            return false;
+        }
+        self.bytes += size;
+        self.reads.push_back(read);
+        true
+    }
+
+    /// An error ends the socket's frames: nothing after it is read.
+    fn ended(&self) -> bool {
+        matches!(self.reads.back(), Some(Err(_)))
+    }
+}
+
 /// A socket that authenticated on its own.
 struct SelfAuthenticated {
     auth: Authenticated,
     method: AuthMethod,
     slot: Slot,
-    /// A frame the client sent while its authentication was being checked
+    /// Frames the client sent while its authentication was being checked
     /// (pipelined), for the session to handle first.
-    early: Option<Box<Read>>,
+    early: Option<Box<Early>>,
     /// When the request that authenticated it began to be checked.
     since: Instant,
 }
@@ -176,11 +223,12 @@ where
     let deadline = ticket.accepted + state.limits().connection.auth_timeout();
     let max_failures = state.limits().auth.max_auth_attempts;
     let mut failures = 0;
-    let mut early: Option<Box<Read>> = None;
+    let early_budget = state.limits().auth.max_early_bytes;
+    let mut early = Early::default();
     let mut since = ticket.accepted;
     loop {
-        let inbound = match early.take() {
-            Some(read) => *read,
+        let inbound = match early.pop() {
+            Some(read) => read,
             None => tokio::select! {
                 _ = shutdown.cancelled() => return Err(Some(Close::SHUTTING_DOWN)),
                 read = timeout_at(deadline, conn.read()) => match read {
@@ -234,12 +282,14 @@ where
             Ok(command) => {
                 since = Instant::now();
                 let applying = timeout_at(deadline, command.apply(state, peer.ip()));
-                match while_connected(conn, &mut early, applying).await {
-                    // The client left: the check was withdrawn with the
-                    // future (a queued password check is skipped).
-                    None => return Err(None),
-                    Some(Err(_)) => return Err(Some(Close::AUTH_TIMEOUT)),
-                    Some(Ok(outcome)) => outcome,
+                match while_connected(conn, &mut early, early_budget, applying).await {
+                    // The client left, or sent too much meanwhile: the
+                    // check was withdrawn with the future (a queued
+                    // password check is skipped).
+                    Watched::Left => return Err(None),
+                    Watched::Overflowed => return Err(Some(Close::TOO_MUCH_BEFORE_AUTH)),
+                    Watched::Done(Err(_)) => return Err(Some(Close::AUTH_TIMEOUT)),
+                    Watched::Done(Ok(outcome)) => outcome,
                 }
             }
             Err(err) => Err(err),
@@ -258,7 +308,7 @@ where
                     auth,
                     method,
                     slot: ticket.authenticated(),
-                    early,
+                    early: (!early.reads.is_empty()).then(|| Box::new(early)),
                     since,
                 });
             }
@@ -277,31 +327,44 @@ where
     }
 }
 
-/// Runs `work` while watching the socket: `None` if the peer leaves first,
-/// and `work` is dropped unfinished. A frame read meanwhile (the client
-/// pipelined it) is kept in `early`, and watching stops there: the socket
-/// is not read further until it has been handled.
+/// How [`while_connected`] ended.
+enum Watched<T> {
+    Done(T),
+    /// The peer left first; `work` was dropped unfinished.
+    Left,
+    /// The peer sent more than [`Early`] holds; `work` was dropped.
+    Overflowed,
+}
+
+/// Runs `work` while watching the socket, so that a peer that leaves takes
+/// its work with it. Frames read meanwhile (the client pipelined them) are
+/// kept in `early`, within `budget`.
 async fn while_connected<S, F>(
     conn: &mut Connection<S>,
-    early: &mut Option<Box<Read>>,
+    early: &mut Early,
+    budget: usize,
     work: F,
-) -> Option<F::Output>
+) -> Watched<F::Output>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Future,
 {
     let mut work = pin!(work);
-    while early.is_none() {
+    while !early.ended() {
         tokio::select! {
-            done = &mut work => return Some(done),
+            done = &mut work => return Watched::Done(done),
             read = conn.read() => match read {
                 Ok(Some(Inbound::Heartbeat)) => {}
-                Ok(None) | Err(ProtocolError::Transport(_)) => return None,
-                other => *early = Some(Box::new(other)),
+                Ok(None) | Err(ProtocolError::Transport(_)) => return Watched::Left,
+                other => {
+                    if !early.push(other, budget) {
+                        return Watched::Overflowed;
+                    }
+                }
             },
         }
     }
-    Some(work.await)
+    Watched::Done(work.await)
 }
 
 /// Why the session loop ended.
@@ -390,8 +453,8 @@ struct Session<S> {
     ledger: Box<Ledger>,
     /// When the session token expires: the socket closes then.
     expires: Instant,
-    /// A frame read while authenticating, handled before any other.
-    early: Option<Box<Read>>,
+    /// Frames read while authenticating, handled before any other.
+    early: Option<Box<Early>>,
     /// This socket's place among the authenticated; given back at the end.
     _slot: Slot,
 }
@@ -462,10 +525,12 @@ where
         // nothing due; it is re-armed after firing.
         let mut ack_timer = pin!(sleep_until(Instant::now()));
         let mut ack_armed = false;
-        if let Some(early) = self.early.take()
-            && let Err(end) = self.on_inbound(*early).await
-        {
-            return end;
+        if let Some(mut early) = self.early.take() {
+            while let Some(read) = early.pop() {
+                if let Err(end) = self.on_inbound(read).await {
+                    return end;
+                }
+            }
         }
         loop {
             if self.drain.wanted() {

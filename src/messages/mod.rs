@@ -25,7 +25,7 @@ mod remote;
 pub mod store;
 pub mod unacked;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -320,6 +320,15 @@ impl Relay {
     /// A receipt routed live goes out at once; should the commit then fail,
     /// the ack fails, the message stays queued, and acking it again sends a
     /// second receipt: a receipt arrives at least once.
+    ///
+    /// In cluster mode a receipt for a sender not connected here goes
+    /// through their lane (stored through the fence, or routed by the node
+    /// they are on), which no transaction here can include. Those receipts
+    /// are therefore placed first, from a read of the messages to be acked,
+    /// and the delete runs only once every one of them is placed: one that
+    /// cannot be (Redis down, the sender's node dead) fails the ack as
+    /// retryable, and nothing is deleted. The rule is the same: a receipt
+    /// arrives at least once, before its message leaves the queue.
     pub fn ack_stored(
         &self,
         acker: Uuid,
@@ -329,46 +338,49 @@ impl Relay {
         let relay = self.clone();
         let work = async move {
             let failed = |err: sqlx::Error| MessagingError::Ack(err.into());
+            let receipts = Receipts {
+                acker,
+                acker_username,
+                now: envelope::now_ms(),
+            };
+            // Cluster mode: the receipts that go through a lane, placed
+            // before the transaction; the ones to store, kept for it.
+            let mut early: Option<HashMap<Uuid, ToStore>> = None;
+            if relay.inner.remote.is_some() {
+                let ackable = storage::messages::ackable(relay.inner.db.pool(), acker, &ids)
+                    .await
+                    .map_err(MessagingError::Ack)?;
+                let (to_store, through_lanes) = relay.route_receipts(&receipts, &ackable);
+                let placed = futures::future::join_all(
+                    through_lanes
+                        .into_iter()
+                        .map(|order| relay.store_or_forward(order)),
+                )
+                .await;
+                for outcome in placed {
+                    match outcome {
+                        // A sender deleted meanwhile gets no receipt.
+                        Ok(_) | Err(MessagingError::UnknownRecipient(_)) => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+                early = Some(to_store.into_iter().collect());
+            }
             let mut tx = relay.inner.db.pool().begin().await.map_err(failed)?;
             let acked = storage::messages::delete_acked(&mut tx, acker, &ids)
                 .await
                 .map_err(MessagingError::Ack)?;
             let deleted: HashSet<Uuid> = acked.iter().map(|a| a.id).collect();
             let unknown = ids.into_iter().filter(|id| !deleted.contains(id)).collect();
-            let now = envelope::now_ms();
-            let mut receipts = 0;
-            let stored: Vec<ToStore> = acked
-                .into_iter()
-                .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())
-                .filter_map(|a| Some((a.id, a.sender_id?)))
-                .filter_map(|(original, sender)| {
-                    receipts += 1;
-                    let route = relay.inner.registry.route(sender, false, None, |seq| {
-                        Message::receipt(
-                            acker,
-                            acker_username.clone(),
-                            original,
-                            sender,
-                            seq,
-                            now,
-                            relay.inner.receipt_ttl_ms,
-                        )
-                    });
-                    match route {
-                        // The sender's connection stores it if they never
-                        // ack it.
-                        Route::Live(_) | Route::Dropped => None,
-                        // Cluster mode, sender not here: their lane places
-                        // it; the ack does not wait for them to ack it.
-                        // (Outside this transaction: that node's fence decides.)
-                        Route::Store(order) if !order.local && relay.inner.remote.is_some() => {
-                            drop(relay.store_or_forward(order));
-                            None
-                        }
-                        Route::Store(order) => Some(order),
-                    }
-                })
-                .collect();
+            let stored: Vec<ToStore> = match early {
+                // Only receipts of what this ack deleted are stored.
+                Some(mut early) => deleted.iter().filter_map(|id| early.remove(id)).collect(),
+                None => {
+                    let (to_store, through_lanes) = relay.route_receipts(&receipts, &acked);
+                    debug_assert!(through_lanes.is_empty(), "lanes exist in cluster mode only");
+                    to_store.into_iter().map(|(_, order)| order).collect()
+                }
+            };
             if !stored.is_empty() {
                 let messages: Vec<&Message> = stored.iter().map(|order| &order.message).collect();
                 storage::messages::insert_receipts(&mut tx, &messages)
@@ -378,7 +390,13 @@ impl Relay {
             tx.commit().await.map_err(failed)?;
             // Releases the tickets: the senders' drains may read them now.
             drop(stored);
-            relay.inner.metrics.receipts.inc_by(receipts);
+            let receipted = acked
+                .iter()
+                .filter(|a| {
+                    a.sender_id.is_some() && a.envelope_type != EnvelopeType::Receipt.code()
+                })
+                .count();
+            relay.inner.metrics.receipts.inc_by(receipted as u64);
             Ok(StoredAcks {
                 deleted: deleted.into_iter().collect(),
                 unknown,
@@ -387,6 +405,46 @@ impl Relay {
         // Detached: the acking socket may go away meanwhile, and the
         // transaction must not be cancelled halfway (see `detached`).
         async move { storage::detached(work).await.map_err(MessagingError::Ack)? }
+    }
+
+    /// Routes the receipts of `acked` messages (none for receipts, none
+    /// without a sender): live ones go out at once; the rest come back, by
+    /// original message id, to be stored in the ack's transaction, or, for
+    /// senders not connected here in cluster mode, to go through their
+    /// lanes.
+    fn route_receipts(
+        &self,
+        receipts: &Receipts,
+        acked: &[storage::messages::Acked],
+    ) -> (Vec<(Uuid, ToStore)>, Vec<ToStore>) {
+        let mut to_store = Vec::new();
+        let mut through_lanes = Vec::new();
+        let wanted = acked
+            .iter()
+            .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())
+            .filter_map(|a| Some((a.id, a.sender_id?)));
+        for (original, sender) in wanted {
+            let route = self.inner.registry.route(sender, false, None, |seq| {
+                Message::receipt(
+                    receipts.acker,
+                    receipts.acker_username.clone(),
+                    original,
+                    sender,
+                    seq,
+                    receipts.now,
+                    self.inner.receipt_ttl_ms,
+                )
+            });
+            match route {
+                // The sender's connection stores it if they never ack it.
+                Route::Live(_) | Route::Dropped => {}
+                Route::Store(order) if !order.local && self.inner.remote.is_some() => {
+                    through_lanes.push(order);
+                }
+                Route::Store(order) => to_store.push((original, order)),
+            }
+        }
+        (to_store, through_lanes)
     }
 
     /// Stores live messages a connection held but that were not acked,
@@ -533,6 +591,13 @@ impl Relay {
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
     }
+}
+
+/// Who sends the receipts of one ack, and when.
+struct Receipts {
+    acker: Uuid,
+    acker_username: Arc<str>,
+    now: i64,
 }
 
 /// What an ack of stored messages found.

@@ -107,6 +107,10 @@ impl Close {
     pub const ACCOUNT_DELETED: Close = Close::fixed(CloseCode::Normal, "account deleted");
     pub const AUTH_TIMEOUT: Close =
         Close::fixed(CloseCode::PolicyViolation, "authentication timed out");
+    pub const TOO_MUCH_BEFORE_AUTH: Close = Close::fixed(
+        CloseCode::PolicyViolation,
+        "too much sent before authentication",
+    );
     pub const NOT_AUTHENTICATED: Close =
         Close::fixed(CloseCode::PolicyViolation, "not authenticated");
     pub const TOO_MANY_AUTH_FAILURES: Close = Close::fixed(

@@ -365,8 +365,10 @@ pub fn parse(head: &[u8]) -> Result<Requested<'_>, UpgradeError> {
 
 /// Runs `work` while watching the socket: `None` if the peer closes (or
 /// the socket fails) first, and `work` is dropped unfinished. Bytes that
-/// arrive meanwhile (early frames) are kept in `leftover`, up to
-/// [`MAX_HEAD`]; past that the socket is no longer watched.
+/// arrive meanwhile (early frames) are kept in `leftover`. A client may not
+/// send anything after its request until it has the answer (RFC 6455,
+/// 4.1), so one that sends more than [`MAX_HEAD`] meanwhile is dropped
+/// like one that left: watching never stops while `work` runs.
 async fn while_connected<S, F>(stream: &mut S, leftover: &mut Vec<u8>, work: F) -> Option<F::Output>
 where
     S: AsyncRead + Unpin,
@@ -374,16 +376,20 @@ where
 {
     let mut work = pin!(work);
     let mut chunk = [0u8; 512];
-    while leftover.len() < MAX_HEAD {
+    loop {
         tokio::select! {
             done = &mut work => return Some(done),
             read = stream.read(&mut chunk) => match read {
                 Ok(0) | Err(_) => return None,
-                Ok(n) => leftover.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    leftover.extend_from_slice(&chunk[..n]);
+                    if leftover.len() > MAX_HEAD {
+                        return None;
+                    }
+                }
             },
         }
     }
-    Some(work.await)
 }
 
 #[cfg(test)]

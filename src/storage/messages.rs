@@ -398,6 +398,25 @@ pub async fn delete_acked(
     .await?)
 }
 
+/// Those of `ids` that are the recipient's, as [`delete_acked`] would
+/// return them, without deleting: cluster mode places the receipts that go
+/// through other nodes before the ack's transaction (see
+/// `Relay::ack_stored`). The same lookup through the primary key.
+pub async fn ackable(
+    pool: &PgPool,
+    recipient: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<Acked>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT id, sender_id, envelope_type FROM messages \
+         WHERE id = ANY($2) AND recipient_id IS NOT DISTINCT FROM $1",
+    )
+    .bind(recipient)
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Stores delivery receipts on `conn`, inside the ack's transaction that
 /// deleted the messages they confirm, so a failure (or a crash) cannot
 /// keep the delete and lose the receipt. Always the guarded statement: a

@@ -12,7 +12,7 @@ use base64::Engine;
 use signal_relay::client::{Client, ClientError, ConnectOptions};
 use signal_relay::proto::Status;
 use signal_relay::testing::{TestApp, spawn_app_with};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
     WAIT, connect_from, exchange, expect_queue_empty, metric, tcp_from, wait_until,
@@ -46,7 +46,6 @@ async fn basic_upgrade_from(app: &TestApp, n: u8, user: &str, password: &str) ->
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     tokio::time::timeout(WAIT, async {
-        use tokio::io::AsyncReadExt;
         while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap() == 1 {
             head.push(byte[0]);
         }
@@ -147,6 +146,35 @@ async fn wrong_passwords_limit_the_account_but_not_its_tokens() {
     c.login("bob", "password123").await.unwrap();
 }
 
+/// The account's bucket holds on the `Basic` header too: wrong guesses
+/// there drain it, and then the header is refused (429) like a login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_basic_headers_limit_the_account_too() {
+    let app = spawn_app_with(|c| {
+        let auth = &mut c.limits.auth;
+        auth.password_account_rate_per_sec = 0.001;
+        auth.password_account_burst = 2.0;
+    })
+    .await;
+    let (_owner, _e, _) = app.register("alice").await;
+    for n in [20, 21] {
+        let head = basic_upgrade_from(&app, n, "alice", "guess-guess").await;
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    }
+    let head = basic_upgrade_from(&app, 22, "alice", "password123").await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(head.contains("Retry-After: "), "{head}");
+    let (c, _e) = connect_from(&app, 23).await;
+    let (status, _) = refusal(c.login("alice", "password123").await.unwrap_err());
+    assert_eq!(status, Status::RateLimited);
+    let limited = metric(
+        &app,
+        r#"relay_rate_limited_total{limit="password_account"}"#,
+    )
+    .await;
+    assert_eq!(limited, 2.0);
+}
+
 /// One Argon2 worker. The per-address limits stay raised (as for every
 /// test), so a flood from one address reaches the queue and the queue's
 /// fairness alone is tested.
@@ -163,13 +191,28 @@ async fn flood(
     queued: f64,
     answered: &Arc<AtomicUsize>,
 ) -> Vec<tokio::task::JoinHandle<Client>> {
+    flood_pipelining(app, n, queued, answered, 0).await
+}
+
+/// [`flood`], each socket pipelining `behind` more requests behind its
+/// login.
+async fn flood_pipelining(
+    app: &TestApp,
+    n: usize,
+    queued: f64,
+    answered: &Arc<AtomicUsize>,
+    behind: usize,
+) -> Vec<tokio::task::JoinHandle<Client>> {
     let mut floods = Vec::new();
     for i in 0..n {
         let (client, events) = connect_from(app, 2).await;
         let answered = answered.clone();
         floods.push(tokio::spawn(async move {
             // A different unknown name each: no account bucket runs dry.
-            let _ = client.login(&format!("nobody_{i}"), "wrong password").await;
+            let name = format!("nobody_{i}");
+            let login = client.login(&name, "wrong password");
+            let pipelined = futures::future::join_all((0..behind).map(|_| client.who_am_i()));
+            let _ = futures::future::join(login, pipelined).await;
             answered.fetch_add(1, Ordering::SeqCst);
             drop(events);
             client
@@ -226,6 +269,88 @@ async fn the_checks_of_closed_sockets_are_skipped() {
     .await;
     let (legit, _e) = connect_from(&app, 3).await;
     legit.login("alice", "password123").await.unwrap();
+}
+
+/// A socket that pipelined a request behind its login is still watched
+/// while the check waits: when it closes, the check is skipped too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checks_of_closed_sockets_that_pipelined_are_skipped() {
+    let app = spawn_app_with(one_hasher).await;
+    let (_alice, _e, _) = app.register("alice").await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let floods = flood_pipelining(&app, 60, 50.0, &answered, 2).await;
+    for flood in &floods {
+        flood.abort();
+    }
+    for flood in floods {
+        let _ = flood.await;
+    }
+    wait_until("the closed sockets' checks are skipped", || async {
+        metric(&app, "relay_argon2_abandoned_total").await >= 40.0
+    })
+    .await;
+    let (legit, _e) = connect_from(&app, 3).await;
+    legit.login("alice", "password123").await.unwrap();
+}
+
+/// A socket that pipelines more than the budget behind a waiting check is
+/// closed (1008) and its check withdrawn, rather than left unwatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_past_the_budget_before_authentication_closes_the_socket() {
+    let app = spawn_app_with(|c| {
+        one_hasher(c);
+        c.limits.auth.max_early_bytes = 0;
+    })
+    .await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    // Checks that keep the one hasher busy, so this one is still waiting
+    // when the pipelined requests arrive.
+    let floods = flood(&app, 30, 25.0, &answered).await;
+    let (client, mut events) = connect_from(&app, 3).await;
+    // The first pipelined request is held whatever its size, the second
+    // is over a budget of nothing.
+    let (login, _, _) = tokio::join!(
+        client.login("nobody", "wrong password"),
+        client.who_am_i(),
+        client.who_am_i()
+    );
+    assert!(login.is_err());
+    let closed = tokio::time::timeout(WAIT, events.closed())
+        .await
+        .expect("the socket is closed");
+    assert_eq!(closed.code, Some(1008));
+    assert_eq!(closed.reason, "too much sent before authentication");
+    for flood in floods {
+        flood.abort();
+    }
+}
+
+/// On the header path the socket is watched until the check answers: a
+/// client that sends more than a request head's worth before its answer
+/// (which RFC 6455 forbids) is dropped, its check withdrawn, rather than
+/// left unwatched and answered when the check is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_check_whose_client_sends_on_is_withdrawn() {
+    let app = spawn_app_with(one_hasher).await;
+    let credentials = base64::engine::general_purpose::STANDARD.encode("nobody:wrong password");
+    let request = format!(
+        "GET /v1/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Basic {credentials}\r\n\r\n"
+    );
+    let mut stream = tcp_from(app.addr, 4).await;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(&[0u8; 9 * 1024]).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server drops the socket");
+    // Dropped with unread bytes: a reset, or an end with nothing.
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
 }
 
 /// A socket that sends its request head slowly gets 408 at the handshake

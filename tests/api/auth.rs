@@ -304,27 +304,31 @@ fn base64_std(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_close_when_their_token_expires() {
     let app = spawn_app_with(|c| c.limits.auth.session_ttl_secs = 2).await;
-    let (client, mut events, registered) = app.register("alice").await;
-    expect_queue_empty(&mut events).await;
-    assert!(registered.token_expires_at_ms > 0);
+    // Alice's socket authenticated with her password (registering).
+    let (_alice, mut alice_events, alice) = app.register("alice").await;
+    expect_queue_empty(&mut alice_events).await;
+    assert!(alice.token_expires_at_ms > 0);
+    // Carol's second socket resumed her token.
+    let (_carol, mut carol_events, carol) = app.register("carol").await;
     let (resumed, mut resumed_events) = app.connect().await;
-    let info = resumed.resume(&registered.token).await.unwrap();
-    assert_eq!(info.token_expires_at_ms, registered.token_expires_at_ms);
-    assert_eq!(close_code(&mut events).await, Some(4409), "displaced");
-    let closed = tokio::time::timeout(WAIT, resumed_events.closed())
-        .await
-        .expect("closed at expiry");
-    assert_eq!(closed.code, Some(4401));
-    assert_eq!(closed.reason, "session token expired");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    assert!(
-        now_ms >= registered.token_expires_at_ms,
-        "not before expiry"
-    );
-    drop(client);
+    let info = resumed.resume(&carol.token).await.unwrap();
+    assert_eq!(info.token_expires_at_ms, carol.token_expires_at_ms);
+    assert_eq!(close_code(&mut carol_events).await, Some(4409), "displaced");
+    for (events, expires_at_ms) in [
+        (&mut alice_events, alice.token_expires_at_ms),
+        (&mut resumed_events, carol.token_expires_at_ms),
+    ] {
+        let closed = tokio::time::timeout(WAIT, events.closed())
+            .await
+            .expect("closed at expiry");
+        assert_eq!(closed.code, Some(4401));
+        assert_eq!(closed.reason, "session token expired");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!(now_ms >= expires_at_ms, "not before expiry");
+    }
 }
 
 /// `Logout{all}` revokes every session of the user, not only the socket's.

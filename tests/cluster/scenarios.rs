@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use signal_relay::client::{Event, Outgoing};
-use signal_relay::proto::SendOutcome;
+use signal_relay::proto::{SendOutcome, Status};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -539,7 +539,27 @@ async fn redis_down_for_20_s_degrades_and_recovers() {
             stop.clone(),
         )),
     ];
+    // Erin, on node 1, has a message queued for Frank, who is offline.
+    let erin = cluster.register(0, &unique("erin")).await;
+    let frank = cluster.register(0, &unique("frank")).await;
+    let (e, mut e_events) = cluster.connect(0, &erin).await;
+    assert!(matches!(next_event(&mut e_events).await, Event::QueueEmpty));
+    let for_frank = e
+        .send(Outgoing::new(frank.id, Bytes::from("r")))
+        .await
+        .unwrap();
+    assert_eq!(for_frank.outcome, SendOutcome::Queued);
     cluster.redis.kill().await;
+    // Frank drains it on node 2, but its receipt cannot cross to Erin's
+    // node: the ack fails as retryable and the message stays queued, rather
+    // than the receipt being lost.
+    let (f, mut f_events) = cluster.connect(1, &frank).await;
+    let Event::Deliver(m) = next_event(&mut f_events).await else {
+        panic!("expected the stored message")
+    };
+    let acked_id = Uuid::from_slice(&m.message_id).unwrap();
+    let err = f.ack(&[acked_id]).await.unwrap_err();
+    assert_eq!(err.status(), Some(Status::Unavailable), "{err}");
     // Same node, live: works without Redis.
     tokio::time::timeout(
         Duration::from_secs(15),
@@ -590,6 +610,18 @@ async fn redis_down_for_20_s_degrades_and_recovers() {
         receiver.await.unwrap();
     }
     checker.verify();
+    // Acked again with Redis back: Erin gets the receipt on node 1.
+    let (acked, _) = f.ack(&[acked_id]).await.unwrap();
+    assert_eq!(acked, vec![acked_id]);
+    loop {
+        match next_event(&mut e_events).await {
+            receipt if receipt.receipt_for().is_some() => {
+                assert_eq!(receipt.receipt_for(), Some(for_frank.message_id));
+                break;
+            }
+            _ => {}
+        }
+    }
     // Dave drains his message on any node.
     let (_d, mut d_events) = cluster.connect(1, &dave).await;
     match next_event(&mut d_events).await {
