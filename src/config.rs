@@ -381,9 +381,13 @@ pub struct AuthLimits {
 
     /// Bytes of requests a client may pipeline behind an authentication
     /// still being checked, beyond the first such request (held whatever
-    /// its size). The socket is read on during a check, to notice a client
-    /// that leaves; one that sends more than this meanwhile is closed
-    /// (1008) and its check withdrawn.
+    /// its size), each charged its received or decoded size, whichever is
+    /// larger, plus its place in the queue. The socket is read on during a
+    /// check, to notice a client that leaves; one that sends more than this
+    /// meanwhile is closed (1008) and its check withdrawn. The first
+    /// frame's allowance comes back whenever the held frames run out, so
+    /// one socket holds at most `max_auth_attempts` times (a frame plus
+    /// this) over its attempts.
     #[arg(long, env = "RELAY_MAX_EARLY_BYTES", default_value_t = 64 * 1024)]
     pub max_early_bytes: usize,
 

@@ -159,39 +159,35 @@ type Read = Result<Option<Inbound>, ProtocolError>;
 /// cannot make the relay stop watching its socket by sending more.
 #[derive(Default)]
 struct Early {
-    reads: VecDeque<Read>,
-    /// Encoded bytes of the frames held.
+    reads: VecDeque<(Read, usize)>,
+    /// What the frames held cost, each charged in [`Early::push`].
     bytes: usize,
 }
 
 impl Early {
     fn pop(&mut self) -> Option<Read> {
-        let read = self.reads.pop_front()?;
-        self.bytes -= Self::size(&read);
+        let (read, cost) = self.reads.pop_front()?;
+        self.bytes -= cost;
         Some(read)
     }
 
-    fn size(read: &Read) -> usize {
-        match read {
+    /// Keeps `read`, `wire_len` bytes as received, if the budget allows;
+    /// `false` if it does not. A frame is charged what holding it may cost:
+    /// its received size (its `bytes` fields share that buffer) or its
+    /// encoded size, whichever is larger, plus its own place here, so that
+    /// empty frames are not free.
+    fn push(&mut self, read: Read, wire_len: usize, budget: usize) -> bool {
+        let decoded = match &read {
             Ok(Some(Inbound::Frame(frame))) => prost::Message::encoded_len(frame),
             _ => 0,
-        }
-    }
-
-    /// Keeps `read` if the budget allows; `false` if it does not.
-    fn push(&mut self, read: Read, budget: usize) -> bool {
-        let size = Self::size(&read);
-        if !self.reads.is_empty() && self.bytes + size > budget {
+        };
+        let cost = wire_len.max(decoded) + std::mem::size_of::<(Read, usize)>();
+        if !self.reads.is_empty() && self.bytes + cost > budget {
             return false;
         }
-        self.bytes += size;
-        self.reads.push_back(read);
+        self.bytes += cost;
+        self.reads.push_back((read, cost));
         true
-    }
-
-    /// An error ends the socket's frames: nothing after it is read.
-    fn ended(&self) -> bool {
-        matches!(self.reads.back(), Some(Err(_)))
     }
 }
 
@@ -288,6 +284,7 @@ where
                     // password check is skipped).
                     Watched::Left => return Err(None),
                     Watched::Overflowed => return Err(Some(Close::TOO_MUCH_BEFORE_AUTH)),
+                    Watched::Failed(err) => return Err(protocol_close(&err)),
                     Watched::Done(Err(_)) => return Err(Some(Close::AUTH_TIMEOUT)),
                     Watched::Done(Ok(outcome)) => outcome,
                 }
@@ -334,11 +331,14 @@ enum Watched<T> {
     Left,
     /// The peer sent more than [`Early`] holds; `work` was dropped.
     Overflowed,
+    /// The peer broke the protocol; `work` was dropped.
+    Failed(ProtocolError),
 }
 
-/// Runs `work` while watching the socket, so that a peer that leaves takes
-/// its work with it. Frames read meanwhile (the client pipelined them) are
-/// kept in `early`, within `budget`.
+/// Runs `work` while watching the socket, so that a peer that leaves (or
+/// breaks the protocol, or sends too much) takes its work with it. Frames
+/// read meanwhile (the client pipelined them) are kept in `early`, within
+/// `budget`.
 async fn while_connected<S, F>(
     conn: &mut Connection<S>,
     early: &mut Early,
@@ -350,21 +350,39 @@ where
     F: Future,
 {
     let mut work = pin!(work);
-    while !early.ended() {
+    loop {
         tokio::select! {
             done = &mut work => return Watched::Done(done),
             read = conn.read() => match read {
                 Ok(Some(Inbound::Heartbeat)) => {}
                 Ok(None) | Err(ProtocolError::Transport(_)) => return Watched::Left,
-                other => {
-                    if !early.push(other, budget) {
+                Err(err) => return Watched::Failed(err),
+                frame @ Ok(Some(Inbound::Frame(_))) => {
+                    if !early.push(frame, conn.last_len(), budget) {
                         return Watched::Overflowed;
                     }
                 }
             },
         }
     }
-    Watched::Done(work.await)
+}
+
+/// The next thing the socket said: first what it sent before
+/// authentication finished, then what it sends now.
+async fn next_read<S>(early: &mut Option<Box<Early>>, conn: &mut Connection<S>) -> Read
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Some(held) = early.as_mut() {
+        let read = held.pop();
+        if held.reads.is_empty() {
+            *early = None;
+        }
+        if let Some(read) = read {
+            return read;
+        }
+    }
+    conn.read().await
 }
 
 /// Why the session loop ended.
@@ -453,7 +471,8 @@ struct Session<S> {
     ledger: Box<Ledger>,
     /// When the session token expires: the socket closes then.
     expires: Instant,
-    /// Frames read while authenticating, handled before any other.
+    /// Frames read while authenticating, handled before any other (and
+    /// under the same in-flight limit).
     early: Option<Box<Early>>,
     /// This socket's place among the authenticated; given back at the end.
     _slot: Slot,
@@ -525,13 +544,6 @@ where
         // nothing due; it is re-armed after firing.
         let mut ack_timer = pin!(sleep_until(Instant::now()));
         let mut ack_armed = false;
-        if let Some(mut early) = self.early.take() {
-            while let Some(read) = early.pop() {
-                if let Err(end) = self.on_inbound(read).await {
-                    return end;
-                }
-            }
-        }
         loop {
             if self.drain.wanted() {
                 // Live messages queued before the switch to storage are older
@@ -558,7 +570,7 @@ where
                     let reason = self.close_reason.get().cloned().unwrap_or(Close::DISPLACED);
                     return End::Close(reason);
                 }
-                inbound = self.conn.read(), if read_more => self.on_inbound(inbound).await,
+                inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound(inbound).await,
                 Some((counted, request_id, outcome)) = self.requests.next() => self.on_reply(counted, request_id, outcome).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
                 step = self.drain.step() => Box::pin(self.on_drain(step)).await,

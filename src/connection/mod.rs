@@ -43,6 +43,9 @@ pub struct Connection<S> {
     /// frame, so the protobuf path pays one predictable branch for the
     /// JSON one existing, and nothing per field.
     encoding: Encoding,
+    /// Bytes of the last message read, as received: what keeping the frame
+    /// decoded from it may cost (decoded `bytes` fields share its buffer).
+    last_len: u32,
     /// Outgoing frames are encoded here. tungstenite copies each into its
     /// write buffer and drops it before the next is encoded, so the
     /// allocation is reclaimed and reused: writing a frame allocates nothing.
@@ -59,6 +62,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             ws,
             max_frame,
             encoding,
+            last_len: 0,
             encoded: BytesMut::new(),
         }
     }
@@ -92,6 +96,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 Some(Err(err)) => return Err(ProtocolError::Transport(err)),
             };
+            self.last_len = u32::try_from(message.len()).unwrap_or(u32::MAX);
             return match message {
                 WsMessage::Binary(bytes) => match self.encoding {
                     Encoding::Proto => ClientFrame::decode(bytes)
@@ -117,6 +122,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 WsMessage::Frame(_) => continue,
             };
         }
+    }
+
+    /// Bytes of the message the last [`Connection::read`] returned, as
+    /// received.
+    pub fn last_len(&self) -> usize {
+        self.last_len as usize
     }
 
     /// Queues a frame without flushing; follow with [`Connection::flush`].

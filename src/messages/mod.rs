@@ -325,10 +325,12 @@ impl Relay {
     /// through their lane (stored through the fence, or routed by the node
     /// they are on), which no transaction here can include. Those receipts
     /// are therefore placed first, from a read of the messages to be acked,
-    /// and the delete runs only once every one of them is placed: one that
-    /// cannot be (Redis down, the sender's node dead) fails the ack as
-    /// retryable, and nothing is deleted. The rule is the same: a receipt
-    /// arrives at least once, before its message leaves the queue.
+    /// and only those messages are deleted, once every receipt is placed
+    /// (stored, or routed live by the sender's node: not waiting for the
+    /// sender's client to ack it). One that cannot be placed (Redis down,
+    /// the sender's node dead) fails the ack as retryable, and nothing is
+    /// deleted. The rule is the same: a receipt arrives at least once,
+    /// before its message leaves the queue.
     pub fn ack_stored(
         &self,
         acker: Uuid,
@@ -344,12 +346,20 @@ impl Relay {
                 now: envelope::now_ms(),
             };
             // Cluster mode: the receipts that go through a lane, placed
-            // before the transaction; the ones to store, kept for it.
+            // before the transaction; the ones to store, kept for it. Only
+            // the messages read here are deleted: one that reached the
+            // queue since (a live delivery handed back) has no receipt
+            // placed, so it stays, reported unknown, and is acked again
+            // when it is delivered again.
             let mut early: Option<HashMap<Uuid, ToStore>> = None;
+            let mut to_delete = &ids;
+            let ackable_ids: Vec<Uuid>;
             if relay.inner.remote.is_some() {
                 let ackable = storage::messages::ackable(relay.inner.db.pool(), acker, &ids)
                     .await
                     .map_err(MessagingError::Ack)?;
+                ackable_ids = ackable.iter().map(|a| a.id).collect();
+                to_delete = &ackable_ids;
                 let (to_store, through_lanes) = relay.route_receipts(&receipts, &ackable);
                 let placed = futures::future::join_all(
                     through_lanes
@@ -367,11 +377,15 @@ impl Relay {
                 early = Some(to_store.into_iter().collect());
             }
             let mut tx = relay.inner.db.pool().begin().await.map_err(failed)?;
-            let acked = storage::messages::delete_acked(&mut tx, acker, &ids)
+            let acked = storage::messages::delete_acked(&mut tx, acker, to_delete)
                 .await
                 .map_err(MessagingError::Ack)?;
             let deleted: HashSet<Uuid> = acked.iter().map(|a| a.id).collect();
-            let unknown = ids.into_iter().filter(|id| !deleted.contains(id)).collect();
+            let unknown = ids
+                .iter()
+                .filter(|id| !deleted.contains(id))
+                .copied()
+                .collect();
             let stored: Vec<ToStore> = match early {
                 // Only receipts of what this ack deleted are stored.
                 Some(mut early) => deleted.iter().filter_map(|id| early.remove(id)).collect(),

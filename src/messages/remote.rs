@@ -45,7 +45,7 @@ use super::store::{StoreWriter, ToStore};
 use super::{Delivery, MessagingError};
 use crate::cluster::wire::{self, DeliveryResult, Envelope, Kind};
 use crate::cluster::{Cluster, Inbound};
-use crate::envelope::Message;
+use crate::envelope::{EnvelopeType, Message};
 use crate::metrics::{ForwardResult, HandoffResult, Metrics};
 use crate::protocol::{Close, proto};
 use crate::storage::messages::Stored;
@@ -68,6 +68,10 @@ struct Waiter {
     answer: Answer,
     /// The send's idempotency record, completed with the outcome.
     attempt: Option<Attempt>,
+    /// A receipt: answered as soon as the owner has placed it (routed it
+    /// live, or stored it), since what waits for it is an ack that must
+    /// not wait for another user's client to ack the receipt in turn.
+    placed_is_enough: bool,
 }
 
 impl Waiter {
@@ -425,6 +429,7 @@ impl Remote {
             waiters.push(Some(Waiter {
                 answer,
                 attempt: order.attempt.take(),
+                placed_is_enough: order.message.envelope_type == EnvelopeType::Receipt,
             }));
             orders.push(order);
         }
@@ -750,10 +755,24 @@ impl Remote {
             Kind::Forward(forward) => self.accept(from, forward),
             Kind::Routed(routed) => {
                 if routed.moved_to.is_empty() {
-                    if let Some(mut unit) = self.units.get_mut(&routed.unit)
-                        && let Some(tell) = unit.routed.take()
-                    {
-                        let _ = tell.send(RoutedAnswer::Accepted);
+                    let done = {
+                        let Some(mut unit) = self.units.get_mut(&routed.unit) else {
+                            return;
+                        };
+                        if let Some(tell) = unit.routed.take() {
+                            let _ = tell.send(RoutedAnswer::Accepted);
+                        }
+                        for slot in unit.waiters.iter_mut() {
+                            if slot.as_ref().is_some_and(|w| w.placed_is_enough)
+                                && let Some(waiter) = slot.take()
+                            {
+                                waiter.finish(Ok(Delivery::Queued));
+                            }
+                        }
+                        unit.waiters.iter().all(Option::is_none)
+                    };
+                    if done {
+                        self.units.remove(&routed.unit);
                     }
                 } else if let Some((_, unit)) = self.units.remove(&routed.unit) {
                     let to = wire::parse_id(&routed.moved_to, "moved_to").ok();

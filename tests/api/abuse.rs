@@ -15,7 +15,8 @@ use signal_relay::testing::{TestApp, spawn_app_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
-    WAIT, connect_from, exchange, expect_queue_empty, metric, tcp_from, wait_until,
+    BINARY, CLOSE, Raw, WAIT, connect_from, exchange, expect_queue_empty, frame, metric, tcp_from,
+    wait_until,
 };
 
 /// The status and retry hint of a refused request.
@@ -320,6 +321,72 @@ async fn pipelining_past_the_budget_before_authentication_closes_the_socket() {
         .expect("the socket is closed");
     assert_eq!(closed.code, Some(1008));
     assert_eq!(closed.reason, "too much sent before authentication");
+    for flood in floods {
+        flood.abort();
+    }
+}
+
+/// Empty frames are not free to hold: each is charged its place in the
+/// queue, so a stream of them behind a waiting check meets the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_frames_pipelined_before_authentication_count_too() {
+    use prost::Message as _;
+    use signal_relay::proto::{ClientFrame, Login, client_frame::Request};
+    let app = spawn_app_with(|c| {
+        one_hasher(c);
+        c.limits.auth.max_early_bytes = 4096;
+    })
+    .await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let floods = flood(&app, 30, 25.0, &answered).await;
+    let mut raw = Raw::upgrade_on(tcp_from(app.addr, 3).await, None).await;
+    let login = ClientFrame {
+        request_id: 1,
+        request: Some(Request::Login(Login {
+            username: "nobody".into(),
+            password: "wrong password".into(),
+        })),
+    }
+    .encode_to_vec();
+    let mut bytes = frame(true, 0, BINARY, &login);
+    for _ in 0..1000 {
+        bytes.extend(frame(true, 0, BINARY, &[]));
+    }
+    raw.send(&bytes).await;
+    assert_eq!(raw.close_code().await, 1008);
+    for flood in floods {
+        flood.abort();
+    }
+}
+
+/// A protocol violation pipelined behind a waiting check closes the socket
+/// at once and withdraws the check, rather than ending the watch: the
+/// first frame the client sees is the close, not the login's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_violation_behind_a_waiting_check_closes_at_once() {
+    use prost::Message as _;
+    use signal_relay::proto::{ClientFrame, Login, client_frame::Request};
+    let app = spawn_app_with(one_hasher).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    // Checks that keep the one hasher busy, so this one is still waiting
+    // when the violation arrives.
+    let floods = flood(&app, 30, 25.0, &answered).await;
+    let mut raw = Raw::upgrade_on(tcp_from(app.addr, 3).await, None).await;
+    let login = ClientFrame {
+        request_id: 1,
+        request: Some(Request::Login(Login {
+            username: "nobody".into(),
+            password: "wrong password".into(),
+        })),
+    }
+    .encode_to_vec();
+    let mut bytes = frame(true, 0, BINARY, &login);
+    // A text frame, which the protobuf encoding does not take.
+    bytes.extend(frame(true, 0, 0x1, b"hello"));
+    raw.send(&bytes).await;
+    let (opcode, payload) = raw.next_frame().await;
+    assert_eq!(opcode, CLOSE, "the close comes first, not an answer");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1003);
     for flood in floods {
         flood.abort();
     }

@@ -631,11 +631,21 @@ async fn redis_down_for_20_s_degrades_and_recovers() {
 }
 
 /// Receipts, PreKeysLow and an account's deletion reach a user on whichever
-/// node they are connected to.
+/// node they are connected to. An ack waits for its receipt to be placed
+/// on the sender's node, not for the sender to ack the receipt: here the
+/// sender never does, and deliveries wait longer for acks than forwards
+/// wait for answers, so an ack that waited for more would fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_pushes_and_deletion_cross_nodes() {
     use signal_relay::keys::testing::TestIdentity;
-    let cluster = Cluster::start(3).await;
+    let cluster = Cluster::start_with(
+        3,
+        &[
+            ("RELAY_ACK_TIMEOUT_MS", "60000"),
+            ("RELAY_CLUSTER_FORWARD_TIMEOUT_MS", "3000"),
+        ],
+    )
+    .await;
     let alice = cluster.register(0, &unique("alice")).await;
     let bob = cluster.register(0, &unique("bob")).await;
 
