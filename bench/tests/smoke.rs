@@ -156,6 +156,51 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     let _ = std::fs::remove_file(plot);
 }
 
+/// `--rates`: open loop at each rate, `--runs` times alternating, with the
+/// relay's p99 against the answered forwarder's per rate in the summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_open_loop_at_several_rates_against_the_answered_forwarder() {
+    let app = app().await;
+    let report = bench(
+        &app,
+        &[
+            "live",
+            "--mode",
+            "open",
+            "--rates",
+            "200,400",
+            "--runs",
+            "2",
+            "--answered-baseline",
+            "--pairs",
+            "2",
+            "--duration",
+            "0.4",
+            "--warmup",
+            "0.1",
+        ],
+    )
+    .await;
+    assert_no_errors(&report);
+    // 2 rates x 2 runs x 3 targets, alternating within each run.
+    let targets: Vec<&str> = rows(&report)
+        .iter()
+        .map(|r| r["target"].as_str().expect("target"))
+        .collect();
+    let each = ["relay", "baseline", "answered"];
+    assert_eq!(targets, [each, each, each, each].concat());
+    for rate in ["200", "400"] {
+        for target in each {
+            let key = format!("open_loop_{rate}_{target}_delivery_p99_ms_median");
+            assert!(summary(&report, &key).as_f64() > Some(0.0), "{key}");
+        }
+        let key = format!("open_loop_{rate}_relay_to_answered_p99_ratio");
+        assert!(summary(&report, &format!("{key}_median")).is_number());
+        let runs = summary(&report, &format!("{key}_runs"));
+        assert_eq!(runs.as_array().map(Vec::len), Some(2), "{runs}");
+    }
+}
+
 /// `--encoding both`: every relay phase in protobuf and then in JSON, with
 /// the JSON encoding's CPU per message next to protobuf's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

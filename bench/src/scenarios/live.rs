@@ -78,6 +78,14 @@ pub struct LiveArgs {
     pub rate: Option<f64>,
     #[arg(long, default_value_t = 0.5)]
     pub rate_fraction: f64,
+    /// Open loop at each of these offered rates (comma-separated), each
+    /// `--runs` times with the targets alternating; the summary gives each
+    /// target's median delivery p99 per rate and the medians of the
+    /// per-run ratios of the first target's p99 to every other's (with
+    /// `--answered-baseline`: the relay against the answered forwarder).
+    /// Replaces `--rate`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "rate")]
+    pub rates: Vec<f64>,
     #[arg(long, value_enum, default_value = "both")]
     pub target: Targets,
     /// The relay pairs' encoding; `both` measures each, alternating.
@@ -190,12 +198,16 @@ async fn scenario_on(
         "nodes": a.nodes,
         "pairs": a.pairs, "size": a.size, "duration_s": a.duration, "warmup_s": a.warmup,
         "window": a.window, "mode": format!("{:?}", a.mode), "target": format!("{:?}", a.target),
-        "runs": a.runs, "rate": a.rate, "rate_fraction": a.rate_fraction, "tick_us": a.tick_us,
+        "runs": a.runs, "rate": a.rate, "rates": a.rates, "rate_fraction": a.rate_fraction,
+        "tick_us": a.tick_us,
         "max_in_flight": a.max_in_flight, "answered_baseline": a.answered_baseline,
         "encoding": format!("{:?}", a.encoding),
     });
-    if a.mode == Mode::Open && a.rate.is_none() {
-        bail!("--mode open needs --rate (or use --mode both)");
+    if a.mode == Mode::Open && a.rate.is_none() && a.rates.is_empty() {
+        bail!("--mode open needs --rate or --rates (or use --mode both)");
+    }
+    if a.rates.iter().any(|r| *r <= 0.0) {
+        bail!("--rates must be positive");
     }
     if a.answered_baseline && a.target == Targets::Relay {
         bail!("--answered-baseline needs --target baseline or both");
@@ -347,7 +359,40 @@ async fn scenario_on(
             run.summary("cluster_closed_loop_redis_per_msg", redis);
         }
     }
-    if a.mode != Mode::Closed {
+    if a.mode != Mode::Closed && !a.rates.is_empty() {
+        let load = |rate: f64| Load::Open {
+            rate,
+            tick: Duration::from_micros(a.tick_us.max(10)),
+            max_in_flight: a.max_in_flight.max(1),
+        };
+        for &rate in &a.rates {
+            // Delivery p99 per target, one per run, in `targets` order.
+            let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+            for r in 1..=a.runs.max(1) {
+                for (t, &target) in targets.iter().enumerate() {
+                    let (pairs, procs) = connect(target).await?;
+                    let name = format!("open {rate} #{r}");
+                    let row = measure_live(
+                        run,
+                        &name,
+                        pairs,
+                        target,
+                        &procs,
+                        load(rate),
+                        a.size,
+                        a.warmup,
+                        a.duration,
+                    )
+                    .await;
+                    if let Some(p) = row.latency_ms.get(&Kind::Delivery) {
+                        p99s[t].push(p.p99);
+                    }
+                    run.rows.push(row);
+                }
+            }
+            summarize_rate(run, rate, &targets, &p99s);
+        }
+    } else if a.mode != Mode::Closed {
         let rate = match a.rate {
             Some(rate) => rate,
             // The relay's closed-loop median if it ran, else the baseline's.
@@ -430,6 +475,44 @@ async fn scenario_on(
         }
     }
     Ok(params)
+}
+
+/// The summary of one offered rate under `--rates`: each target's median
+/// delivery p99, and the median over runs of the first target's p99 over
+/// each other's (each ratio taken within one run, the targets measured one
+/// after the other).
+fn summarize_rate(run: &mut Run, rate: f64, targets: &[Target], p99s: &[Vec<f64>]) {
+    let at = rate.round() as u64;
+    for (target, p99) in targets.iter().zip(p99s) {
+        if !p99.is_empty() {
+            run.summary(
+                &format!("open_loop_{at}_{}_delivery_p99_ms_median", target.name()),
+                round_to(median(&mut p99.clone()), 3),
+            );
+        }
+    }
+    let (Some(first), Some(first_p99)) = (targets.first(), p99s.first()) else {
+        return;
+    };
+    for (target, p99) in targets.iter().zip(p99s).skip(1) {
+        let mut ratios: Vec<f64> = first_p99
+            .iter()
+            .zip(p99)
+            .filter(|(_, b)| **b > 0.0)
+            .map(|(f, b)| f / b)
+            .collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        let runs: Vec<f64> = ratios.iter().map(|r| round_to(*r, 3)).collect();
+        let key = format!(
+            "open_loop_{at}_{}_to_{}_p99_ratio",
+            first.name(),
+            target.name()
+        );
+        run.summary(&format!("{key}_median"), round_to(median(&mut ratios), 3));
+        run.summary(&format!("{key}_runs"), runs);
+    }
 }
 
 /// A row's CPU per message of each named process, rounded, as JSON.
