@@ -125,6 +125,44 @@ async fn a_tiny_drain_byte_budget_still_drains_everything_in_order() {
     queue_then_drain_in_order(&app, 20).await;
 }
 
+/// The drain's read takes a message while the content before it is below
+/// the byte budget, and at most its row limit: pinned on the function
+/// itself, with five 100-byte messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_read_stops_at_its_byte_budget_and_row_limit() {
+    let app = spawn_app().await;
+    let (alice, _ae, _, _) = online(&app, "alice").await;
+    let (bob_id, _) = offline(&app, "bob").await;
+    for i in 0..5u8 {
+        alice
+            .send(Outgoing::new(bob_id, Bytes::from(vec![i; 100])))
+            .await
+            .unwrap();
+    }
+    for (limit, budget, expected) in [
+        (100, 1, 1),
+        (100, 100, 1),
+        (100, 101, 2),
+        (100, 250, 3),
+        (100, 10_000, 5),
+        (2, 10_000, 2),
+        (100, 0, 0),
+    ] {
+        let firsts: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT content FROM relay_drain_read($1, 0, 9223372036854775807, $2, $3)",
+        )
+        .bind(bob_id)
+        .bind(limit as i64)
+        .bind(budget as i64)
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+        let order: Vec<u8> = firsts.iter().map(|c| c[0]).collect();
+        let want: Vec<u8> = (0..expected).collect();
+        assert_eq!(order, want, "limit {limit}, budget {budget}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_during_a_drain_arrive_after_the_drained_ones() {
     let app = spawn_app_with(|c| {

@@ -114,7 +114,7 @@ pub(super) async fn scenario(run: &mut Run, a: OfflineArgs) -> anyhow::Result<se
     let window = ProcWindow::start(run.relay.pid);
     let start = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
-    let template = vec![0x5au8; a.size.max(live::HEADER)];
+    let template = live::payload_template(a.size, 0).to_vec();
     let stores = clients.iter().map(|client| {
         let (next, metrics, recipients, template) = (
             next.clone(),
