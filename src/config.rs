@@ -392,7 +392,9 @@ pub struct AuthLimits {
     /// meanwhile is closed (1008) and its check withdrawn. The first
     /// frame's allowance comes back whenever the held frames run out, so
     /// one socket holds at most `max_auth_attempts` times (a frame plus
-    /// this) over its attempts.
+    /// this) over its attempts. A held frame's bytes fields share the
+    /// buffer it was read into, which may be up to twice its size, so the
+    /// memory held can reach about twice this.
     #[arg(long, env = "RELAY_MAX_EARLY_BYTES", default_value_t = 64 * 1024)]
     pub max_early_bytes: usize,
 

@@ -68,10 +68,6 @@ struct Waiter {
     answer: Answer,
     /// The send's idempotency record, completed with the outcome.
     attempt: Option<Attempt>,
-    /// A receipt: answered as soon as the owner has placed it (routed it
-    /// live, or stored it), since what waits for it is an ack that must
-    /// not wait for another user's client to ack the receipt in turn.
-    placed_is_enough: bool,
 }
 
 impl Waiter {
@@ -429,7 +425,6 @@ impl Remote {
             waiters.push(Some(Waiter {
                 answer,
                 attempt: order.attempt.take(),
-                placed_is_enough: order.message.envelope_type == EnvelopeType::Receipt,
             }));
             orders.push(order);
         }
@@ -755,24 +750,10 @@ impl Remote {
             Kind::Forward(forward) => self.accept(from, forward),
             Kind::Routed(routed) => {
                 if routed.moved_to.is_empty() {
-                    let done = {
-                        let Some(mut unit) = self.units.get_mut(&routed.unit) else {
-                            return;
-                        };
-                        if let Some(tell) = unit.routed.take() {
-                            let _ = tell.send(RoutedAnswer::Accepted);
-                        }
-                        for slot in unit.waiters.iter_mut() {
-                            if slot.as_ref().is_some_and(|w| w.placed_is_enough)
-                                && let Some(waiter) = slot.take()
-                            {
-                                waiter.finish(Ok(Delivery::Queued));
-                            }
-                        }
-                        unit.waiters.iter().all(Option::is_none)
-                    };
-                    if done {
-                        self.units.remove(&routed.unit);
+                    if let Some(mut unit) = self.units.get_mut(&routed.unit)
+                        && let Some(tell) = unit.routed.take()
+                    {
+                        let _ = tell.send(RoutedAnswer::Accepted);
                     }
                 } else if let Some((_, unit)) = self.units.remove(&routed.unit) {
                     let to = wire::parse_id(&routed.moved_to, "moved_to").ok();
@@ -835,6 +816,11 @@ impl Remote {
             return;
         };
         let mut live = Vec::new();
+        // Receipts routed live: answered `Queued` at once (the connection
+        // stores one it does not get acked, as for a receipt routed live on
+        // the acker's own node). What waits for a receipt is an ack, which
+        // must not wait for another user's client to ack it in turn.
+        let mut live_receipts = Vec::new();
         let mut to_store = Vec::new();
         let mut store_index = Vec::new();
         let mut dropped = Vec::new();
@@ -850,11 +836,13 @@ impl Remote {
                 }
             };
             let ephemeral = message.ephemeral;
+            let receipt = message.envelope_type == EnvelopeType::Receipt;
             let route = self.registry.route(recipient, ephemeral, None, |seq| {
                 message.seq = seq;
                 message
             });
             match route {
+                Route::Live(_) if receipt => live_receipts.push(index),
                 Route::Live(outcome) => live.push((index, outcome)),
                 Route::Dropped => dropped.push(index),
                 Route::Store(order) => {
@@ -880,6 +868,7 @@ impl Remote {
                 match remote.store.store_all(to_store).await {
                     Ok(report) => {
                         if live.is_empty()
+                            && live_receipts.is_empty()
                             && dropped.is_empty()
                             && failed.is_empty()
                             && let Some(Stored::Moved(owner)) = report.results.first()
@@ -912,6 +901,9 @@ impl Remote {
             }));
             for (index, result) in stored {
                 answer(outcome(index, result));
+            }
+            for index in live_receipts {
+                answer(outcome(index, DeliveryResult::Queued));
             }
             for index in dropped {
                 answer(outcome(index, DeliveryResult::Dropped));

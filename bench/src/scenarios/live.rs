@@ -366,8 +366,9 @@ async fn scenario_on(
             max_in_flight: a.max_in_flight.max(1),
         };
         for &rate in &a.rates {
-            // Delivery p99 per target, one per run, in `targets` order.
-            let mut p99s: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+            // Delivery p99 per target, one per run (none if the run
+            // delivered nothing), in `targets` order.
+            let mut p99s: Vec<Vec<Option<f64>>> = vec![Vec::new(); targets.len()];
             for r in 1..=a.runs.max(1) {
                 for (t, &target) in targets.iter().enumerate() {
                     let (pairs, procs) = connect(target).await?;
@@ -384,9 +385,7 @@ async fn scenario_on(
                         a.duration,
                     )
                     .await;
-                    if let Some(p) = row.latency_ms.get(&Kind::Delivery) {
-                        p99s[t].push(p.p99);
-                    }
+                    p99s[t].push(row.latency_ms.get(&Kind::Delivery).map(|p| p.p99));
                     run.rows.push(row);
                 }
             }
@@ -481,13 +480,14 @@ async fn scenario_on(
 /// delivery p99, and the median over runs of the first target's p99 over
 /// each other's (each ratio taken within one run, the targets measured one
 /// after the other).
-fn summarize_rate(run: &mut Run, rate: f64, targets: &[Target], p99s: &[Vec<f64>]) {
+fn summarize_rate(run: &mut Run, rate: f64, targets: &[Target], p99s: &[Vec<Option<f64>>]) {
     let at = rate.round() as u64;
     for (target, p99) in targets.iter().zip(p99s) {
-        if !p99.is_empty() {
+        let mut measured: Vec<f64> = p99.iter().flatten().copied().collect();
+        if !measured.is_empty() {
             run.summary(
                 &format!("open_loop_{at}_{}_delivery_p99_ms_median", target.name()),
-                round_to(median(&mut p99.clone()), 3),
+                round_to(median(&mut measured), 3),
             );
         }
     }
@@ -495,11 +495,11 @@ fn summarize_rate(run: &mut Run, rate: f64, targets: &[Target], p99s: &[Vec<f64>
         return;
     };
     for (target, p99) in targets.iter().zip(p99s).skip(1) {
+        // Run by run: a run either target measured nothing in is left out.
         let mut ratios: Vec<f64> = first_p99
             .iter()
             .zip(p99)
-            .filter(|(_, b)| **b > 0.0)
-            .map(|(f, b)| f / b)
+            .filter_map(|(f, b)| Some((*f)? / (*b).filter(|b| *b > 0.0)?))
             .collect();
         if ratios.is_empty() {
             continue;
