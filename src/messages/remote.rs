@@ -59,6 +59,11 @@ const MAX_HOPS: usize = 4;
 const OWNER_CACHE: usize = 100_000;
 /// How often this node checks that it still owns the users connected here.
 const VALIDATE_EVERY: Duration = Duration::from_secs(2);
+/// Users per statement of that check. One statement for all of them grew
+/// with the node, and so did the write buffers of the pooled connections
+/// that sent it, which keep their size (390 KB at 4,000 users, by
+/// heaptrack): about 0.1 KiB per connected user, for nothing.
+const VALIDATE_BATCH: usize = 1024;
 
 /// What a lane's sender hears.
 type Answer = oneshot::Sender<Result<Delivery, MessagingError>>;
@@ -679,28 +684,38 @@ impl Remote {
             }
             let (users, epochs): (Vec<Uuid>, Vec<i64>) =
                 self.claims.iter().map(|c| (*c.key(), c.value().1)).unzip();
-            if users.is_empty() {
-                continue;
+            for (users, epochs) in users
+                .chunks(VALIDATE_BATCH)
+                .zip(epochs.chunks(VALIDATE_BATCH))
+            {
+                self.close_lost(users, epochs).await;
             }
-            match storage::cluster::lost(&self.db, self.me, &users, &epochs).await {
-                Ok(lost) => {
-                    for (user, exists) in lost {
-                        let Some((_, (conn_id, _))) = self.claims.remove(&user) else {
-                            continue;
-                        };
-                        if let Some(conn) = self.registry.connection(user)
-                            && conn.id == conn_id
-                        {
-                            tracing::info!(user_id = %user, exists, "user claimed elsewhere or deleted; closing here");
-                            conn.close(if exists {
-                                Close::DISPLACED
-                            } else {
-                                Close::ACCOUNT_DELETED
-                            });
-                        }
-                    }
-                }
-                Err(err) => tracing::warn!(error = %err, "cannot check this node's claims"),
+        }
+    }
+
+    /// Closes the sockets here of those of `users` (claimed under
+    /// `epochs`) that this node no longer owns.
+    async fn close_lost(&self, users: &[Uuid], epochs: &[i64]) {
+        let lost = match storage::cluster::lost(&self.db, self.me, users, epochs).await {
+            Ok(lost) => lost,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot check this node's claims");
+                return;
+            }
+        };
+        for (user, exists) in lost {
+            let Some((_, (conn_id, _))) = self.claims.remove(&user) else {
+                continue;
+            };
+            if let Some(conn) = self.registry.connection(user)
+                && conn.id == conn_id
+            {
+                tracing::info!(user_id = %user, exists, "user claimed elsewhere or deleted; closing here");
+                conn.close(if exists {
+                    Close::DISPLACED
+                } else {
+                    Close::ACCOUNT_DELETED
+                });
             }
         }
     }
