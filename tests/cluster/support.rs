@@ -78,6 +78,8 @@ pub struct Node {
     redis_url: String,
     extra: Vec<(String, String)>,
     child: Option<Child>,
+    /// It has listened once: its ports are its own from then on.
+    started: bool,
 }
 
 impl Node {
@@ -85,7 +87,45 @@ impl Node {
         format!("ws://{}/v1/websocket", self.addr)
     }
 
+    /// Starts the node and waits until it listens. `free_addr` only finds
+    /// ports that were free a moment ago: on a busy machine another process
+    /// may take one first, and the node then exits at once ("address
+    /// already in use"). A first start tries again on other ports; a
+    /// restart keeps its ports (clients reconnect to them).
     pub async fn spawn(&mut self) {
+        let first = self.child.is_none() && !self.started;
+        for _ in 0..3 {
+            self.start_process();
+            if self.wait_listening().await {
+                self.started = true;
+                return;
+            }
+            assert!(first, "{} did not start again", self.name);
+            self.addr = free_addr();
+            self.admin = free_addr();
+        }
+        panic!("{} did not start", self.name);
+    }
+
+    /// Waits until the node accepts connections (`true`) or exits first.
+    async fn wait_listening(&mut self) -> bool {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return true;
+            }
+            if let Some(child) = &mut self.child
+                && child.try_wait().expect("the relay's status").is_some()
+            {
+                self.child = None;
+                return false;
+            }
+            assert!(Instant::now() < deadline, "{} did not start", self.name);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn start_process(&mut self) {
         let mut command = Command::new(env!("CARGO_BIN_EXE_relay"));
         command
             .env("RELAY_LISTEN", self.addr.to_string())
@@ -117,7 +157,6 @@ impl Node {
             .spawn()
             .expect("start the relay binary");
         self.child = Some(child);
-        wait_for_port(self.addr, &self.name).await;
     }
 
     /// The value of one series of its `/metrics`, e.g.
@@ -239,6 +278,7 @@ impl Cluster {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 child: None,
+                started: false,
             })
             .collect();
         // All at once, as a deployment would.
