@@ -75,6 +75,14 @@ fn rows(report: &Value) -> &Vec<Value> {
     rows
 }
 
+/// Each row's target, in order.
+fn targets(report: &Value) -> Vec<&str> {
+    rows(report)
+        .iter()
+        .map(|r| r["target"].as_str().expect("target"))
+        .collect()
+}
+
 fn assert_no_errors(report: &Value) {
     for row in rows(report) {
         let errors = row["errors"].as_object().expect("errors map");
@@ -129,10 +137,7 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     )
     .await;
     assert_no_errors(&report);
-    let targets: Vec<&str> = rows(&report)
-        .iter()
-        .map(|r| r["target"].as_str().expect("target"))
-        .collect();
+    let targets = targets(&report);
     let each = ["relay", "baseline", "answered"];
     assert_eq!(targets, [each, each].concat());
     for row in rows(&report) {
@@ -183,10 +188,7 @@ async fn live_open_loop_at_several_rates_against_the_answered_forwarder() {
     .await;
     assert_no_errors(&report);
     // 2 rates x 2 runs x 3 targets, alternating within each run.
-    let targets: Vec<&str> = rows(&report)
-        .iter()
-        .map(|r| r["target"].as_str().expect("target"))
-        .collect();
+    let targets = targets(&report);
     let each = ["relay", "baseline", "answered"];
     assert_eq!(targets, [each, each, each, each].concat());
     for rate in ["200", "400"] {
@@ -228,10 +230,7 @@ async fn live_measures_the_json_encoding_beside_protobuf() {
     )
     .await;
     assert_no_errors(&report);
-    let targets: Vec<&str> = rows(&report)
-        .iter()
-        .map(|r| r["target"].as_str().expect("target"))
-        .collect();
+    let targets = targets(&report);
     let each = ["relay", "relay_json"];
     assert_eq!(targets, [each, each].concat());
     for row in rows(&report) {
@@ -280,10 +279,7 @@ async fn live_measures_a_three_node_cluster_beside_the_single_node() {
     )
     .await;
     assert_no_errors(&report);
-    let targets: Vec<&str> = rows(&report)
-        .iter()
-        .map(|r| r["target"].as_str().expect("target"))
-        .collect();
+    let targets = targets(&report);
     let each = ["relay", "cluster"];
     assert_eq!(targets, [each, each].concat());
     for row in rows(&report) {

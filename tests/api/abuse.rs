@@ -253,33 +253,24 @@ async fn a_flooding_address_delays_another_by_a_few_hashes() {
 /// the queue empties at once, and the next login does not wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checks_of_closed_sockets_are_skipped() {
-    let app = spawn_app_with(one_hasher).await;
-    let (_alice, _e, _) = app.register("alice").await;
-    let answered = Arc::new(AtomicUsize::new(0));
-    let floods = flood(&app, 60, 50.0, &answered).await;
-    // The flood's sockets close; their answers never come.
-    for flood in &floods {
-        flood.abort();
-    }
-    for flood in floods {
-        let _ = flood.await;
-    }
-    wait_until("the closed sockets' checks are skipped", || async {
-        metric(&app, "relay_argon2_abandoned_total").await >= 40.0
-    })
-    .await;
-    let (legit, _e) = connect_from(&app, 3).await;
-    legit.login("alice", "password123").await.unwrap();
+    checks_of_closed_sockets_are_skipped(0).await;
 }
 
 /// A socket that pipelined a request behind its login is still watched
 /// while the check waits: when it closes, the check is skipped too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checks_of_closed_sockets_that_pipelined_are_skipped() {
+    checks_of_closed_sockets_are_skipped(2).await;
+}
+
+/// A flood whose sockets each pipeline `behind` requests behind their login
+/// closes; their queued checks are skipped, and a login after them passes.
+async fn checks_of_closed_sockets_are_skipped(behind: usize) {
     let app = spawn_app_with(one_hasher).await;
     let (_alice, _e, _) = app.register("alice").await;
     let answered = Arc::new(AtomicUsize::new(0));
-    let floods = flood_pipelining(&app, 60, 50.0, &answered, 2).await;
+    let floods = flood_pipelining(&app, 60, 50.0, &answered, behind).await;
+    // The flood's sockets close; their answers never come.
     for flood in &floods {
         flood.abort();
     }
@@ -330,8 +321,6 @@ async fn pipelining_past_the_budget_before_authentication_closes_the_socket() {
 /// queue, so a stream of them behind a waiting check meets the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_frames_pipelined_before_authentication_count_too() {
-    use prost::Message as _;
-    use signal_relay::proto::{ClientFrame, Login, client_frame::Request};
     let app = spawn_app_with(|c| {
         one_hasher(c);
         c.limits.auth.max_early_bytes = 4096;
@@ -340,15 +329,7 @@ async fn empty_frames_pipelined_before_authentication_count_too() {
     let answered = Arc::new(AtomicUsize::new(0));
     let floods = flood(&app, 30, 25.0, &answered).await;
     let mut raw = Raw::upgrade_on(tcp_from(app.addr, 3).await, None).await;
-    let login = ClientFrame {
-        request_id: 1,
-        request: Some(Request::Login(Login {
-            username: "nobody".into(),
-            password: "wrong password".into(),
-        })),
-    }
-    .encode_to_vec();
-    let mut bytes = frame(true, 0, BINARY, &login);
+    let mut bytes = wrong_login_frame();
     for _ in 0..1000 {
         bytes.extend(frame(true, 0, BINARY, &[]));
     }
@@ -359,19 +340,10 @@ async fn empty_frames_pipelined_before_authentication_count_too() {
     }
 }
 
-/// A protocol violation pipelined behind a waiting check closes the socket
-/// at once and withdraws the check, rather than ending the watch: the
-/// first frame the client sees is the close, not the login's answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_violation_behind_a_waiting_check_closes_at_once() {
+/// A masked binary frame with a `Login` for an unknown user.
+fn wrong_login_frame() -> Vec<u8> {
     use prost::Message as _;
     use signal_relay::proto::{ClientFrame, Login, client_frame::Request};
-    let app = spawn_app_with(one_hasher).await;
-    let answered = Arc::new(AtomicUsize::new(0));
-    // Checks that keep the one hasher busy, so this one is still waiting
-    // when the violation arrives.
-    let floods = flood(&app, 30, 25.0, &answered).await;
-    let mut raw = Raw::upgrade_on(tcp_from(app.addr, 3).await, None).await;
     let login = ClientFrame {
         request_id: 1,
         request: Some(Request::Login(Login {
@@ -380,7 +352,21 @@ async fn a_violation_behind_a_waiting_check_closes_at_once() {
         })),
     }
     .encode_to_vec();
-    let mut bytes = frame(true, 0, BINARY, &login);
+    frame(true, 0, BINARY, &login)
+}
+
+/// A protocol violation pipelined behind a waiting check closes the socket
+/// at once and withdraws the check, rather than ending the watch: the
+/// first frame the client sees is the close, not the login's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_violation_behind_a_waiting_check_closes_at_once() {
+    let app = spawn_app_with(one_hasher).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    // Checks that keep the one hasher busy, so this one is still waiting
+    // when the violation arrives.
+    let floods = flood(&app, 30, 25.0, &answered).await;
+    let mut raw = Raw::upgrade_on(tcp_from(app.addr, 3).await, None).await;
+    let mut bytes = wrong_login_frame();
     // A text frame, which the protobuf encoding does not take.
     bytes.extend(frame(true, 0, 0x1, b"hello"));
     raw.send(&bytes).await;
