@@ -163,6 +163,89 @@ async fn a_drain_read_stops_at_its_byte_budget_and_row_limit() {
     }
 }
 
+/// The store's common path writes PostgreSQL's binary copy format by hand:
+/// every column must come back as it went in (a NULL sender, timestamps at
+/// the edges, every byte of the content), and a batch that trips a key
+/// must still store the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_batch_keeps_every_column_and_skips_only_bad_rows() {
+    use signal_relay::envelope::{EnvelopeType, Message};
+    use signal_relay::storage::messages::{Stored, store_batch};
+    use std::sync::Arc;
+
+    let app = spawn_app().await;
+    let (alice_id, _) = offline(&app, "alice").await;
+    let (bob_id, _) = offline(&app, "bob").await;
+    let message = |seq: i64, sender: Option<Uuid>, recipient: Uuid| Message {
+        id: Uuid::new_v4(),
+        seq,
+        sender_id: sender,
+        sender_username: Arc::from(""),
+        recipient_id: recipient,
+        envelope_type: EnvelopeType::PreKeyBundle,
+        content: Bytes::from(
+            (0..=255u8)
+                .cycle()
+                .take(1000 + seq as usize)
+                .collect::<Vec<u8>>(),
+        ),
+        server_timestamp_ms: 1_764_000_000_123 + seq,
+        client_timestamp_ms: -5 - seq,
+        expires_at_ms: 4_102_444_800_000 + seq,
+        ephemeral: false,
+    };
+    let first = [message(1, Some(alice_id), bob_id), message(2, None, bob_id)];
+    let mut conn = app.db.acquire().await.unwrap();
+    let refs: Vec<&Message> = first.iter().collect();
+    assert_eq!(
+        store_batch(&mut conn, &refs).await.unwrap(),
+        [Stored::Inserted, Stored::Inserted]
+    );
+    for m in &first {
+        let row: (Option<Uuid>, Uuid, Vec<u8>, i64, i64, i64, i16, i64) = sqlx::query_as(
+            "SELECT sender_id, recipient_id, content, \
+                    (extract(epoch FROM created_at) * 1000)::int8, \
+                    (extract(epoch FROM expires_at) * 1000)::int8, seq, envelope_type, client_timestamp \
+             FROM messages WHERE id = $1",
+        )
+        .bind(m.id)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            row,
+            (
+                m.sender_id,
+                m.recipient_id,
+                m.content.to_vec(),
+                m.server_timestamp_ms,
+                m.expires_at_ms,
+                m.seq,
+                m.envelope_type.code(),
+                m.client_timestamp_ms,
+            )
+        );
+    }
+    // One row stored already, one recipient unknown, one new: the copy
+    // fails whole, and the guarded insert stores the new one alone.
+    let new = message(3, Some(alice_id), alice_id);
+    let stranger = message(4, Some(alice_id), Uuid::new_v4());
+    let refs = vec![&first[0], &stranger, &new];
+    assert_eq!(
+        store_batch(&mut conn, &refs).await.unwrap(),
+        [
+            Stored::AlreadyStored,
+            Stored::UnknownRecipient,
+            Stored::Inserted
+        ]
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_sent_during_a_drain_arrive_after_the_drained_ones() {
     let app = spawn_app_with(|c| {
