@@ -53,6 +53,10 @@ pub struct Row {
     /// sensitive than the rate to other work sharing the machine, so the
     /// number to compare between builds on a noisy box.
     pub server_cpu_us_per_op: Option<f64>,
+    /// The generator's CPU time per completed operation, in microseconds:
+    /// what the client side costs (the relay's client library, or raw
+    /// sockets against the forwarders).
+    pub generator_cpu_us_per_op: Option<f64>,
     /// CPU time per completed operation of each further named process (a
     /// cluster's nodes and its Redis), in microseconds.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -72,6 +76,7 @@ impl Row {
             counts: snap.counts.clone(),
             usage,
             server_cpu_us_per_op: None,
+            generator_cpu_us_per_op: None,
             process_cpu_us_per_op: BTreeMap::new(),
         }
         .with_cpu_per_op()
@@ -83,6 +88,8 @@ impl Row {
             _ => None,
         };
         let rate = self.rate_per_sec;
+        self.generator_cpu_us_per_op =
+            (rate > 0.0).then(|| self.usage.generator_cpu_percent / 100.0 * 1e6 / rate);
         self.process_cpu_us_per_op = match rate > 0.0 {
             true => self
                 .usage

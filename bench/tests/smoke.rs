@@ -155,6 +155,20 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     }
     assert!(summary(&report, "relay_to_baseline_ratio_median").is_number());
     assert!(summary(&report, "relay_to_answered_ratio_median").is_number());
+    // Issue #16's CPU verdicts, per run in one invocation. The server's
+    // share may read 0 in so short a run (/proc counts in 10 ms ticks);
+    // the generator works throughout.
+    let key = "relay_to_answered_generator_cpu_per_msg_ratio";
+    let runs = summary(&report, &format!("{key}_runs"));
+    assert_eq!(runs.as_array().map(Vec::len), Some(2), "{key}: {runs}");
+    assert!(summary(&report, &format!("{key}_median")).as_f64() > Some(0.0));
+    assert!(
+        summary(
+            &report,
+            "answered_closed_loop_generator_cpu_us_per_msg_median"
+        )
+        .is_number()
+    );
     assert!(summary(&report, "answered_open_loop_delivery_p99_ms").is_number());
     let svg = std::fs::read_to_string(&plot).expect("plot written");
     assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"));

@@ -271,7 +271,10 @@ async fn scenario_on(
     // Closed-loop rates and server CPU per message per target, in
     // `targets` order.
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    let mut cpu_per_msg: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    // Per run, `None` where a process's CPU could not be read, so runs
+    // stay aligned for the per-run ratios.
+    let mut cpu_per_msg: Vec<Vec<Option<f64>>> = vec![Vec::new(); targets.len()];
+    let mut generator_per_msg: Vec<Vec<Option<f64>>> = vec![Vec::new(); targets.len()];
     // The cluster's CPU per message per process, in the last closed-loop
     // run.
     let mut cluster_closed_cpu = None;
@@ -287,9 +290,8 @@ async fn scenario_on(
                 )
                 .await;
                 rates[t].push(row.rate_per_sec);
-                if let Some(cpu) = row.server_cpu_us_per_op {
-                    cpu_per_msg[t].push(cpu);
-                }
+                cpu_per_msg[t].push(row.server_cpu_us_per_op);
+                generator_per_msg[t].push(row.generator_cpu_us_per_op);
                 if target == Target::Cluster {
                     cluster_closed_cpu = Some(process_cpu(&row));
                     cluster_closed_redis = Some(redis_per_msg(&row));
@@ -307,31 +309,35 @@ async fn scenario_on(
                 &format!("{name}_closed_loop_msgs_per_s_runs"),
                 rates[t].iter().map(|r| r.round()).collect::<Vec<_>>(),
             );
-            if !cpu_per_msg[t].is_empty() {
-                run.summary(
-                    &format!("{name}_closed_loop_server_cpu_us_per_msg_median"),
-                    round_to(median(&mut cpu_per_msg[t].clone()), 2),
-                );
+            for (what, per_msg) in [("server", &cpu_per_msg), ("generator", &generator_per_msg)] {
+                if per_msg[t].iter().any(Option::is_some) {
+                    run.summary(
+                        &format!("{name}_closed_loop_{what}_cpu_us_per_msg_median"),
+                        round_to(median_known(&per_msg[t]), 2),
+                    );
+                }
             }
             if relay_on && t > 0 {
                 // Ratios per run (same invocation, alternating), then the
-                // median.
-                let mut ratios: Vec<f64> = rates[0]
-                    .iter()
-                    .zip(&rates[t])
-                    .filter(|(_, b)| **b > 0.0)
-                    .map(|(r, b)| r / b)
-                    .collect();
-                if ratios.is_empty() {
-                    continue;
+                // median: throughput, and what a message costs the server
+                // and the generator (issue #16's verdicts).
+                let known = |v: &[f64]| v.iter().map(|x| Some(*x)).collect::<Vec<_>>();
+                for (key, of) in [
+                    (
+                        format!("relay_to_{name}_ratio"),
+                        vec![known(&rates[0]), known(&rates[t])],
+                    ),
+                    (
+                        format!("relay_to_{name}_server_cpu_per_msg_ratio"),
+                        vec![cpu_per_msg[0].clone(), cpu_per_msg[t].clone()],
+                    ),
+                    (
+                        format!("relay_to_{name}_generator_cpu_per_msg_ratio"),
+                        vec![generator_per_msg[0].clone(), generator_per_msg[t].clone()],
+                    ),
+                ] {
+                    per_run_ratios(run, &key, &of[0], &of[1]);
                 }
-                let round = |r: f64| round_to(r, 3);
-                let runs: Vec<f64> = ratios.iter().copied().map(round).collect();
-                run.summary(
-                    &format!("relay_to_{name}_ratio_median"),
-                    round(median(&mut ratios)),
-                );
-                run.summary(&format!("relay_to_{name}_ratio_runs"), runs);
             }
         }
     }
@@ -460,11 +466,11 @@ async fn scenario_on(
     }
     if a.mode != Mode::Open && targets.contains(&Target::RelayJson) {
         let (proto, json) = (
-            median(&mut cpu_per_msg[0].clone()),
+            median_known(&cpu_per_msg[0]),
             targets
                 .iter()
                 .position(|&t| t == Target::RelayJson)
-                .map_or(0.0, |j| median(&mut cpu_per_msg[j].clone())),
+                .map_or(0.0, |j| median_known(&cpu_per_msg[j])),
         );
         if targets[0] == Target::Relay && proto > 0.0 && json > 0.0 {
             run.summary(
@@ -518,4 +524,27 @@ fn summarize_rate(run: &mut Run, rate: f64, targets: &[Target], p99s: &[Vec<Opti
 /// A row's CPU per message of each named process, rounded, as JSON.
 fn process_cpu(row: &Row) -> serde_json::Value {
     by_process(&row.process_cpu_us_per_op)
+}
+
+/// The median of the runs that have a figure (0 if none has).
+fn median_known(runs: &[Option<f64>]) -> f64 {
+    median(&mut runs.iter().flatten().copied().collect::<Vec<_>>())
+}
+
+/// Summarises `a[i] / b[i]` for each run `i` (the runs alternate in one
+/// invocation, so each pair saw the same machine): `KEY_median` and
+/// `KEY_runs`. Nothing when no run has both.
+fn per_run_ratios(run: &mut Run, key: &str, a: &[Option<f64>], b: &[Option<f64>]) {
+    let mut ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(a, b)| Some((*a)?).zip(b.filter(|b| *b > 0.0)))
+        .map(|(a, b)| a / b)
+        .collect();
+    if ratios.is_empty() {
+        return;
+    }
+    let runs: Vec<f64> = ratios.iter().map(|r| round_to(*r, 3)).collect();
+    run.summary(&format!("{key}_median"), round_to(median(&mut ratios), 3));
+    run.summary(&format!("{key}_runs"), runs);
 }
