@@ -501,6 +501,29 @@ where
 mod tests {
     use super::*;
 
+    /// The size of the future a function returns, without calling it.
+    fn returned_size<F, Fut>(_: &F) -> usize
+    where
+        F: FnOnce(
+            AppState,
+            TcpStream,
+            SocketAddr,
+            Option<TlsAcceptor>,
+            Result<Ticket, NoSlot>,
+            CancellationToken,
+        ) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// A reconnect storm holds a handshake per socket at once: its TLS and
+    /// HTTP steps are boxed, so the handshake itself stays small.
+    #[test]
+    fn a_handshake_future_stays_small() {
+        let size = returned_size(&serve_socket);
+        assert!(size <= 1024, "serve_socket's future is {size} bytes");
+    }
+
     /// Every idle connection is one spawned task holding this future, so
     /// it must hold nothing but the session's box: the handshake, its
     /// arguments and the TLS and HTTP steps are boxed and freed before the

@@ -171,10 +171,18 @@ const COPY_IN: &str = "COPY messages \
        (id, sender_id, recipient_id, content, created_at, expires_at, seq, envelope_type, client_timestamp) \
      FROM STDIN (FORMAT binary)";
 
+/// Inserts the batch with [`COPY_IN`]; a key violation fails it whole.
+///
 /// A failed copy inserts nothing and leaves the connection usable: sqlx
-/// reads the error through to the end, and a copy dropped half-way (the
-/// store writer is never cancelled) sends `CopyFail`.
-async fn copy_batch(conn: &mut PgConnection, messages: &[&Message]) -> Result<(), sqlx::Error> {
+/// reads the error through to `ReadyForQuery`, and PostgreSQL ignores data
+/// sent after the error. A copy cut off half-way (the batch worker's
+/// timeout) sends `CopyFail` on drop, and the worker discards a connection
+/// whose run timed out anyway (`batch::breaks_connection`).
+///
+/// Public only so a test can see the copy itself succeed: through
+/// [`store_batch`], a copy that failed would be hidden by the fallback.
+#[doc(hidden)]
+pub async fn copy_batch(conn: &mut PgConnection, messages: &[&Message]) -> Result<(), sqlx::Error> {
     let data = copy_rows(messages);
     let mut copy = conn.copy_in_raw(COPY_IN).await?;
     copy.send(data).await?;
@@ -192,10 +200,11 @@ fn copy_rows(messages: &[&Message]) -> Vec<u8> {
         out.extend_from_slice(bytes);
     }
     fn time(out: &mut Vec<u8>, ms: i64) {
-        field(
-            out,
-            &(to_time(ms).timestamp_micros() - PG_EPOCH_US).to_be_bytes(),
-        );
+        // Saturating: cannot saturate within chrono's range (±262,000
+        // years), but i64::MIN would read as -infinity, not wrap to 292,000
+        // AD.
+        let micros = to_time(ms).timestamp_micros().saturating_sub(PG_EPOCH_US);
+        field(out, &micros.to_be_bytes());
     }
     let size: usize = messages.iter().map(|m| m.content.len() + 120).sum();
     let mut out = Vec::with_capacity(19 + size + 2);

@@ -164,13 +164,15 @@ async fn a_drain_read_stops_at_its_byte_budget_and_row_limit() {
 }
 
 /// The store's common path writes PostgreSQL's binary copy format by hand:
-/// every column must come back as it went in (a NULL sender, timestamps at
-/// the edges, every byte of the content), and a batch that trips a key
-/// must still store the rest.
+/// the copy itself must succeed (through `store_batch` a failed copy would
+/// be hidden by the fallback) and every column must come back as it went
+/// in: a NULL sender, timestamps before PostgreSQL's epoch (2000) and far
+/// after it, every byte of the content. A batch that trips a key, early or
+/// only in its last row, must still store the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_batch_keeps_every_column_and_skips_only_bad_rows() {
     use signal_relay::envelope::{EnvelopeType, Message};
-    use signal_relay::storage::messages::{Stored, store_batch};
+    use signal_relay::storage::messages::{Stored, copy_batch, store_batch};
     use std::sync::Arc;
 
     let app = spawn_app().await;
@@ -194,21 +196,31 @@ async fn a_stored_batch_keeps_every_column_and_skips_only_bad_rows() {
         expires_at_ms: 4_102_444_800_000 + seq,
         ephemeral: false,
     };
-    let first = [message(1, Some(alice_id), bob_id), message(2, None, bob_id)];
+    let mut early = message(2, None, bob_id);
+    // 1970 and 1999: before PostgreSQL's epoch, so negative offsets.
+    early.server_timestamp_ms = 0;
+    early.expires_at_ms = 946_684_799_999;
+    let mut late = message(3, Some(bob_id), bob_id);
+    // The last millisecond of year 9999.
+    late.expires_at_ms = 253_402_300_799_999;
+    late.envelope_type = EnvelopeType::Ciphertext;
+    let first = [message(1, Some(alice_id), bob_id), early, late];
     let mut conn = app.db.acquire().await.unwrap();
     let refs: Vec<&Message> = first.iter().collect();
-    assert_eq!(
-        store_batch(&mut conn, &refs).await.unwrap(),
-        [Stored::Inserted, Stored::Inserted]
-    );
+    copy_batch(&mut conn, &refs)
+        .await
+        .expect("the copy itself succeeds");
     for m in &first {
-        let row: (Option<Uuid>, Uuid, Vec<u8>, i64, i64, i64, i16, i64) = sqlx::query_as(
-            "SELECT sender_id, recipient_id, content, \
+        // The content compared in the database: a failure prints a
+        // verdict, not a kilobyte of bytes.
+        let row: (Option<Uuid>, Uuid, bool, i64, i64, i64, i16, i64) = sqlx::query_as(
+            "SELECT sender_id, recipient_id, content = $2, \
                     (extract(epoch FROM created_at) * 1000)::int8, \
                     (extract(epoch FROM expires_at) * 1000)::int8, seq, envelope_type, client_timestamp \
              FROM messages WHERE id = $1",
         )
         .bind(m.id)
+        .bind(m.content.to_vec())
         .fetch_one(&mut *conn)
         .await
         .unwrap();
@@ -217,19 +229,22 @@ async fn a_stored_batch_keeps_every_column_and_skips_only_bad_rows() {
             (
                 m.sender_id,
                 m.recipient_id,
-                m.content.to_vec(),
+                true,
                 m.server_timestamp_ms,
                 m.expires_at_ms,
                 m.seq,
                 m.envelope_type.code(),
                 m.client_timestamp_ms,
-            )
+            ),
+            "message {}",
+            m.seq
         );
     }
-    // One row stored already, one recipient unknown, one new: the copy
-    // fails whole, and the guarded insert stores the new one alone.
-    let new = message(3, Some(alice_id), alice_id);
-    let stranger = message(4, Some(alice_id), Uuid::new_v4());
+    // One row stored already (the copy fails on its first row), then one
+    // unknown recipient in the last row only (it fails at the end): each
+    // time the guarded insert stores the new ones alone.
+    let new = message(4, Some(alice_id), alice_id);
+    let stranger = message(5, Some(alice_id), Uuid::new_v4());
     let refs = vec![&first[0], &stranger, &new];
     assert_eq!(
         store_batch(&mut conn, &refs).await.unwrap(),
@@ -239,11 +254,16 @@ async fn a_stored_batch_keeps_every_column_and_skips_only_bad_rows() {
             Stored::Inserted
         ]
     );
+    let (newer, stranger) = (message(6, None, bob_id), message(7, None, Uuid::new_v4()));
+    assert_eq!(
+        store_batch(&mut conn, &[&newer, &stranger]).await.unwrap(),
+        [Stored::Inserted, Stored::UnknownRecipient]
+    );
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(&mut *conn)
         .await
         .unwrap();
-    assert_eq!(count, 3);
+    assert_eq!(count, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

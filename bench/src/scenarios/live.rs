@@ -538,7 +538,9 @@ fn per_run_ratios(run: &mut Run, key: &str, a: &[Option<f64>], b: &[Option<f64>]
     let mut ratios: Vec<f64> = a
         .iter()
         .zip(b)
-        .filter_map(|(a, b)| Some((*a)?).zip(b.filter(|b| *b > 0.0)))
+        // A run whose CPU read as 0 (10 ms ticks, a short run) says
+        // nothing: skipped on either side rather than reported as 0 or ∞.
+        .filter_map(|(a, b)| a.filter(|a| *a > 0.0).zip(b.filter(|b| *b > 0.0)))
         .map(|(a, b)| a / b)
         .collect();
     if ratios.is_empty() {
