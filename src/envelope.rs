@@ -168,6 +168,16 @@ pub fn message_id(sender: Uuid, client_message_id: Option<&[u8]>) -> Uuid {
     }
 }
 
+/// The wall clock in nanoseconds since the Unix epoch (0 before it), read
+/// straight from `SystemTime`: sequence numbers take one per message, and
+/// chrono's `Utc::now` converted to a calendar date and back (1.5 % of the
+/// relay's CPU under load).
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

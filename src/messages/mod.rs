@@ -221,7 +221,7 @@ impl Relay {
         // growing across restarts even if the table is empty: seed from both
         // the table and the clock (nanoseconds since the epoch).
         let stored = storage::messages::max_seq(db.pool()).await?.unwrap_or(0);
-        let clock = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
+        let clock = envelope::now_ns();
         let registry = Registry::new(stored.max(clock) + 1, limits.outbound_queue);
         let fence = cluster.as_ref().map(|c| c.cluster.incarnation());
         let store = StoreWriter::spawn(

@@ -238,7 +238,7 @@ impl Registry {
     /// the nodes' clocks differ by less than the time a client takes to
     /// reconnect. (On one node it only costs a clock read.)
     pub(super) fn next_seq(&self) -> i64 {
-        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
+        let now = crate::envelope::now_ns();
         let seq = &self.inner.next_seq;
         seq.fetch_max(now, Ordering::Relaxed);
         seq.fetch_add(1, Ordering::Relaxed)
