@@ -45,11 +45,18 @@ fn filter(default: &str) -> EnvFilter {
 /// Installs the global subscriber for the server: to stdout, `info` unless
 /// `RUST_LOG` says otherwise. Colours only on a terminal, and never when
 /// `NO_COLOR` is set.
+///
+/// A log line that cannot be written is lost, silently: tracing-subscriber
+/// would report it with `eprintln!`, which panics when stderr is broken
+/// too (a closed pipe, as when whatever read the logs is gone), and the
+/// panic takes down whichever task was logging: a connection finishing, or
+/// the signal handler, after which SIGTERM no longer stops the relay.
 pub fn init(format: LogFormat) {
     let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter("info"))
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -64,7 +71,8 @@ pub fn init_for_admin(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter("warn"))
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -298,3 +298,65 @@ async fn trace_logs_hold_no_secret_and_name_who_came_and_went() {
     }
     tokio::task::block_in_place(|| signal_relay::testing::drop_database(&db_name));
 }
+
+/// A relay whose log reader is gone (a supervisor's pipe closed, `relay |
+/// tee` with tee killed) keeps serving and still stops on SIGTERM. Every
+/// log line then fails with a broken pipe; tracing-subscriber used to
+/// report that with `eprintln!` to the same broken pipe, which panics, and
+/// the panic took down whichever task was logging: the start itself (this
+/// test then never sees the port open), sessions as they ended, and the
+/// signal handler, so a SIGTERM was logged into the void and nothing else
+/// happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_log_pipe_broke_serves_on_and_stops_on_sigterm() {
+    use signal_relay::client::Client;
+    use std::process::Stdio;
+    use tokio::process::Command;
+
+    let (db_name, db_url) = signal_relay::testing::create_database().await;
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["--listen", &addr.to_string(), "--admin-listen", "off"])
+        .env("DATABASE_URL", &db_url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the relay binary");
+    // Nobody reads the logs: the pipes' read ends close now.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    wait_until("the relay listens", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+
+    let url = format!("ws://{addr}/v1/websocket");
+    // Sessions that log as they start and end, one after the other.
+    for round in 0..3 {
+        let (client, _events) = Client::connect(&url).await.unwrap();
+        match round {
+            0 => client.register("alice", "password123").await.map(drop),
+            _ => client.login("alice", "password123").await.map(drop),
+        }
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        client.close().await;
+        client.closed().await;
+    }
+
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let status = tokio::time::timeout(crate::helpers::WAIT, child.wait())
+        .await
+        .expect("the relay stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    tokio::task::block_in_place(|| signal_relay::testing::drop_database(&db_name));
+}
