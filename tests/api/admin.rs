@@ -469,15 +469,6 @@ async fn without_a_subcommand_relay_still_serves() {
         .expect("register");
     assert!(db.exists().await, "the server created its database");
 
-    let pid = child.id().expect("running").to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exit in time")
-        .expect("wait");
+    let status = crate::helpers::terminate(&mut child).await;
     assert!(status.success(), "{status}");
 }

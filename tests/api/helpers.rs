@@ -290,3 +290,18 @@ pub async fn exchange(stream: &mut TcpStream, request: &[u8]) -> String {
         .expect("read");
     String::from_utf8_lossy(&response).into_owned()
 }
+
+/// Sends SIGTERM to a relay process and waits (at most [`WAIT`]) for it to
+/// exit, returning how it exited.
+pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the relay exits in time after SIGTERM")
+        .expect("wait")
+}

@@ -347,16 +347,7 @@ async fn a_relay_whose_log_pipe_broke_serves_on_and_stops_on_sigterm() {
         client.closed().await;
     }
 
-    let pid = child.id().expect("running").to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(sent.success());
-    let status = tokio::time::timeout(crate::helpers::WAIT, child.wait())
-        .await
-        .expect("the relay stops on SIGTERM")
-        .unwrap();
+    let status = crate::helpers::terminate(&mut child).await;
     assert!(status.success(), "{status:?}");
     tokio::task::block_in_place(|| signal_relay::testing::drop_database(&db_name));
 }
