@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::metrics::{Kind, Metrics};
+use crate::raw_relay;
 use crate::seed::Account;
 
 /// Bytes of every payload taken by the header (intended send time, sequence).
@@ -77,6 +78,10 @@ pub enum Target {
     /// The relay, with every client speaking the `relay.v1.json`
     /// subprotocol: what the JSON encoding costs on top of protobuf.
     RelayJson,
+    /// The relay, with every pair on bare sockets speaking the same
+    /// protobuf frames as the client library ([`crate::raw_relay`]): the
+    /// generator's CPU per message over this is the library's own cost.
+    RelayRaw,
     /// Several relays in cluster mode (protobuf), each pair's sender on one
     /// node and its recipient on the next: every message crosses nodes.
     Cluster,
@@ -98,13 +103,17 @@ impl Target {
 
     /// Whether this is the relay (in either encoding), not a baseline.
     pub fn is_relay(self) -> bool {
-        matches!(self, Target::Relay | Target::RelayJson | Target::Cluster)
+        matches!(
+            self,
+            Target::Relay | Target::RelayJson | Target::RelayRaw | Target::Cluster
+        )
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Relay => "relay",
             Target::RelayJson => "relay_json",
+            Target::RelayRaw => "relay_raw",
             Target::Cluster => "cluster",
             Target::Baseline => "baseline",
             Target::Answered => "answered",
@@ -115,8 +124,22 @@ impl Target {
 type RawStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 enum SendHalf {
-    Relay { client: Client, recipient: Uuid },
-    Raw { tx: mpsc::Sender<WsMessage> },
+    Relay {
+        client: Client,
+        recipient: Uuid,
+    },
+    Raw {
+        tx: mpsc::Sender<WsMessage>,
+    },
+    /// A bare socket to the relay.
+    RawRelay {
+        tx: mpsc::Sender<WsMessage>,
+        recipient: Bytes,
+        /// Open loop: a permit per unanswered message, as many as the
+        /// library's senders may have (closed loop: `None`, the window
+        /// already counts them).
+        gate: Option<Arc<Semaphore>>,
+    },
 }
 
 enum RecvHalf {
@@ -129,6 +152,11 @@ enum RecvHalf {
         /// B's writer when B answers (the answered baseline), else unused:
         /// the socket lives with it.
         answer: RawWriter,
+    },
+    /// A bare socket to the relay, and the writer its acks go through.
+    RawRelay {
+        stream: SplitStream<RawStream>,
+        acks: mpsc::Sender<WsMessage>,
     },
 }
 
@@ -144,8 +172,16 @@ enum RawWriter {
 struct Pair {
     send: SendHalf,
     recv: RecvHalf,
-    /// A's reading half in the answered baseline, where B's answers arrive.
-    answers: Option<SplitStream<RawStream>>,
+    /// A's reading half where a bare socket reads its answers.
+    answers: Option<Answers>,
+}
+
+/// Where A's answers arrive on a bare socket.
+enum Answers {
+    /// The answered baseline: B's answers, through the forwarder.
+    Forwarded(SplitStream<RawStream>),
+    /// The relay's responses to A's sends.
+    Relay(SplitStream<RawStream>),
 }
 
 /// Connected pairs, ready to carry traffic.
@@ -208,6 +244,37 @@ impl Pairs {
     /// (i+1) mod n, so with two nodes or more no pair shares a node.
     pub async fn cluster(urls: &[String], accounts: &[Account]) -> anyhow::Result<Pairs> {
         Self::across(urls, accounts, Encoding::Proto, Target::Cluster).await
+    }
+
+    /// Connects `accounts.len() / 2` pairs of bare sockets to the relay at
+    /// `url` ([`Target::RelayRaw`]): account 2i sends to 2i+1.
+    pub async fn relay_raw(url: &str, accounts: &[Account]) -> anyhow::Result<Pairs> {
+        let pairs = futures::stream::iter(accounts.chunks_exact(2))
+            .map(|two| async move {
+                let (b_sink, b_stream) = raw_relay::connect(url, &two[1]).await?;
+                let (a_sink, a_stream) = raw_relay::connect(url, &two[0]).await?;
+                Ok::<_, anyhow::Error>(Pair {
+                    send: SendHalf::RawRelay {
+                        tx: raw_writer(a_sink),
+                        recipient: raw_relay::user_id(two[1].user_id),
+                        gate: None,
+                    },
+                    recv: RecvHalf::RawRelay {
+                        stream: b_stream,
+                        acks: raw_writer(b_sink),
+                    },
+                    answers: Some(Answers::Relay(a_stream)),
+                })
+            })
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Pairs {
+            target: Target::RelayRaw,
+            pairs,
+        })
     }
 
     async fn across(
@@ -290,7 +357,7 @@ impl Pairs {
                             false => RawWriter::Idle { _sink: b_sink },
                         },
                     },
-                    answers: answered.then_some(a_stream),
+                    answers: answered.then_some(Answers::Forwarded(a_stream)),
                 })
             })
             .buffered(32)
@@ -322,12 +389,26 @@ impl Pairs {
                 Load::Open { .. } => None,
             })
             .collect();
-        for (i, pair) in self.pairs.into_iter().enumerate() {
+        for (i, mut pair) in self.pairs.into_iter().enumerate() {
+            // A bare relay socket in open loop: its sends wait, as the
+            // library's do, once the pair has `max_in_flight` unanswered.
+            let mut answer_window = windows[i].clone();
+            if let (Load::Open { max_in_flight, .. }, SendHalf::RawRelay { gate, .. }) =
+                (load, &mut pair.send)
+            {
+                let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
+                *gate = Some(permits.clone());
+                answer_window = Some(permits);
+            }
             // The window opens when a message is complete: for the
             // baseline at B's receipt, else at the sender's answer.
             let release = match target {
                 Target::Baseline => windows[i].clone(),
-                Target::Relay | Target::RelayJson | Target::Cluster | Target::Answered => None,
+                Target::Relay
+                | Target::RelayJson
+                | Target::RelayRaw
+                | Target::Cluster
+                | Target::Answered => None,
             };
             tasks.push(tokio::spawn(receive(
                 pair.recv,
@@ -338,7 +419,7 @@ impl Pairs {
             if let Some(answers) = pair.answers {
                 tasks.push(tokio::spawn(receive_answers(
                     answers,
-                    windows[i].clone(),
+                    answer_window,
                     metrics.clone(),
                     stop.clone(),
                 )));
@@ -483,7 +564,7 @@ fn payload(template: &BytesMut, intended_ns: u64, seq: u64) -> Bytes {
     b.freeze()
 }
 
-fn intended_of(content: &[u8]) -> Option<u64> {
+pub(crate) fn intended_of(content: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(content.get(..8)?.try_into().ok()?))
 }
 
@@ -517,6 +598,22 @@ async fn send_one(
             .await
             .map(|()| None)
             .map_err(|_| "send: forwarder connection closed".to_string()),
+        SendHalf::RawRelay {
+            tx,
+            recipient,
+            gate,
+        } => {
+            if let Some(gate) = gate {
+                gate.acquire()
+                    .await
+                    .map_err(|_| "send: gate closed".to_string())?
+                    .forget();
+            }
+            tx.send(raw_relay::send_frame(recipient, content, intended))
+                .await
+                .map(|()| None)
+                .map_err(|_| "send: relay connection closed".to_string())
+        }
     }
 }
 
@@ -694,6 +791,12 @@ async fn receive(
                 _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
             }
         }
+        RecvHalf::RawRelay { stream, acks } => {
+            tokio::select! {
+                _ = raw_relay::receive_deliveries(stream, &acks, &metrics) => {}
+                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+            }
+        }
         RecvHalf::Relay { client, events } => {
             let run = receive_relay(&client, events, &metrics);
             tokio::select! {
@@ -705,13 +808,23 @@ async fn receive(
     }
 }
 
-/// A's side of the answered baseline: each answer completes its message.
+/// A's reading half on a bare socket: each answer completes its message.
 async fn receive_answers(
-    mut stream: SplitStream<RawStream>,
+    answers: Answers,
     window: Option<Arc<Semaphore>>,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
+    let mut stream = match answers {
+        Answers::Forwarded(stream) => stream,
+        Answers::Relay(stream) => {
+            tokio::select! {
+                _ = raw_relay::receive_answers(stream, window.as_deref(), &metrics) => {}
+                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+            }
+            return;
+        }
+    };
     let run = async {
         while let Some(Ok(message)) = stream.next().await {
             if let WsMessage::Binary(bytes) = message {

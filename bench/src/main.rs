@@ -17,6 +17,7 @@ mod forwarder;
 mod live;
 mod metrics;
 mod procfs;
+mod raw_relay;
 mod report;
 mod scenarios;
 mod seed;

@@ -113,7 +113,7 @@ fn processes(report: &Value, key: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
+async fn live_runs_closed_and_open_loop_against_relay_raw_clients_and_both_baselines() {
     let app = app().await;
     let plot = std::env::temp_dir().join(format!("relay-bench-smoke-{}.svg", std::process::id()));
     let report = bench(
@@ -129,6 +129,7 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
             "--warmup",
             "0.2",
             "--answered-baseline",
+            "--raw-client",
             "--max-in-flight",
             "2",
             "--plot",
@@ -138,15 +139,23 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     .await;
     assert_no_errors(&report);
     let targets = targets(&report);
-    let each = ["relay", "baseline", "answered"];
+    let each = ["relay", "relay_raw", "baseline", "answered"];
     assert_eq!(targets, [each, each].concat());
     for row in rows(&report) {
         assert!(
             row["latency_ms"]["delivery"]["count"].as_u64() > Some(0),
             "{row:#}"
         );
+        if row["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("relay"))
+        {
+            // Either client acks what it received.
+            assert!(row["counts"]["acked"].as_u64() > Some(0), "{row:#}");
+        }
         if row["target"] != "baseline" {
-            // Both the relay and the answered baseline answer the sender.
+            // The relay (to either client) and the answered baseline
+            // answer the sender.
             assert!(
                 row["latency_ms"]["answer"]["count"].as_u64() > Some(0),
                 "{row:#}"
@@ -158,11 +167,16 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
     // Issue #16's CPU verdicts, per run in one invocation. The server's
     // share may read 0 in so short a run (/proc counts in 10 ms ticks);
     // the generator works throughout.
-    let key = "relay_to_answered_generator_cpu_per_msg_ratio";
-    let runs = summary(&report, &format!("{key}_runs"));
-    // One closed-loop run (then the open loop).
-    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{key}: {runs}");
-    assert!(summary(&report, &format!("{key}_median")).as_f64() > Some(0.0));
+    for key in [
+        "relay_to_answered_generator_cpu_per_msg_ratio",
+        // The client library against raw sockets with the same frames.
+        "relay_to_relay_raw_generator_cpu_per_msg_ratio",
+    ] {
+        let runs = summary(&report, &format!("{key}_runs"));
+        // One closed-loop run (then the open loop).
+        assert_eq!(runs.as_array().map(Vec::len), Some(1), "{key}: {runs}");
+        assert!(summary(&report, &format!("{key}_median")).as_f64() > Some(0.0));
+    }
     assert!(
         summary(
             &report,
@@ -177,7 +191,8 @@ async fn live_runs_closed_and_open_loop_against_relay_and_both_baselines() {
 }
 
 /// `--rates`: open loop at each rate, `--runs` times alternating, with the
-/// relay's p99 against the answered forwarder's per rate in the summary.
+/// relay's p99 (with the library's clients and with raw ones) against the
+/// answered forwarder's per rate in the summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_open_loop_at_several_rates_against_the_answered_forwarder() {
     let app = app().await;
@@ -192,6 +207,7 @@ async fn live_open_loop_at_several_rates_against_the_answered_forwarder() {
             "--runs",
             "2",
             "--answered-baseline",
+            "--raw-client",
             "--pairs",
             "2",
             "--duration",
@@ -202,19 +218,24 @@ async fn live_open_loop_at_several_rates_against_the_answered_forwarder() {
     )
     .await;
     assert_no_errors(&report);
-    // 2 rates x 2 runs x 3 targets, alternating within each run.
+    // 2 rates x 2 runs x 4 targets, alternating within each run.
     let targets = targets(&report);
-    let each = ["relay", "baseline", "answered"];
+    let each = ["relay", "relay_raw", "baseline", "answered"];
     assert_eq!(targets, [each, each, each, each].concat());
     for rate in ["200", "400"] {
         for target in each {
             let key = format!("open_loop_{rate}_{target}_delivery_p99_ms_median");
             assert!(summary(&report, &key).as_f64() > Some(0.0), "{key}");
         }
-        let key = format!("open_loop_{rate}_relay_to_answered_p99_ratio");
-        assert!(summary(&report, &format!("{key}_median")).is_number());
-        let runs = summary(&report, &format!("{key}_runs"));
-        assert_eq!(runs.as_array().map(Vec::len), Some(2), "{runs}");
+        for pair in ["relay_to_answered", "relay_raw_to_answered"] {
+            let key = format!("open_loop_{rate}_{pair}_p99_ratio");
+            assert!(summary(&report, &format!("{key}_median")).is_number());
+            let runs = summary(&report, &format!("{key}_runs"));
+            assert_eq!(runs.as_array().map(Vec::len), Some(2), "{runs}");
+        }
+        // Ratios are of the relay's, not between baselines.
+        let key = format!("open_loop_{rate}_baseline_to_answered_p99_ratio_median");
+        assert!(report["summary"].get(&key).is_none(), "{key}");
     }
 }
 

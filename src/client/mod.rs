@@ -510,10 +510,16 @@ impl Client {
 
     /// Acknowledges messages; returns (acked, unknown).
     pub async fn ack(&self, ids: &[Uuid]) -> Result<(Vec<Uuid>, Vec<Uuid>), ClientError> {
+        // One buffer for all the ids, each a view of it: an allocation per
+        // ack rather than per id.
+        let all = Bytes::from(
+            ids.iter()
+                .flat_map(|id| *id.as_bytes())
+                .collect::<Vec<u8>>(),
+        );
         let request = proto::AckMessages {
-            message_ids: ids
-                .iter()
-                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
+            message_ids: (0..ids.len())
+                .map(|i| all.slice(i * 16..(i + 1) * 16))
                 .collect(),
         };
         let acks = self

@@ -111,6 +111,13 @@ pub struct LiveArgs {
     /// its work, and a message complete at the answer as on the relay.
     #[arg(long)]
     pub answered_baseline: bool,
+    /// Also run the relay with every pair on bare sockets that send and
+    /// read the client library's protobuf frames with none of its
+    /// machinery, right after the relay: the summary's
+    /// `relay_to_relay_raw_generator_cpu_per_msg_ratio` is then what the
+    /// library costs the generator over raw sockets with the same frames.
+    #[arg(long)]
+    pub raw_client: bool,
     /// Experiment: the baseline's WebSocket write buffer in bytes, on both
     /// ends (0: one write syscall per frame). By default the forwarder uses
     /// the relay's settings and its clients the client library's, so the
@@ -201,6 +208,7 @@ async fn scenario_on(
         "runs": a.runs, "rate": a.rate, "rates": a.rates, "rate_fraction": a.rate_fraction,
         "tick_us": a.tick_us,
         "max_in_flight": a.max_in_flight, "answered_baseline": a.answered_baseline,
+        "raw_client": a.raw_client,
         "encoding": format!("{:?}", a.encoding),
     });
     if a.mode == Mode::Open && a.rate.is_none() && a.rates.is_empty() {
@@ -212,10 +220,16 @@ async fn scenario_on(
     if a.answered_baseline && a.target == Targets::Relay {
         bail!("--answered-baseline needs --target baseline or both");
     }
+    if a.raw_client && a.target == Targets::Baseline {
+        bail!("--raw-client needs the relay: --target relay or both");
+    }
     // The relay targets come first: ratios are of the first to the others.
     let mut targets = Vec::new();
     if a.target != Targets::Baseline {
         targets.extend(a.encoding.list().iter().map(|&e| Target::relay(e)));
+        if a.raw_client {
+            targets.push(Target::RelayRaw);
+        }
         if cluster.is_some() {
             targets.push(Target::Cluster);
         }
@@ -253,6 +267,10 @@ async fn scenario_on(
                 let c = cluster.expect("cluster started");
                 let pairs = Pairs::cluster(&c.urls, &cluster_accounts).await?;
                 return Ok((pairs, Procs::cluster(c)));
+            }
+            Target::RelayRaw => {
+                let pairs = Pairs::relay_raw(&url, &accounts).await?;
+                return Ok((pairs, Procs::single(relay_pid)));
             }
             Target::Baseline | Target::Answered => None,
         };
@@ -483,9 +501,10 @@ async fn scenario_on(
 }
 
 /// The summary of one offered rate under `--rates`: each target's median
-/// delivery p99, and the median over runs of the first target's p99 over
-/// each other's (each ratio taken within one run, the targets measured one
-/// after the other).
+/// delivery p99, and the median over runs of each relay target's p99 over
+/// every later target's (each ratio taken within one run, the targets
+/// measured one after the other): the relay with the client library and
+/// with raw clients, each against the baselines.
 fn summarize_rate(run: &mut Run, rate: f64, targets: &[Target], p99s: &[Vec<Option<f64>>]) {
     let at = rate.round() as u64;
     for (target, p99) in targets.iter().zip(p99s) {
@@ -497,27 +516,30 @@ fn summarize_rate(run: &mut Run, rate: f64, targets: &[Target], p99s: &[Vec<Opti
             );
         }
     }
-    let (Some(first), Some(first_p99)) = (targets.first(), p99s.first()) else {
-        return;
-    };
-    for (target, p99) in targets.iter().zip(p99s).skip(1) {
-        // Run by run: a run either target measured nothing in is left out.
-        let mut ratios: Vec<f64> = first_p99
-            .iter()
-            .zip(p99)
-            .filter_map(|(f, b)| Some((*f)? / (*b).filter(|b| *b > 0.0)?))
-            .collect();
-        if ratios.is_empty() {
+    for (i, (first, first_p99)) in targets.iter().zip(p99s).enumerate() {
+        if !first.is_relay() {
             continue;
         }
-        let runs: Vec<f64> = ratios.iter().map(|r| round_to(*r, 3)).collect();
-        let key = format!(
-            "open_loop_{at}_{}_to_{}_p99_ratio",
-            first.name(),
-            target.name()
-        );
-        run.summary(&format!("{key}_median"), round_to(median(&mut ratios), 3));
-        run.summary(&format!("{key}_runs"), runs);
+        for (target, p99) in targets.iter().zip(p99s).skip(i + 1) {
+            // Run by run: a run either target measured nothing in is left
+            // out.
+            let mut ratios: Vec<f64> = first_p99
+                .iter()
+                .zip(p99)
+                .filter_map(|(f, b)| Some((*f)? / (*b).filter(|b| *b > 0.0)?))
+                .collect();
+            if ratios.is_empty() {
+                continue;
+            }
+            let runs: Vec<f64> = ratios.iter().map(|r| round_to(*r, 3)).collect();
+            let key = format!(
+                "open_loop_{at}_{}_to_{}_p99_ratio",
+                first.name(),
+                target.name()
+            );
+            run.summary(&format!("{key}_median"), round_to(median(&mut ratios), 3));
+            run.summary(&format!("{key}_runs"), runs);
+        }
     }
 }
 
