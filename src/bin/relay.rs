@@ -3,6 +3,7 @@
 //! with one, run that admin task ([`signal_relay::admin`]) and exit with
 //! its status.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -30,14 +31,22 @@ async fn main() -> anyhow::Result<ExitCode> {
 
 async fn run_admin(command: &AdminCommand, config: &Config, settings: &[Setting]) -> ExitCode {
     telemetry::init_for_admin(config.log_format);
+    // Written with `write_all`, whose errors are ignored, not `print!`, which
+    // panics (exit 101) when the reader has gone: `relay users list | head`
+    // must exit as the task did, like any Unix tool whose output was cut.
     match admin::run(command, config, settings).await {
         Ok(outcome) => {
-            print!("{}", outcome.output);
+            let mut stdout = std::io::stdout().lock();
+            let _ = (stdout.write_all(outcome.output.as_bytes())).and_then(|()| stdout.flush());
             ExitCode::from(outcome.exit.code())
         }
         Err(err) => {
             let exit = err.exit();
-            eprintln!("error: {:#}", anyhow::Error::from(err));
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "error: {:#}",
+                anyhow::Error::from(err)
+            );
             ExitCode::from(exit.code())
         }
     }

@@ -427,6 +427,38 @@ async fn users_list_show_revoke_and_delete() {
     }
 }
 
+/// `relay users list | head -0`: output cut by its reader is the reader's
+/// choice. The command exits as its task did, not with a panic (101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_command_whose_reader_left_exits_as_its_task_did() {
+    let app = spawn_app().await;
+    let url = url_of(&app);
+    app.register_live(&unique("listed")).await;
+    for (args, code) in [
+        (&["users", "list"][..], 0),
+        // An error's message goes to stderr, which is closed too.
+        (&["users", "show", "nobody-has-this-name"][..], 4),
+    ] {
+        // Both pipes lose their reader before the command starts.
+        let (out_read, out_write) = std::io::pipe().expect("a pipe");
+        let (err_read, err_write) = std::io::pipe().expect("a pipe");
+        drop((out_read, err_read));
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"));
+        command
+            .env_clear()
+            .env("DATABASE_URL", &url)
+            .args(args)
+            .stdout(out_write)
+            .stderr(err_write)
+            .kill_on_drop(true);
+        let status = tokio::time::timeout(WAIT, command.status())
+            .await
+            .expect("the command finished in time")
+            .expect("run relay");
+        assert_eq!(status.code(), Some(code), "relay {args:?}: {status}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_subcommand_relay_still_serves() {
     use tokio::io::{AsyncBufReadExt, BufReader};
