@@ -10,6 +10,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::protocol::deliver::Deliver;
 use crate::protocol::proto;
 
 /// Signal's envelope types that may be relayed.
@@ -40,6 +41,15 @@ impl EnvelopeType {
             Self::PreKeyBundle => 3,
             Self::Receipt => 5,
             Self::PlaintextContent => 8,
+        }
+    }
+
+    pub fn to_proto(self) -> proto::EnvelopeType {
+        match self {
+            Self::Ciphertext => proto::EnvelopeType::Ciphertext,
+            Self::PreKeyBundle => proto::EnvelopeType::PrekeyBundle,
+            Self::Receipt => proto::EnvelopeType::Receipt,
+            Self::PlaintextContent => proto::EnvelopeType::PlaintextContent,
         }
     }
 
@@ -128,6 +138,20 @@ impl Message {
         self.expires_at_ms <= now_ms
     }
 
+    /// This message as its `Deliver` push carries it (what
+    /// [`Message::to_envelope`] holds, borrowed).
+    pub fn deliver(&self) -> Deliver<'_> {
+        Deliver {
+            message_id: self.id.as_bytes(),
+            sender_id: self.sender_id.as_ref().map(Uuid::as_bytes),
+            sender_username: &self.sender_username,
+            envelope_type: self.envelope_type.to_proto() as i32,
+            content: &self.content,
+            server_timestamp_ms: self.server_timestamp_ms.max(0) as u64,
+            client_timestamp_ms: self.client_timestamp_ms.max(0) as u64,
+        }
+    }
+
     pub fn to_envelope(&self) -> proto::Envelope {
         proto::Envelope {
             message_id: Bytes::copy_from_slice(self.id.as_bytes()),
@@ -136,12 +160,7 @@ impl Message {
                 .map(|id| Bytes::copy_from_slice(id.as_bytes()))
                 .unwrap_or_default(),
             sender_username: self.sender_username.to_string(),
-            r#type: match self.envelope_type {
-                EnvelopeType::Ciphertext => proto::EnvelopeType::Ciphertext,
-                EnvelopeType::PreKeyBundle => proto::EnvelopeType::PrekeyBundle,
-                EnvelopeType::Receipt => proto::EnvelopeType::Receipt,
-                EnvelopeType::PlaintextContent => proto::EnvelopeType::PlaintextContent,
-            } as i32,
+            r#type: self.envelope_type.to_proto() as i32,
             content: self.content.clone(),
             server_timestamp_ms: self.server_timestamp_ms.max(0) as u64,
             client_timestamp_ms: self.client_timestamp_ms.max(0) as u64,

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use uuid::Uuid;
 
+use crate::protocol::ids::id_bytes;
 use crate::protocol::json;
 use crate::protocol::proto::{
     self, ClientFrame, EnvelopeType, ServerFrame, Status, client_frame::Request, push, response,
@@ -487,7 +488,8 @@ impl Client {
     /// Sends a message; see [`Outgoing`] for the options.
     pub async fn send(&self, message: Outgoing) -> Result<Sent, ClientError> {
         let request = proto::SendMessage {
-            recipient_id: Bytes::copy_from_slice(message.recipient.as_bytes()),
+            // Shared, not copied: prost clones a `Bytes` field to encode it.
+            recipient_id: id_bytes(message.recipient),
             r#type: message.envelope_type as i32,
             content: message.content,
             client_timestamp_ms: message.client_timestamp_ms,

@@ -6,18 +6,20 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
-use futures::FutureExt;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{Ctx, Done, Reply, ready};
+use super::{Ctx, Done, Reply, later, ready};
 use crate::config::MessagingLimits;
 use crate::protocol::RequestError;
-use crate::protocol::ids::MessageId;
+use crate::protocol::ids::{MessageId, id_bytes};
 use crate::protocol::proto::{self, response};
 
 pub struct AckMessages {
-    ids: Vec<Uuid>,
+    /// Each id once, with its bytes as the request carried them: the
+    /// answer echoes those (views of the received frame) for what was
+    /// acked live, rather than a new copy of each.
+    ids: Vec<(Uuid, Bytes)>,
 }
 
 impl AckMessages {
@@ -36,10 +38,10 @@ impl AckMessages {
         }
         let mut seen = HashSet::new();
         let mut ids = Vec::with_capacity(request.message_ids.len());
-        for raw in &request.message_ids {
-            let id = MessageId::parse(raw, "message_ids")?.0;
+        for raw in request.message_ids {
+            let id = MessageId::parse(&raw, "message_ids")?.0;
             if seen.insert(id) {
-                ids.push(id);
+                ids.push((id, raw));
             }
         }
         Ok(AckMessages { ids })
@@ -49,9 +51,9 @@ impl AckMessages {
         let mut acked = Vec::with_capacity(self.ids.len());
         let mut stored = Vec::new();
         let now = Instant::now();
-        for id in self.ids {
+        for (id, raw) in self.ids {
             if ctx.unacked.ack(id, now) {
-                acked.push(id);
+                acked.push(raw);
             } else {
                 stored.push(id);
             }
@@ -63,23 +65,17 @@ impl AckMessages {
             ctx.state
                 .relay()
                 .ack_stored(ctx.auth.user_id, ctx.auth.username.clone(), stored);
-        async move {
+        later(async move {
             let stored = acking.await?;
-            acked.extend(stored.deleted);
-            Ok(result(acked, stored.unknown))
-        }
-        .boxed()
+            acked.extend(stored.deleted.into_iter().map(id_bytes));
+            Ok(result(
+                acked,
+                stored.unknown.into_iter().map(id_bytes).collect(),
+            ))
+        })
     }
 }
 
-fn result(acked: Vec<Uuid>, unknown: Vec<Uuid>) -> Done {
-    let bytes = |ids: Vec<Uuid>| {
-        ids.into_iter()
-            .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-            .collect()
-    };
-    Done::reply(response::Result::Ack(proto::AckResult {
-        acked: bytes(acked),
-        unknown: bytes(unknown),
-    }))
+fn result(acked: Vec<Bytes>, unknown: Vec<Bytes>) -> Done {
+    Done::reply(response::Result::Ack(proto::AckResult { acked, unknown }))
 }

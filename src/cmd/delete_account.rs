@@ -1,9 +1,7 @@
 //! `DeleteAccount`: with the password confirmed, delete the user; cascades
 //! remove their keys, sessions and queued messages. Then close the socket.
 
-use futures::FutureExt;
-
-use super::{Ctx, Done, Reply};
+use super::{Ctx, Done, Reply, later};
 use crate::auth::Password;
 use crate::protocol::{self, Close, RequestError, proto};
 use crate::storage;
@@ -23,7 +21,7 @@ impl DeleteAccount {
         let state = ctx.state.clone();
         let (auth, peer) = (ctx.auth.clone(), ctx.peer);
         let user_id = auth.user_id;
-        async move {
+        later(async move {
             state
                 .auth()
                 .confirm_password(&auth, self.password, peer)
@@ -36,7 +34,6 @@ impl DeleteAccount {
                 result: protocol::empty(),
                 close: Some(Close::ACCOUNT_DELETED),
             })
-        }
-        .boxed()
+        })
     }
 }

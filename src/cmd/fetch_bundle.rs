@@ -8,10 +8,9 @@
 //! reach one's *other* devices, but here one user is one device, so it
 //! would only burn the user's own one-time keys.
 
-use futures::FutureExt;
 use uuid::Uuid;
 
-use super::{Ctx, Done, Reply, ready};
+use super::{Ctx, Done, Reply, later, ready};
 use crate::keys::bundle::{self, Owner};
 use crate::keys::{self, KeyError};
 use crate::metrics::Limit;
@@ -40,12 +39,11 @@ impl FetchBundle {
             state.metrics().rate_limited(Limit::bundle);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
-        async move {
+        later(async move {
             let fetched = bundle::fetch(state.db(), &self.owner).await?;
             warn_if_low(&state, fetched.owner).await;
             Ok(Done::reply(response::Result::Bundle(fetched.bundle)))
-        }
-        .boxed()
+        })
     }
 }
 

@@ -1,9 +1,7 @@
 //! `GetPreKeyCount`: how many one-time EC and one-time Kyber pre-keys the
 //! user has left, so the client knows when to upload more.
 
-use futures::FutureExt;
-
-use super::{Ctx, Done, Reply};
+use super::{Ctx, Done, Reply, later};
 use crate::keys;
 use crate::protocol::RequestError;
 use crate::protocol::proto::{self, response};
@@ -18,7 +16,7 @@ impl GetPreKeyCount {
     pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
         let state = ctx.state.clone();
         let user = ctx.auth.user_id;
-        async move {
+        later(async move {
             let counts = keys::count(state.db(), user).await?;
             Ok(Done::reply(response::Result::PreKeyCount(
                 proto::PreKeyCount {
@@ -26,7 +24,6 @@ impl GetPreKeyCount {
                     kyber_pre_keys: counts.kyber,
                 },
             )))
-        }
-        .boxed()
+        })
     }
 }

@@ -2,9 +2,7 @@
 //! session of the user, closing the user's other socket on this server
 //! too), then close the socket.
 
-use futures::FutureExt;
-
-use super::{Ctx, Done, Reply};
+use super::{Ctx, Done, Reply, later};
 use crate::protocol::{self, Close, proto};
 
 pub struct Logout {
@@ -21,7 +19,7 @@ impl Logout {
         let state = ctx.state.clone();
         let who = ctx.auth.clone();
         let conn_id = ctx.conn_id;
-        async move {
+        later(async move {
             if self.all {
                 let revoked = state.auth().logout_all(&who).await?;
                 tracing::info!(user_id = %who.user_id, revoked, "all sessions revoked");
@@ -40,7 +38,6 @@ impl Logout {
                 result: protocol::empty(),
                 close: Some(Close::LOGGED_OUT),
             })
-        }
-        .boxed()
+        })
     }
 }

@@ -5,9 +5,8 @@
 //! fetches, since it answers the same "who exists" question.
 
 use bytes::Bytes;
-use futures::FutureExt;
 
-use super::{Ctx, Done, Reply, ready};
+use super::{Ctx, Done, Reply, later, ready};
 use crate::auth::Username;
 use crate::keys;
 use crate::metrics::Limit;
@@ -33,7 +32,7 @@ impl LookupUser {
             state.metrics().rate_limited(Limit::lookup);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
-        async move {
+        later(async move {
             let found = keys::lookup(state.db(), &self.username).await?;
             Ok(Done::reply(response::Result::LookupUser(
                 proto::LookupUserResult {
@@ -43,7 +42,6 @@ impl LookupUser {
                     identity_key: found.identity_key.map(Bytes::from).unwrap_or_default(),
                 },
             )))
-        }
-        .boxed()
+        })
     }
 }

@@ -18,7 +18,10 @@ pub mod send_message;
 pub mod upload_keys;
 pub mod who_am_i;
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -183,12 +186,45 @@ impl Done {
     }
 }
 
-/// The asynchronous rest of a session command.
-pub type Reply = BoxFuture<'static, Result<Done, RequestError>>;
+/// What a session command answers: known at once, or later. Returned and
+/// matched at once, never kept, so its size costs nothing; boxing the
+/// ready answer would cost the allocation this type exists to avoid.
+#[allow(clippy::large_enum_variant)]
+pub enum Reply {
+    Ready(Result<Done, RequestError>),
+    Pending(Pending),
+}
+
+/// The asynchronous rest of a session command, kept while the request is
+/// in flight. An enum rather than one boxed future, so that a send (one
+/// per message) waits for its outcome with no allocation of its own.
+pub enum Pending {
+    /// A send's outcome.
+    Send(send_message::Outcome),
+    /// Any other work.
+    Later(BoxFuture<'static, Result<Done, RequestError>>),
+}
+
+impl Future for Pending {
+    type Output = Result<Done, RequestError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Unpin: both variants are.
+        match self.get_mut() {
+            Pending::Send(outcome) => Pin::new(outcome).poll(cx),
+            Pending::Later(later) => later.as_mut().poll(cx),
+        }
+    }
+}
 
 /// Answers at once.
 pub fn ready(result: Result<Done, RequestError>) -> Reply {
-    futures::future::ready(result).boxed()
+    Reply::Ready(result)
+}
+
+/// Answers once `work` is done.
+pub fn later(work: impl Future<Output = Result<Done, RequestError>> + Send + 'static) -> Reply {
+    Reply::Pending(Pending::Later(work.boxed()))
 }
 
 /// What a session command may touch while it runs synchronously.

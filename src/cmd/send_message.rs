@@ -3,17 +3,20 @@
 //! `queued` once it is committed, `dropped` for an ephemeral message nobody
 //! could take.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use futures::FutureExt;
 use uuid::Uuid;
 
-use super::{Ctx, Done, Reply, ready};
+use super::{Ctx, Done, Pending, Reply, ready};
 use crate::config::MessagingLimits;
 use crate::envelope::EnvelopeType;
-use crate::messages::{Delivery, Outgoing};
+use crate::messages::{Outgoing, Sending};
 use crate::metrics::Limit;
 use crate::protocol::RequestError;
-use crate::protocol::ids::UserId;
+use crate::protocol::ids::{UserId, id_bytes};
 use crate::protocol::proto::{self, response};
 
 /// Longest client message id accepted.
@@ -91,13 +94,30 @@ impl SendMessage {
             ttl_ms: self.ttl_ms,
             client_message_id: self.client_message_id,
         });
-        async move { Ok(sent(id, outcome.await?)) }.boxed()
+        Reply::Pending(Pending::Send(Outcome {
+            id,
+            sending: outcome,
+        }))
     }
 }
 
-fn sent(id: Uuid, outcome: Delivery) -> Done {
-    Done::reply(response::Result::Send(proto::SendResult {
-        message_id: Bytes::copy_from_slice(id.as_bytes()),
-        outcome: outcome.to_proto() as i32,
-    }))
+/// A send's answer, once its outcome is known.
+pub struct Outcome {
+    /// The message's id, which the answer carries.
+    id: Uuid,
+    sending: Sending,
+}
+
+impl Future for Outcome {
+    type Output = Result<Done, RequestError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        Pin::new(&mut this.sending).poll(cx).map(|outcome| {
+            Ok(Done::reply(response::Result::Send(proto::SendResult {
+                message_id: id_bytes(this.id),
+                outcome: outcome?.to_proto() as i32,
+            })))
+        })
+    }
 }

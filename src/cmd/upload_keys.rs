@@ -3,9 +3,7 @@
 //! [`crate::keys::upload`], inside one transaction. Rate-limited per user:
 //! verifying an upload's signatures costs milliseconds of CPU.
 
-use futures::FutureExt;
-
-use super::{Ctx, Done, Reply, ready};
+use super::{Ctx, Done, Reply, later, ready};
 use crate::keys::upload::{self, Upload};
 use crate::metrics::Limit;
 use crate::protocol::RequestError;
@@ -30,7 +28,7 @@ impl UploadKeys {
             state.metrics().rate_limited(Limit::upload_keys);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
-        async move {
+        later(async move {
             let max_stored = state.limits().keys.max_stored_pre_keys;
             let counts = upload::store(state.db(), user, self.upload, max_stored).await?;
             // A refill: the next time the keys run low is news again.
@@ -41,7 +39,6 @@ impl UploadKeys {
                     kyber_pre_keys: counts.kyber,
                 },
             )))
-        }
-        .boxed()
+        })
     }
 }

@@ -19,12 +19,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::slots::{Slot, Ticket};
 use super::{Connection, Inbound};
 use crate::auth::{self, Authenticated};
-use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Reply};
+use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Pending, Reply};
 use crate::envelope;
 use crate::messages::{Delivery, Drain, LiveDelivery, Outbound, Presence, Seat, Step, Unacked};
 use crate::metrics::{AuthMethod, Limit};
@@ -412,14 +413,15 @@ struct Ledger {
 }
 
 /// A request's reply, with the id to answer it under. Its own future
-/// type, so a request in flight costs the command's one allocation, not two.
+/// type, so a request in flight costs the set's one allocation for it (and
+/// the command's, for work other than a send).
 struct Tagged {
     /// Whose answers are counted, and how.
     counted: Counted,
     /// The request being answered.
     request_id: u64,
     /// The command's asynchronous rest.
-    reply: Reply,
+    reply: Pending,
 }
 
 impl Future for Tagged {
@@ -427,8 +429,7 @@ impl Future for Tagged {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let (counted, request_id) = (self.counted, self.request_id);
-        self.reply
-            .as_mut()
+        Pin::new(&mut self.reply)
             .poll(cx)
             .map(|outcome| (counted, request_id, outcome))
     }
@@ -697,9 +698,15 @@ where
                     conn_id: self.presence.conn_id(),
                     unacked: &mut self.unacked,
                 };
-                let mut reply = command.apply(&mut ctx);
-                // Many commands answer at once: write those now rather
-                // than through the set of requests in flight.
+                // Many commands answer at once, or are done by the time they
+                // are first asked: write those now rather than through the
+                // set of requests in flight.
+                let mut reply = match command.apply(&mut ctx) {
+                    Reply::Ready(outcome) => {
+                        return Ok(Some(self.on_reply(counted, request_id, outcome)));
+                    }
+                    Reply::Pending(pending) => pending,
+                };
                 match (&mut reply).now_or_never() {
                     Some(outcome) => Ok(Some(self.on_reply(counted, request_id, outcome))),
                     None => {
@@ -749,14 +756,17 @@ where
         item: Outbound,
     ) -> Writing<impl Future<Output = Result<(), End>> + Send + use<'_, S>> {
         match item {
-            Outbound::Push(event) => self.write(&protocol::push(*event)),
+            Outbound::Push(event) => {
+                let frame = self.conn.encode(&protocol::push(*event));
+                self.write_encoded(frame)
+            }
             Outbound::Deliver(delivery) => {
                 let delivery = *delivery;
                 if delivery.message.is_expired(envelope::now_ms()) {
                     delivery.waiter.finish(Delivery::Dropped);
                     return Writing::Done(Some(Ok(())));
                 }
-                let frame = protocol::push(push::Event::Deliver(delivery.message.to_envelope()));
+                let frame = self.conn.encode_deliver(&delivery.message);
                 if !delivery.message.ephemeral {
                     // Ephemeral messages skip the queue order, so their
                     // sequence numbers say nothing about what was read.
@@ -767,7 +777,7 @@ where
                 let deadline = delivery.routed_at + self.state.limits().messaging.ack_timeout();
                 self.unacked.insert(delivery, deadline);
                 self.ledger.received += 1;
-                self.write(&frame)
+                self.write_encoded(frame)
             }
         }
     }
@@ -780,9 +790,8 @@ where
             Ok(Step::Deliver(batch)) => {
                 let now = envelope::now_ms();
                 for message in batch.iter().filter(|m| !m.is_expired(now)) {
-                    let writing =
-                        self.write(&protocol::push(push::Event::Deliver(message.to_envelope())));
-                    writing.await?;
+                    let frame = self.conn.encode_deliver(message);
+                    self.write_encoded(frame).await?;
                     self.ledger.received += 1;
                     self.state.metrics().messages_drained.inc();
                 }
@@ -833,6 +842,15 @@ where
         &'a mut self,
         frame: &ServerFrame,
     ) -> Writing<impl Future<Output = Result<(), End>> + Send + use<'a, S>> {
+        let frame = self.conn.encode(frame);
+        self.write_encoded(frame)
+    }
+
+    /// [`Session::write`] of a frame the connection already encoded.
+    fn write_encoded(
+        &mut self,
+        frame: WsMessage,
+    ) -> Writing<impl Future<Output = Result<(), End>> + Send + use<'_, S>> {
         self.unflushed = true;
         let (conn, blocked) = self.split();
         blocked.start(conn.feed(frame))

@@ -20,8 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
 
-use crate::protocol::proto::{ClientFrame, ServerFrame};
-use crate::protocol::{Close, Encoding, ProtocolError, json};
+use crate::envelope::Message;
+use crate::protocol::proto::{ClientFrame, ServerFrame, push};
+use crate::protocol::{self, Close, Encoding, ProtocolError, json};
 
 /// Something read from the socket.
 // Not boxed: it is moved once per frame, and boxing would allocate per frame.
@@ -130,19 +131,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.last_len as usize
     }
 
-    /// Queues a frame without flushing; follow with [`Connection::flush`].
-    /// Cancel-safe: it waits only for room, before queueing, so a feed that
-    /// did not complete queued nothing. The write futures here are `Unpin`,
-    /// so a caller can try one once and move it elsewhere only if it waits.
-    pub fn feed(&mut self, frame: &ServerFrame) -> Feed<'_, WebSocketStream<S>, WsMessage> {
-        let message = match self.encoding {
-            Encoding::Proto => WsMessage::Binary(self.encode(frame)),
+    /// `frame` in this connection's encoding, for [`Connection::feed`].
+    pub fn encode(&mut self, frame: &ServerFrame) -> WsMessage {
+        match self.encoding {
+            Encoding::Proto => WsMessage::Binary(self.encode_proto(frame)),
             Encoding::Json => WsMessage::Text(self.encode_json(frame)),
-        };
+        }
+    }
+
+    /// The `Deliver` push of `message`, for [`Connection::feed`]: in
+    /// protobuf written straight from the message
+    /// ([`deliver`](crate::protocol::deliver)), the same
+    /// bytes [`Connection::encode`] would give.
+    pub fn encode_deliver(&mut self, message: &Message) -> WsMessage {
+        match self.encoding {
+            Encoding::Proto => {
+                let deliver = message.deliver();
+                self.encoded.reserve(deliver.encoded_len());
+                deliver.encode(&mut self.encoded);
+                WsMessage::Binary(self.take_encoded())
+            }
+            Encoding::Json => {
+                self.encode(&protocol::push(push::Event::Deliver(message.to_envelope())))
+            }
+        }
+    }
+
+    /// Queues an encoded frame without flushing; follow with
+    /// [`Connection::flush`]. Cancel-safe: it waits only for room, before
+    /// queueing, so a feed that did not complete queued nothing. The write
+    /// futures here are `Unpin`, so a caller can try one once and move it
+    /// elsewhere only if it waits.
+    pub fn feed(&mut self, message: WsMessage) -> Feed<'_, WebSocketStream<S>, WsMessage> {
         self.ws.feed(message)
     }
 
-    fn encode(&mut self, frame: &ServerFrame) -> Bytes {
+    fn encode_proto(&mut self, frame: &ServerFrame) -> Bytes {
         self.encoded.reserve(frame.encoded_len());
         frame
             .encode(&mut self.encoded)
@@ -178,7 +202,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Writes and flushes one frame.
     pub async fn send(&mut self, frame: &ServerFrame) -> Result<(), tungstenite::Error> {
-        self.feed(frame).await?;
+        let message = self.encode(frame);
+        self.feed(message).await?;
         self.flush().await
     }
 

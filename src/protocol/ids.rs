@@ -1,6 +1,7 @@
 //! Identifier newtypes parsed at the edge, so the layers below never see a
-//! malformed id.
+//! malformed id, and ids on their way out ([`id_bytes`]).
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 use super::RequestError;
@@ -30,6 +31,13 @@ impl MessageId {
     pub fn parse(bytes: &[u8], field: &str) -> Result<Self, RequestError> {
         parse_uuid(bytes, field).map(MessageId)
     }
+}
+
+/// An id as a frame's `bytes` field. One allocation, shared by its clones:
+/// prost clones a `Bytes` field to encode it, and a `Bytes` copied from a
+/// slice would allocate again on that first clone.
+pub fn id_bytes(id: Uuid) -> Bytes {
+    Bytes::from_owner(id.into_bytes())
 }
 
 fn parse_uuid(bytes: &[u8], field: &str) -> Result<Uuid, RequestError> {

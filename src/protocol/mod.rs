@@ -2,10 +2,12 @@
 //! and their JSON mapping, the two encodings a connection may choose
 //! ([`Encoding`], [`json`]), the frames the server builds from them, the
 //! errors that become a response's status or a close ([`RequestError`],
-//! [`ProtocolError`]), the close codes ([`close`]), and the id newtypes
+//! [`ProtocolError`]), the close codes ([`close`]), the `Deliver` push
+//! written straight from a message ([`deliver`]), and the id newtypes
 //! requests are parsed into at the edge ([`ids`]).
 
 pub mod close;
+pub mod deliver;
 mod encoding;
 mod error;
 pub mod ids;
