@@ -10,11 +10,12 @@ runs=${2:-3}
 bench=target/release/relay-bench
 mkdir -p "$out"
 
-# Live: closed loop alternating relay, baseline and answered baseline, then
-# open loop at half the relay's median, in one invocation so ratios come
-# from the same run; then the same offered rate over 16 pairs.
+# Live: closed loop alternating the relay (with the library's clients, then
+# with raw ones), the baseline and the answered baseline, then open loop at
+# half the relay's median, in one invocation so ratios come from the same
+# run; then the same offered rate over 16 pairs.
 "$bench" live --pairs 64 --window 32 --runs "$runs" --duration 10 --warmup 2 \
-  --answered-baseline --quiet --json --plot "$out/live.svg" > "$out/live.json"
+  --answered-baseline --raw-client --quiet --json --plot "$out/live.svg" > "$out/live.json"
 rate=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["summary"]["open_loop_offered_msgs_per_s"])' \
   < "$out/live.json")
 "$bench" live --pairs 16 --mode open --rate "$rate" --duration 10 --warmup 2 \

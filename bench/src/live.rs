@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
 use signal_relay::client::{Client, ConnectOptions, Encoding, Event, Events, Outgoing};
@@ -39,11 +39,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::metrics::{Kind, Metrics};
+use crate::payload::{HEADER, intended_of, payload, payload_template};
 use crate::raw_relay;
 use crate::seed::Account;
-
-/// Bytes of every payload taken by the header (intended send time, sequence).
-pub const HEADER: usize = 16;
 
 /// Most ids in one ack (the relay's default RELAY_MAX_ACK_IDS).
 pub const MAX_ACK_IDS: usize = 1000;
@@ -538,36 +536,6 @@ impl Running {
 /// in flight.
 const GRACE: Duration = Duration::from_secs(3);
 
-/// A message of `size` bytes: the timestamp header, then filler that does
-/// not compress, like the ciphertext real messages carry (PostgreSQL
-/// compresses stored content over about 2 KiB; a patterned filler would
-/// make large messages cost it a fraction of what they do).
-pub(crate) fn payload_template(size: usize, pair: usize) -> BytesMut {
-    let size = size.max(HEADER);
-    let mut b = BytesMut::with_capacity(size);
-    b.put_bytes(0, HEADER);
-    // xorshift64, seeded per pair: cheap, and as incompressible as noise.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (pair as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    b.extend((0..size - HEADER).map(|_| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x as u8
-    }));
-    b
-}
-
-fn payload(template: &BytesMut, intended_ns: u64, seq: u64) -> Bytes {
-    let mut b = template.clone();
-    b[..8].copy_from_slice(&intended_ns.to_le_bytes());
-    b[8..16].copy_from_slice(&seq.to_le_bytes());
-    b.freeze()
-}
-
-pub(crate) fn intended_of(content: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(content.get(..8)?.try_into().ok()?))
-}
-
 type Answer = futures::future::BoxFuture<'static, (u64, Result<SendOutcome, String>)>;
 
 /// Hands one message to the transport. For the relay, returns the future of
@@ -793,7 +761,7 @@ async fn receive(
         }
         RecvHalf::RawRelay { stream, acks } => {
             tokio::select! {
-                _ = raw_relay::receive_deliveries(stream, &acks, &metrics) => {}
+                _ = raw_relay::receive_deliveries(stream, &acks, MAX_ACK_IDS, &metrics) => {}
                 _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
             }
         }

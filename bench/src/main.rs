@@ -16,6 +16,7 @@ mod agent;
 mod forwarder;
 mod live;
 mod metrics;
+mod payload;
 mod procfs;
 mod raw_relay;
 mod report;

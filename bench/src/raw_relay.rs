@@ -27,8 +27,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
-use crate::live::{MAX_ACK_IDS, intended_of};
 use crate::metrics::{Kind, Metrics};
+use crate::payload::intended_of;
 use crate::seed::Account;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -152,11 +152,13 @@ fn send_outcome(response: &proto::Response) -> Result<SendOutcome, String> {
 }
 
 /// The recipient: records each delivery's latency and acks whatever
-/// arrived together in one request, as the library's receiver in `live`
-/// does. Returns when the socket ends or its writer is gone.
+/// arrived together in one request of at most `max_ids`, as the library's
+/// receiver in `live` does. Returns when the socket ends or its writer is
+/// gone.
 pub async fn receive_deliveries(
     mut stream: Stream,
     acks: &mpsc::Sender<WsMessage>,
+    max_ids: usize,
     metrics: &Metrics,
 ) {
     let mut ids: Vec<Bytes> = Vec::new();
@@ -179,7 +181,7 @@ pub async fn receive_deliveries(
                     Err(e) => metrics.error(format!("decode a server frame: {e}")),
                 }
             }
-            if ids.len() >= MAX_ACK_IDS {
+            if ids.len() >= max_ids {
                 break;
             }
             match stream.next().now_or_never() {

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::Run;
 use crate::live;
 use crate::metrics::{Kind, Metrics, ProcWindow};
+use crate::payload;
 use crate::report::Row;
 use crate::seed::Account;
 
@@ -114,7 +115,7 @@ pub(super) async fn scenario(run: &mut Run, a: OfflineArgs) -> anyhow::Result<se
     let window = ProcWindow::start(run.relay.pid);
     let start = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
-    let template = live::payload_template(a.size, 0).to_vec();
+    let template = payload::payload_template(a.size, 0).to_vec();
     let stores = clients.iter().map(|client| {
         let (next, metrics, recipients, template) = (
             next.clone(),
