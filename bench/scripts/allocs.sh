@@ -5,7 +5,9 @@
 # 6 s with perf uprobes on libc, and reads the relay's own delivered counter
 # (its /metrics) at both ends of the same window. A count, unlike CPU time,
 # does not move with a noisy host. The probes slow the relay (each call
-# traps), so the message rate in the window says nothing.
+# traps), so the message rate in the window says nothing. A lower bound:
+# calloc and aligned allocations are not counted (the relay's hot path
+# makes neither), nor threads started after the window opens.
 # Needs perf and root (uprobes). Build first:
 #   cargo build --release -p relay-bench --bin relay-bench -p signal-relay --bin relay
 # Usage: bench/scripts/allocs.sh OUT ROUNDS NAME=RELAY_BIN [NAME=RELAY_BIN]...
@@ -33,21 +35,30 @@ for round in $(seq 1 "$rounds"); do
     "$bench" live --relay-bin "$bin" --target relay --mode closed --runs 1 --pairs 64 \
       --window 32 --duration 10 --warmup 2 --json --quiet > "$out/$name-$round.json" &
     bench_pid=$!
+    # Each wait gives up after a minute: a bench that failed to start its
+    # relay or its traffic must not hang the script.
     pid=""
-    until [ -n "$pid" ]; do
-      sleep 0.1
+    for _ in $(seq 600); do
       pid=$(pgrep -f "^$bin --listen" | head -1 || true)
+      [ -n "$pid" ] && break
+      sleep 0.1
     done
+    [ -n "$pid" ] || { echo "$name: no relay started" >&2; exit 1; }
     # The relay's admin port is whichever of its listeners serves /metrics.
     port=""
-    until [ -n "$port" ]; do
-      sleep 0.2
+    for _ in $(seq 300); do
       for p in $(ss -ltnpH | grep "pid=$pid," | awk '{print $4}' | sed 's/.*://'); do
         if curl -sf -m 2 "http://127.0.0.1:$p/metrics" > /dev/null; then port=$p; fi
       done
+      [ -n "$port" ] && break
+      sleep 0.2
     done
+    [ -n "$port" ] || { echo "$name: the relay serves no /metrics" >&2; exit 1; }
     # Traffic has begun once something was delivered; skip two seconds more.
-    until [ "$(delivered "$port")" -gt 0 ] 2>/dev/null; do sleep 0.2; done
+    for _ in $(seq 300); do
+      [ "$(delivered "$port")" -gt 0 ] 2>/dev/null && break
+      sleep 0.2
+    done
     sleep 2
     before=$(delivered "$port")
     # Every thread of the relay (-p alone followed only the main one here).

@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, SplitStream};
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt, TryStreamExt};
 use signal_relay::client::{Client, ConnectOptions, Encoding, Event, Events, Outgoing};
 use signal_relay::proto::SendOutcome;
 use tokio::net::TcpStream;
@@ -182,6 +182,9 @@ enum Answers {
     Relay(SplitStream<RawStream>),
 }
 
+/// Pairs connecting at once.
+const CONNECTING: usize = 32;
+
 /// Connected pairs, ready to carry traffic.
 pub struct Pairs {
     target: Target,
@@ -247,7 +250,7 @@ impl Pairs {
     /// Connects `accounts.len() / 2` pairs of bare sockets to the relay at
     /// `url` ([`Target::RelayRaw`]): account 2i sends to 2i+1.
     pub async fn relay_raw(url: &str, accounts: &[Account]) -> anyhow::Result<Pairs> {
-        let pairs = futures::stream::iter(accounts.chunks_exact(2))
+        let pairs: Vec<Pair> = futures::stream::iter(accounts.chunks_exact(2))
             .map(|two| async move {
                 let (b_sink, b_stream) = raw_relay::connect(url, &two[1]).await?;
                 let (a_sink, a_stream) = raw_relay::connect(url, &two[0]).await?;
@@ -264,11 +267,9 @@ impl Pairs {
                     answers: Some(Answers::Relay(a_stream)),
                 })
             })
-            .buffered(32)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .buffered(CONNECTING)
+            .try_collect()
+            .await?;
         Ok(Pairs {
             target: Target::RelayRaw,
             pairs,
@@ -283,7 +284,7 @@ impl Pairs {
     ) -> anyhow::Result<Pairs> {
         anyhow::ensure!(!urls.is_empty(), "no relay to connect to");
         let n = urls.len();
-        let pairs = futures::stream::iter(accounts.chunks_exact(2).enumerate())
+        let pairs: Vec<Pair> = futures::stream::iter(accounts.chunks_exact(2).enumerate())
             .map(|(i, two)| async move {
                 let (a_url, b_url) = (&urls[i % n], &urls[(i + 1) % n]);
                 let (b, mut b_events) = connect_relay_as(b_url, &two[1], encoding).await?;
@@ -305,11 +306,9 @@ impl Pairs {
                     answers: None,
                 })
             })
-            .buffered(32)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .buffered(CONNECTING)
+            .try_collect()
+            .await?;
         Ok(Pairs { target, pairs })
     }
 
@@ -328,7 +327,7 @@ impl Pairs {
         let config = WebSocketConfig::default()
             .read_buffer_size(16 * 1024)
             .write_buffer_size(write_buffer.unwrap_or(16 * 1024));
-        let pairs = futures::stream::iter(base..base + n)
+        let pairs: Vec<Pair> = futures::stream::iter(base..base + n)
             .map(|i| async move {
                 let (b, _) = tokio_tungstenite::connect_async_with_config(
                     format!("{url}/b/{i}"),
@@ -358,11 +357,9 @@ impl Pairs {
                     answers: answered.then_some(Answers::Forwarded(a_stream)),
                 })
             })
-            .buffered(32)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .buffered(CONNECTING)
+            .try_collect()
+            .await?;
         Ok(Pairs {
             target: match answered {
                 true => Target::Answered,
@@ -538,6 +535,14 @@ const GRACE: Duration = Duration::from_secs(3);
 
 type Answer = futures::future::BoxFuture<'static, (u64, Result<SendOutcome, String>)>;
 
+impl SendHalf {
+    /// A bare relay socket in open loop with `max_in_flight` messages
+    /// unanswered: its sender group stalls, as for the library's sends.
+    fn gate_full(&self) -> bool {
+        matches!(self, SendHalf::RawRelay { gate: Some(gate), .. } if gate.available_permits() == 0)
+    }
+}
+
 /// Hands one message to the transport. For the relay, returns the future of
 /// the sender's answer.
 async fn send_one(
@@ -572,9 +577,10 @@ async fn send_one(
             gate,
         } => {
             if let Some(gate) = gate {
-                gate.acquire()
-                    .await
-                    .map_err(|_| "send: gate closed".to_string())?
+                // The sender checked `gate_full` first; it alone takes
+                // permits, so one is there.
+                gate.try_acquire()
+                    .map_err(|_| "send: no room under the in-flight limit".to_string())?
                     .forget();
             }
             tx.send(raw_relay::send_frame(recipient, content, intended))
@@ -681,7 +687,7 @@ async fn send_open(
                 break;
             }
             let i = (k % sends.len() as u64) as usize;
-            if in_flight[i] >= max_in_flight {
+            if in_flight[i] >= max_in_flight || sends[i].gate_full() {
                 // Counts stalls, not messages: the group resumes at the next
                 // answer or tick.
                 metrics.count("open_loop_sender_stalls", 1);
@@ -761,7 +767,11 @@ async fn receive(
         }
         RecvHalf::RawRelay { stream, acks } => {
             tokio::select! {
-                _ = raw_relay::receive_deliveries(stream, &acks, MAX_ACK_IDS, &metrics) => {}
+                _ = raw_relay::receive_deliveries(stream, &acks, MAX_ACK_IDS, &metrics) => {
+                    if !stop.is_cancelled() {
+                        metrics.error("deliveries: the socket ended".to_string());
+                    }
+                }
                 _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
             }
         }
@@ -787,7 +797,16 @@ async fn receive_answers(
         Answers::Forwarded(stream) => stream,
         Answers::Relay(stream) => {
             tokio::select! {
-                _ = raw_relay::receive_answers(stream, window.as_deref(), &metrics) => {}
+                _ = raw_relay::receive_answers(stream, window.as_deref(), &metrics) => {
+                    if !stop.is_cancelled() {
+                        // Nothing will answer what is in flight: the sender
+                        // must not wait for its window.
+                        metrics.error("answers: the socket ended".to_string());
+                        if let Some(w) = &window {
+                            w.close();
+                        }
+                    }
+                }
                 _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
             }
             return;

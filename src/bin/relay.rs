@@ -37,7 +37,9 @@ async fn run_admin(command: &AdminCommand, config: &Config, settings: &[Setting]
     match admin::run(command, config, settings).await {
         Ok(outcome) => {
             let mut stdout = std::io::stdout().lock();
-            let _ = (stdout.write_all(outcome.output.as_bytes())).and_then(|()| stdout.flush());
+            let _ = stdout
+                .write_all(outcome.output.as_bytes())
+                .and_then(|()| stdout.flush());
             ExitCode::from(outcome.exit.code())
         }
         Err(err) => {

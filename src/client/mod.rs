@@ -512,8 +512,9 @@ impl Client {
 
     /// Acknowledges messages; returns (acked, unknown).
     pub async fn ack(&self, ids: &[Uuid]) -> Result<(Vec<Uuid>, Vec<Uuid>), ClientError> {
-        // One buffer for all the ids, each a view of it: an allocation per
-        // ack rather than per id.
+        // One buffer for all the ids, each a view of it: two allocations
+        // per ack (the buffer, and the header its first view shares it
+        // through) rather than per id.
         let all = Bytes::from(
             ids.iter()
                 .flat_map(|id| *id.as_bytes())

@@ -61,6 +61,9 @@ impl AckMessages {
         if stored.is_empty() {
             return ready(Ok(result(acked, Vec::new())));
         }
+        // What was acked live waits with them, its ids still views of the
+        // received frame (holding its buffer) until the answer: bounded by
+        // the ack's size, and rare, since live acks rarely mix with stored.
         let acking =
             ctx.state
                 .relay()

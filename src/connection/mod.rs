@@ -146,9 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn encode_deliver(&mut self, message: &Message) -> WsMessage {
         match self.encoding {
             Encoding::Proto => {
-                let deliver = message.deliver();
-                self.encoded.reserve(deliver.encoded_len());
-                deliver.encode(&mut self.encoded);
+                message.deliver().encode(&mut self.encoded);
                 WsMessage::Binary(self.take_encoded())
             }
             Encoding::Json => {

@@ -1,14 +1,13 @@
 //! The `Deliver` push, encoded straight from the message's fields. It is
 //! the one frame written for every message delivered, and building it as
 //! a [`proto::Envelope`] first costs three allocations (the two ids and the
-//! username are owned there), a pass to size the frame and the frees after:
-//! a few percent of the relay's CPU per message in the profiles. The bytes
-//! are exactly the ones prost writes for [`super::push`] of that envelope
-//! (a test pins it), so clients see no difference.
+//! username are owned there) and their frees. The bytes are exactly the
+//! ones prost writes for [`super::push`] of that envelope (a test pins
+//! it), so clients see no difference.
 //!
 //! [`proto::Envelope`]: super::proto::Envelope
 
-use bytes::BufMut;
+use bytes::{BufMut, BytesMut};
 
 /// A message as its `Deliver` push carries it: the fields of `Envelope`
 /// in `relay.proto`, borrowed.
@@ -41,12 +40,13 @@ const VARINT: u32 = 0;
 const LEN: u32 = 2;
 
 impl Deliver<'_> {
-    /// Appends the `ServerFrame` holding this push to `buf`. Like prost,
-    /// it leaves out fields holding their default (proto3), and writes
-    /// the others in field order.
-    pub fn encode(&self, buf: &mut impl BufMut) {
+    /// Appends the `ServerFrame` holding this push to `buf`, growing it
+    /// once. Like prost, it leaves out fields holding their default
+    /// (proto3), and writes the others in field order.
+    pub fn encode(&self, buf: &mut BytesMut) {
         let envelope = self.envelope_len();
         let push = len_field_len(PUSH_DELIVER, envelope);
+        buf.reserve(len_field_len(SERVER_FRAME_PUSH, push));
         put_key(buf, SERVER_FRAME_PUSH, LEN);
         put_varint(buf, push as u64);
         put_key(buf, PUSH_DELIVER, LEN);
@@ -62,14 +62,6 @@ impl Deliver<'_> {
         put_bytes(buf, CONTENT, self.content);
         put_varint_field(buf, SERVER_TIMESTAMP_MS, self.server_timestamp_ms);
         put_varint_field(buf, CLIENT_TIMESTAMP_MS, self.client_timestamp_ms);
-    }
-
-    /// Bytes of the whole frame [`Deliver::encode`] writes.
-    pub fn encoded_len(&self) -> usize {
-        len_field_len(
-            SERVER_FRAME_PUSH,
-            len_field_len(PUSH_DELIVER, self.envelope_len()),
-        )
     }
 
     fn envelope_len(&self) -> usize {
@@ -183,13 +175,34 @@ mod tests {
                             server_timestamp_ms: *time,
                             client_timestamp_ms: times[times.len() - 1 - i],
                         };
-                        let mut ours = Vec::new();
+                        let mut ours = BytesMut::new();
                         d.encode(&mut ours);
                         assert_eq!(ours, by_prost(&d), "{d:?}");
-                        assert_eq!(d.encoded_len(), ours.len(), "{d:?}");
                     }
                 }
             }
+        }
+    }
+
+    /// The lengths of the push and of the frame around it take one more
+    /// byte at 128 and at 16,384: contents whose frames cross both.
+    #[test]
+    fn enclosing_lengths_cross_their_varint_boundaries() {
+        let id = [1u8; 16];
+        let content = vec![0x5A; 16_500];
+        for len in (80..=140).chain(16_300..=16_420) {
+            let d = Deliver {
+                message_id: &id,
+                sender_id: Some(&id),
+                sender_username: "bob",
+                envelope_type: 1,
+                content: &content[..len],
+                server_timestamp_ms: 1_764_000_000_000,
+                client_timestamp_ms: 1_764_000_000_000,
+            };
+            let mut ours = BytesMut::new();
+            d.encode(&mut ours);
+            assert_eq!(ours, by_prost(&d), "content of {len} bytes");
         }
     }
 
