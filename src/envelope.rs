@@ -44,6 +44,7 @@ impl EnvelopeType {
         }
     }
 
+    /// The type as the relay's frames carry it.
     pub fn to_proto(self) -> proto::EnvelopeType {
         match self {
             Self::Ciphertext => proto::EnvelopeType::Ciphertext,
@@ -138,8 +139,7 @@ impl Message {
         self.expires_at_ms <= now_ms
     }
 
-    /// This message as its `Deliver` push carries it (what
-    /// [`Message::to_envelope`] holds, borrowed).
+    /// This message's fields as its `Deliver` push carries them, borrowed.
     pub fn deliver(&self) -> Deliver<'_> {
         Deliver {
             message_id: self.id.as_bytes(),
@@ -152,18 +152,20 @@ impl Message {
         }
     }
 
+    /// The `Deliver` push's envelope, owned (for the JSON encoding, which
+    /// builds frames from the generated types).
     pub fn to_envelope(&self) -> proto::Envelope {
+        let d = self.deliver();
         proto::Envelope {
-            message_id: Bytes::copy_from_slice(self.id.as_bytes()),
-            sender_id: self
+            message_id: Bytes::copy_from_slice(d.message_id),
+            sender_id: d
                 .sender_id
-                .map(|id| Bytes::copy_from_slice(id.as_bytes()))
-                .unwrap_or_default(),
-            sender_username: self.sender_username.to_string(),
-            r#type: self.envelope_type.to_proto() as i32,
+                .map_or_else(Bytes::new, |id| Bytes::copy_from_slice(id)),
+            sender_username: d.sender_username.to_owned(),
+            r#type: d.envelope_type,
             content: self.content.clone(),
-            server_timestamp_ms: self.server_timestamp_ms.max(0) as u64,
-            client_timestamp_ms: self.client_timestamp_ms.max(0) as u64,
+            server_timestamp_ms: d.server_timestamp_ms,
+            client_timestamp_ms: d.client_timestamp_ms,
         }
     }
 }

@@ -2,8 +2,8 @@
 //! validated command at the edge (`from_frame`) and carries it out
 //! (`apply`). Authentication requests run before a socket is authenticated;
 //! the rest run in the session, where `apply` does its synchronous part at
-//! once (in frame order) and returns a future for the rest, so a connection
-//! can have many requests in flight.
+//! once (in frame order) and returns the answer, or a [`Pending`] future
+//! for the rest, so a connection can have many requests in flight.
 
 pub mod ack_messages;
 pub mod delete_account;
