@@ -155,18 +155,7 @@ impl Message {
     /// The `Deliver` push's envelope, owned (for the JSON encoding, which
     /// builds frames from the generated types).
     pub fn to_envelope(&self) -> proto::Envelope {
-        let d = self.deliver();
-        proto::Envelope {
-            message_id: Bytes::copy_from_slice(d.message_id),
-            sender_id: d
-                .sender_id
-                .map_or_else(Bytes::new, |id| Bytes::copy_from_slice(id)),
-            sender_username: d.sender_username.to_owned(),
-            r#type: d.envelope_type,
-            content: self.content.clone(),
-            server_timestamp_ms: d.server_timestamp_ms,
-            client_timestamp_ms: d.client_timestamp_ms,
-        }
+        self.deliver().to_envelope(self.content.clone())
     }
 }
 

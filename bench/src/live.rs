@@ -533,6 +533,12 @@ impl Running {
 /// in flight.
 const GRACE: Duration = Duration::from_secs(3);
 
+/// Ends [`GRACE`] after the stop: what a receiver races its reading with.
+async fn after_grace(stop: &CancellationToken) {
+    stop.cancelled().await;
+    tokio::time::sleep(GRACE).await;
+}
+
 type Answer = futures::future::BoxFuture<'static, (u64, Result<SendOutcome, String>)>;
 
 impl SendHalf {
@@ -762,7 +768,7 @@ async fn receive(
             };
             tokio::select! {
                 _ = run => {}
-                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+                _ = after_grace(&stop) => {}
             }
         }
         RecvHalf::RawRelay { stream, acks } => {
@@ -772,14 +778,14 @@ async fn receive(
                         metrics.error("deliveries: the socket ended".to_string());
                     }
                 }
-                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+                _ = after_grace(&stop) => {}
             }
         }
         RecvHalf::Relay { client, events } => {
             let run = receive_relay(&client, events, &metrics);
             tokio::select! {
                 _ = run => {}
-                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+                _ = after_grace(&stop) => {}
             }
             client.close().await;
         }
@@ -807,7 +813,7 @@ async fn receive_answers(
                         }
                     }
                 }
-                _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+                _ = after_grace(&stop) => {}
             }
             return;
         }
@@ -826,7 +832,7 @@ async fn receive_answers(
     };
     tokio::select! {
         _ = run => {}
-        _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+        _ = after_grace(&stop) => {}
     }
 }
 

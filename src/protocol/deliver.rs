@@ -4,10 +4,10 @@
 //! username are owned there) and their frees. The bytes are exactly the
 //! ones prost writes for [`super::push`] of that envelope (a test pins
 //! it), so clients see no difference.
-//!
-//! [`proto::Envelope`]: super::proto::Envelope
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::proto;
 
 /// A message as its `Deliver` push carries it: the fields of `Envelope`
 /// in `relay.proto`, borrowed.
@@ -62,6 +62,24 @@ impl Deliver<'_> {
         put_bytes(buf, CONTENT, self.content);
         put_varint_field(buf, SERVER_TIMESTAMP_MS, self.server_timestamp_ms);
         put_varint_field(buf, CLIENT_TIMESTAMP_MS, self.client_timestamp_ms);
+    }
+
+    /// The same envelope, owned, as the generated type (what the JSON
+    /// encoding builds its frame from), with `content`: these bytes,
+    /// shared rather than copied if the caller has them as `Bytes`.
+    pub fn to_envelope(&self, content: Bytes) -> proto::Envelope {
+        debug_assert_eq!(&content[..], self.content);
+        proto::Envelope {
+            message_id: Bytes::copy_from_slice(self.message_id),
+            sender_id: self
+                .sender_id
+                .map_or_else(Bytes::new, |id| Bytes::copy_from_slice(id)),
+            sender_username: self.sender_username.to_owned(),
+            r#type: self.envelope_type,
+            content,
+            server_timestamp_ms: self.server_timestamp_ms,
+            client_timestamp_ms: self.client_timestamp_ms,
+        }
     }
 
     fn envelope_len(&self) -> usize {
@@ -129,25 +147,14 @@ fn put_varint_field(buf: &mut impl BufMut, tag: u32, value: u64) {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use prost::Message as _;
 
     use super::*;
-    use crate::protocol::proto::{self, push};
+    use crate::protocol::proto::push;
 
     /// What prost writes for the same push, built the slow way.
     fn by_prost(d: &Deliver<'_>) -> Vec<u8> {
-        let envelope = proto::Envelope {
-            message_id: Bytes::copy_from_slice(d.message_id),
-            sender_id: d
-                .sender_id
-                .map_or_else(Bytes::new, |s| Bytes::copy_from_slice(s)),
-            sender_username: d.sender_username.to_owned(),
-            r#type: d.envelope_type,
-            content: Bytes::copy_from_slice(d.content),
-            server_timestamp_ms: d.server_timestamp_ms,
-            client_timestamp_ms: d.client_timestamp_ms,
-        };
+        let envelope = d.to_envelope(Bytes::copy_from_slice(d.content));
         crate::protocol::push(push::Event::Deliver(envelope)).encode_to_vec()
     }
 
