@@ -3,12 +3,13 @@
 //! flags. A bare `relay` runs against a local PostgreSQL with no set-up.
 //! Every limit the server enforces lives here.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use ipnet::IpNet;
 use secrecy::SecretString;
 
 /// Everything the `relay` binary can be told. Tests build it with
@@ -25,6 +26,21 @@ pub struct Config {
     /// Address to listen on. Port 0 picks a free port.
     #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+
+    /// Load balancers that start each connection with a PROXY protocol
+    /// header (HAProxy's, version 1 or 2) naming the client: addresses or
+    /// networks, comma-separated (`10.0.0.0/8,192.0.2.7`), or `off`. A
+    /// connection from one of them must carry the header, and the client
+    /// it names is the address the per-address limits and the logs see.
+    /// Anyone else is taken at its TCP address: only a balancer may name
+    /// another.
+    #[arg(
+        long,
+        env = "RELAY_PROXY_PROTOCOL_FROM",
+        default_value = "off",
+        value_parser = parse_trusted_proxies
+    )]
+    pub proxy_protocol_from: TrustedProxies,
 
     /// PostgreSQL connection URL. The database is created if missing.
     /// Wrapped as a secret because it may carry a password. Global, so an
@@ -169,6 +185,59 @@ fn parse_admin_listen(value: &str) -> Result<AdminListen, String> {
         .parse()
         .map(|addr| AdminListen(Some(addr)))
         .map_err(|err| format!("{err}: expected an address such as 127.0.0.1:9090, or off"))
+}
+
+/// The peers trusted to name the client of a connection in a PROXY header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Whether `peer` is one of them. An IPv4 peer of a dual-stack listener
+    /// (`::ffff:a.b.c.d`) counts as its IPv4 address.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.0.iter().any(|net| net.contains(&peer))
+    }
+}
+
+impl std::str::FromStr for TrustedProxies {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        parse_trusted_proxies(value)
+    }
+}
+
+fn parse_trusted_proxies(value: &str) -> Result<TrustedProxies, String> {
+    let value = value.trim();
+    if value.is_empty() || value.eq_ignore_ascii_case("off") {
+        return Ok(TrustedProxies::default());
+    }
+    value
+        .split(',')
+        .map(str::trim)
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                .map(ipv4_if_mapped)
+                .map_err(|_| {
+                    format!("{item:?}: expected an address or network such as 10.0.0.0/8, or off")
+                })
+        })
+        .collect::<Result<_, _>>()
+        .map(TrustedProxies)
+}
+
+/// Peers are matched in their IPv4 form, so an IPv4 network written in
+/// IPv6 form (`::ffff:10.0.0.0/104`) is taken as the IPv4 one.
+fn ipv4_if_mapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -822,6 +891,39 @@ mod docs;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_are_addresses_and_networks_or_off() {
+        let trusted = parse_trusted_proxies("10.0.0.0/8, 192.0.2.7,2001:db8::/32").unwrap();
+        for yes in ["10.1.2.3", "192.0.2.7", "::ffff:10.9.9.9", "2001:db8::5"] {
+            assert!(trusted.trusts(yes.parse().unwrap()), "{yes}");
+        }
+        for no in ["11.0.0.1", "192.0.2.8", "2001:db9::1", "127.0.0.1"] {
+            assert!(!trusted.trusts(no.parse().unwrap()), "{no}");
+        }
+        assert_eq!(
+            parse_trusted_proxies("off").unwrap(),
+            TrustedProxies::default()
+        );
+        assert_eq!(
+            parse_trusted_proxies(" ").unwrap(),
+            TrustedProxies::default()
+        );
+        let mapped = parse_trusted_proxies("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.trusts("10.2.3.4".parse().unwrap()));
+        assert!(mapped.trusts("::ffff:10.2.3.4".parse().unwrap()));
+        assert!(!mapped.trusts("11.2.3.4".parse().unwrap()));
+        assert!(!TrustedProxies::default().trusts("127.0.0.1".parse().unwrap()));
+        let err = parse_trusted_proxies("10.0.0.0/8,localhost").unwrap_err();
+        assert!(err.contains("\"localhost\""), "{err}");
+        assert!(parse_trusted_proxies("10.0.0.0/33").is_err());
+        let config = Config::load_from(["relay", "--proxy-protocol-from", "127.0.0.1"]).unwrap();
+        assert!(
+            config
+                .proxy_protocol_from
+                .trusts("127.0.0.1".parse().unwrap())
+        );
+    }
 
     #[test]
     fn file_fills_defaults_and_flags_win() {

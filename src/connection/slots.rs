@@ -61,6 +61,26 @@ pub struct Ticket {
     authenticated: Option<OwnedSemaphorePermit>,
 }
 
+/// A socket's place in the unauthenticated budget, before its client's
+/// share is taken; see [`Slots::hold`].
+pub struct Held {
+    /// When the socket was accepted; its deadlines count from here.
+    pub accepted: Instant,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Held {
+    /// The client is known: its address's share too, and the ticket. The
+    /// deadlines still count from the accept.
+    pub fn for_client(self, slots: &Slots, client: IpAddr) -> Result<Ticket, NoSlot> {
+        let address = slots
+            .per_address
+            .take(address_key(client))
+            .ok_or(NoSlot::AddressFull)?;
+        Ok(slots.ticket(self, address))
+    }
+}
+
 /// The unauthenticated slot's two parts.
 struct Unauthenticated {
     _permit: OwnedSemaphorePermit,
@@ -123,20 +143,35 @@ impl Slots {
             .per_address
             .take(address_key(peer))
             .ok_or(NoSlot::AddressFull)?;
+        Ok(self.ticket(self.hold()?, address))
+    }
+
+    /// A place in the unauthenticated budget for a socket, accepted now,
+    /// whose client is not known yet: a load balancer's, until its PROXY
+    /// header names the client ([`Held::for_client`]). Reading the header
+    /// therefore counts against the budget like any other silent socket.
+    pub fn hold(&self) -> Result<Held, NoSlot> {
         let permit = self
             .unauthenticated
             .clone()
             .try_acquire_owned()
             .map_err(|_| NoSlot::Full)?;
-        Ok(Ticket {
+        Ok(Held {
             accepted: Instant::now(),
+            permit,
+        })
+    }
+
+    fn ticket(&self, held: Held, address: AddressShare) -> Ticket {
+        Ticket {
+            accepted: held.accepted,
             _unauthenticated: Unauthenticated {
-                _permit: permit,
+                _permit: held.permit,
                 _address: address,
             },
             pool: self.authenticated.clone(),
             authenticated: None,
-        })
+        }
     }
 
     /// Reads how many sockets hold an unauthenticated slot.
@@ -220,6 +255,26 @@ mod tests {
         assert_eq!(slots.unauthenticated_reader()(), 2);
         let _a3 = slots.accept(ip(2)).expect("a share comes back");
         assert_eq!(slots.per_address.counts.len(), 2);
+    }
+
+    /// A balancer's socket holds a place in the budget while its client is
+    /// not known, then takes the client's share: it is refused for the
+    /// client's address, and its place comes back.
+    #[test]
+    fn a_held_socket_counts_then_takes_its_clients_share() {
+        let slots = slots(10, 2, 1);
+        let held = slots.hold().unwrap();
+        assert_eq!(slots.unauthenticated_reader()(), 1, "counted while held");
+        let accepted = held.accepted;
+        let ticket = held.for_client(&slots, ip(7)).unwrap();
+        assert_eq!(ticket.accepted, accepted, "deadlines count from the accept");
+        let second = slots.hold().unwrap();
+        assert!(slots.hold().is_err(), "the budget holds held sockets too");
+        assert_eq!(
+            second.for_client(&slots, ip(7)).err(),
+            Some(NoSlot::AddressFull)
+        );
+        assert_eq!(slots.unauthenticated_reader()(), 1, "its place came back");
     }
 
     /// An address with no unauthenticated socket left is forgotten.

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod handshake;
 pub mod http;
+pub mod proxy;
 pub mod sweeper;
 pub mod tls;
 
@@ -260,6 +261,17 @@ impl Server {
                     }
                 },
             };
+            if config.proxy_protocol_from.trusts(peer.ip()) {
+                connections.spawn(connection(Box::pin(serve_proxied(
+                    state.clone(),
+                    stream,
+                    peer,
+                    tls.clone(),
+                    slots.clone(),
+                    shutdown.clone(),
+                ))));
+                continue;
+            }
             let ticket = slots.accept(peer.ip());
             connections.spawn(connection(Box::pin(serve_socket(
                 state.clone(),
@@ -345,6 +357,45 @@ async fn connection(handshake: Pin<Box<impl Future<Output = Option<Session>>>>) 
     if let Some(session) = handshake.await {
         session.await;
     }
+}
+
+/// A socket from a trusted load balancer: its PROXY header names the
+/// client, whose address takes the unauthenticated share and is the one
+/// every later limit and log sees. The socket holds its place in the
+/// unauthenticated budget while the header is read, and the header must
+/// arrive within the handshake timeout of the accept; no header, or a
+/// malformed one, drops the socket.
+async fn serve_proxied(
+    state: AppState,
+    mut stream: TcpStream,
+    balancer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    slots: Slots,
+    shutdown: CancellationToken,
+) -> Option<Session> {
+    let held = match slots.hold() {
+        Ok(held) => held,
+        // Refused as any socket is, before anything is read.
+        Err(full) => return serve_socket(state, stream, balancer, tls, Err(full), shutdown).await,
+    };
+    let deadline = held.accepted + state.limits().connection.handshake_timeout();
+    let read = tokio::time::timeout_at(deadline, proxy::read_client(&mut stream, balancer));
+    let client = match read.await {
+        Ok(Ok(client)) => client,
+        Ok(Err(err)) => {
+            state.metrics().upgrade_rejected("proxy_header");
+            tracing::debug!(%balancer, error = %err, "socket from a balancer refused");
+            return None;
+        }
+        Err(_) => {
+            state.metrics().upgrade_rejected("proxy_header");
+            tracing::debug!(%balancer, "no PROXY header in time");
+            return None;
+        }
+    };
+    tracing::trace!(%balancer, %client, "PROXY header read");
+    let ticket = held.for_client(&slots, client.ip());
+    Box::pin(serve_socket(state, stream, client, tls, ticket, shutdown)).await
 }
 
 /// Accepts the socket: refuses it, answers a probe, or upgrades it and

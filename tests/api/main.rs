@@ -14,6 +14,7 @@ mod keys;
 mod messaging;
 mod operations;
 mod outage;
+mod proxy;
 mod shutdown;
 mod storage;
 mod tls;

@@ -4,27 +4,49 @@
 use signal_relay::client::{Client, ConnectOptions};
 use signal_relay::testing::spawn_app_with;
 
+/// A test CA and a certificate for `localhost` it signed, in a directory
+/// of their own (removed on drop).
+pub struct TestCertificates {
+    dir: std::path::PathBuf,
+    pub ca_path: std::path::PathBuf,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
+impl TestCertificates {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("relay-tls-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let server_params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server_cert = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
+        let certificates = TestCertificates {
+            ca_path: dir.join("ca.pem"),
+            cert_path: dir.join("server.pem"),
+            key_path: dir.join("server-key.pem"),
+            dir,
+        };
+        std::fs::write(&certificates.ca_path, ca.pem()).unwrap();
+        std::fs::write(&certificates.cert_path, server_cert.pem()).unwrap();
+        std::fs::write(&certificates.key_path, server_key.serialize_pem()).unwrap();
+        certificates
+    }
+}
+
+impl Drop for TestCertificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_with_a_test_certificate() {
-    let dir = std::env::temp_dir().join(format!("relay-tls-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let server_cert = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
-
-    let (ca_path, cert_path, key_path) = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server-key.pem"),
-    );
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    std::fs::write(&cert_path, server_cert.pem()).unwrap();
-    std::fs::write(&key_path, server_key.serialize_pem()).unwrap();
+    let certs = TestCertificates::new();
+    let (ca_path, cert_path, key_path) = (&certs.ca_path, &certs.cert_path, &certs.key_path);
 
     let app = spawn_app_with(|c| {
         c.tls.tls_cert = Some(cert_path.clone());
@@ -49,5 +71,4 @@ async fn wss_with_a_test_certificate() {
     // Plain ws:// to the TLS port does not upgrade.
     let plain = app.url.replacen("wss://", "ws://", 1);
     assert!(Client::connect(&plain).await.is_err());
-    let _ = std::fs::remove_dir_all(&dir);
 }
