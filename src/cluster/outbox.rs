@@ -9,6 +9,8 @@
 //! retryable. Retrying blindly could deliver a forward twice or out of
 //! order; failing it lets the sender retry with the same client message id.
 
+use std::time::{Duration, Instant};
+
 use prost::Message as _;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
@@ -28,8 +30,8 @@ pub(super) struct Writer {
     pub batch: usize,
     /// The peer's stream is trimmed to about this many entries.
     pub maxlen: usize,
-    /// Every write refreshes the stream's expiry, so the stream of a peer
-    /// that died and was never cleaned up goes away by itself.
+    /// The stream's expiry, refreshed by the writes, so the stream of a
+    /// peer that died and was never cleaned up goes away by itself.
     pub stream_ttl_ms: u64,
     /// Where undelivered items go.
     pub inbound: mpsc::Sender<Inbound>,
@@ -38,6 +40,12 @@ pub(super) struct Writer {
 impl Writer {
     pub async fn run(mut self, mut queue: mpsc::Receiver<wire::Item>) {
         let key = inbox_key(self.to);
+        // The expiry is refreshed with a write at most this often, not
+        // with every one: under load a `PEXPIRE` per `XADD` was a third of
+        // the cluster's Redis commands. The stream then outlives its last
+        // write by nine tenths of the expiry at least.
+        let refresh_every = Duration::from_millis(self.stream_ttl_ms / 10);
+        let mut refreshed: Option<Instant> = None;
         let mut items = Vec::with_capacity(self.batch);
         while queue.recv_many(&mut items, self.batch.max(1)).await > 0 {
             // Let the tasks already woken run first: the dispatcher is often
@@ -56,7 +64,8 @@ impl Writer {
                 items: std::mem::take(&mut items),
             };
             let entry = batch.encode_to_vec();
-            let written: redis::RedisResult<()> = redis::pipe()
+            let mut write = redis::pipe();
+            write
                 .cmd("XADD")
                 .arg(&key)
                 .arg("MAXLEN")
@@ -65,13 +74,23 @@ impl Writer {
                 .arg("*")
                 .arg("b")
                 .arg(entry)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(self.stream_ttl_ms)
-                .ignore()
-                .query_async(&mut self.redis)
-                .await;
+                .ignore();
+            let refresh = refreshed.is_none_or(|at| at.elapsed() >= refresh_every);
+            if refresh {
+                write
+                    .cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(self.stream_ttl_ms)
+                    .ignore();
+            }
+            let written: redis::RedisResult<()> = write.query_async(&mut self.redis).await;
+            match &written {
+                Ok(()) if refresh => refreshed = Some(Instant::now()),
+                Ok(()) => {}
+                // Redis may come back empty: the next write sets the
+                // expiry again.
+                Err(_) => refreshed = None,
+            }
             if let Err(err) = written {
                 tracing::warn!(peer = %self.to, error = %err, items = batch.items.len(), "could not write to a peer's inbox");
                 let undelivered = Inbound::Undelivered {
