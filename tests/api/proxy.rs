@@ -45,23 +45,77 @@ impl Balancer {
         });
         Balancer { addr, task }
     }
+}
 
-    /// A client connected through the balancer from `127.0.0.N`.
-    async fn connect_from(&self, n: u8) -> (Client, signal_relay::client::Events) {
-        let options = ConnectOptions {
-            bind: Some(loopback(n)),
-            ..ConnectOptions::default()
-        };
-        let url = format!("ws://{}/v1/websocket", self.addr);
-        Client::connect_with(&url, options)
-            .await
-            .expect("connect through the balancer")
-    }
+/// A client connected through the balancer at `balancer` from `127.0.0.N`.
+async fn connect_through(balancer: SocketAddr, n: u8) -> (Client, signal_relay::client::Events) {
+    let options = ConnectOptions {
+        bind: Some(loopback(n)),
+        ..ConnectOptions::default()
+    };
+    let url = format!("ws://{balancer}/v1/websocket");
+    Client::connect_with(&url, options)
+        .await
+        .expect("connect through the balancer")
 }
 
 impl Drop for Balancer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A real HAProxy in front of the relay (`.ci/run` installs it): TCP mode,
+/// `send-proxy-v2` to the relay, and health checks of `/readyz` that carry
+/// a `LOCAL` header (`check-send-proxy`), every 100 ms.
+struct HaProxy {
+    addr: SocketAddr,
+    _process: tokio::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl HaProxy {
+    async fn start(relay: SocketAddr) -> HaProxy {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|probe| probe.local_addr())
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("relay-haproxy-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "global\n  maxconn 256\n\
+             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend relay\n  bind {addr}\n  default_backend relays\n\
+             backend relays\n  option httpchk GET /readyz\n\
+             \x20 server relay {relay} send-proxy-v2 check check-send-proxy inter 100ms\n"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).unwrap();
+        let process = tokio::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy is installed (.ci/run installs it)");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while TcpStream::connect(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "haproxy did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        HaProxy {
+            addr,
+            _process: process,
+            dir,
+        }
+    }
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -106,21 +160,36 @@ fn status(err: ClientError) -> Status {
 /// spending its password attempts leaves the others theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_limits_hold_per_client_behind_a_balancer() {
-    let app = behind_a_balancer(|c| {
-        c.limits.auth.password_address_rate_per_sec = 0.001;
-        c.limits.auth.password_address_burst = 2.0;
-    })
-    .await;
+    let app = behind_a_balancer(spend_passwords_fast).await;
     let balancer = Balancer::start(app.addr).await;
-    let (owner, _e) = balancer.connect_from(9).await;
+    password_limits_hold_per_client(&app, balancer.addr).await;
+}
+
+/// The same through a real HAProxy, which speaks version 2 and checks the
+/// relay's health with `LOCAL` headers meanwhile: none is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_limits_hold_per_client_behind_haproxy() {
+    let app = behind_a_balancer(spend_passwords_fast).await;
+    let haproxy = HaProxy::start(app.addr).await;
+    password_limits_hold_per_client(&app, haproxy.addr).await;
+    assert_eq!(proxy_header_refusals(&app).await, 0.0);
+}
+
+fn spend_passwords_fast(c: &mut signal_relay::config::Config) {
+    c.limits.auth.password_address_rate_per_sec = 0.001;
+    c.limits.auth.password_address_burst = 2.0;
+}
+
+async fn password_limits_hold_per_client(app: &TestApp, balancer: SocketAddr) {
+    let (owner, _e) = connect_through(balancer, 9).await;
     owner.register("alice", "password123").await.unwrap();
 
     for _ in 0..2 {
-        let (c, _e) = balancer.connect_from(2).await;
+        let (c, _e) = connect_through(balancer, 2).await;
         let err = c.login("alice", "wrong password").await.unwrap_err();
         assert_eq!(status(err), Status::Unauthorized);
     }
-    let (c, _e) = balancer.connect_from(2).await;
+    let (c, _e) = connect_through(balancer, 2).await;
     let err = c.login("alice", "password123").await.unwrap_err();
     assert_eq!(
         status(err),
@@ -128,15 +197,11 @@ async fn password_limits_hold_per_client_behind_a_balancer() {
         "127.0.0.2 spent its burst"
     );
 
-    let (c, _e) = balancer.connect_from(3).await;
+    let (c, _e) = connect_through(balancer, 3).await;
     c.login("alice", "password123").await.unwrap();
     assert_eq!(c.who_am_i().await.unwrap().username, "alice");
     assert_eq!(
-        metric(
-            &app,
-            r#"relay_rate_limited_total{limit="password_address"}"#
-        )
-        .await,
+        metric(app, r#"relay_rate_limited_total{limit="password_address"}"#).await,
         1.0
     );
 }
