@@ -34,12 +34,7 @@ pub struct Config {
     /// it names is the address the per-address limits and the logs see.
     /// Anyone else is taken at its TCP address: only a balancer may name
     /// another.
-    #[arg(
-        long,
-        env = "RELAY_PROXY_PROTOCOL_FROM",
-        default_value = "off",
-        value_parser = parse_trusted_proxies
-    )]
+    #[arg(long, env = "RELAY_PROXY_PROTOCOL_FROM", default_value = "off")]
     pub proxy_protocol_from: TrustedProxies,
 
     /// PostgreSQL connection URL. The database is created if missing.

@@ -64,31 +64,21 @@ impl Writer {
                 items: std::mem::take(&mut items),
             };
             let entry = batch.encode_to_vec();
-            let mut write = redis::pipe();
-            write
-                .cmd("XADD")
-                .arg(&key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.maxlen)
-                .arg("*")
-                .arg("b")
-                .arg(entry)
-                .ignore();
-            let refresh = refreshed.is_none_or(|at| at.elapsed() >= refresh_every);
-            if refresh {
-                write
-                    .cmd("PEXPIRE")
-                    .arg(&key)
-                    .arg(self.stream_ttl_ms)
-                    .ignore();
-            }
-            let written: redis::RedisResult<()> = write.query_async(&mut self.redis).await;
+            let now = Instant::now();
+            let refresh = refreshed.is_none_or(|at| now - at >= refresh_every);
+            // `NOMKSTREAM`: a write never creates the stream without its
+            // expiry, which this writer's own clock cannot tell it lacks
+            // (deleted with a dead peer, or lost with a Redis restart that
+            // the shared connection rode through without an error).
+            let appended = self.append(&key, &entry, false, refresh).await;
+            let written = match appended {
+                Ok(true) => Ok(refresh),
+                Ok(false) => self.append(&key, &entry, true, true).await.map(|_| true),
+                Err(err) => Err(err),
+            };
             match &written {
-                Ok(()) if refresh => refreshed = Some(Instant::now()),
-                Ok(()) => {}
-                // Redis may come back empty: the next write sets the
-                // expiry again.
+                Ok(true) => refreshed = Some(now),
+                Ok(false) => {}
                 Err(_) => refreshed = None,
             }
             if let Err(err) = written {
@@ -102,5 +92,37 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Appends one entry to the peer's stream, creating the stream only if
+    /// `create` (and then with its expiry), and refreshing the expiry if
+    /// `expire`. False: the stream did not exist, and nothing was written.
+    async fn append(
+        &mut self,
+        key: &str,
+        entry: &[u8],
+        create: bool,
+        expire: bool,
+    ) -> redis::RedisResult<bool> {
+        let mut write = redis::pipe();
+        let xadd = write.cmd("XADD").arg(key);
+        if !create {
+            xadd.arg("NOMKSTREAM");
+        }
+        xadd.arg("MAXLEN")
+            .arg("~")
+            .arg(self.maxlen)
+            .arg("*")
+            .arg("b")
+            .arg(entry);
+        if expire {
+            write
+                .cmd("PEXPIRE")
+                .arg(key)
+                .arg(self.stream_ttl_ms)
+                .ignore();
+        }
+        let (id,): (Option<String>,) = write.query_async(&mut self.redis).await?;
+        Ok(id.is_some())
     }
 }

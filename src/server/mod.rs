@@ -373,28 +373,34 @@ async fn serve_proxied(
     slots: Slots,
     shutdown: CancellationToken,
 ) -> Option<Session> {
-    let held = match slots.hold() {
-        Ok(held) => held,
-        // Refused as any socket is, before anything is read.
-        Err(full) => return serve_socket(state, stream, balancer, tls, Err(full), shutdown).await,
-    };
-    let deadline = held.accepted + state.limits().connection.handshake_timeout();
-    let read = tokio::time::timeout_at(deadline, proxy::read_client(&mut stream, balancer));
-    let client = match read.await {
-        Ok(Ok(client)) => client,
-        Ok(Err(err)) => {
-            state.metrics().upgrade_rejected("proxy_header");
-            tracing::debug!(%balancer, error = %err, "socket from a balancer refused");
-            return None;
+    // Refused as any socket is when the budget is spent, before anything
+    // is read.
+    let (client, ticket) = match slots.hold() {
+        Err(full) => (balancer, Err(full)),
+        Ok(held) => {
+            let deadline = held.accepted + state.limits().connection.handshake_timeout();
+            let read = tokio::time::timeout_at(deadline, proxy::read_client(&mut stream, balancer));
+            let client = match read.await {
+                Ok(Ok(client)) => client,
+                Ok(Err(err)) => {
+                    let reason = match err {
+                        proxy::ProxyError::Closed => "gone",
+                        _ => "proxy_header",
+                    };
+                    state.metrics().upgrade_rejected(reason);
+                    tracing::debug!(%balancer, error = %err, "socket from a balancer refused");
+                    return None;
+                }
+                Err(_) => {
+                    state.metrics().upgrade_rejected("proxy_header");
+                    tracing::debug!(%balancer, "no PROXY header in time");
+                    return None;
+                }
+            };
+            tracing::trace!(%balancer, %client, "PROXY header read");
+            (client, held.for_client(&slots, client.ip()))
         }
-        Err(_) => {
-            state.metrics().upgrade_rejected("proxy_header");
-            tracing::debug!(%balancer, "no PROXY header in time");
-            return None;
-        }
     };
-    tracing::trace!(%balancer, %client, "PROXY header read");
-    let ticket = held.for_client(&slots, client.ip());
     Box::pin(serve_socket(state, stream, client, tls, ticket, shutdown)).await
 }
 

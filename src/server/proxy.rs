@@ -30,6 +30,9 @@ const V2_REST_MAX: usize = 2048;
 /// Why a balancer's connection was dropped before its handshake.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// Not the balancer's fault: its client left (or a bare TCP check).
+    #[error("the connection closed before sending anything")]
+    Closed,
     #[error("reading the PROXY header failed")]
     Io(#[from] std::io::Error),
     #[error("the balancer's connection does not start with a PROXY header")]
@@ -51,8 +54,13 @@ pub async fn read_client(
     peer: SocketAddr,
 ) -> Result<SocketAddr, ProxyError> {
     let mut first = [0u8; 1];
-    if stream.peek(&mut first).await? == 0 {
-        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    match stream.peek(&mut first).await {
+        Ok(0) => return Err(ProxyError::Closed),
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Err(ProxyError::Closed);
+        }
+        Err(err) => return Err(err.into()),
     }
     match first[0] {
         b'\r' => read_v2(stream, peer).await,
@@ -279,6 +287,6 @@ mod tests {
         let (cut, _) = read_from(&[b"PROXY TCP4 203.0.113.7"]).await;
         assert!(matches!(cut, Err(ProxyError::Io(_))), "{cut:?}");
         let (empty, _) = read_from(&[]).await;
-        assert!(matches!(empty, Err(ProxyError::Io(_))), "{empty:?}");
+        assert!(matches!(empty, Err(ProxyError::Closed)), "{empty:?}");
     }
 }

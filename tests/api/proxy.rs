@@ -85,12 +85,12 @@ impl HaProxy {
             "global\n  maxconn 256\n\
              defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
              frontend relay\n  bind {addr}\n  default_backend relays\n\
-             backend relays\n  option httpchk GET /readyz\n\
+             backend relays\n  option httpchk GET /readyz\n  timeout check 5s\n\
              \x20 server relay {relay} send-proxy-v2 check check-send-proxy inter 100ms\n"
         );
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, config).unwrap();
-        let process = tokio::process::Command::new("haproxy")
+        let mut process = tokio::process::Command::new("haproxy")
             .arg("-db")
             .arg("-f")
             .arg(&path)
@@ -99,6 +99,9 @@ impl HaProxy {
             .expect("haproxy is installed (.ci/run installs it)");
         let deadline = tokio::time::Instant::now() + WAIT;
         while TcpStream::connect(addr).await.is_err() {
+            if let Some(exit) = process.try_wait().unwrap() {
+                panic!("haproxy exited at start ({exit}): is {addr} taken?");
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "haproxy did not start"

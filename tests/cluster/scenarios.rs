@@ -271,6 +271,72 @@ async fn displacement_across_nodes_keeps_what_was_held() {
     );
 }
 
+/// A node's inbox stream deleted under traffic (the node that declares a
+/// peer dead deletes its inbox while others may still write to it; a Redis
+/// restart loses it without an error on a shared connection) comes back
+/// with the next write, and with its expiry: a stream without one would
+/// stay in Redis for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_written_again_after_its_deletion_still_expires() {
+    let cluster = Cluster::start(2).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(1, &unique("bob")).await;
+    let (a, _a_events) = cluster.connect(0, &alice).await;
+    let (b, mut b_events) = cluster.connect(1, &bob).await;
+    assert!(matches!(next_event(&mut b_events).await, Event::QueueEmpty));
+    let redis = redis::Client::open(cluster.redis.url()).unwrap();
+    let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+    for n in 0..2 {
+        if n == 1 {
+            let inboxes: Vec<String> = redis::cmd("KEYS")
+                .arg("relay:inbox:*")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            assert!(
+                !inboxes.is_empty(),
+                "the first message went through an inbox"
+            );
+            let _: () = redis::cmd("DEL")
+                .arg(&inboxes)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+        let sent = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.send(Outgoing::new(bob.id, Bytes::from(n.to_string())))
+                    .await
+            }
+        });
+        match next_event(&mut b_events).await {
+            Event::Deliver(e) => {
+                assert_eq!(e.content, Bytes::from(n.to_string()));
+                b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+                    .await
+                    .unwrap();
+            }
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+        assert_eq!(sent.await.unwrap().unwrap().outcome, SendOutcome::Delivered);
+    }
+    let inboxes: Vec<String> = redis::cmd("KEYS")
+        .arg("relay:inbox:*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!inboxes.is_empty(), "written again after the deletion");
+    for inbox in inboxes {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&inbox)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{inbox} has no expiry (PTTL {ttl})");
+    }
+}
+
 /// Alice sends `count` messages to Bob (a window of 8 in flight) through
 /// `sender_urls` while Bob receives through `recipient_urls`, each moving
 /// to their next URL when a connection fails; `disrupt` runs meanwhile.
