@@ -261,11 +261,16 @@ pub fn loopback(n: u8) -> IpAddr {
 
 /// An unauthenticated client connected from `127.0.0.N`.
 pub async fn connect_from(app: &TestApp, n: u8) -> (Client, Events) {
+    connect_to_from(&app.url, n).await
+}
+
+/// An unauthenticated client connected to `url` from `127.0.0.N`.
+pub async fn connect_to_from(url: &str, n: u8) -> (Client, Events) {
     let options = ConnectOptions {
         bind: Some(loopback(n)),
         ..ConnectOptions::default()
     };
-    Client::connect_with(&app.url, options)
+    Client::connect_with(url, options)
         .await
         .expect("connect to test server")
 }

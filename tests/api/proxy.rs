@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::helpers::{Raw, WAIT, exchange, loopback, metric, tcp_from};
+use crate::helpers::{Raw, WAIT, connect_to_from, exchange, loopback, metric, tcp_from};
 use crate::tls::TestCertificates;
 
 /// A TCP load balancer on 127.0.0.1 in front of the relay, as HAProxy with
@@ -47,22 +47,15 @@ impl Balancer {
     }
 }
 
-/// A client connected through the balancer at `balancer` from `127.0.0.N`.
-async fn connect_through(balancer: SocketAddr, n: u8) -> (Client, signal_relay::client::Events) {
-    let options = ConnectOptions {
-        bind: Some(loopback(n)),
-        ..ConnectOptions::default()
-    };
-    let url = format!("ws://{balancer}/v1/websocket");
-    Client::connect_with(&url, options)
-        .await
-        .expect("connect through the balancer")
-}
-
 impl Drop for Balancer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A client connected through the balancer at `balancer` from `127.0.0.N`.
+async fn connect_through(balancer: SocketAddr, n: u8) -> (Client, signal_relay::client::Events) {
+    connect_to_from(&format!("ws://{balancer}/v1/websocket"), n).await
 }
 
 /// A real HAProxy in front of the relay (`.ci/run` installs it): TCP mode,
