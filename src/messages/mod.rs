@@ -330,7 +330,10 @@ impl Relay {
     /// sender's client to ack it). One that cannot be placed (Redis down,
     /// the sender's node dead) fails the ack as retryable, and nothing is
     /// deleted. The rule is the same: a receipt arrives at least once,
-    /// before its message leaves the queue.
+    /// before its message leaves the queue. Receipts for senders connected
+    /// here are stored in the transaction, through the fence as every store
+    /// in cluster mode is; a sender claimed by another node since fails the
+    /// ack the same way, and acked again the receipt takes their lane.
     pub fn ack_stored(
         &self,
         acker: Uuid,
@@ -397,9 +400,23 @@ impl Relay {
             };
             if !stored.is_empty() {
                 let messages: Vec<&Message> = stored.iter().map(|order| &order.message).collect();
-                storage::messages::insert_receipts(&mut tx, &messages)
+                let fence_for = relay
+                    .inner
+                    .remote
+                    .as_ref()
+                    .map(|remote| remote.incarnation());
+                let moved = storage::messages::insert_receipts(&mut tx, &messages, fence_for)
                     .await
                     .map_err(MessagingError::Ack)?;
+                if !moved.is_empty() {
+                    // A sender still connected here when their receipt was
+                    // routed, claimed by another node since: acked again,
+                    // the receipt goes through their lane to that node.
+                    tx.rollback().await.map_err(failed)?;
+                    return Err(MessagingError::Unreachable(
+                        "a receipt's recipient moved to another node",
+                    ));
+                }
             }
             tx.commit().await.map_err(failed)?;
             // Releases the tickets: the senders' drains may read them now.

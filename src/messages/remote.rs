@@ -39,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+mod claims;
+
+use self::claims::{Claim, Claims};
 use super::dedupe::Attempt;
 use super::registry::{Registry, Route};
 use super::store::{StoreWriter, ToStore};
@@ -132,7 +135,7 @@ pub(super) struct Remote {
     /// one costs a refused attempt.
     owners: DashMap<Uuid, Uuid>,
     /// Users claimed by connections here: connection id and claim epoch.
-    claims: DashMap<Uuid, (u64, i64)>,
+    claims: Claims,
     /// Per sender, messages in this node's lanes not yet routed. A user
     /// is let go only once theirs are routed, so what they sent here is
     /// placed before anything they send through their next node.
@@ -176,7 +179,7 @@ impl Remote {
             units: DashMap::new(),
             releases: DashMap::new(),
             owners: DashMap::new(),
-            claims: DashMap::new(),
+            claims: Claims::default(),
             unrouted: DashMap::new(),
             routed_all: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
@@ -197,6 +200,11 @@ impl Remote {
         tasks.spawn(remote.clone().dispatch(inbound, stop.clone()));
         tasks.spawn(remote.clone().watch(stop));
         remote
+    }
+
+    /// This node incarnation, which the fence checks ownership against.
+    pub(super) fn incarnation(&self) -> Uuid {
+        self.me
     }
 
     fn next_id(&self) -> u64 {
@@ -247,6 +255,13 @@ impl Remote {
 
     /// Sends an ephemeral message to whoever owns the recipient, outside
     /// any lane (ephemeral messages keep no order). Nobody online: dropped.
+    ///
+    /// The owner is read from PostgreSQL, not from the owner cache. The
+    /// cache learns of a move only when a lane's store is refused or a
+    /// forward comes back refused; an ephemeral message is never stored,
+    /// so the node it was sent to answers `Dropped` for a user who left it,
+    /// and with a stale cache every typing indicator to an online user
+    /// would be dropped until an ordinary message corrected it.
     pub(super) fn send_ephemeral(
         self: &Arc<Self>,
         message: Message,
@@ -255,12 +270,10 @@ impl Remote {
         let remote = self.clone();
         async move {
             let recipient = message.recipient_id;
-            let owner = match remote.owners.get(&recipient).map(|o| *o) {
-                Some(owner) => Some(owner),
-                None => storage::cluster::owner(&remote.db, recipient)
-                    .await
-                    .map_err(MessagingError::Ack)?,
-            };
+            let owner = storage::cluster::owner(&remote.db, recipient)
+                .await
+                .map_err(MessagingError::Ack)?;
+            remote.learn_owner(recipient, owner);
             let Some(owner) = owner.filter(|o| *o != remote.me) else {
                 if let Some(attempt) = attempt {
                     attempt.complete(Delivery::Dropped);
@@ -339,6 +352,14 @@ impl Remote {
 
     /// Waits (up to the release timeout) until nothing `sender` sent
     /// through this node is still unrouted.
+    ///
+    /// Past the timeout the user is released anyway, and their next node
+    /// may route what they send next at once. What they sent here and is
+    /// still queued behind a unit the recipient's node has not routed (it
+    /// may be paused) would then be placed after that: it fails instead,
+    /// as retryable, never having been confirmed (and the socket it came
+    /// on is closed). A unit already sent stays: it is in the recipient's
+    /// node's inbox ahead of anything the next node can send there.
     async fn sender_settled(&self, sender: Uuid) {
         let wait = async {
             loop {
@@ -353,8 +374,35 @@ impl Remote {
             .await
             .is_err()
         {
-            tracing::warn!(user_id = %sender, "messages sent through this node were not routed in time");
+            let abandoned = self.abandon_queued(sender);
+            tracing::warn!(user_id = %sender, abandoned, "messages sent through this node were not routed in time");
         }
+    }
+
+    /// Takes what `sender` has queued in lanes here, not yet sent, and
+    /// fails it as retryable. Returns how many.
+    fn abandon_queued(&self, sender: Uuid) -> usize {
+        let mut abandoned = Vec::new();
+        for mut lane in self.lanes.iter_mut() {
+            let queue = &mut lane.queue;
+            let mut kept = VecDeque::with_capacity(queue.len());
+            for (order, answer) in queue.drain(..) {
+                if order.message.sender_id == Some(sender) {
+                    abandoned.push(answer);
+                } else {
+                    kept.push_back((order, answer));
+                }
+            }
+            *queue = kept;
+        }
+        let n = abandoned.len();
+        for answer in abandoned {
+            self.routed(Some(sender));
+            let _ = answer.send(Err(MessagingError::Unreachable(
+                "the sender moved to another node",
+            )));
+        }
+        n
     }
 
     /// Places one unit: stored here through the fence, or forwarded to the
@@ -613,20 +661,20 @@ impl Remote {
 
     /// Records that connection `conn_id` holds the user under `epoch`.
     pub(super) fn claimed(&self, user: Uuid, conn_id: u64, epoch: i64) {
-        self.claims.insert(user, (conn_id, epoch));
+        self.claims.hold(user, Claim { conn_id, epoch });
     }
 
     /// Connection `conn_id` of the user is gone and stored what it held:
     /// give the user up, unless a newer connection here holds them.
     pub(super) fn disconnected(self: &Arc<Self>, user: Uuid, conn_id: u64) {
-        let Some((_, (_, epoch))) = self.claims.remove_if(&user, |_, (c, _)| *c == conn_id) else {
+        let Some(claim) = self.claims.ended(user, conn_id) else {
             return;
         };
         let remote = self.clone();
         self.tasks.spawn(async move {
             remote.sender_settled(user).await;
             if let Err(err) =
-                storage::cluster::release(&remote.db, user, remote.me, Some(epoch)).await
+                storage::cluster::release(&remote.db, user, remote.me, claim.epoch).await
             {
                 // The row stays until this node dies or the user claims
                 // again; meanwhile others forward here and this node stores.
@@ -637,8 +685,16 @@ impl Remote {
 
     /// A peer asks this node to let a user go: close their socket (4409),
     /// wait for it to store what it held, release the row, and say so.
+    ///
+    /// What is let go is the claim held when the request came. Should the
+    /// user connect here again meanwhile, the new connection's claim and
+    /// row stay (the peer's claim then takes the user over, and this node's
+    /// check closes the new socket; or the peer is asked to let go in turn).
+    /// With no claim here there is no row of this node's to release: the
+    /// peer's claim replaces whatever row is left.
     async fn let_go(self: Arc<Self>, from: Uuid, request: u64, user: Uuid) {
         tracing::debug!(user_id = %user, peer = %from, "letting a user go");
+        let held = self.claims.of(user);
         if let Some(conn) = self.registry.connection(user) {
             conn.close(Close::DISPLACED);
             if tokio::time::timeout(self.release_timeout, conn.finished())
@@ -648,9 +704,11 @@ impl Remote {
                 tracing::warn!(user_id = %user, "a displaced connection did not finish in time");
             }
         }
-        self.claims.remove(&user);
         self.sender_settled(user).await;
-        if let Err(err) = storage::cluster::release(&self.db, user, self.me, None).await {
+        if let Some(claim) = held
+            && self.claims.forget(user, claim)
+            && let Err(err) = storage::cluster::release(&self.db, user, self.me, claim.epoch).await
+        {
             tracing::warn!(user_id = %user, error = %err, "cannot release a user");
         }
         tracing::debug!(user_id = %user, peer = %from, "let a user go");
@@ -682,8 +740,7 @@ impl Remote {
             for id in late {
                 self.fail_unit(id, "the recipient's node did not answer");
             }
-            let (users, epochs): (Vec<Uuid>, Vec<i64>) =
-                self.claims.iter().map(|c| (*c.key(), c.value().1)).unzip();
+            let (users, epochs): (Vec<Uuid>, Vec<i64>) = self.claims.epochs().into_iter().unzip();
             for (users, epochs) in users
                 .chunks(VALIDATE_BATCH)
                 .zip(epochs.chunks(VALIDATE_BATCH))
@@ -703,12 +760,16 @@ impl Remote {
                 return;
             }
         };
-        for (user, exists) in lost {
-            let Some((_, (conn_id, _))) = self.claims.remove(&user) else {
+        for (user, epoch, exists) in lost {
+            let Some(claim) = self.claims.of(user).filter(|c| c.epoch == epoch) else {
+                // Claimed again here since the check began.
                 continue;
             };
+            if !self.claims.forget(user, claim) {
+                continue;
+            }
             if let Some(conn) = self.registry.connection(user)
-                && conn.id == conn_id
+                && conn.id == claim.conn_id
             {
                 tracing::info!(user_id = %user, exists, "user claimed elsewhere or deleted; closing here");
                 conn.close(if exists {

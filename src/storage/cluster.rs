@@ -157,18 +157,12 @@ pub async fn claim(db: &PgPool, user: Uuid, me: Uuid) -> Result<Claim, StorageEr
     )
 }
 
-/// Releases the user if `me` still owns them. With an epoch, only that
-/// claim is released, so a late release of an earlier connection cannot
-/// remove a newer connection's claim.
-pub async fn release(
-    db: &PgPool,
-    user: Uuid,
-    me: Uuid,
-    epoch: Option<i64>,
-) -> Result<bool, StorageError> {
+/// Releases the user's claim under `epoch`, if `me` still owns them under
+/// it: a late release of an earlier connection cannot remove a newer
+/// connection's claim.
+pub async fn release(db: &PgPool, user: Uuid, me: Uuid, epoch: i64) -> Result<bool, StorageError> {
     let released = sqlx::query(
-        "DELETE FROM relay_presence WHERE user_id = $1 AND incarnation = $2 \
-         AND ($3::int8 IS NULL OR epoch = $3)",
+        "DELETE FROM relay_presence WHERE user_id = $1 AND incarnation = $2 AND epoch = $3",
     )
     .bind(user)
     .bind(me)
@@ -189,17 +183,17 @@ pub async fn owner(db: &PgPool, user: Uuid) -> Result<Option<Uuid>, StorageError
     )
 }
 
-/// Of `users`, those that `me` no longer owns under the given epochs, and
-/// whether each still exists: their connections here are stale (another
+/// Of `users`, those that `me` no longer owns under the given epochs, with
+/// the epoch checked and whether each still exists: their connections here are stale (another
 /// node claimed them, or they were deleted) and must close.
 pub async fn lost(
     db: &PgPool,
     me: Uuid,
     users: &[Uuid],
     epochs: &[i64],
-) -> Result<Vec<(Uuid, bool)>, StorageError> {
+) -> Result<Vec<(Uuid, i64, bool)>, StorageError> {
     Ok(sqlx::query_as(
-        "SELECT c.u, EXISTS (SELECT 1 FROM users WHERE id = c.u) \
+        "SELECT c.u, c.e, EXISTS (SELECT 1 FROM users WHERE id = c.u) \
          FROM unnest($1::uuid[], $2::int8[]) AS c(u, e) \
          WHERE NOT EXISTS (SELECT 1 FROM relay_presence p \
                            WHERE p.user_id = c.u AND p.incarnation = $3 AND p.epoch = c.e)",

@@ -64,18 +64,8 @@ pub async fn store_batch_fenced(
     messages: &[&Message],
     me: Uuid,
 ) -> Result<Vec<Stored>, StorageError> {
-    let mut recipients: Vec<Uuid> = messages.iter().map(|m| m.recipient_id).collect();
-    recipients.sort_unstable();
-    recipients.dedup();
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let moved: HashMap<Uuid, Uuid> =
-        sqlx::query_as("SELECT user_id, incarnation FROM relay_fence($1, $2)")
-            .bind(&recipients)
-            .bind(me)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+    let moved = fence(&mut tx, messages, me).await?;
     let allowed: Vec<&Message> = messages
         .iter()
         .filter(|m| !moved.contains_key(&m.recipient_id))
@@ -96,6 +86,29 @@ pub async fn store_batch_fenced(
     let outcomes = classify(&mut tx, messages, &inserted, &moved).await?;
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// Passes the fence for the recipients of `messages`, inside the caller's
+/// transaction: a claim of any of them waits for that transaction from
+/// now on. Returns those owned by another incarnation than `me`, with
+/// their owner: nothing may be stored for them here.
+async fn fence(
+    conn: &mut PgConnection,
+    messages: &[&Message],
+    me: Uuid,
+) -> Result<HashMap<Uuid, Uuid>, StorageError> {
+    let mut recipients: Vec<Uuid> = messages.iter().map(|m| m.recipient_id).collect();
+    recipients.sort_unstable();
+    recipients.dedup();
+    Ok(
+        sqlx::query_as("SELECT user_id, incarnation FROM relay_fence($1, $2)")
+            .bind(&recipients)
+            .bind(me)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect(),
+    )
 }
 
 /// Each message's outcome, given the ids inserted and the recipients owned
@@ -480,15 +493,28 @@ pub async fn ackable(
 /// receipt whose recipient (the original sender) is gone, or that is
 /// stored already, is skipped. `store_batch`'s plain insert first would,
 /// on such a row, abort the whole transaction and the ack with it.
+///
+/// In cluster mode (`fence`: this node's incarnation) the receipts pass
+/// the fence in the same transaction, as every store does: a claim of a
+/// receipt's recipient then waits for the commit, so the new owner's drain
+/// cannot miss it. If another node owns any of the recipients, nothing is
+/// inserted and the owners come back: the caller must not commit.
 pub async fn insert_receipts(
     conn: &mut PgConnection,
     receipts: &[&Message],
-) -> Result<(), StorageError> {
+    fence_for: Option<Uuid>,
+) -> Result<HashMap<Uuid, Uuid>, StorageError> {
+    if let Some(me) = fence_for {
+        let moved = fence(&mut *conn, receipts, me).await?;
+        if !moved.is_empty() {
+            return Ok(moved);
+        }
+    }
     Columns::new(receipts)
         .bind(sqlx::query_scalar::<_, Uuid>(GUARDED_INSERT))
         .fetch_all(&mut *conn)
         .await?;
-    Ok(())
+    Ok(HashMap::new())
 }
 
 /// Deletes up to `batch` expired messages; returns how many went.

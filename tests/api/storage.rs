@@ -74,3 +74,93 @@ async fn batch_workers_answer_every_job_and_stop_with_their_last_handle() {
             .unwrap_or_else(|_| panic!("{source:?} workers outlived their handles"));
     }
 }
+
+/// In cluster mode the receipts an ack stores in its transaction pass the
+/// fence, as every store does: a claim of a receipt's recipient by another
+/// node waits for the ack's commit (so that node's drain cannot miss the
+/// receipt), and a recipient another node owns gets nothing inserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
+    use signal_relay::envelope::Message;
+    use signal_relay::storage::{cluster, messages};
+
+    let app = spawn_app().await;
+    let (_s, _s_events, sender) = app.register(&crate::helpers::unique("sender")).await;
+    let (_k, _k_events, acker) = app.register(&crate::helpers::unique("acker")).await;
+    let (me, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    cluster::register_node(&app.db, me, "node-me")
+        .await
+        .unwrap();
+    cluster::register_node(&app.db, other, "node-other")
+        .await
+        .unwrap();
+    cluster::claim(&app.db, sender.user_id, me).await.unwrap();
+    let receipt = |original| {
+        Message::receipt(
+            acker.user_id,
+            acker.username.as_str().into(),
+            original,
+            sender.user_id,
+            1,
+            1_000,
+            60_000,
+        )
+    };
+    let stored = |id| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Owned here: inserted, and the other node's claim waits for the commit.
+    let first = receipt(uuid::Uuid::new_v4());
+    let mut ack = app.db.begin().await.unwrap();
+    let moved = messages::insert_receipts(&mut ack, &[&first], Some(me))
+        .await
+        .unwrap();
+    assert!(moved.is_empty());
+    let mut claimer = app.db.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '100ms'")
+        .execute(&mut *claimer)
+        .await
+        .unwrap();
+    let blocked = sqlx::query("SELECT * FROM relay_claim($1, $2)")
+        .bind(sender.user_id)
+        .bind(other)
+        .execute(&mut *claimer)
+        .await
+        .expect_err("the claim must wait for the ack's transaction");
+    assert_eq!(
+        blocked
+            .as_database_error()
+            .and_then(|e| e.code())
+            .as_deref(),
+        Some("55P03"),
+        "lock_not_available, not {blocked}"
+    );
+    ack.commit().await.unwrap();
+    assert_eq!(stored(first.id).await, 1);
+    sqlx::query("RESET lock_timeout")
+        .execute(&mut *claimer)
+        .await
+        .unwrap();
+    drop(claimer);
+    cluster::claim(&app.db, sender.user_id, other)
+        .await
+        .unwrap();
+
+    // Owned by the other node now: refused, nothing inserted.
+    let second = receipt(uuid::Uuid::new_v4());
+    let mut ack = app.db.begin().await.unwrap();
+    let moved = messages::insert_receipts(&mut ack, &[&second], Some(me))
+        .await
+        .unwrap();
+    assert_eq!(moved.get(&sender.user_id), Some(&other));
+    ack.commit().await.unwrap();
+    assert_eq!(stored(second.id).await, 0);
+}

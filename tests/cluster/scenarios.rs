@@ -112,6 +112,122 @@ async fn cross_node_live_queued_and_dropped() {
         other => panic!("expected the typing message, got {other:?}"),
     }
     assert_eq!(typing_sent.await.unwrap(), SendOutcome::Delivered);
+
+    // Bob moves to node 2. Node 1 learned from the lane that node 3 held
+    // him; an ephemeral message must still find him (node 3 would answer
+    // that it dropped it).
+    let (b, mut b_events) = cluster.connect(1, &bob).await;
+    assert!(matches!(next_event(&mut b_events).await, Event::QueueEmpty));
+    let mut moved_typing = Outgoing::new(bob.id, Bytes::from("typing again"));
+    moved_typing.ephemeral = true;
+    let typing_sent = tokio::spawn({
+        let a = a.clone();
+        async move { a.send(moved_typing).await.unwrap().outcome }
+    });
+    match next_event(&mut b_events).await {
+        Event::Deliver(e) => {
+            assert_eq!(&e.content[..], b"typing again");
+            b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+                .await
+                .unwrap();
+        }
+        other => panic!("expected the typing message on node 2, got {other:?}"),
+    }
+    assert_eq!(typing_sent.await.unwrap(), SendOutcome::Delivered);
+}
+
+/// A sender moves to another node while the recipient's node is paused
+/// (for less than dead-after), with one message of theirs forwarded there
+/// unrouted and the next waiting behind it in the old node's lane. The old
+/// node lets them go after the release timeout; the waiting message must
+/// then fail (the sender's socket is closed, it was never confirmed)
+/// rather than reach the recipient after what the sender sends through
+/// their new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_moving_while_the_recipients_node_is_paused_keeps_order() {
+    let cluster = Cluster::start_with(
+        3,
+        &[
+            ("RELAY_CLUSTER_RELEASE_TIMEOUT_MS", "1000"),
+            ("RELAY_CLUSTER_DEAD_AFTER_MS", "30000"),
+        ],
+    )
+    .await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(2, &unique("bob")).await;
+    let (b, mut b_events) = cluster.connect(2, &bob).await;
+    assert!(matches!(next_event(&mut b_events).await, Event::QueueEmpty));
+    let received = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.last().map(String::as_str) != Some("last") {
+            if let Event::Deliver(e) = next_event(&mut b_events).await {
+                got.push(String::from_utf8(e.content.to_vec()).unwrap());
+                b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
+                    .await
+                    .unwrap();
+            }
+        }
+        got
+    });
+    let in_flight = |i: usize| {
+        let node = &cluster.nodes[i];
+        async move {
+            (
+                node.metric("relay_cluster_lanes").await,
+                node.metric("relay_cluster_units_in_flight").await,
+            )
+        }
+    };
+    let until = async |what: &str, i: usize, lanes_units: (f64, f64)| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while in_flight(i).await != lanes_units {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting until {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+
+    // Node 1 learns that node 3 holds Bob.
+    let (a, _a_events) = cluster.connect(0, &alice).await;
+    let first = a.send(Outgoing::new(bob.id, Bytes::from("first")));
+    assert_eq!(first.await.unwrap().outcome, SendOutcome::Delivered);
+
+    let paused = cluster.nodes[2].pid_handle();
+    paused.pause();
+    let mut forwarded = Box::pin(a.send(Outgoing::new(bob.id, Bytes::from("forwarded"))));
+    assert!(futures::poll!(&mut forwarded).is_pending());
+    until("the first is forwarded", 0, (1.0, 1.0)).await;
+    let mut waiting = Box::pin(a.send(Outgoing::new(bob.id, Bytes::from("waiting"))));
+    assert!(futures::poll!(&mut waiting).is_pending());
+    // Answered after the send before it was applied: it is in the lane.
+    a.who_am_i().await.unwrap();
+
+    // Alice moves to node 2 and sends again: forwarded to paused node 3.
+    let (a2, _a2_events) = cluster.connect(1, &alice).await;
+    let after_move = tokio::spawn({
+        let a2 = a2.clone();
+        async move {
+            a2.send(Outgoing::new(bob.id, Bytes::from("after the move")))
+                .await
+                .unwrap()
+                .outcome
+        }
+    });
+    until("the message after the move is forwarded", 1, (1.0, 1.0)).await;
+    paused.resume();
+    assert_eq!(after_move.await.unwrap(), SendOutcome::Delivered);
+    // Whatever node 1 still had for Bob has gone (or been sent) by now.
+    until("node 1 has nothing in flight", 0, (0.0, 0.0)).await;
+    drop((forwarded, waiting));
+    let last = a2.send(Outgoing::new(bob.id, Bytes::from("last")));
+    assert_eq!(last.await.unwrap().outcome, SendOutcome::Delivered);
+    assert_eq!(
+        received.await.unwrap(),
+        ["first", "forwarded", "after the move", "last"],
+        "the waiting message is not placed after the move"
+    );
 }
 
 /// A recipient hopping node 1 → 2 → 3 every 50 ms (each hop displacing the
