@@ -765,7 +765,13 @@ where
                 key: key.clone(),
             });
         }
-        if matches.value_source(&id) != Some(ValueSource::DefaultValue) {
+        // Only the environment and the flags outrank the file. A setting
+        // with no default (the TLS files, the Redis URL) is unset, not at
+        // its default, and must be taken from the file all the same.
+        if matches!(
+            matches.value_source(&id),
+            Some(ValueSource::EnvVariable | ValueSource::CommandLine)
+        ) {
             continue;
         }
         let value = match value {
@@ -952,6 +958,44 @@ mod tests {
         let off = Config::load_from(["relay", "--admin-listen", "off"]).unwrap();
         assert_eq!(off.admin_listen, AdminListen(None));
         assert!(Config::load_from(["relay", "--admin-listen", "nowhere"]).is_err());
+
+        // Settings without a default are taken from the file too (they
+        // were dropped silently: a relay configured for TLS served plain
+        // ws://, one configured for a cluster ran alone).
+        let unset = dir.join("unset.toml");
+        std::fs::write(
+            &unset,
+            "tls-cert = \"/etc/relay/cert.pem\"\ntls-key = \"/etc/relay/key.pem\"\n\
+             redis-url = \"redis://127.0.0.1:6379/0\"\nnode-id = \"relay-7\"\n",
+        )
+        .unwrap();
+        let config = Config::load_from(["relay", "--config", unset.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            config.tls.tls_cert.as_deref(),
+            Some(std::path::Path::new("/etc/relay/cert.pem"))
+        );
+        assert_eq!(
+            config.tls.tls_key.as_deref(),
+            Some(std::path::Path::new("/etc/relay/key.pem"))
+        );
+        assert_eq!(
+            config
+                .cluster
+                .redis_url
+                .as_ref()
+                .map(|u| secrecy::ExposeSecret::expose_secret(u).to_owned()),
+            Some("redis://127.0.0.1:6379/0".to_owned())
+        );
+        assert_eq!(config.cluster.node_id.as_deref(), Some("relay-7"));
+        let flagged = Config::load_from([
+            "relay",
+            "--config",
+            unset.to_str().unwrap(),
+            "--node-id",
+            "relay-8",
+        ])
+        .unwrap();
+        assert_eq!(flagged.cluster.node_id.as_deref(), Some("relay-8"), "the flag wins");
 
         std::fs::write(dir.join("bad.toml"), "no_such_setting = 1\n").unwrap();
         let bad = dir.join("bad.toml");
