@@ -13,14 +13,30 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Text that is not JSON, or not the JSON of the expected message.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its message goes into the close reason and the connection's closing
+/// log line, so it never quotes a value the client sent: serde's "invalid
+/// type: string \"…\"" would put whatever the client wrote there (a
+/// password sent in the wrong shape) into the logs. The source, serde's
+/// own error, does quote it: it is kept for its category and position,
+/// and left out of `Debug`.
+#[derive(thiserror::Error)]
 #[error("{message}")]
 pub struct InvalidJson {
     /// What is wrong and where, short enough for a close reason: serde's
-    /// message without the list of every field it expected.
+    /// message without the list of every field it expected, and without
+    /// the value it could not take.
     message: String,
     #[source]
     source: serde_json::Error,
+}
+
+impl std::fmt::Debug for InvalidJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InvalidJson")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
 }
 
 impl From<serde_json::Error> for InvalidJson {
@@ -52,9 +68,22 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Bytes, serde_json::Error> {
 
 /// serde's message, with the list of expected names cut from an unknown
 /// field's or variant's: the name that was wrong and the position are what
-/// a person needs, and a close reason has room for little more.
+/// a person needs, and a close reason has room for little more. A value
+/// of the wrong type or out of range is named by its kind alone.
 fn describe(err: &serde_json::Error) -> String {
     let full = err.to_string();
+    if let Some(prefix) = ["invalid type: ", "invalid value: "]
+        .into_iter()
+        .find(|p| full.starts_with(p))
+    {
+        // "invalid type: string \"<the client's text>\", expected …": the
+        // kind is what precedes the quoted value, and the last ", expected"
+        // is serde's own (the client's text may contain one too).
+        let rest = &full[prefix.len()..];
+        let kind = rest[..rest.find(['"', '`', ',']).unwrap_or(rest.len())].trim_end();
+        let expected = rest.rfind(", expected").map_or("", |at| &rest[at..]);
+        return format!("{prefix}{kind}{expected}");
+    }
     if !(full.starts_with("unknown field") || full.starts_with("unknown variant")) {
         return full;
     }
@@ -164,6 +193,37 @@ mod tests {
         assert!(err(r#"{"sendMessage":{"content":"!!"}}"#).contains("line 1"));
         assert!(err(r#"{"whoAmI":{},"logout":{}}"#).contains("duplicate field `logout`"));
         assert!(err("[1]").contains("invalid type"));
+    }
+
+    /// A close reason, and the log line that records it, never quote what
+    /// the client sent in the wrong shape: a password, say.
+    #[test]
+    fn errors_do_not_quote_the_value_they_could_not_take() {
+        let err = |text: &str| client(text).unwrap_err();
+        for (text, expected) in [
+            (
+                r#"{"deleteAccount":"hunter2hunter2"}"#,
+                "invalid type: string, expected struct relay.v1.DeleteAccount at line 1 column 33",
+            ),
+            (
+                r#"{"deleteAccount":{"password":12345678901}}"#,
+                "invalid type: integer, expected a string at line 1 column 40",
+            ),
+            (
+                r#"{"login":{"password":"x, expected y","username":5.5}}"#,
+                "invalid type: floating point, expected a string at line 1 column 51",
+            ),
+        ] {
+            let err = err(text);
+            assert_eq!(err.to_string(), expected, "{text}");
+            for secret in ["hunter2", "12345678901", "5.5", "x, expected y"] {
+                assert!(!err.to_string().contains(secret), "{err}");
+                assert!(!format!("{err:?}").contains(secret), "{err:?}");
+            }
+        }
+        let invalid_value = err(r#"{"requestId":"seven"}"#).to_string();
+        assert!(invalid_value.starts_with("invalid "), "{invalid_value}");
+        assert!(!invalid_value.contains("seven"), "{invalid_value}");
     }
 
     #[test]
