@@ -248,17 +248,37 @@ impl Authenticator {
         })
     }
 
-    /// Checks `password` against `hash` (the dummy hash when there is no
-    /// such user, so the answer takes as long), after the rate limits; only
-    /// a wrong password keeps its account token.
-    async fn check_password(
+    /// Admits a password attempt under the rate limits, then runs `lookup`
+    /// (the account's record). The limits come first, so an attempt they
+    /// refuse costs no database round trip: a flood of refused guesses
+    /// cannot take the pool from everyone else. A lookup that fails was no
+    /// guess, and gives the account's token back.
+    async fn admitted_lookup<T>(
         &self,
         username: &Username,
+        from: IpAddr,
+        lookup: impl Future<Output = Result<T, StorageError>>,
+    ) -> Result<(limits::Admitted, T), AuthError> {
+        let admitted = self.admit(from, Some(username))?;
+        match lookup.await {
+            Ok(found) => Ok((admitted, found)),
+            Err(err) => {
+                self.limits.not_a_guess(admitted);
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Checks `password` against `hash` (the dummy hash when there is no
+    /// such user, so the answer takes as long) for an admitted attempt;
+    /// only a wrong password keeps its account token.
+    async fn check_password(
+        &self,
+        admitted: limits::Admitted,
         password: Password,
         hash: Option<String>,
         from: IpAddr,
     ) -> Result<bool, AuthError> {
-        let admitted = self.admit(from, Some(username))?;
         let checked = self.hasher.verify(password, hash, from).await;
         match checked {
             Ok(false) => self.limits.spent(admitted),
@@ -304,11 +324,17 @@ impl Authenticator {
         from: IpAddr,
     ) -> Result<IssuedSession, AuthError> {
         self.database_up()?;
-        let user = storage::users::find_by_username(&self.db, username.as_ref()).await?;
+        let (admitted, user) = self
+            .admitted_lookup(
+                &username,
+                from,
+                storage::users::find_by_username(&self.db, username.as_ref()),
+            )
+            .await?;
         // An unknown user still costs one Argon2 verification, against a
         // dummy hash, so response time does not reveal which names exist.
         let hash = user.as_ref().map(|u| u.password_hash.clone());
-        let ok = self.check_password(&username, password, hash, from).await?;
+        let ok = self.check_password(admitted, password, hash, from).await?;
         match user {
             Some(user) if ok => self.issue(user.id, user.username).await,
             _ => Err(AuthError::InvalidCredentials),
@@ -381,12 +407,18 @@ impl Authenticator {
         password: Password,
         from: IpAddr,
     ) -> Result<(), AuthError> {
-        let user = storage::users::find_by_id(&self.db, auth.user_id).await?;
         // The name as the user registered it: it passed the rules then.
         let username =
             Username::parse(&auth.username).map_err(|_| AuthError::InvalidCredentials)?;
+        let (admitted, user) = self
+            .admitted_lookup(
+                &username,
+                from,
+                storage::users::find_by_id(&self.db, auth.user_id),
+            )
+            .await?;
         let hash = user.map(|u| u.password_hash);
-        let ok = self.check_password(&username, password, hash, from).await?;
+        let ok = self.check_password(admitted, password, hash, from).await?;
         if ok {
             Ok(())
         } else {

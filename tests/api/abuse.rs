@@ -103,6 +103,42 @@ async fn password_attempts_are_limited_per_address() {
     assert_eq!(limited, 3.0);
 }
 
+/// An attempt the limits refuse is refused before the account is looked
+/// up: a flood of refused guesses costs the database nothing. With the
+/// users table locked, a login from the limited address is still answered
+/// `RATE_LIMITED` at once (it used to wait for the lock, as it waited for a
+/// pool connection when refused guesses had taken them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_password_attempt_does_not_reach_the_database() {
+    let app = spawn_app_with(|c| {
+        let auth = &mut c.limits.auth;
+        auth.password_address_rate_per_sec = 0.001;
+        auth.password_address_burst = 1.0;
+    })
+    .await;
+    let (owner, _e) = connect_from(&app, 9).await;
+    owner.register("alice", "password123").await.unwrap();
+    let (c, _e) = connect_from(&app, 2).await;
+    let err = c.login("alice", "wrong password").await.unwrap_err();
+    assert_eq!(refusal(err).0, Status::Unauthorized);
+
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    for n in [2, 2] {
+        let (c, _e) = connect_from(&app, n).await;
+        let refused = tokio::time::timeout(WAIT, c.login("alice", "password123"))
+            .await
+            .expect("refused without waiting for the database");
+        assert_eq!(refusal(refused.unwrap_err()).0, Status::RateLimited);
+    }
+    lock.rollback().await.unwrap();
+    let (c, _e) = connect_from(&app, 3).await;
+    c.login("alice", "password123").await.unwrap();
+}
+
 /// Guesses against one account from many addresses drain its bucket: its
 /// password logins wait, whoever tries (the documented trade-off), while
 /// the owner's own right logins never drain it and a session token still
