@@ -450,8 +450,10 @@ pub struct AuthLimits {
 
     /// Bytes of requests a client may pipeline behind an authentication
     /// still being checked, beyond the first such request (held whatever
-    /// its size), each charged its received or decoded size, whichever is
-    /// larger, plus its place in the queue. The socket is read on during a
+    /// its size on the wire), each charged its received or decoded size,
+    /// whichever is larger, plus what its repeated fields decoded into
+    /// (which the first request's may not exceed either), plus its place in
+    /// the queue. The socket is read on during a
     /// check, to notice a client that leaves; one that sends more than this
     /// meanwhile is closed (1008) and its check withdrawn. The first
     /// frame's allowance comes back whenever the held frames run out, so
@@ -995,7 +997,11 @@ mod tests {
             "relay-8",
         ])
         .unwrap();
-        assert_eq!(flagged.cluster.node_id.as_deref(), Some("relay-8"), "the flag wins");
+        assert_eq!(
+            flagged.cluster.node_id.as_deref(),
+            Some("relay-8"),
+            "the flag wins"
+        );
 
         std::fs::write(dir.join("bad.toml"), "no_such_setting = 1\n").unwrap();
         let bad = dir.join("bad.toml");

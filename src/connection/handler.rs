@@ -175,20 +175,46 @@ impl Early {
     /// Keeps `read`, `wire_len` bytes as received, if the budget allows;
     /// `false` if it does not. A frame is charged what holding it may cost:
     /// its received size (its `bytes` fields share that buffer) or its
-    /// encoded size, whichever is larger, plus its own place here, so that
-    /// empty frames are not free.
+    /// encoded size, whichever is larger, plus what its repeated fields
+    /// decoded into, plus its own place here, so that empty frames are not
+    /// free.
+    ///
+    /// The first frame is kept whatever its size on the wire, but not
+    /// whatever it decoded into: an empty repeated entry is two bytes on
+    /// the wire and a whole struct in memory (72 bytes for a Kyber key), so
+    /// one frame of the largest size held about 19 MB until the check
+    /// ended. A real key upload's entries take some 14 KB.
     fn push(&mut self, read: Read, wire_len: usize, budget: usize) -> bool {
-        let decoded = match &read {
-            Ok(Some(Inbound::Frame(frame))) => prost::Message::encoded_len(frame),
-            _ => 0,
+        let (decoded, structs) = match &read {
+            Ok(Some(Inbound::Frame(frame))) => {
+                (prost::Message::encoded_len(frame), repeated_memory(frame))
+            }
+            _ => (0, 0),
         };
-        let cost = wire_len.max(decoded) + std::mem::size_of::<(Read, usize)>();
-        if !self.reads.is_empty() && self.bytes + cost > budget {
+        let cost = wire_len.max(decoded) + structs + std::mem::size_of::<(Read, usize)>();
+        if structs > budget || (!self.reads.is_empty() && self.bytes + cost > budget) {
             return false;
         }
         self.bytes += cost;
         self.reads.push_back((read, cost));
         true
+    }
+}
+
+/// The memory a client frame's repeated fields decoded into, beyond the
+/// bytes they share with the frame's buffer.
+fn repeated_memory(frame: &protocol::proto::ClientFrame) -> usize {
+    use protocol::proto::client_frame::Request;
+    // Capacity, not length: decoding grows each vector as it pushes.
+    fn held<T>(entries: &Vec<T>) -> usize {
+        entries.capacity() * std::mem::size_of::<T>()
+    }
+    match &frame.request {
+        Some(Request::UploadKeys(keys)) => {
+            held(&keys.one_time_pre_keys) + held(&keys.kyber_pre_keys)
+        }
+        Some(Request::AckMessages(ack)) => held(&ack.message_ids),
+        _ => 0,
     }
 }
 
@@ -1104,6 +1130,49 @@ fn log_request_error(what: &str, err: &RequestError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame held before authentication is charged what its repeated
+    /// fields decoded into: the first frame too, which is otherwise kept
+    /// whatever its size.
+    #[test]
+    fn held_frames_are_charged_what_they_decoded_into() {
+        use crate::protocol::proto::{self, ClientFrame, client_frame::Request};
+        let upload = |ec: Vec<proto::EcPreKey>, kyber: Vec<proto::SignedKyberPreKey>| {
+            let frame = ClientFrame {
+                request_id: 1,
+                request: Some(Request::UploadKeys(proto::UploadKeys {
+                    one_time_pre_keys: ec,
+                    kyber_pre_keys: kyber,
+                    ..Default::default()
+                })),
+            };
+            let wire = prost::Message::encoded_len(&frame);
+            (Ok(Some(Inbound::Frame(frame))), wire)
+        };
+        let budget = 64 * 1024;
+        // Half a megabyte of empty Kyber entries: two bytes each on the
+        // wire, a struct each in memory.
+        let (flood, wire) = upload(Vec::new(), vec![Default::default(); 262_140]);
+        assert!(wire <= 512 * 1024);
+        assert!(!Early::default().push(flood, wire, budget));
+        // A real upload behind a login: 100 keys of each kind.
+        let ec = proto::EcPreKey {
+            id: 1,
+            public_key: vec![5; 33].into(),
+        };
+        let kyber = proto::SignedKyberPreKey {
+            id: 1,
+            public_key: vec![8; 1569].into(),
+            signature: vec![0; 64].into(),
+        };
+        let (real, wire) = upload(vec![ec; 100], vec![kyber; 100]);
+        let mut early = Early::default();
+        assert!(
+            early.push(real, wire, budget),
+            "the first frame, whatever its size"
+        );
+        assert!(early.bytes > wire);
+    }
 
     fn returned_size<F, Fut>(_: &F) -> usize
     where
