@@ -78,6 +78,13 @@ pub struct Config {
     pub limits: Limits,
 }
 
+/// The longest any duration setting may be, in seconds (about ten years):
+/// far beyond any sensible value, and far from where adding it to a clock
+/// reading overflows, which a setting of `u64::MAX` did on every socket.
+const MAX_SECS: u64 = 10 * 366 * 24 * 3600;
+/// [`MAX_SECS`] for the settings in milliseconds.
+const MAX_MS: u64 = MAX_SECS * 1000;
+
 /// Cluster mode: several relays behind one load balancer, sharing one
 /// PostgreSQL and one Redis. Off (a single node, no Redis needed) unless a
 /// Redis URL is given. See docs/cluster.md.
@@ -96,19 +103,19 @@ pub struct ClusterConfig {
     pub node_id: Option<String>,
 
     /// How often a node writes its heartbeat (and checks its peers').
-    #[arg(long, env = "RELAY_CLUSTER_HEARTBEAT_MS", default_value_t = 1000)]
+    #[arg(long, env = "RELAY_CLUSTER_HEARTBEAT_MS", value_parser = clap::value_parser!(u64).range(..=MAX_MS), default_value_t = 1000)]
     pub cluster_heartbeat_ms: u64,
 
     /// A node whose heartbeat is this old is declared dead: its users are
     /// released and sends waiting on it fail as retryable. A node paused
     /// for longer finds itself fenced out when it wakes, and exits.
-    #[arg(long, env = "RELAY_CLUSTER_DEAD_AFTER_MS", default_value_t = 5000)]
+    #[arg(long, env = "RELAY_CLUSTER_DEAD_AFTER_MS", value_parser = clap::value_parser!(u64).range(..=MAX_MS), default_value_t = 5000)]
     pub cluster_dead_after_ms: u64,
 
     /// How long a node taking over a user waits for the node that held
     /// them to close its socket and store what it held, before claiming
     /// the user anyway.
-    #[arg(long, env = "RELAY_CLUSTER_RELEASE_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(long, env = "RELAY_CLUSTER_RELEASE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(..=MAX_MS), default_value_t = 3000)]
     pub cluster_release_timeout_ms: u64,
 
     /// Longest a message forwarded to another node waits for its outcome
@@ -117,6 +124,7 @@ pub struct ClusterConfig {
     #[arg(
         long,
         env = "RELAY_CLUSTER_FORWARD_TIMEOUT_MS",
+        value_parser = clap::value_parser!(u64).range(..=MAX_MS),
         default_value_t = 20_000
     )]
     pub cluster_forward_timeout_ms: u64,
@@ -304,24 +312,24 @@ pub struct ConnectionLimits {
     pub max_inflight_requests: usize,
 
     /// Close a socket that sent nothing (not even a pong) for this long.
-    #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 60)]
     pub idle_timeout_secs: u64,
 
     /// Close a socket whose pending write makes no progress for this long:
     /// a client that stopped reading.
-    #[arg(long, env = "RELAY_WRITE_TIMEOUT_SECS", default_value_t = 20)]
+    #[arg(long, env = "RELAY_WRITE_TIMEOUT_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 20)]
     pub write_timeout_secs: u64,
 
     /// Time from a new socket's arrival to finishing its TLS handshake and
     /// sending its whole HTTP request head; a request head still incomplete
     /// then is answered 408. Short, because an honest client sends its
     /// head at once, and a silent socket holds an unauthenticated slot.
-    #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 10)]
     pub handshake_timeout_secs: u64,
 
     /// Time from a new socket's arrival to its authentication (header or
     /// first request), password check included.
-    #[arg(long, env = "RELAY_AUTH_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "RELAY_AUTH_TIMEOUT_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 30)]
     pub auth_timeout_secs: u64,
 
     /// Sockets not yet authenticated held at once, on top of
@@ -359,12 +367,12 @@ pub struct MessagingLimits {
     pub max_message_bytes: usize,
 
     /// Longest time a message is kept queued; also the default TTL.
-    #[arg(long, env = "RELAY_MAX_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    #[arg(long, env = "RELAY_MAX_TTL_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 30 * 24 * 3600)]
     pub max_ttl_secs: u64,
 
     /// How long a live delivery waits for the recipient's ack before the
     /// message is stored and the sender told `queued`.
-    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(..=MAX_MS), default_value_t = 5_000)]
     pub ack_timeout_ms: u64,
 
     /// Frames queued for one connection before live messages overflow to
@@ -437,7 +445,7 @@ pub struct ReaderLimits {
     /// and the connection is dropped: a connection to a database server
     /// that vanished (a failover, a lost NAT entry) would otherwise stall
     /// them until the kernel gives up, minutes later.
-    #[arg(long, env = "RELAY_DB_BATCH_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "RELAY_DB_BATCH_TIMEOUT_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 30)]
     pub db_batch_timeout_secs: u64,
 }
 
@@ -465,7 +473,7 @@ pub struct AuthLimits {
     pub max_early_bytes: usize,
 
     /// Session token lifetime.
-    #[arg(long, env = "RELAY_SESSION_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    #[arg(long, env = "RELAY_SESSION_TTL_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 30 * 24 * 3600)]
     pub session_ttl_secs: u64,
 
     /// Argon2 verifications run at once; the rest wait their turn.
@@ -576,7 +584,7 @@ pub struct KeyLimits {
 
     /// "Pre-keys low" is pushed once per owner until they upload keys; if
     /// they have not after this long, the next low fetch reminds them.
-    #[arg(long, env = "RELAY_PREKEY_LOW_INTERVAL_SECS", default_value_t = 600)]
+    #[arg(long, env = "RELAY_PREKEY_LOW_INTERVAL_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 600)]
     pub prekey_low_interval_secs: u64,
 }
 
@@ -584,7 +592,7 @@ pub struct KeyLimits {
 #[derive(Debug, Clone, Args)]
 pub struct Housekeeping {
     /// How often expired messages and sessions are swept.
-    #[arg(long, env = "RELAY_SWEEP_INTERVAL_SECS", default_value_t = 60)]
+    #[arg(long, env = "RELAY_SWEEP_INTERVAL_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 60)]
     pub sweep_interval_secs: u64,
 
     /// Rows deleted per sweep statement.
@@ -592,7 +600,7 @@ pub struct Housekeeping {
     pub sweep_batch: i64,
 
     /// After SIGINT/SIGTERM, how long in-flight work may take before exit.
-    #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    #[arg(long, env = "RELAY_SHUTDOWN_GRACE_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 }
 
@@ -1002,6 +1010,17 @@ mod tests {
             Some("relay-8"),
             "the flag wins"
         );
+
+        // A duration that would overflow a clock reading is refused, not
+        // a panic on every socket.
+        for (flag, max) in [
+            ("--handshake-timeout-secs", MAX_SECS),
+            ("--cluster-forward-timeout-ms", MAX_MS),
+        ] {
+            assert!(Config::load_from(["relay", flag, &max.to_string()]).is_ok());
+            let err = Config::load_from(["relay", flag, &u64::MAX.to_string()]).unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
 
         std::fs::write(dir.join("bad.toml"), "no_such_setting = 1\n").unwrap();
         let bad = dir.join("bad.toml");

@@ -350,17 +350,21 @@ impl Remote {
         }
     }
 
-    /// Waits (up to the release timeout) until nothing `sender` sent
-    /// through this node is still unrouted.
+    /// Waits (up to `deadline`) until nothing `sender` sent through this
+    /// node is still unrouted.
     ///
-    /// Past the timeout the user is released anyway, and their next node
+    /// Past the deadline the user is released anyway, and their next node
     /// may route what they send next at once. What they sent here and is
     /// still queued behind a unit the recipient's node has not routed (it
     /// may be paused) would then be placed after that: it fails instead,
     /// as retryable, never having been confirmed (and the socket it came
     /// on is closed). A unit already sent stays: it is in the recipient's
-    /// node's inbox ahead of anything the next node can send there.
-    async fn sender_settled(&self, sender: Uuid) {
+    /// node's inbox ahead of anything the next node can send there (unless
+    /// that node refuses it later, having lost the recipient meanwhile: a
+    /// rarer race, left open). Nothing is failed if the user is connected
+    /// here again (under another claim than `letting_go`): their new
+    /// connection's messages are not moving anywhere.
+    async fn sender_settled(&self, sender: Uuid, deadline: Instant, letting_go: Option<Claim>) {
         let wait = async {
             loop {
                 let notified = self.routed_all.notified();
@@ -370,9 +374,11 @@ impl Remote {
                 notified.await;
             }
         };
-        if tokio::time::timeout(self.release_timeout, wait)
-            .await
-            .is_err()
+        if tokio::time::timeout_at(deadline, wait).await.is_err()
+            && self
+                .claims
+                .of(sender)
+                .is_none_or(|claim| Some(claim) == letting_go)
         {
             let abandoned = self.abandon_queued(sender);
             tracing::warn!(user_id = %sender, abandoned, "messages sent through this node were not routed in time");
@@ -382,15 +388,26 @@ impl Remote {
     /// Takes what `sender` has queued in lanes here, not yet sent, and
     /// fails it as retryable. Returns how many.
     fn abandon_queued(&self, sender: Uuid) -> usize {
+        let from_sender = |(order, _): &(ToStore, Answer)| order.message.sender_id == Some(sender);
+        // Found under read locks; only the lanes holding some are rebuilt.
+        let holding: Vec<Uuid> = self
+            .lanes
+            .iter()
+            .filter(|lane| lane.queue.iter().any(from_sender))
+            .map(|lane| *lane.key())
+            .collect();
         let mut abandoned = Vec::new();
-        for mut lane in self.lanes.iter_mut() {
+        for recipient in holding {
+            let Some(mut lane) = self.lanes.get_mut(&recipient) else {
+                continue;
+            };
             let queue = &mut lane.queue;
             let mut kept = VecDeque::with_capacity(queue.len());
-            for (order, answer) in queue.drain(..) {
-                if order.message.sender_id == Some(sender) {
-                    abandoned.push(answer);
+            for entry in queue.drain(..) {
+                if from_sender(&entry) {
+                    abandoned.push(entry.1);
                 } else {
-                    kept.push_back((order, answer));
+                    kept.push_back(entry);
                 }
             }
             *queue = kept;
@@ -562,13 +579,12 @@ impl Remote {
     pub(super) fn push(self: &Arc<Self>, user: Uuid, event: proto::push::Event) {
         let remote = self.clone();
         self.tasks.spawn(async move {
-            let owner = match remote.owners.get(&user).map(|o| *o) {
-                Some(owner) => Some(owner),
-                None => storage::cluster::owner(&remote.db, user)
-                    .await
-                    .ok()
-                    .flatten(),
-            };
+            // From PostgreSQL, not the owner cache, for the reason
+            // `send_ephemeral` gives: a push is never stored either.
+            let owner = storage::cluster::owner(&remote.db, user)
+                .await
+                .ok()
+                .flatten();
             if let Some(owner) = owner.filter(|o| *o != remote.me) {
                 let push = proto::Push { event: Some(event) }.encode_to_vec();
                 let _ = remote.cluster.send(
@@ -672,7 +688,8 @@ impl Remote {
         };
         let remote = self.clone();
         self.tasks.spawn(async move {
-            remote.sender_settled(user).await;
+            let deadline = Instant::now() + remote.release_timeout;
+            remote.sender_settled(user, deadline, None).await;
             if let Err(err) =
                 storage::cluster::release(&remote.db, user, remote.me, claim.epoch).await
             {
@@ -692,19 +709,25 @@ impl Remote {
     /// check closes the new socket; or the peer is asked to let go in turn).
     /// With no claim here there is no row of this node's to release: the
     /// peer's claim replaces whatever row is left.
+    ///
+    /// All of it within half the release timeout of the request. The peer
+    /// claims after the whole of it, counted from before the request
+    /// crossed Redis: what this node gives up on is given up before the
+    /// peer routes anything the user sends next.
     async fn let_go(self: Arc<Self>, from: Uuid, request: u64, user: Uuid) {
         tracing::debug!(user_id = %user, peer = %from, "letting a user go");
+        let deadline = Instant::now() + self.release_timeout / 2;
         let held = self.claims.of(user);
         if let Some(conn) = self.registry.connection(user) {
             conn.close(Close::DISPLACED);
-            if tokio::time::timeout(self.release_timeout, conn.finished())
+            if tokio::time::timeout_at(deadline, conn.finished())
                 .await
                 .is_err()
             {
                 tracing::warn!(user_id = %user, "a displaced connection did not finish in time");
             }
         }
-        self.sender_settled(user).await;
+        self.sender_settled(user, deadline, held).await;
         if let Some(claim) = held
             && self.claims.forget(user, claim)
             && let Err(err) = storage::cluster::release(&self.db, user, self.me, claim.epoch).await

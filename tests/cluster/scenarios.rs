@@ -98,20 +98,7 @@ async fn cross_node_live_queued_and_dropped() {
     assert_eq!(got, expected, "in send order");
 
     // Ephemeral to an online user on another node: delivered.
-    let typing_sent = tokio::spawn({
-        let a = a.clone();
-        async move { a.send(typing).await.unwrap().outcome }
-    });
-    match next_event(&mut b_events).await {
-        Event::Deliver(e) => {
-            assert_eq!(&e.content[..], b"typing");
-            b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
-                .await
-                .unwrap();
-        }
-        other => panic!("expected the typing message, got {other:?}"),
-    }
-    assert_eq!(typing_sent.await.unwrap(), SendOutcome::Delivered);
+    typing_is_delivered(&a, typing, &b, &mut b_events).await;
 
     // Bob moves to node 2. Node 1 learned from the lane that node 3 held
     // him; an ephemeral message must still find him (node 3 would answer
@@ -120,18 +107,30 @@ async fn cross_node_live_queued_and_dropped() {
     assert!(matches!(next_event(&mut b_events).await, Event::QueueEmpty));
     let mut moved_typing = Outgoing::new(bob.id, Bytes::from("typing again"));
     moved_typing.ephemeral = true;
+    typing_is_delivered(&a, moved_typing, &b, &mut b_events).await;
+}
+
+/// Sends the ephemeral `typing` from `a` and expects it pushed to `b`,
+/// acked, and confirmed `DELIVERED`.
+async fn typing_is_delivered(
+    a: &signal_relay::client::Client,
+    typing: Outgoing,
+    b: &signal_relay::client::Client,
+    b_events: &mut signal_relay::client::Events,
+) {
+    let content = typing.content.clone();
     let typing_sent = tokio::spawn({
         let a = a.clone();
-        async move { a.send(moved_typing).await.unwrap().outcome }
+        async move { a.send(typing).await.unwrap().outcome }
     });
-    match next_event(&mut b_events).await {
+    match next_event(b_events).await {
         Event::Deliver(e) => {
-            assert_eq!(&e.content[..], b"typing again");
+            assert_eq!(e.content, content);
             b.ack(&[Uuid::from_slice(&e.message_id).unwrap()])
                 .await
                 .unwrap();
         }
-        other => panic!("expected the typing message on node 2, got {other:?}"),
+        other => panic!("expected the typing message, got {other:?}"),
     }
     assert_eq!(typing_sent.await.unwrap(), SendOutcome::Delivered);
 }

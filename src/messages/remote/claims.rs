@@ -28,10 +28,18 @@ pub(super) struct Claims {
 }
 
 impl Claims {
-    /// Connection `claim.conn_id` holds the user now (a newer connection
-    /// replaces an older one's claim).
+    /// Connection `claim.conn_id` holds the user now: a newer claim (a
+    /// higher epoch, from one sequence) replaces an older one, whichever
+    /// of two connections racing on this node records its claim last.
     pub fn hold(&self, user: Uuid, claim: Claim) {
-        self.held.insert(user, claim);
+        self.held
+            .entry(user)
+            .and_modify(|held| {
+                if claim.epoch > held.epoch {
+                    *held = claim;
+                }
+            })
+            .or_insert(claim);
     }
 
     /// The claim on `user`, if this node holds them.
@@ -78,6 +86,16 @@ mod tests {
         assert_eq!(claims.of(user), Some(claim(2, 11)));
         assert_eq!(claims.ended(user, 2), Some(claim(2, 11)));
         assert_eq!(claims.of(user), None);
+    }
+
+    #[test]
+    fn the_newest_claim_holds_whichever_is_recorded_last() {
+        let claims = Claims::default();
+        let user = Uuid::new_v4();
+        claims.hold(user, claim(2, 11));
+        claims.hold(user, claim(1, 10));
+        assert_eq!(claims.of(user), Some(claim(2, 11)));
+        assert_eq!(claims.ended(user, 1), None);
     }
 
     #[test]
