@@ -335,7 +335,9 @@ pub struct ConnectionLimits {
     /// Sockets not yet authenticated held at once, on top of
     /// `max_connections` (which counts authenticated ones): silent or slow
     /// sockets cannot take the slots of authenticated users. More get HTTP
-    /// 503 at once.
+    /// 503 at once; as many refused sockets as this may stay open a second
+    /// after their answer (so closing does not reset it away), the rest are
+    /// closed right after it.
     #[arg(long, env = "RELAY_MAX_UNAUTHENTICATED", default_value_t = 2_048)]
     pub max_unauthenticated: usize,
 

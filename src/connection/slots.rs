@@ -27,6 +27,11 @@ pub struct Slots {
     unauthenticated_max: usize,
     /// Sockets not yet authenticated, per client address.
     per_address: Arc<PerAddress>,
+    /// Refused sockets waiting for their client to close after the
+    /// answer, as many as the unauthenticated budget: beyond that a refusal
+    /// is answered and closed at once, so a flood of refused sockets cannot
+    /// hold file descriptors.
+    lingering: Arc<Semaphore>,
 }
 
 /// Counts of unauthenticated sockets by client address. An address is in
@@ -45,6 +50,15 @@ pub enum NoSlot {
     Full,
     /// This address holds its share of it.
     AddressFull,
+}
+
+/// A socket refused a slot, and whether it may linger after its answer
+/// (see [`Slots::refused`]).
+#[derive(Debug)]
+pub struct Refused {
+    pub why: NoSlot,
+    /// Held while the socket lingers; `None`: close right after answering.
+    pub linger: Option<OwnedSemaphorePermit>,
 }
 
 /// A socket's slot: unauthenticated until [`Ticket::authenticated`]. Its
@@ -134,6 +148,18 @@ impl Slots {
                 counts: DashMap::new(),
                 cap: limits.max_unauthenticated_per_address.max(1),
             }),
+            lingering: Arc::new(Semaphore::new(limits.max_unauthenticated)),
+        }
+    }
+
+    /// A socket refused for `why`: it may linger after its answer (reading
+    /// what its client still sends, so closing does not reset the
+    /// connection and lose the answer) while fewer refused sockets linger
+    /// than the unauthenticated budget.
+    pub fn refused(&self, why: NoSlot) -> Refused {
+        Refused {
+            why,
+            linger: self.lingering.clone().try_acquire_owned().ok(),
         }
     }
 
@@ -275,6 +301,23 @@ mod tests {
             Some(NoSlot::AddressFull)
         );
         assert_eq!(slots.unauthenticated_reader()(), 1, "its place came back");
+    }
+
+    /// Refused sockets linger after their answer only as many at a time as
+    /// the unauthenticated budget; the rest are closed at once.
+    #[test]
+    fn refused_sockets_linger_within_the_budget() {
+        let slots = slots(10, 2, 2);
+        let lingering: Vec<Refused> = (0..2).map(|_| slots.refused(NoSlot::Full)).collect();
+        assert!(lingering.iter().all(|r| r.linger.is_some()));
+        let closed = slots.refused(NoSlot::AddressFull);
+        assert!(closed.linger.is_none(), "beyond the budget");
+        assert_eq!(closed.why, NoSlot::AddressFull);
+        drop(lingering);
+        assert!(
+            slots.refused(NoSlot::Full).linger.is_some(),
+            "places come back"
+        );
     }
 
     /// An address with no unauthenticated socket left is forgotten.

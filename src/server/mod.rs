@@ -37,7 +37,7 @@ use crate::cluster::Cluster;
 use crate::config::{Config, ConnectionLimits};
 use crate::connection::handler::{self, Entry};
 use crate::connection::read_ahead::ReadAhead;
-use crate::connection::slots::{NoSlot, Slots, Ticket};
+use crate::connection::slots::{NoSlot, Refused, Slots, Ticket};
 use crate::health::{self, Health};
 use crate::messages::ClusterLink;
 use crate::metrics::Metrics;
@@ -272,7 +272,7 @@ impl Server {
                 ))));
                 continue;
             }
-            let ticket = slots.accept(peer.ip());
+            let ticket = slots.accept(peer.ip()).map_err(|why| slots.refused(why));
             connections.spawn(connection(Box::pin(serve_socket(
                 state.clone(),
                 stream,
@@ -376,7 +376,7 @@ async fn serve_proxied(
     // Refused as any socket is when the budget is spent, before anything
     // is read.
     let (client, ticket) = match slots.hold() {
-        Err(full) => (balancer, Err(full)),
+        Err(full) => (balancer, Err(slots.refused(full))),
         Ok(held) => {
             let deadline = held.accepted + state.limits().connection.handshake_timeout();
             let read = tokio::time::timeout_at(deadline, proxy::read_client(&mut stream, balancer));
@@ -398,7 +398,8 @@ async fn serve_proxied(
                 }
             };
             tracing::trace!(%balancer, %client, "PROXY header read");
-            (client, held.for_client(&slots, client.ip()))
+            let ticket = held.for_client(&slots, client.ip());
+            (client, ticket.map_err(|why| slots.refused(why)))
         }
     };
     Box::pin(serve_socket(state, stream, client, tls, ticket, shutdown)).await
@@ -411,14 +412,14 @@ async fn serve_socket(
     mut stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
-    ticket: Result<Ticket, NoSlot>,
+    ticket: Result<Ticket, Refused>,
     shutdown: CancellationToken,
 ) -> Option<Session> {
     let _ = stream.set_nodelay(true);
     let ticket = match ticket {
         Ok(ticket) => ticket,
-        Err(no_slot) => {
-            let refusal = match no_slot {
+        Err(refused) => {
+            let refusal = match refused.why {
                 NoSlot::Full => handshake::UpgradeError::UnauthenticatedFull,
                 NoSlot::AddressFull => handshake::UpgradeError::AddressFull,
             };
@@ -429,7 +430,14 @@ async fn serve_socket(
             if tls.is_none()
                 && let Some(response) = refusal.response()
             {
-                Box::pin(http::refuse(&mut stream, &response, REFUSAL_LINGER)).await;
+                // Lingering holds the socket (and the place `refused`
+                // holds, to the end of this arm); past the cap on lingering
+                // refusals, answered and closed at once.
+                let linger = match refused.linger {
+                    Some(_) => REFUSAL_LINGER,
+                    None => Duration::ZERO,
+                };
+                Box::pin(http::refuse(&mut stream, &response, linger)).await;
             }
             return None;
         }
@@ -566,7 +574,7 @@ mod tests {
             TcpStream,
             SocketAddr,
             Option<TlsAcceptor>,
-            Result<Ticket, NoSlot>,
+            Result<Ticket, Refused>,
             CancellationToken,
         ) -> Fut,
     {
