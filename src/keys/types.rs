@@ -100,14 +100,17 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// A libsignal registration id: `1..=16380`, the range libsignal's
-/// `generate_registration_id` draws from (14 bits, 0 excluded).
+/// A libsignal registration id: 14 bits, 0 excluded (`1..=16383`), what
+/// Signal-Server accepts. libsignal's `generate_registration_id` draws from
+/// `1..=16380`, but clients draw their own (Signal-iOS from `1...0x3fff`),
+/// and an id it would never draw is still valid: refusing 16381-16383
+/// locked those installs out of publishing keys at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegistrationId(u16);
 
 impl RegistrationId {
     pub const MIN: u32 = 1;
-    pub const MAX: u32 = 16380;
+    pub const MAX: u32 = 0x3fff;
 
     pub fn parse(raw: u32) -> Result<Self, KeyError> {
         match u16::try_from(raw) {
@@ -355,13 +358,13 @@ mod tests {
 
     #[test]
     fn registration_id_range() {
-        for ok in [1, 2, 16379, 16380] {
+        for ok in [1, 2, 16380, 16381, 16383] {
             assert_eq!(RegistrationId::parse(ok).unwrap().get(), ok);
         }
-        for bad in [0, 16381, 65536 + 5, u32::MAX] {
+        for bad in [0, 16384, 65536 + 5, u32::MAX] {
             assert_eq!(
                 RegistrationId::parse(bad).unwrap_err().to_string(),
-                format!("registration_id must be in 1..=16380, got {bad}")
+                format!("registration_id must be in 1..=16383, got {bad}")
             );
         }
     }

@@ -211,9 +211,9 @@ mod tests {
     /// it. Returns the signatures it checked; the error names the bad field.
     fn check_upload(u: &Value) -> Result<Vec<Signed>, String> {
         let ik = ec_key(&u["identity_key"], "identity_key")?;
-        if !matches!(u["registration_id"].as_u64(), Some(1..=16380)) {
+        if !matches!(u["registration_id"].as_u64(), Some(1..=16383)) {
             return Err(format!(
-                "registration_id: must be in 1..=16380, got {}",
+                "registration_id: must be in 1..=16383, got {}",
                 u["registration_id"]
             ));
         }
@@ -364,10 +364,10 @@ mod tests {
         // Ids and registration ids are not signed, so changing them keeps
         // the signatures valid and only the range checks decide.
         assert!(with(&|u| u["registration_id"] = 1.into()).is_ok());
-        assert!(with(&|u| u["registration_id"] = 16380.into()).is_ok());
+        assert!(with(&|u| u["registration_id"] = 16383.into()).is_ok());
         assert!(with(&|u| u["signed_pre_key"]["id"] = 0.into()).is_ok());
         assert!(with(&|u| u["kyber_last_resort"]["id"] = 0x7FFF_FFFF.into()).is_ok());
-        for bad in [0i64, 16381, -1] {
+        for bad in [0i64, 16384, -1] {
             let err = with(&|u| u["registration_id"] = bad.into()).unwrap_err();
             assert!(err.starts_with("registration_id"), "{err}");
         }

@@ -945,11 +945,11 @@ async fn bad_sizes_and_ids_are_refused_naming_the_field() {
         ),
         (
             Box::new(|u| u.registration_id = Some(0)),
-            "registration_id must be in 1..=16380, got 0",
+            "registration_id must be in 1..=16383, got 0",
         ),
         (
-            Box::new(|u| u.registration_id = Some(16381)),
-            "registration_id must be in 1..=16380, got 16381",
+            Box::new(|u| u.registration_id = Some(16384)),
+            "registration_id must be in 1..=16383, got 16384",
         ),
         (
             Box::new(|u| u.one_time_pre_keys = (1..=101).map(one_time_pre_key).collect()),
@@ -1012,7 +1012,7 @@ async fn bad_sizes_and_ids_are_refused_naming_the_field() {
 
     // The bounds themselves are accepted.
     let mut edge = base.clone();
-    edge.registration_id = Some(16380);
+    edge.registration_id = Some(0x3fff);
     edge.signed_pre_key.as_mut().unwrap().id = 0;
     edge.one_time_pre_keys = (0..100).map(one_time_pre_key).collect();
     edge.one_time_pre_keys[99].id = (1 << 31) - 1;
