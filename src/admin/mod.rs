@@ -102,6 +102,9 @@ impl Outcome {
 pub enum AdminError {
     #[error("no user is named {0:?}")]
     UnknownUser(String),
+    /// An irreversible command run without `--yes`: nothing was changed.
+    #[error("{0}; nothing was changed: run again with --yes to do it")]
+    NotConfirmed(String),
     #[error(
         "the database {database} is not ready for this command ({why}); run `relay migrate` \
          (or `relay migrate --check` for details)"

@@ -386,8 +386,27 @@ async fn users_list_show_revoke_and_delete() {
         assert_eq!(err.status(), Some(Status::Unauthorized));
     }
 
+    // Without --yes, nothing goes: it says what would.
+    let unconfirmed = relay(&["users", "delete", &alice], &env).await;
+    assert_exit(&unconfirmed, 1, "delete without --yes");
+    assert!(unconfirmed.stdout.is_empty());
+    let said = stderr(&unconfirmed);
+    assert!(
+        said.starts_with(&format!(
+            "error: would delete {alice} ({})",
+            alice_auth.user_id
+        )) && said.ends_with("nothing was changed: run again with --yes to do it\n"),
+        "{said}"
+    );
+    let still: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE id = $1")
+        .bind(alice_auth.user_id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(still, 1);
+
     // Deleting her removes everything of hers, and nothing of Bob's.
-    let delete = relay(&["users", "delete", &alice], &env).await;
+    let delete = relay(&["users", "delete", &alice, "--yes"], &env).await;
     assert_exit(&delete, 0, "delete");
     assert!(
         stdout(&delete).starts_with(&format!("deleted {alice} ({})", alice_auth.user_id)),

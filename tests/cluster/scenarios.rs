@@ -869,7 +869,7 @@ async fn receipts_pushes_and_deletion_cross_nodes() {
 
     // An operator deletes Bob; his socket on node 2 closes.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(["users", "delete", &bob.name])
+        .args(["users", "delete", &bob.name, "--yes"])
         .env("DATABASE_URL", cluster.db_url())
         .env("RELAY_ADMIN_LISTEN", "off")
         .output()

@@ -1,17 +1,24 @@
-//! `relay users delete NAME`: what DeleteAccount does, without the
+//! `relay users delete NAME --yes`: what DeleteAccount does, without the
 //! password: the user row goes, and the database's cascades remove their
 //! keys, sessions and queued messages. Messages they sent to others stay
-//! deliverable (their sender becomes unknown).
+//! deliverable (their sender becomes unknown). Without `--yes` it only
+//! says what it would delete: nothing brings an account back.
 
 use sqlx::PgPool;
 
 use crate::admin::{AdminError, Outcome};
 use crate::storage;
 
-pub async fn run(db: &PgPool, name: &str) -> Result<Outcome, AdminError> {
+pub async fn run(db: &PgPool, name: &str, confirmed: bool) -> Result<Outcome, AdminError> {
     let user = storage::users::overview(db, name)
         .await?
         .ok_or_else(|| AdminError::UnknownUser(name.to_owned()))?;
+    if !confirmed {
+        return Err(AdminError::NotConfirmed(format!(
+            "would delete {} ({}) with {} live session(s), {} queued message(s) and their keys",
+            user.username, user.id, user.live_sessions, user.queued_messages
+        )));
+    }
     // Gone between the two statements: someone else deleted it.
     if !storage::users::delete(db, user.id).await? {
         return Err(AdminError::UnknownUser(name.to_owned()));

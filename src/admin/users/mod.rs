@@ -28,6 +28,10 @@ pub enum UsersCommand {
     Delete {
         /// The username, in any letter case.
         name: String,
+        /// Do it. Without this, the command says what it would delete and
+        /// changes nothing: a mistyped name can be someone else's.
+        #[arg(long)]
+        yes: bool,
     },
     /// Delete all of a user's sessions: every device must log in again.
     RevokeSessions {
@@ -41,7 +45,7 @@ pub async fn run(command: &UsersCommand, config: &Config) -> Result<Outcome, Adm
     let outcome = match command {
         UsersCommand::List => list::run(&db).await,
         UsersCommand::Show { name } => show::run(&db, name).await,
-        UsersCommand::Delete { name } => delete::run(&db, name).await,
+        UsersCommand::Delete { name, yes } => delete::run(&db, name, *yes).await,
         UsersCommand::RevokeSessions { name } => revoke_sessions::run(&db, name).await,
     };
     db.close().await;
