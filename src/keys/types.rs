@@ -100,11 +100,11 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// A libsignal registration id: 14 bits, 0 excluded (`1..=16383`), what
-/// Signal-Server accepts. libsignal's `generate_registration_id` draws from
-/// `1..=16380`, but clients draw their own (Signal-iOS from `1...0x3fff`),
-/// and an id it would never draw is still valid: refusing 16381-16383
-/// locked those installs out of publishing keys at all.
+/// A libsignal registration id: 14 bits, 0 excluded (`1..=16383`), the
+/// range Signal's server and clients check. libsignal's
+/// `generate_registration_id` draws from `1..=16380`, but a client may draw
+/// its own from the whole range, and refusing 16381-16383 locked such an
+/// install out of publishing keys at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegistrationId(u16);
 
