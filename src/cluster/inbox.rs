@@ -1,6 +1,7 @@
 //! This node incarnation's inbox: one Redis stream that peers append to,
 //! read in order by one task on its own connection (a blocking `XREAD`
-//! would stall a shared one).
+//! would stall a shared one), which hands each batch to the listener as it
+//! reads it.
 //!
 //! A stream, not pub/sub: the reader resumes from the last entry it read
 //! after a reconnect, so a dropped connection loses nothing, and a paused
@@ -11,14 +12,15 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use prost::Message as _;
-use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Inbound, inbox_key, wire};
+use super::link::Link;
+use super::{Inbound, Listening, inbox_key, wire};
 
 /// Entries per read.
 const READ_COUNT: usize = 64;
@@ -28,9 +30,13 @@ const BLOCK: Duration = Duration::from_millis(1000);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 pub(super) struct Reader {
-    pub client: redis::Client,
+    /// This node incarnation, whose stream this is.
     pub me: Uuid,
-    pub inbound: mpsc::Sender<Inbound>,
+    /// Where to connect.
+    pub redis_info: Arc<redis::ConnectionInfo>,
+    /// Gets what is read.
+    pub listener: Listening,
+    /// Ends the reading.
     pub shutdown: CancellationToken,
 }
 
@@ -39,7 +45,7 @@ impl Reader {
         let key = inbox_key(self.me);
         // The stream is new with this incarnation: everything in it is ours.
         let mut last = "0-0".to_owned();
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<Link> = None;
         let mut backoff = Duration::from_millis(50);
         let mut read_since_trim = 0usize;
         loop {
@@ -63,7 +69,7 @@ impl Reader {
                 .arg("STREAMS")
                 .arg(&key)
                 .arg(&last);
-            let read = xread.query_async::<Option<StreamReadReply>>(c);
+            let read = c.query::<Option<StreamReadReply>>(&xread);
             let reply = tokio::select! {
                 reply = read => reply,
                 () = self.shutdown.cancelled() => return,
@@ -78,20 +84,14 @@ impl Reader {
                             tracing::warn!(entry = %entry.id, "skipping an undecodable inbox entry");
                             continue;
                         };
-                        if self.inbound.send(inbound).await.is_err() {
-                            return;
-                        }
+                        self.listener.deliver(inbound);
                     }
                     if read_since_trim >= READ_COUNT {
                         read_since_trim = 0;
                         // Entries up to `last` are read: free them.
-                        let trimmed: redis::RedisResult<()> = redis::cmd("XTRIM")
-                            .arg(&key)
-                            .arg("MINID")
-                            .arg("~")
-                            .arg(&last)
-                            .query_async(c)
-                            .await;
+                        let mut trim = redis::cmd("XTRIM");
+                        trim.arg(&key).arg("MINID").arg("~").arg(&last);
+                        let trimmed: redis::RedisResult<()> = c.query(&trim).await;
                         if let Err(err) = trimmed {
                             tracing::debug!(error = %err, "trimming the inbox failed");
                         }
@@ -106,13 +106,8 @@ impl Reader {
         }
     }
 
-    async fn connect(&self) -> Option<MultiplexedConnection> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(BLOCK + Duration::from_secs(2)));
-        let connect = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
+    async fn connect(&self) -> Option<Link> {
+        let connect = Link::open(&self.redis_info, BLOCK + Duration::from_secs(2));
         tokio::select! {
             conn = connect => match conn {
                 Ok(conn) => Some(conn),

@@ -2,7 +2,7 @@
 //!
 //! Every tick a node renews its own heartbeat, declares dead every peer
 //! whose heartbeat is older than dead-after (by PostgreSQL's clock, so
-//! nodes' clocks need not agree), and tells its dispatcher which of the
+//! nodes' clocks need not agree), and tells the listener which of the
 //! peers it talks to are gone, so sends waiting on them fail at once
 //! rather than at their timeout. Redis plays no part: a Redis outage or
 //! restart, or one node losing its Redis connection, kills nobody.
@@ -51,7 +51,7 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
                 for peer in dead {
                     tracing::warn!(peer = %peer, "declared a silent node dead and released its users");
                     delete_inbox(&inner, peer).await;
-                    peer_gone(&inner, peer).await;
+                    peer_gone(&inner, peer);
                 }
             }
             Err(err) => tracing::warn!(error = %err, "cannot check for dead nodes"),
@@ -61,7 +61,7 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
             match queries::gone(&inner.db, &peers, inner.config.dead_after()).await {
                 Ok(gone) => {
                     for peer in gone {
-                        peer_gone(&inner, peer).await;
+                        peer_gone(&inner, peer);
                     }
                 }
                 Err(err) => tracing::warn!(error = %err, "cannot check peers"),
@@ -76,9 +76,9 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
 }
 
 /// Stops sending to `peer` and fails what waits on it.
-async fn peer_gone(inner: &Inner, peer: Uuid) {
+fn peer_gone(inner: &Inner, peer: Uuid) {
     inner.mark_gone(peer);
-    let _ = inner.inbound.send(Inbound::PeerGone(peer)).await;
+    inner.listener.deliver(Inbound::PeerGone(peer));
 }
 
 async fn delete_inbox(inner: &Inner, peer: Uuid) {

@@ -7,16 +7,18 @@
 //!   batches to ([`outbox`]) and that it alone reads, in order ([`inbox`]).
 //! - Membership is a table in PostgreSQL, with heartbeats ([`membership`]).
 //! - What arrives, and what could not be sent, reaches the messaging front
-//!   as [`Inbound`] through one bounded channel.
+//!   as [`Inbound`], handed to its [`Listener`] by the task that read or
+//!   failed it: no hop through another task on the way.
 
 mod inbox;
+mod link;
 mod membership;
 mod outbox;
 pub mod wire;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -30,8 +32,6 @@ use uuid::Uuid;
 use crate::config::ClusterConfig;
 use crate::storage::{self, StorageError};
 
-/// Items waiting for the dispatcher; beyond it the inbox reader waits.
-const INBOUND_QUEUE: usize = 1024;
 /// How many gone incarnations a node remembers, to refuse sends to them.
 const GONE_MEMORY: usize = 1024;
 
@@ -44,6 +44,28 @@ pub enum Inbound {
     Undelivered { to: Uuid, items: Vec<wire::Item> },
     /// A peer is dead or silent past dead-after: nothing it owes will come.
     PeerGone(Uuid),
+}
+
+/// Handles what the cluster hands the messaging front. Called from the
+/// cluster's own tasks (the inbox reader, in the peer's order; the outbox
+/// writers; membership), so it must neither block nor await.
+pub trait Listener: Send + Sync {
+    fn inbound(&self, inbound: Inbound);
+}
+
+/// The listener, once there is one. Weak: the listener holds the cluster.
+#[derive(Clone, Default)]
+struct Listening(Arc<OnceLock<Weak<dyn Listener>>>);
+
+impl Listening {
+    /// Hands `inbound` to the listener. Nothing listens only before
+    /// [`Cluster::listen`], when nothing was sent that could come back, or
+    /// once it is gone, at shutdown.
+    fn deliver(&self, inbound: Inbound) {
+        if let Some(listener) = self.0.get().and_then(Weak::upgrade) {
+            listener.inbound(inbound);
+        }
+    }
 }
 
 /// Why the cluster could not start.
@@ -77,24 +99,31 @@ struct Inner {
     config: ClusterConfig,
     /// Membership and ownership live here.
     db: PgPool,
-    /// Shared connection for writes.
+    /// Shared connection for what is neither read nor written in bulk
+    /// (deleting a dead peer's inbox).
     redis: ConnectionManager,
+    /// Where the inbox reader and the outbox writers connect, each on a
+    /// connection of its own.
+    redis_info: Arc<redis::ConnectionInfo>,
     /// A queue and writer task per peer, made on first use.
     outboxes: DashMap<Uuid, mpsc::Sender<wire::Item>>,
     /// Peers known to be gone, oldest first; sends to them fail at once.
     gone: Mutex<VecDeque<Uuid>>,
-    /// Where undelivered items and peer deaths go.
-    inbound: mpsc::Sender<Inbound>,
-    /// Runs the outbox writers.
+    /// Where what arrives, undelivered items and peer deaths go.
+    listener: Listening,
+    /// Runs the outbox writers and the inbox reader.
     tasks: TaskTracker,
+    /// Stops the inbox reader.
+    shutdown: CancellationToken,
     /// Cancelled when this node finds it was declared dead.
     fenced_out: CancellationToken,
 }
 
 impl Cluster {
     /// Registers a new incarnation (declaring this node's earlier ones
-    /// dead), then starts the inbox reader and the membership loop on
-    /// `tasks`. Redis need not be up: the connections come up when it does.
+    /// dead), then starts the membership loop on `tasks`; [`Cluster::listen`]
+    /// starts reading the inbox. Redis need not be up: the connections come
+    /// up when it does.
     pub async fn start(
         config: &ClusterConfig,
         redis_url: &secrecy::SecretString,
@@ -102,7 +131,7 @@ impl Cluster {
         db: PgPool,
         tasks: &TaskTracker,
         shutdown: &CancellationToken,
-    ) -> Result<(Cluster, mpsc::Receiver<Inbound>), ClusterError> {
+    ) -> Result<Cluster, ClusterError> {
         // TCP_NODELAY, which redis-rs leaves off: with Nagle's algorithm a
         // small write waits for the ACK of the one before it, and the
         // outboxes share one multiplexed connection, so a forward would sit
@@ -110,13 +139,13 @@ impl Cluster {
         let info = redis::IntoConnectionInfo::into_connection_info(redis_url.expose_secret())
             .map_err(ClusterError::RedisUrl)?;
         let tcp = info.tcp_settings().clone().set_nodelay(true);
-        let client =
-            redis::Client::open(info.set_tcp_settings(tcp)).map_err(ClusterError::RedisUrl)?;
+        let info = info.set_tcp_settings(tcp);
+        let client = redis::Client::open(info.clone()).map_err(ClusterError::RedisUrl)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
             .set_response_timeout(Some(std::time::Duration::from_secs(2)))
             .set_max_delay(std::time::Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+        let redis = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(ClusterError::RedisUrl)?;
         let incarnation = Uuid::new_v4();
         let node_id = config
@@ -131,29 +160,39 @@ impl Cluster {
             .await
             .map_err(ClusterError::Register)?;
         tracing::info!(node_id = %node_id, %incarnation, previous = previous.len(), "joined the cluster");
-        let (inbound, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let inner = Arc::new(Inner {
             incarnation,
             config: config.clone(),
             db,
             redis,
+            redis_info: Arc::new(info),
             outboxes: DashMap::new(),
             gone: Mutex::new(VecDeque::new()),
-            inbound: inbound.clone(),
+            listener: Listening::default(),
             tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
             fenced_out: CancellationToken::new(),
         });
-        tasks.spawn(
+        tasks.spawn(membership::run(inner.clone(), shutdown.clone()));
+        Ok(Cluster { inner })
+    }
+
+    /// Starts reading the inbox, handing what arrives to `listener`, as
+    /// well as what could not be sent and which peers are gone. Once only;
+    /// later calls change nothing.
+    pub fn listen(&self, listener: Weak<dyn Listener>) {
+        if self.inner.listener.0.set(listener).is_err() {
+            return;
+        }
+        self.inner.tasks.spawn(
             inbox::Reader {
-                client,
-                me: incarnation,
-                inbound,
-                shutdown: shutdown.clone(),
+                me: self.inner.incarnation,
+                redis_info: self.inner.redis_info.clone(),
+                listener: self.inner.listener.clone(),
+                shutdown: self.inner.shutdown.clone(),
             }
             .run(),
         );
-        tasks.spawn(membership::run(inner.clone(), shutdown.clone()));
-        Ok((Cluster { inner }, inbound_rx))
     }
 
     /// This start of this node.
@@ -195,14 +234,17 @@ impl Inner {
         let (tx, rx) = mpsc::channel(self.config.cluster_queue.max(1));
         let writer = outbox::Writer {
             me: self.incarnation,
+            redis_info: self.redis_info.clone(),
+            listener: self.listener.clone(),
             to,
-            redis: self.redis.clone(),
             batch: self.config.cluster_batch.max(1),
             maxlen: self.config.cluster_inbox_maxlen.max(1),
             stream_ttl_ms: (self.config.dead_after().as_millis() as u64)
                 .saturating_mul(12)
                 .max(60_000),
-            inbound: self.inbound.clone(),
+            link: None,
+            retry_at: None,
+            backoff: outbox::MIN_BACKOFF,
         };
         self.tasks.spawn(writer.run(rx));
         tx

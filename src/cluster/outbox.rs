@@ -3,29 +3,44 @@
 //! round trips scale with batches rather than messages (about 25–30k
 //! unpipelined commands a second on this class of machine).
 //!
+//! Each writer has a connection of its own, driven in its own task
+//! ([`Link`]), and reconnects when it breaks, no sooner than a backoff
+//! after a failed attempt.
+//!
 //! A batch Redis refuses (down, restarting, out of memory) is not retried
-//! here: its items go back to this node's own dispatcher as
+//! here: its items go back to this node's own listener as
 //! [`Inbound::Undelivered`], which fails the sends waiting on them as
 //! retryable. Retrying blindly could deliver a forward twice or out of
 //! order; failing it lets the sender retry with the same client message id.
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use prost::Message as _;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{Inbound, inbox_key, wire};
+use super::link::Link;
+use super::{Inbound, Listening, inbox_key, wire};
+
+/// How long one write waits for Redis's answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Shortest and longest wait after a failed connection attempt before the
+/// next; batches meanwhile fail at once.
+pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What an outbox writer needs besides its queue.
 pub(super) struct Writer {
     /// This node incarnation: the `from` of every batch.
     pub me: Uuid,
+    /// Where to connect.
+    pub redis_info: Arc<redis::ConnectionInfo>,
+    /// Hears what could not be written.
+    pub listener: Listening,
     /// The peer.
     pub to: Uuid,
-    /// Shared, multiplexed, reconnecting connection.
-    pub redis: ConnectionManager,
     /// Most items per stream entry.
     pub batch: usize,
     /// The peer's stream is trimmed to about this many entries.
@@ -33,8 +48,12 @@ pub(super) struct Writer {
     /// The stream's expiry, refreshed by the writes, so the stream of a
     /// peer that died and was never cleaned up goes away by itself.
     pub stream_ttl_ms: u64,
-    /// Where undelivered items go.
-    pub inbound: mpsc::Sender<Inbound>,
+    /// The connection, while it works.
+    pub link: Option<Link>,
+    /// No connection attempt before this, after a failed one.
+    pub retry_at: Option<Instant>,
+    /// The wait after the next failed attempt.
+    pub backoff: Duration,
 }
 
 impl Writer {
@@ -48,8 +67,8 @@ impl Writer {
         let mut refreshed: Option<Instant> = None;
         let mut items = Vec::with_capacity(self.batch);
         while queue.recv_many(&mut items, self.batch.max(1)).await > 0 {
-            // Let the tasks already woken run first: the dispatcher is often
-            // mid-way through an inbox read that answers several units, and
+            // Let the tasks already woken run first: the inbox reader is
+            // often mid-way through a read that answers several units, and
             // what it adds joins this batch rather than costing its own
             // round trip. No timer: nothing waits when nothing else is ready.
             if items.len() < self.batch {
@@ -79,17 +98,18 @@ impl Writer {
             match &written {
                 Ok(true) => refreshed = Some(now),
                 Ok(false) => {}
-                Err(_) => refreshed = None,
+                Err(_) => {
+                    refreshed = None;
+                    // A connection that failed a write may be half gone.
+                    self.link = None;
+                }
             }
             if let Err(err) = written {
                 tracing::warn!(peer = %self.to, error = %err, items = batch.items.len(), "could not write to a peer's inbox");
-                let undelivered = Inbound::Undelivered {
+                self.listener.deliver(Inbound::Undelivered {
                     to: self.to,
                     items: batch.items,
-                };
-                if self.inbound.send(undelivered).await.is_err() {
-                    return;
-                }
+                });
             }
         }
     }
@@ -122,7 +142,33 @@ impl Writer {
                 .arg(self.stream_ttl_ms)
                 .ignore();
         }
-        let (id,): (Option<String>,) = write.query_async(&mut self.redis).await?;
+        let link = self.link().await?;
+        let (id,): (Option<String>,) = link.query_pipe(&write).await?;
         Ok(id.is_some())
+    }
+
+    /// The connection, made now if there is none and the backoff allows.
+    async fn link(&mut self) -> redis::RedisResult<&mut Link> {
+        if self.link.is_none() {
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "Redis was unreachable a moment ago",
+                )));
+            }
+            match Link::open(&self.redis_info, RESPONSE_TIMEOUT).await {
+                Ok(link) => {
+                    self.retry_at = None;
+                    self.backoff = MIN_BACKOFF;
+                    self.link = Some(link);
+                }
+                Err(err) => {
+                    self.retry_at = Some(Instant::now() + self.backoff);
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(self.link.as_mut().expect("made above"))
     }
 }

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::cluster::{Cluster, Inbound};
+use crate::cluster::Cluster;
 use crate::config::MessagingLimits;
 use crate::envelope::{self, EnvelopeType, Message};
 use crate::metrics::Metrics;
@@ -92,6 +92,9 @@ pub enum MessagingError {
     Store(#[source] StoreError),
     #[error("deleting acked messages failed")]
     Ack(#[source] StorageError),
+    /// Cluster mode: reading who owns a user, or claiming one, failed.
+    #[error("finding or claiming the user's node failed")]
+    Ownership(#[source] StorageError),
     /// Cluster mode: the node the message had to go through could not be
     /// reached or did not answer in time; nothing was confirmed, so the
     /// sender retries (with the same client message id).
@@ -106,7 +109,7 @@ impl MessagingError {
         match self {
             MessagingError::Store(StoreError::Storage(err)) => breaks_connection(err),
             MessagingError::Store(StoreError::Closed(_) | StoreError::Dropped) => false,
-            MessagingError::Ack(err) => breaks_connection(err),
+            MessagingError::Ack(err) | MessagingError::Ownership(err) => breaks_connection(err),
             _ => false,
         }
     }
@@ -123,7 +126,9 @@ impl From<MessagingError> for RequestError {
                 tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "the database is unreachable");
                 RequestError::Unavailable("the database is unreachable; retry shortly".into())
             }
-            MessagingError::Store(_) | MessagingError::Ack(_) => RequestError::internal(err),
+            MessagingError::Store(_) | MessagingError::Ack(_) | MessagingError::Ownership(_) => {
+                RequestError::internal(err)
+            }
         }
     }
 }
@@ -202,7 +207,6 @@ struct Inner {
 /// have closed, since they may still wait on peers).
 pub struct ClusterLink {
     pub cluster: Cluster,
-    pub inbound: mpsc::Receiver<Inbound>,
     pub stop: CancellationToken,
 }
 
@@ -235,7 +239,6 @@ impl Relay {
         let remote = cluster.map(|link| {
             remote::Remote::start(
                 link.cluster,
-                link.inbound,
                 db.clone(),
                 registry.clone(),
                 store.clone(),

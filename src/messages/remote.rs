@@ -26,14 +26,14 @@
 //!   the user's socket.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use prost::Message as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,7 +47,7 @@ use super::registry::{Registry, Route};
 use super::store::{StoreWriter, ToStore};
 use super::{Delivery, MessagingError};
 use crate::cluster::wire::{self, DeliveryResult, Envelope, Kind};
-use crate::cluster::{Cluster, Inbound};
+use crate::cluster::{Cluster, Inbound, Listener};
 use crate::envelope::{EnvelopeType, Message};
 use crate::metrics::{ForwardResult, HandoffResult, Metrics};
 use crate::protocol::{Close, proto};
@@ -118,6 +118,8 @@ enum RoutedAnswer {
 
 /// Cluster mode's part of the relay. See the module docs.
 pub(super) struct Remote {
+    /// Itself, for what it hands to spawned tasks when the cluster calls it.
+    this: Weak<Remote>,
     cluster: Cluster,
     /// This node incarnation.
     me: Uuid,
@@ -160,7 +162,6 @@ impl Remote {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         cluster: Cluster,
-        inbound: mpsc::Receiver<Inbound>,
         db: Database,
         registry: Registry,
         store: StoreWriter,
@@ -169,7 +170,8 @@ impl Remote {
         stop: CancellationToken,
     ) -> Arc<Remote> {
         let config = cluster.config().clone();
-        let remote = Arc::new(Remote {
+        let remote = Arc::new_cyclic(|this| Remote {
+            this: this.clone(),
             me: cluster.incarnation(),
             cluster,
             db,
@@ -197,7 +199,8 @@ impl Remote {
                 (remote.lanes.len() as i64, remote.units.len() as i64)
             })
         });
-        tasks.spawn(remote.clone().dispatch(inbound, stop.clone()));
+        let listener: Weak<dyn Listener> = Arc::downgrade(&remote) as Weak<Remote>;
+        remote.cluster.listen(listener);
         tasks.spawn(remote.clone().watch(stop));
         remote
     }
@@ -272,7 +275,7 @@ impl Remote {
             let recipient = message.recipient_id;
             let owner = storage::cluster::owner(&remote.db, recipient)
                 .await
-                .map_err(MessagingError::Ack)?;
+                .map_err(MessagingError::Ownership)?;
             remote.learn_owner(recipient, owner);
             let Some(owner) = owner.filter(|o| *o != remote.me) else {
                 if let Some(attempt) = attempt {
@@ -607,7 +610,7 @@ impl Remote {
         // Usually nobody else holds the user, and this is the whole claim.
         let first = storage::cluster::claim_if_free(&self.db, user, self.me)
             .await
-            .map_err(MessagingError::Ack)?;
+            .map_err(MessagingError::Ownership)?;
         let (claim, owner) = match first.epoch {
             Some(epoch) => {
                 let claim = storage::cluster::Claim {
@@ -624,7 +627,7 @@ impl Remote {
                 }
                 let claim = storage::cluster::claim(&self.db, user, self.me)
                     .await
-                    .map_err(MessagingError::Ack)?;
+                    .map_err(MessagingError::Ownership)?;
                 (claim, owner)
             }
         };
@@ -806,41 +809,31 @@ impl Remote {
 
     // ----------------------------------------------------------- receiving
 
-    /// Handles what peers send, in order, until stopped.
-    async fn dispatch(
-        self: Arc<Self>,
-        mut inbound: mpsc::Receiver<Inbound>,
-        stop: CancellationToken,
-    ) {
-        loop {
-            let next = tokio::select! {
-                next = inbound.recv() => next,
-                () = stop.cancelled() => return,
-            };
-            let Some(next) = next else { return };
-            match next {
-                Inbound::Items { from, items } => {
-                    for item in items {
-                        if let Some(kind) = item.kind {
-                            self.receive(from, kind);
-                        }
+    /// Handles what the cluster hands over: what a peer sent (in its
+    /// order), what could not be sent, a peer's death.
+    fn inbound(self: &Arc<Self>, inbound: Inbound) {
+        match inbound {
+            Inbound::Items { from, items } => {
+                for item in items {
+                    if let Some(kind) = item.kind {
+                        self.receive(from, kind);
                     }
                 }
-                Inbound::Undelivered { to, items } => {
-                    self.metrics.cluster_undelivered.inc_by(items.len() as u64);
-                    for kind in items.into_iter().filter_map(|i| i.kind) {
-                        match kind {
-                            Kind::Forward(f) => self.fail_unit(f.unit, "Redis refused the forward"),
-                            Kind::Release(r) => {
-                                self.releases.remove(&r.request);
-                            }
-                            _ => {}
-                        }
-                    }
-                    tracing::debug!(peer = %to, "items to a peer were not delivered");
-                }
-                Inbound::PeerGone(peer) => self.peer_gone(peer),
             }
+            Inbound::Undelivered { to, items } => {
+                self.metrics.cluster_undelivered.inc_by(items.len() as u64);
+                for kind in items.into_iter().filter_map(|i| i.kind) {
+                    match kind {
+                        Kind::Forward(f) => self.fail_unit(f.unit, "Redis refused the forward"),
+                        Kind::Release(r) => {
+                            self.releases.remove(&r.request);
+                        }
+                        _ => {}
+                    }
+                }
+                tracing::debug!(peer = %to, "items to a peer were not delivered");
+            }
+            Inbound::PeerGone(peer) => self.peer_gone(peer),
         }
     }
 
@@ -1038,6 +1031,14 @@ impl Remote {
         }
         self.releases.retain(|_, (to, _)| *to != peer);
         self.owners.retain(|_, owner| *owner != peer);
+    }
+}
+
+impl Listener for Remote {
+    fn inbound(&self, inbound: Inbound) {
+        if let Some(this) = self.this.upgrade() {
+            Remote::inbound(&this, inbound);
+        }
     }
 }
 

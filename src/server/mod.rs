@@ -161,7 +161,7 @@ impl Server {
         let (cluster, fenced_out) = match &config.cluster.redis_url {
             None => (None, None),
             Some(url) => {
-                let (cluster, inbound) = Cluster::start(
+                let cluster = Cluster::start(
                     &config.cluster,
                     url,
                     config.listen,
@@ -173,7 +173,6 @@ impl Server {
                 let fenced_out = cluster.fenced_out();
                 let link = ClusterLink {
                     cluster,
-                    inbound,
                     stop: cluster_stop.clone(),
                 };
                 (Some(link), Some(fenced_out))
