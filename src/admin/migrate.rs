@@ -97,5 +97,9 @@ fn check(database: &str, status: &schema::SchemaStatus) -> Outcome {
         );
         Exit::Success
     };
-    Outcome { output, exit }
+    Outcome {
+        output,
+        note: None,
+        exit,
+    }
 }

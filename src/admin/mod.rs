@@ -85,6 +85,9 @@ impl Exit {
 pub struct Outcome {
     /// Lines for stdout, newline-terminated.
     pub output: String,
+    /// A line for stderr, beside the output rather than in it (how to see
+    /// the next page), newline-terminated.
+    pub note: Option<String>,
     pub exit: Exit,
 }
 
@@ -92,6 +95,7 @@ impl Outcome {
     fn success(output: String) -> Self {
         Outcome {
             output,
+            note: None,
             exit: Exit::Success,
         }
     }

@@ -40,6 +40,9 @@ async fn run_admin(command: &AdminCommand, config: &Config, settings: &[Setting]
             let _ = stdout
                 .write_all(outcome.output.as_bytes())
                 .and_then(|()| stdout.flush());
+            if let Some(note) = &outcome.note {
+                let _ = std::io::stderr().lock().write_all(note.as_bytes());
+            }
             ExitCode::from(outcome.exit.code())
         }
         Err(err) => {

@@ -14,6 +14,7 @@
 //! the configured deadline.
 
 pub mod admin;
+mod cut_off;
 pub mod handshake;
 pub mod http;
 pub mod proxy;
@@ -227,6 +228,7 @@ impl Server {
         } = self;
         let fenced_out = fenced_out.unwrap_or_default();
         background.spawn(sweeper::run(state.clone(), shutdown.clone()));
+        background.spawn(cut_off::run(state.clone(), shutdown.clone()));
         background.spawn(health::probe(
             state.db().pool().clone(),
             state.health().clone(),

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod cluster;
+pub mod cut_off;
 pub mod keys;
 pub mod messages;
 pub mod reader;

@@ -87,13 +87,48 @@ pub struct UserSummary {
     pub created_at: Option<DateTime<Utc>>,
 }
 
-/// Every user, oldest first (ties by name), without password hashes.
-pub async fn list(db: &PgPool) -> Result<Vec<UserSummary>, StorageError> {
-    Ok(
-        sqlx::query_as("SELECT id, username, created_at FROM users ORDER BY created_at, username")
-            .fetch_all(db)
-            .await?,
+/// Users, oldest first (ties by id), without password hashes: at most
+/// `limit`, and only those after the user named `after` in that order.
+/// None: no user is named `after`.
+///
+/// A keyset, not an offset: a page costs the same wherever it starts, and
+/// users created or deleted meanwhile neither repeat nor skip others.
+/// `created_at` may be NULL in the spec's schema; such rows come last.
+pub async fn list(
+    db: &PgPool,
+    limit: u32,
+    after: Option<&str>,
+) -> Result<Option<Vec<UserSummary>>, StorageError> {
+    let cursor: Option<(Option<DateTime<Utc>>, Uuid)> = match after {
+        None => None,
+        Some(name) => {
+            let found = sqlx::query_as(
+                "SELECT created_at, id FROM users WHERE lower(username) = lower($1)",
+            )
+            .bind(name)
+            .fetch_optional(db)
+            .await?;
+            match found {
+                Some(cursor) => Some(cursor),
+                None => return Ok(None),
+            }
+        }
+    };
+    let (after_at, after_id) = cursor.unzip();
+    let users = sqlx::query_as(
+        "SELECT id, username, created_at FROM users
+         WHERE $3::uuid IS NULL
+            OR ($2::timestamptz IS NOT NULL AND (created_at IS NULL OR (created_at, id) > ($2, $3)))
+            OR ($2::timestamptz IS NULL AND created_at IS NULL AND id > $3)
+         ORDER BY created_at NULLS LAST, id
+         LIMIT $1",
     )
+    .bind(i64::from(limit))
+    .bind(after_at.flatten())
+    .bind(after_id)
+    .fetch_all(db)
+    .await?;
+    Ok(Some(users))
 }
 
 /// What the relay holds for one user, as counts: never a hash or a key.

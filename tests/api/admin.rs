@@ -13,7 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use uuid::Uuid;
 
-use crate::helpers::{WAIT, unique};
+use crate::helpers::{WAIT, unique, wait_until};
 
 /// Runs `relay ARGS` with only `env` in its environment (nothing of this
 /// process's DATABASE_URL or RELAY_* leaks in).
@@ -337,6 +337,44 @@ async fn users_list_show_revoke_and_delete() {
     assert_eq!(rows[0][1], alice_auth.user_id.to_string());
     assert!(rows[0][2].ends_with('Z'), "RFC 3339 UTC: {text}");
     assert_eq!(rows[1][0], bob);
+    assert_eq!(stderr(&list), "", "nothing more follows");
+
+    // A page at a time: stderr says how to go on, stdout stays the list.
+    let first = relay(&["users", "list", "--limit", "1"], &env).await;
+    assert_exit(&first, 0, "users list --limit 1");
+    let text = stdout(&first);
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{text}");
+    assert!(rows[0].starts_with(&alice), "{text}");
+    assert_eq!(
+        stderr(&first),
+        format!("more users follow: relay users list --limit 1 --after {alice}\n")
+    );
+    let next = relay(
+        &[
+            "users",
+            "list",
+            "--limit",
+            "1",
+            "--after",
+            &alice.to_uppercase(),
+        ],
+        &env,
+    )
+    .await;
+    assert_exit(&next, 0, "users list --after");
+    let text = stdout(&next);
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{text}");
+    assert!(rows[0].starts_with(&bob), "{text}");
+    assert_eq!(stderr(&next), "", "bob is the last");
+    let past = relay(&["users", "list", "--after", &bob], &env).await;
+    assert_exit(&past, 0, "users list after the last");
+    assert_eq!(stdout(&past).lines().count(), 1, "only the header");
+    let unknown = relay(&["users", "list", "--after", "nobody-has-this-name"], &env).await;
+    assert_exit(&unknown, 4, "users list --after an unknown name");
+    let zero = relay(&["users", "list", "--limit", "0"], &env).await;
+    assert_exit(&zero, 2, "users list --limit 0");
 
     // Any letter case finds her.
     let show = relay(&["users", "show", &alice.to_uppercase()], &env).await;
@@ -522,4 +560,52 @@ async fn without_a_subcommand_relay_still_serves() {
 
     let status = crate::helpers::terminate(&mut child).await;
     assert!(status.success(), "{status}");
+}
+
+/// An operator's `users revoke-sessions` and `users delete` run in another
+/// process. The relay holding the user's socket hears of it through
+/// PostgreSQL and closes the socket at once (4401 "session token revoked",
+/// 1000 "account deleted"), rather than leaving it open until it
+/// reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_cutting_a_user_off_closes_their_socket() {
+    let app = spawn_app().await;
+    let url = url_of(&app);
+    let env = [("DATABASE_URL", url.as_str())];
+    let carol = unique("carol");
+    let (_client, mut events, _auth) = app.register_live(&carol).await;
+    // The relay listens on a connection of its own; a notification sent
+    // before it listens is not heard (and the test would wait in vain).
+    wait_until("the relay listens for users cut off", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%relay_cut_off%'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+
+    let out = relay(&["users", "revoke-sessions", &carol], &env).await;
+    assert_exit(&out, 0, "users revoke-sessions");
+    let closed = tokio::time::timeout(WAIT, events.closed())
+        .await
+        .expect("the socket closed in time");
+    assert_eq!(closed.code, Some(4401), "{closed:?}");
+    assert_eq!(closed.reason, "session token revoked");
+
+    let (client, mut events) = app.connect().await;
+    client
+        .login(&carol, "password123")
+        .await
+        .expect("log in again");
+    let out = relay(&["users", "delete", &carol, "--yes"], &env).await;
+    assert_exit(&out, 0, "users delete");
+    let closed = tokio::time::timeout(WAIT, events.closed())
+        .await
+        .expect("the socket closed in time");
+    assert_eq!(closed.code, Some(1000), "{closed:?}");
+    assert_eq!(closed.reason, "account deleted");
 }

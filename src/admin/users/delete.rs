@@ -1,7 +1,8 @@
 //! `relay users delete NAME --yes`: what DeleteAccount does, without the
 //! password: the user row goes, and the database's cascades remove their
 //! keys, sessions and queued messages. Messages they sent to others stay
-//! deliverable (their sender becomes unknown). Without `--yes` it only
+//! deliverable (their sender becomes unknown). Running relays close the
+//! user's socket. Without `--yes` it only
 //! says what it would delete: nothing brings an account back.
 
 use sqlx::PgPool;
@@ -20,7 +21,7 @@ pub async fn run(db: &PgPool, name: &str, confirmed: bool) -> Result<Outcome, Ad
         )));
     }
     // Gone between the two statements: someone else deleted it.
-    if !storage::users::delete(db, user.id).await? {
+    if !storage::cut_off::delete_user(db, user.id).await? {
         return Err(AdminError::UnknownUser(name.to_owned()));
     }
     tracing::info!(user_id = %user.id, "account deleted by an admin");

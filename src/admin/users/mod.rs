@@ -15,8 +15,15 @@ use crate::config::Config;
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum UsersCommand {
-    /// Every user: username, id, created (oldest first).
-    List,
+    /// Users, oldest first: username, id, created. A page at a time.
+    List {
+        /// Most users shown; stderr says how to go on when more follow.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        limit: u32,
+        /// Start after this user (the last name of the previous page).
+        #[arg(long, value_name = "NAME")]
+        after: Option<String>,
+    },
     /// One user's id, creation time, key counts, queued messages and live
     /// sessions.
     Show {
@@ -43,7 +50,7 @@ pub enum UsersCommand {
 pub async fn run(command: &UsersCommand, config: &Config) -> Result<Outcome, AdminError> {
     let db = current_database(config).await?;
     let outcome = match command {
-        UsersCommand::List => list::run(&db).await,
+        UsersCommand::List { limit, after } => list::run(&db, *limit, after.as_deref()).await,
         UsersCommand::Show { name } => show::run(&db, name).await,
         UsersCommand::Delete { name, yes } => delete::run(&db, name, *yes).await,
         UsersCommand::RevokeSessions { name } => revoke_sessions::run(&db, name).await,
