@@ -71,11 +71,18 @@ impl AppState {
             &metrics,
         )
         .await?;
-        let hasher = PasswordHasher::new(
+        // Off the async workers: making the hasher hashes its dummy
+        // password, a whole Argon2 run.
+        let (concurrency, queue, per_address) = (
             limits.auth.argon2_concurrency,
             limits.auth.argon2_queue,
             limits.auth.argon2_queue_per_address,
         );
+        let hasher = tokio::task::spawn_blocking(move || {
+            PasswordHasher::new(concurrency, queue, per_address)
+        })
+        .await
+        .unwrap_or_else(|panicked| std::panic::resume_unwind(panicked.into_panic()));
         metrics.sample_argon2_queue(hasher.depth_reader());
         metrics.sample_argon2_abandoned(hasher.abandoned_reader());
         let pool = db.pool().clone();
