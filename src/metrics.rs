@@ -133,7 +133,8 @@ pub enum ForwardResult {
 pub enum HandoffResult {
     /// The old node let go and said so.
     released,
-    /// No answer within the release timeout: claimed anyway.
+    /// No answer within the release timeout, or the request could not be
+    /// sent: claimed anyway.
     timed_out,
 }
 

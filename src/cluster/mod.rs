@@ -133,9 +133,9 @@ impl Cluster {
         shutdown: &CancellationToken,
     ) -> Result<Cluster, ClusterError> {
         // TCP_NODELAY, which redis-rs leaves off: with Nagle's algorithm a
-        // small write waits for the ACK of the one before it, and the
-        // outboxes share one multiplexed connection, so a forward would sit
-        // behind another peer's unanswered batch.
+        // small write waits for the ACK of the one before it. (The inbox
+        // reader and the outbox writers connect through `link`, which sets
+        // it too; this is the shared connection's.)
         let info = redis::IntoConnectionInfo::into_connection_info(redis_url.expose_secret())
             .map_err(ClusterError::RedisUrl)?;
         let tcp = info.tcp_settings().clone().set_nodelay(true);

@@ -98,10 +98,11 @@ impl Writer {
             match &written {
                 Ok(true) => refreshed = Some(now),
                 Ok(false) => {}
-                Err(_) => {
+                Err(err) => {
                     refreshed = None;
-                    // A connection that failed a write may be half gone.
-                    self.link = None;
+                    if !Link::survives(err) {
+                        self.link = None;
+                    }
                 }
             }
             if let Err(err) = written {
@@ -149,6 +150,9 @@ impl Writer {
 
     /// The connection, made now if there is none and the backoff allows.
     async fn link(&mut self) -> redis::RedisResult<&mut Link> {
+        if self.link.as_mut().is_some_and(Link::is_closed) {
+            self.link = None;
+        }
         if self.link.is_none() {
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 return Err(redis::RedisError::from((

@@ -668,7 +668,13 @@ impl Remote {
         );
         if asked.is_ok() {
             match tokio::time::timeout(self.release_timeout, wait).await {
-                Ok(_) => self.metrics.cluster_handoff(HandoffResult::released),
+                Ok(Ok(())) => self.metrics.cluster_handoff(HandoffResult::released),
+                // Redis refused the request: the old node cannot hear it,
+                // and waiting longer would not change that.
+                Ok(Err(_)) => {
+                    self.metrics.cluster_handoff(HandoffResult::timed_out);
+                    tracing::warn!(user_id = %user, peer = %owner, "could not ask the previous node to let go; claiming anyway");
+                }
                 Err(_) => {
                     self.metrics.cluster_handoff(HandoffResult::timed_out);
                     tracing::warn!(user_id = %user, peer = %owner, "the previous node did not let go in time; claiming anyway");

@@ -13,6 +13,12 @@ use crate::storage::cut_off::{self, CutOff};
 /// Shortest and longest wait before listening again after a failure.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the listening connection is checked, and how long the check
+/// may take. It only ever receives, so a connection lost without a word
+/// (a firewall's idle cut, a database host gone) would otherwise be waited
+/// on forever, every cut-off missed and nothing logged.
+const CHECK_EVERY: Duration = Duration::from_secs(30);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listens until `shutdown`, again after every failure.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
@@ -24,9 +30,25 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
         };
         match listening {
             Ok(mut listener) => loop {
+                let mut check = tokio::time::interval_at(
+                    tokio::time::Instant::now() + CHECK_EVERY,
+                    CHECK_EVERY,
+                );
                 let next = tokio::select! {
                     () = shutdown.cancelled() => return,
                     next = listener.try_recv() => next,
+                    _ = check.tick() => {
+                        let answered = tokio::time::timeout(
+                            CHECK_TIMEOUT,
+                            sqlx::query("SELECT 1").execute(&mut listener),
+                        )
+                        .await;
+                        if matches!(answered, Ok(Ok(_))) {
+                            continue;
+                        }
+                        tracing::warn!("the connection that hears of users cut off by an operator stopped answering; listening again");
+                        break;
+                    }
                 };
                 match next {
                     Ok(Some(notification)) => {

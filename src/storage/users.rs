@@ -91,9 +91,12 @@ pub struct UserSummary {
 /// `limit`, and only those after the user named `after` in that order.
 /// None: no user is named `after`.
 ///
-/// A keyset, not an offset: a page costs the same wherever it starts, and
-/// users created or deleted meanwhile neither repeat nor skip others.
-/// `created_at` may be NULL in the spec's schema; such rows come last.
+/// A keyset, not an offset: users created or deleted meanwhile neither
+/// repeat nor skip others. (If the user named `after` is deleted, there is
+/// nothing to continue from: None, and the caller starts again.) Each page
+/// scans the table, as nothing indexes `created_at`; memory stays bounded
+/// by `limit`. `created_at` may be NULL in the spec's schema; such rows
+/// come last.
 pub async fn list(
     db: &PgPool,
     limit: u32,

@@ -348,7 +348,7 @@ async fn users_list_show_revoke_and_delete() {
     assert!(rows[0].starts_with(&alice), "{text}");
     assert_eq!(
         stderr(&first),
-        format!("more users follow: relay users list --limit 1 --after {alice}\n")
+        format!("more users follow: relay users list --limit 1 --after={alice}\n")
     );
     let next = relay(
         &[

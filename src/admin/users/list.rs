@@ -40,7 +40,8 @@ pub async fn run(db: &PgPool, limit: u32, after: Option<&str>) -> Result<Outcome
     let mut outcome = Outcome::success(output);
     if more && let Some(last) = users.last() {
         outcome.note = Some(format!(
-            "more users follow: relay users list --limit {limit} --after {}\n",
+            // `=`: a name may start with `-`, which would read as a flag.
+            "more users follow: relay users list --limit {limit} --after={}\n",
             last.username
         ));
     }
