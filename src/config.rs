@@ -114,8 +114,11 @@ pub struct ClusterConfig {
 
     /// How long a node taking over a user waits for the node that held
     /// them to close its socket and store what it held, before claiming
-    /// the user anyway.
-    #[arg(long, env = "RELAY_CLUSTER_RELEASE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(..=MAX_MS), default_value_t = 3000)]
+    /// the user anyway. Also each node's lease on its users: a node that
+    /// cannot confirm its claims in PostgreSQL for this long stops
+    /// delivering (see docs/cluster.md); it checks them three times per
+    /// term (at most every 2 s).
+    #[arg(long, env = "RELAY_CLUSTER_RELEASE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(100..=MAX_MS), default_value_t = 3000)]
     pub cluster_release_timeout_ms: u64,
 
     /// Longest a message forwarded to another node waits for its outcome

@@ -593,10 +593,7 @@ where
             let read_more = self.requests.len() < 2 * max_in_flight;
             let result = tokio::select! {
                 _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
-                _ = &mut kicked => {
-                    let reason = self.close_reason.get().cloned().unwrap_or(Close::DISPLACED);
-                    return End::Close(reason);
-                }
+                _ = &mut kicked => return End::Close(self.kicked_reason()),
                 inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound(inbound).await,
                 Some((counted, request_id, outcome)) = self.requests.next() => self.on_reply(counted, request_id, outcome).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
@@ -792,6 +789,14 @@ where
                     delivery.waiter.finish(Delivery::Dropped);
                     return Writing::Done(Some(Ok(())));
                 }
+                if let Some(close) = self.delivery_barred() {
+                    // Stored with whatever else we hold as we finish, while
+                    // this node still owns the user (or forwarded to the
+                    // node that took them over).
+                    let stored = self.state.relay().hand_back(vec![delivery]);
+                    self.handoffs.push(stored.boxed());
+                    return Writing::Done(Some(Err(End::Close(close))));
+                }
                 let frame = self.conn.encode_deliver(&delivery.message);
                 if !delivery.message.ephemeral {
                     // Ephemeral messages skip the queue order, so their
@@ -816,6 +821,10 @@ where
             Ok(Step::Deliver(batch)) => {
                 let now = envelope::now_ms();
                 for message in batch.iter().filter(|m| !m.is_expired(now)) {
+                    if let Some(close) = self.delivery_barred() {
+                        // The rest stays stored, for the user's next socket.
+                        return Err(End::Close(close));
+                    }
                     let frame = self.conn.encode_deliver(message);
                     self.write_encoded(frame).await?;
                     self.ledger.received += 1;
@@ -834,6 +843,23 @@ where
                 Err(End::Close(Close::DRAIN_FAILED))
             }
         }
+    }
+
+    /// Why no more messages may be written to this socket, if so. Checked
+    /// before each one, not only when the loop next looks: a node taking
+    /// the user over waits for this socket to stop taking messages (it was
+    /// closed, or this node's cluster lease ran out), and a write after
+    /// that could pass a message the new node stored meanwhile.
+    fn delivery_barred(&self) -> Option<Close> {
+        if self.kick.is_cancelled() {
+            return Some(self.kicked_reason());
+        }
+        (!self.state.relay().may_deliver()).then_some(Close::LEASE_LAPSED)
+    }
+
+    /// Why we were closed.
+    fn kicked_reason(&self) -> Close {
+        self.close_reason.get().cloned().unwrap_or(Close::DISPLACED)
     }
 
     /// Stores live messages whose ack is overdue and answers their senders

@@ -481,6 +481,16 @@ impl Relay {
         (to_store, through_lanes)
     }
 
+    /// Whether messages may be written to the sockets here. Always, on a
+    /// single node; in cluster mode only while this node's lease on its
+    /// users holds: past it, another node may have taken them over.
+    pub fn may_deliver(&self) -> bool {
+        self.inner
+            .remote
+            .as_ref()
+            .is_none_or(|remote| remote.may_deliver())
+    }
+
     /// Stores live messages a connection held but that were not acked,
     /// answering each sender: `queued` once stored, `dropped` for ephemeral
     /// ones. A failed store leaves the sender unanswered (its request

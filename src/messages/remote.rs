@@ -19,10 +19,14 @@
 //!   queued, dropped). The sender's node answers the sender from those; a
 //!   peer that dies or stays silent fails the send as retryable, never as
 //!   a false confirmation.
-//! - **Moving.** A node taking over a user asks the old owner to let go
-//!   (close with 4409, store what it held, release the row), waits for that
-//!   up to a limit, then claims the user in PostgreSQL, which waits for
-//!   stores in flight. A node that finds a user claimed away from it closes
+//! - **Moving.** A node taking over a user records in PostgreSQL that it
+//!   wants them and asks the old owner over Redis to let go (close with
+//!   4409, store what it held, release the row); the owner's periodic
+//!   claim check sees the want too, should the ask not arrive. The new
+//!   node waits for that up to the release timeout, then claims the user,
+//!   which waits for stores in flight. By then the old owner has stopped
+//!   delivering to the user even if it heard nothing: its lease ran out
+//!   (see `lease`). A node that finds a user claimed away from it closes
 //!   the user's socket.
 
 use std::collections::VecDeque;
@@ -40,8 +44,10 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 mod claims;
+mod lease;
 
 use self::claims::{Claim, Claims};
+use self::lease::Lease;
 use super::dedupe::Attempt;
 use super::registry::{Registry, Route};
 use super::store::{StoreWriter, ToStore};
@@ -51,6 +57,7 @@ use crate::cluster::{Cluster, Inbound, Listener};
 use crate::envelope::{EnvelopeType, Message};
 use crate::metrics::{ForwardResult, HandoffResult, Metrics};
 use crate::protocol::{Close, proto};
+use crate::storage::cluster::ClaimCheck;
 use crate::storage::messages::Stored;
 use crate::storage::{self, Database};
 
@@ -60,8 +67,13 @@ const MAX_HOPS: usize = 4;
 /// Most entries in the owner cache; it is cleared when full (a miss costs
 /// one refused store, nothing more).
 const OWNER_CACHE: usize = 100_000;
-/// How often this node checks that it still owns the users connected here.
-const VALIDATE_EVERY: Duration = Duration::from_secs(2);
+/// Longest between two checks that this node still owns the users
+/// connected here (they run three times per lease term, and at least this
+/// often).
+const CHECK_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
+/// How many owners in turn a claim waits on before it fails (each one let
+/// the user go, and another node took them meanwhile).
+const MAX_CLAIM_ROUNDS: usize = 4;
 /// Users per statement of that check. One statement for all of them grew
 /// with the node, and so did the write buffers of the pooled connections
 /// that sent it, which keep their size (390 KB at 4,000 users, by
@@ -152,6 +164,11 @@ pub(super) struct Remote {
     unit_limit: usize,
     forward_timeout: Duration,
     release_timeout: Duration,
+    /// How long this node may deliver to its users without confirming its
+    /// claims on them; the release timeout long.
+    lease: Lease,
+    /// How often the claims are checked (and the lease renewed).
+    check_every: Duration,
     /// Spawned work (forward handling, releases) that shutdown waits for.
     tasks: TaskTracker,
     /// Forwards and hand-offs are counted for operators.
@@ -170,6 +187,7 @@ impl Remote {
         stop: CancellationToken,
     ) -> Arc<Remote> {
         let config = cluster.config().clone();
+        let release_timeout = config.release_timeout();
         let remote = Arc::new_cyclic(|this| Remote {
             this: this.clone(),
             me: cluster.incarnation(),
@@ -188,7 +206,9 @@ impl Remote {
             lane_limit: config.cluster_lane.max(1),
             unit_limit: config.cluster_batch.max(1),
             forward_timeout: config.forward_timeout(),
-            release_timeout: config.release_timeout(),
+            release_timeout,
+            lease: Lease::new(Instant::now(), release_timeout),
+            check_every: (release_timeout / 3).min(CHECK_AT_LEAST_EVERY),
             tasks: tasks.clone(),
             metrics: metrics.clone(),
         });
@@ -208,6 +228,12 @@ impl Remote {
     /// This node incarnation, which the fence checks ownership against.
     pub(super) fn incarnation(&self) -> Uuid {
         self.me
+    }
+
+    /// Whether this node may still deliver to the users connected here:
+    /// it confirmed its claims on them within the lease (see `lease`).
+    pub(super) fn may_deliver(&self) -> bool {
+        self.lease.holds()
     }
 
     fn next_id(&self) -> u64 {
@@ -604,84 +630,94 @@ impl Remote {
     // ----------------------------------------------------------- ownership
 
     /// Makes this node the user's owner, for a connection about to
-    /// register here: asks the previous owner to let go, waits for it (up
-    /// to the release timeout), then claims. Returns the claim's epoch.
+    /// register here: if another node owns them, records the want, waits
+    /// for it to let go (up to the release timeout), then claims. Returns
+    /// the claim's epoch.
     pub(super) async fn claim(&self, user: Uuid) -> Result<i64, MessagingError> {
-        // Usually nobody else holds the user, and this is the whole claim.
-        let first = storage::cluster::claim_if_free(&self.db, user, self.me)
-            .await
-            .map_err(MessagingError::Ownership)?;
-        let (claim, owner) = match first.epoch {
-            Some(epoch) => {
-                let claim = storage::cluster::Claim {
-                    epoch,
-                    previous: first.previous,
-                    max_seq: first.max_seq,
-                };
-                (claim, None)
-            }
-            None => {
-                let owner = first.previous;
-                if let Some(owner) = owner {
-                    self.ask_to_let_go(user, owner).await;
+        let mut take_from = None;
+        for _ in 0..MAX_CLAIM_ROUNDS {
+            // Usually nobody else holds the user, and this is the whole claim.
+            let first = storage::cluster::claim_if_free(&self.db, user, self.me, take_from)
+                .await
+                .map_err(MessagingError::Ownership)?;
+            match (first.epoch, first.previous) {
+                (Some(epoch), previous) => {
+                    tracing::debug!(user_id = %user, epoch, previous = ?previous, "claimed a user");
+                    if let Some(max) = first.max_seq {
+                        self.registry.raise_seq(max);
+                    }
+                    self.owners.remove(&user);
+                    return Ok(epoch);
                 }
-                let claim = storage::cluster::claim(&self.db, user, self.me)
-                    .await
-                    .map_err(MessagingError::Ownership)?;
-                (claim, owner)
+                (None, Some(owner)) => {
+                    self.wait_let_go(user, owner).await;
+                    // It let go, or stopped delivering (its lease ran out):
+                    // the next round takes the user from it, unless another
+                    // node claimed them meanwhile.
+                    take_from = Some(owner);
+                }
+                (None, None) => {}
             }
-        };
-        tracing::debug!(user_id = %user, epoch = claim.epoch, previous = ?claim.previous, "claimed a user");
-        if let Some(max) = claim.max_seq {
-            self.registry.raise_seq(max);
         }
-        self.owners.remove(&user);
-        // Someone claimed the user between our look and our claim (two
-        // connections at once): tell them they lost it.
-        if let Some(previous) = claim
-            .previous
-            .filter(|p| *p != self.me && Some(*p) != owner)
-        {
-            let _ = self.cluster.send(
-                previous,
-                Kind::Release(wire::Release {
-                    request: 0,
-                    user: wire::id_bytes(user),
-                }),
-            );
-        }
-        Ok(claim.epoch)
+        Err(MessagingError::Unreachable(
+            "the user is being taken over by other nodes",
+        ))
     }
 
-    /// Asks `owner` to let the user go, and waits for it up to the release
-    /// timeout (it may be dead or paused: the claim goes ahead anyway).
-    async fn ask_to_let_go(&self, user: Uuid, owner: Uuid) {
+    /// Asks `owner` to let the user go, and waits until it has released
+    /// them or the release timeout has passed (it may be dead, paused or
+    /// cut off). The want is already in PostgreSQL, where the owner's claim
+    /// check finds it: the ask over Redis only makes it quicker, and the
+    /// row is watched too, in case the answer cannot cross Redis.
+    async fn wait_let_go(&self, user: Uuid, owner: Uuid) {
+        let deadline = Instant::now() + self.release_timeout;
         let request = self.next_id();
-        let (released, wait) = oneshot::channel();
+        let (released, answer) = oneshot::channel();
         self.releases.insert(request, (owner, released));
-        let asked = self.cluster.send(
-            owner,
-            Kind::Release(wire::Release {
-                request,
-                user: wire::id_bytes(user),
-            }),
-        );
-        if asked.is_ok() {
-            match tokio::time::timeout(self.release_timeout, wait).await {
-                Ok(Ok(())) => self.metrics.cluster_handoff(HandoffResult::released),
-                // Redis refused the request: the old node cannot hear it,
-                // and waiting longer would not change that.
-                Ok(Err(_)) => {
-                    self.metrics.cluster_handoff(HandoffResult::timed_out);
-                    tracing::warn!(user_id = %user, peer = %owner, "could not ask the previous node to let go; claiming anyway");
-                }
-                Err(_) => {
-                    self.metrics.cluster_handoff(HandoffResult::timed_out);
-                    tracing::warn!(user_id = %user, peer = %owner, "the previous node did not let go in time; claiming anyway");
+        let asked = self
+            .cluster
+            .send(
+                owner,
+                Kind::Release(wire::Release {
+                    request,
+                    user: wire::id_bytes(user),
+                }),
+            )
+            .is_ok();
+        let heard = async {
+            // An error: Redis refused the ask, or the owner died; the row
+            // still tells.
+            if !(asked && answer.await.is_ok()) {
+                std::future::pending::<()>().await;
+            }
+        };
+        let row_left = async {
+            loop {
+                tokio::time::sleep(self.check_every / 2).await;
+                match storage::cluster::owner(&self.db, user).await {
+                    Ok(now) if now != Some(owner) => return,
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::debug!(user_id = %user, error = %err, "cannot read a user's owner")
+                    }
                 }
             }
-        }
+        };
+        let let_go = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                () = heard => {}
+                () = row_left => {}
+            }
+        })
+        .await
+        .is_ok();
         self.releases.remove(&request);
+        if let_go {
+            self.metrics.cluster_handoff(HandoffResult::released);
+        } else {
+            self.metrics.cluster_handoff(HandoffResult::timed_out);
+            tracing::warn!(user_id = %user, peer = %owner, asked, "the previous node did not let go in time; claiming anyway");
+        }
     }
 
     /// Records that connection `conn_id` holds the user under `epoch`.
@@ -726,8 +762,24 @@ impl Remote {
     async fn let_go(self: Arc<Self>, from: Uuid, request: u64, user: Uuid) {
         tracing::debug!(user_id = %user, peer = %from, "letting a user go");
         let deadline = Instant::now() + self.release_timeout / 2;
-        let held = self.claims.of(user);
-        if let Some(conn) = self.registry.connection(user) {
+        self.give_up(user, self.claims.of(user), deadline).await;
+        tracing::debug!(user_id = %user, peer = %from, "let a user go");
+        if request != 0 {
+            let _ = self
+                .cluster
+                .send(from, Kind::Released(wire::Released { request }));
+        }
+    }
+
+    /// Gives up the claim `held` on the user, for a node taking them over:
+    /// closes the socket holding it, waits (up to `deadline`) for the
+    /// socket to store what it held and for what the user sent through
+    /// here to be routed, then releases the row, unless a newer claim here
+    /// holds the user by then.
+    async fn give_up(&self, user: Uuid, held: Option<Claim>, deadline: Instant) {
+        if let Some(conn) = self.registry.connection(user)
+            && held.is_none_or(|claim| claim.conn_id == conn.id)
+        {
             conn.close(Close::DISPLACED);
             if tokio::time::timeout_at(deadline, conn.finished())
                 .await
@@ -743,19 +795,12 @@ impl Remote {
         {
             tracing::warn!(user_id = %user, error = %err, "cannot release a user");
         }
-        tracing::debug!(user_id = %user, peer = %from, "let a user go");
-        if request != 0 {
-            let _ = self
-                .cluster
-                .send(from, Kind::Released(wire::Released { request }));
-        }
     }
 
-    /// Periodically: fail forwards past their deadline, and close the
-    /// sockets of users this node no longer owns (claimed by another node
-    /// while this one was paused or cut off, or deleted).
+    /// Periodically: fail forwards past their deadline, and check this
+    /// node's claims (which renews its lease).
     async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(VALIDATE_EVERY);
+        let mut tick = tokio::time::interval(self.check_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -772,45 +817,78 @@ impl Remote {
             for id in late {
                 self.fail_unit(id, "the recipient's node did not answer");
             }
-            let (users, epochs): (Vec<Uuid>, Vec<i64>) = self.claims.epochs().into_iter().unzip();
-            for (users, epochs) in users
-                .chunks(VALIDATE_BATCH)
-                .zip(epochs.chunks(VALIDATE_BATCH))
-            {
-                self.close_lost(users, epochs).await;
+            let started = Instant::now();
+            if self.check_claims().await {
+                self.lease.renew(started);
             }
         }
     }
 
-    /// Closes the sockets here of those of `users` (claimed under
-    /// `epochs`) that this node no longer owns.
-    async fn close_lost(&self, users: &[Uuid], epochs: &[i64]) {
-        let lost = match storage::cluster::lost(&self.db, self.me, users, epochs).await {
-            Ok(lost) => lost,
+    /// Checks in PostgreSQL every claim held here: closes the sockets of
+    /// users this node no longer owns (claimed by another node while this
+    /// one was paused or cut off, or deleted), and of users another node
+    /// wants, whom it then gives up. True if every claim was checked, every
+    /// socket that had to close closed (the lease may be renewed).
+    async fn check_claims(self: &Arc<Self>) -> bool {
+        let (users, epochs): (Vec<Uuid>, Vec<i64>) = self.claims.epochs().into_iter().unzip();
+        let mut checked = true;
+        for (users, epochs) in users
+            .chunks(VALIDATE_BATCH)
+            .zip(epochs.chunks(VALIDATE_BATCH))
+        {
+            checked &= self.check_chunk(users, epochs).await;
+        }
+        checked
+    }
+
+    /// [`Remote::check_claims`] of some of the claims.
+    async fn check_chunk(self: &Arc<Self>, users: &[Uuid], epochs: &[i64]) -> bool {
+        let ending = match storage::cluster::check_claims(&self.db, self.me, users, epochs).await {
+            Ok(ending) => ending,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot check this node's claims");
-                return;
+                return false;
             }
         };
-        for (user, epoch, exists) in lost {
+        for (user, epoch, check) in ending {
             let Some(claim) = self.claims.of(user).filter(|c| c.epoch == epoch) else {
                 // Claimed again here since the check began.
                 continue;
             };
-            if !self.claims.forget(user, claim) {
-                continue;
-            }
-            if let Some(conn) = self.registry.connection(user)
-                && conn.id == claim.conn_id
-            {
-                tracing::info!(user_id = %user, exists, "user claimed elsewhere or deleted; closing here");
-                conn.close(if exists {
-                    Close::DISPLACED
-                } else {
-                    Close::ACCOUNT_DELETED
-                });
+            match check {
+                ClaimCheck::Lost { exists } => {
+                    if !self.claims.forget(user, claim) {
+                        continue;
+                    }
+                    if let Some(conn) = self.registry.connection(user)
+                        && conn.id == claim.conn_id
+                    {
+                        tracing::info!(user_id = %user, exists, "user claimed elsewhere or deleted; closing here");
+                        conn.close(if exists {
+                            Close::DISPLACED
+                        } else {
+                            Close::ACCOUNT_DELETED
+                        });
+                    }
+                }
+                ClaimCheck::Wanted => {
+                    tracing::debug!(user_id = %user, "user wanted by another node; letting go");
+                    // Closed now, before the lease is renewed: the socket
+                    // takes nothing more. Storing what it held and releasing
+                    // the row may take longer than a check.
+                    if let Some(conn) = self.registry.connection(user)
+                        && conn.id == claim.conn_id
+                    {
+                        conn.close(Close::DISPLACED);
+                    }
+                    let remote = self.clone();
+                    let deadline = Instant::now() + self.release_timeout / 2;
+                    self.tasks
+                        .spawn(async move { remote.give_up(user, Some(claim), deadline).await });
+                }
             }
         }
+        true
     }
 
     // ----------------------------------------------------------- receiving

@@ -125,6 +125,10 @@ impl Close {
         CloseCode::TryAgainLater,
         "cannot take over the session now; reconnect shortly",
     );
+    pub const LEASE_LAPSED: Close = Close::fixed(
+        CloseCode::TryAgainLater,
+        "this node cannot confirm it still holds the session; reconnect",
+    );
     pub const SESSION_EXPIRED: Close =
         Close::fixed(CloseCode::SessionEnded, "session token expired");
     pub const SESSION_REVOKED: Close =

@@ -112,46 +112,33 @@ pub async fn forget_dead(db: &PgPool, keep: Duration) -> Result<u64, StorageErro
     .rows_affected())
 }
 
-/// A successful claim of a user.
-#[derive(Debug, Clone, Copy, sqlx::FromRow)]
-pub struct Claim {
-    /// Identifies this claim; a release names it.
-    pub epoch: i64,
-    /// Who owned the user just before, if anyone.
-    pub previous: Option<Uuid>,
-    /// The highest sequence number stored for the user.
-    pub max_seq: Option<i64>,
-}
-
 /// What [`claim_if_free`] found.
 #[derive(Debug, Clone, Copy, sqlx::FromRow)]
 pub struct FirstClaim {
     /// Set when the claim was made; `None` when another incarnation owns
-    /// the user (then `previous` names it, and nothing changed).
+    /// the user (then `previous` names it, and the want was recorded).
     pub epoch: Option<i64>,
+    /// Who owned the user just before, if anyone.
     pub previous: Option<Uuid>,
+    /// The highest sequence number stored for the user, which the new
+    /// owner's numbering must exceed.
     pub max_seq: Option<i64>,
 }
 
-/// Claims the user for `me` unless another incarnation owns them, in one
-/// statement (see `relay_claim_if_free`).
-pub async fn claim_if_free(db: &PgPool, user: Uuid, me: Uuid) -> Result<FirstClaim, StorageError> {
+/// Claims the user for `me` unless another incarnation than `take_from`
+/// owns them; then records that `me` wants them, and names the owner (see
+/// `relay_claim_if_free`). A claim waits for stores in flight for the user.
+pub async fn claim_if_free(
+    db: &PgPool,
+    user: Uuid,
+    me: Uuid,
+    take_from: Option<Uuid>,
+) -> Result<FirstClaim, StorageError> {
     Ok(
-        sqlx::query_as("SELECT epoch, previous, max_seq FROM relay_claim_if_free($1, $2)")
+        sqlx::query_as("SELECT epoch, previous, max_seq FROM relay_claim_if_free($1, $2, $3)")
             .bind(user)
             .bind(me)
-            .fetch_one(db)
-            .await?,
-    )
-}
-
-/// Makes `me` the user's owner, once every store in flight for them has
-/// committed (see `relay_claim`).
-pub async fn claim(db: &PgPool, user: Uuid, me: Uuid) -> Result<Claim, StorageError> {
-    Ok(
-        sqlx::query_as("SELECT epoch, previous, max_seq FROM relay_claim($1, $2)")
-            .bind(user)
-            .bind(me)
+            .bind(take_from)
             .fetch_one(db)
             .await?,
     )
@@ -183,24 +170,46 @@ pub async fn owner(db: &PgPool, user: Uuid) -> Result<Option<Uuid>, StorageError
     )
 }
 
-/// Of `users`, those that `me` no longer owns under the given epochs, with
-/// the epoch checked and whether each still exists: their connections here are stale (another
-/// node claimed them, or they were deleted) and must close.
-pub async fn lost(
+/// Why a claim this node holds must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimCheck {
+    /// Another node claimed the user, or the user is gone; `exists` tells
+    /// which, for the close code.
+    Lost { exists: bool },
+    /// Still this node's, but another node waits to take the user over.
+    Wanted,
+}
+
+/// Of `users`, held by `me` under the given epochs, those whose claims must
+/// end: lost (another node claimed them, or they were deleted) or wanted by
+/// another node. The rest are still this node's, and nobody waits for them.
+pub async fn check_claims(
     db: &PgPool,
     me: Uuid,
     users: &[Uuid],
     epochs: &[i64],
-) -> Result<Vec<(Uuid, i64, bool)>, StorageError> {
-    Ok(sqlx::query_as(
-        "SELECT c.u, c.e, EXISTS (SELECT 1 FROM users WHERE id = c.u) \
+) -> Result<Vec<(Uuid, i64, ClaimCheck)>, StorageError> {
+    let rows: Vec<(Uuid, i64, bool, bool)> = sqlx::query_as(
+        "SELECT c.u, c.e, p.user_id IS NOT NULL, EXISTS (SELECT 1 FROM users WHERE id = c.u) \
          FROM unnest($1::uuid[], $2::int8[]) AS c(u, e) \
-         WHERE NOT EXISTS (SELECT 1 FROM relay_presence p \
-                           WHERE p.user_id = c.u AND p.incarnation = $3 AND p.epoch = c.e)",
+         LEFT JOIN relay_presence p \
+                ON p.user_id = c.u AND p.incarnation = $3 AND p.epoch = c.e \
+         WHERE p.user_id IS NULL OR p.wanted_by IS NOT NULL",
     )
     .bind(users)
     .bind(epochs)
     .bind(me)
     .fetch_all(db)
-    .await?)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(user, epoch, held, exists)| {
+            let check = if held {
+                ClaimCheck::Wanted
+            } else {
+                ClaimCheck::Lost { exists }
+            };
+            (user, epoch, check)
+        })
+        .collect())
 }

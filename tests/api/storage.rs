@@ -94,7 +94,9 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
     cluster::register_node(&app.db, other, "node-other")
         .await
         .unwrap();
-    cluster::claim(&app.db, sender.user_id, me).await.unwrap();
+    cluster::claim_if_free(&app.db, sender.user_id, me, None)
+        .await
+        .unwrap();
     let receipt = |original| {
         Message::receipt(
             acker.user_id,
@@ -129,9 +131,10 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
         .execute(&mut *claimer)
         .await
         .unwrap();
-    let blocked = sqlx::query("SELECT * FROM relay_claim($1, $2)")
+    let blocked = sqlx::query("SELECT * FROM relay_claim_if_free($1, $2, $3)")
         .bind(sender.user_id)
         .bind(other)
+        .bind(me)
         .execute(&mut *claimer)
         .await
         .expect_err("the claim must wait for the ack's transaction");
@@ -150,7 +153,7 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
         .await
         .unwrap();
     drop(claimer);
-    cluster::claim(&app.db, sender.user_id, other)
+    cluster::claim_if_free(&app.db, sender.user_id, other, Some(me))
         .await
         .unwrap();
 
@@ -163,4 +166,60 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
     assert_eq!(moved.get(&sender.user_id), Some(&other));
     ack.commit().await.unwrap();
     assert_eq!(stored(second.id).await, 0);
+}
+
+/// Cluster ownership: a node that finds a user owned by another records
+/// that it wants them, and the owner's claim check sees it (so a move
+/// completes without Redis); the claim replaces only the owner it names
+/// as waited on, and a claim that replaced the owner is lost to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wanted_claim_is_seen_by_its_owner_and_taken_only_from_it() {
+    use signal_relay::storage::cluster::{self, ClaimCheck};
+
+    let app = spawn_app().await;
+    let (_u, _u_events, user) = app.register(&crate::helpers::unique("user")).await;
+    let (owner, claimer, third) = (
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+    );
+    let held = cluster::claim_if_free(&app.db, user.user_id, owner, None)
+        .await
+        .unwrap();
+    let epoch = held.epoch.expect("nobody owned the user");
+    let (users, epochs) = ([user.user_id], [epoch]);
+    let check = || cluster::check_claims(&app.db, owner, &users, &epochs);
+    assert_eq!(check().await.unwrap(), vec![], "held, and nobody wants it");
+
+    let wanting = cluster::claim_if_free(&app.db, user.user_id, claimer, None)
+        .await
+        .unwrap();
+    assert_eq!((wanting.epoch, wanting.previous), (None, Some(owner)));
+    assert_eq!(
+        check().await.unwrap(),
+        vec![(user.user_id, epoch, ClaimCheck::Wanted)]
+    );
+
+    // Waited on another owner than this one: not taken, wanted again.
+    let elsewhere = cluster::claim_if_free(&app.db, user.user_id, claimer, Some(third))
+        .await
+        .unwrap();
+    assert_eq!((elsewhere.epoch, elsewhere.previous), (None, Some(owner)));
+
+    let taken = cluster::claim_if_free(&app.db, user.user_id, claimer, Some(owner))
+        .await
+        .unwrap();
+    assert!(taken.epoch.is_some());
+    assert_eq!(taken.previous, Some(owner));
+    assert_eq!(
+        check().await.unwrap(),
+        vec![(user.user_id, epoch, ClaimCheck::Lost { exists: true })]
+    );
+    let wanted_after: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT wanted_by FROM relay_presence WHERE user_id = $1")
+            .bind(user.user_id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(wanted_after, None, "a new claim clears the want");
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::checker::Checker;
 use crate::support::{Cluster, WAIT};
-use crate::traffic::{receive_all, send_all};
+use crate::traffic::{read_until_closed, receive_all, send_all};
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..10])
@@ -133,6 +133,86 @@ async fn typing_is_delivered(
         other => panic!("expected the typing message, got {other:?}"),
     }
     assert_eq!(typing_sent.await.unwrap(), SendOutcome::Delivered);
+}
+
+/// Bob moves to another node while Redis is down, so his old node cannot
+/// be asked to let him go. The new node used to claim him at once, and the
+/// old one went on delivering to his old socket until its next ownership
+/// check: a message Alice sent there after one stored for Bob meanwhile
+/// reached him first. The old node must have stopped delivering to him (it
+/// sees the claim wanted in PostgreSQL, or its lease runs out) before
+/// anyone else takes him.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_moving_while_redis_is_down_keeps_order() {
+    let mut cluster = Cluster::start(3).await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let checker = Arc::new(Checker::default());
+    let (bob_old, mut bob_old_events) = cluster.connect(1, &bob).await;
+    assert!(matches!(
+        next_event(&mut bob_old_events).await,
+        Event::QueueEmpty
+    ));
+    let old_reader = {
+        let (checker, bob) = (checker.clone(), bob.clone());
+        tokio::spawn(async move {
+            read_until_closed(&checker, &bob, &bob_old, &mut bob_old_events, "old").await;
+        })
+    };
+    let (alice_old, _alice_old_events) = cluster.connect(1, &alice).await;
+    cluster.redis.kill().await;
+    // Bob connects to node 3 and leaves again: nobody holds him then.
+    let (bob_new, _bob_new_events) = cluster.connect(2, &bob).await;
+    bob_new.close().await;
+    let db = sqlx::PgPool::connect(&cluster.db_url()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let held: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM relay_presence WHERE user_id = $1")
+                .bind(bob.id)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        if held == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob was never let go"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Alice, now on node 1, sends a first message: stored for Bob.
+    let (alice_new, _alice_new_events) = cluster.connect(0, &alice).await;
+    checker.attempt(alice.id, bob.id, 1, "alice on node 1");
+    let first = alice_new
+        .send(Outgoing::new(bob.id, Bytes::from("1")))
+        .await
+        .unwrap();
+    assert_eq!(first.outcome, SendOutcome::Queued);
+    checker.answered(alice.id, bob.id, 1, first.message_id, first.outcome);
+    // Then a second through her old connection, if node 2 still takes it:
+    // it must not reach Bob before the first.
+    checker.attempt(alice.id, bob.id, 2, "alice on node 2");
+    if let Ok(second) = alice_old
+        .send(Outgoing::new(bob.id, Bytes::from("2")))
+        .await
+    {
+        checker.answered(alice.id, bob.id, 2, second.message_id, second.outcome);
+    }
+    old_reader.await.unwrap();
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        urls(&cluster, &[0]),
+        None,
+        stop.clone(),
+    ));
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    receiver.await.unwrap();
+    checker.verify();
 }
 
 /// A sender moves to another node while the recipient's node is paused

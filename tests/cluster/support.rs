@@ -144,11 +144,24 @@ impl Node {
         for (k, v) in &self.extra {
             command.env(k, v);
         }
-        // Logs go to stdout: shown only when CLUSTER_LOG asks for them.
-        let logs = if std::env::var_os("CLUSTER_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
+        // Logs go to stdout: shown only when CLUSTER_LOG asks for them,
+        // into one file per node (appended to across restarts) when
+        // CLUSTER_LOG_DIR names a directory, as three nodes' lines
+        // interleaved cannot be told apart.
+        let logs = match std::env::var_os("CLUSTER_LOG_DIR") {
+            Some(dir) if std::env::var_os("CLUSTER_LOG").is_some() => {
+                let db = self.db_url.rsplit('/').next().unwrap_or_default();
+                let db = db.split('?').next().unwrap_or_default();
+                let path = std::path::Path::new(&dir).join(format!("{db}-{}.log", self.name));
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map(Stdio::from)
+                    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+            }
+            _ if std::env::var_os("CLUSTER_LOG").is_some() => Stdio::inherit(),
+            _ => Stdio::null(),
         };
         let child = command
             .stdout(logs)

@@ -199,7 +199,8 @@ pub async fn receive_all(
     }
 }
 
-async fn read_until_closed(
+/// Records (and acks) what `events` brings until its connection closes.
+pub async fn read_until_closed(
     checker: &Checker,
     user: &User,
     client: &Client,
