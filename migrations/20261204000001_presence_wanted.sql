@@ -10,12 +10,17 @@
 --   a message stored for the user meanwhile was then passed by a later one
 --   delivered live. A new claim clears it.
 --
--- relay_claim_if_free gains p_take_from: the owner the caller has already
--- waited on for the whole release timeout. That owner has stopped
--- delivering by then (it saw the want, or its lease on its users ran out:
--- see docs/cluster.md), so the claim may replace it; any other owner is
--- asked and waited on first. The claim is therefore never taken from a
--- node that was not asked.
+-- relay_claim_if_free gains p_take_from and p_take_epoch: the claim the
+-- caller has already waited on for the whole release timeout. Its node has
+-- stopped delivering by then (it saw the want, or its lease on its users
+-- ran out: see docs/cluster.md), so the claim may replace it; any other
+-- claim, even a newer one of the same node, is asked and waited on first.
+-- A claim is therefore never taken from a connection nobody asked. It also
+-- names the owner's epoch, for the caller to wait on.
+--
+-- The two-argument relay_claim_if_free of 20261202000002 stays, for nodes
+-- of the previous release during a rolling upgrade (they neither record
+-- nor read wants; see the README's upgrade note).
 --
 -- Every statement may run again (IF NOT EXISTS, OR REPLACE): the admin
 -- test undoes the newest migration by forgetting it was applied.
@@ -39,22 +44,24 @@ BEGIN
         (SELECT max(m.seq) FROM messages m WHERE m.recipient_id = p_user);
 END $$;
 
-DROP FUNCTION IF EXISTS relay_claim_if_free(UUID, UUID);
-
-CREATE OR REPLACE FUNCTION relay_claim_if_free(p_user UUID, p_me UUID, p_take_from UUID)
-RETURNS TABLE (epoch BIGINT, previous UUID, max_seq BIGINT)
+CREATE OR REPLACE FUNCTION relay_claim_if_free(
+    p_user UUID, p_me UUID, p_take_from UUID, p_take_epoch BIGINT)
+RETURNS TABLE (epoch BIGINT, previous UUID, previous_epoch BIGINT, max_seq BIGINT)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_owner UUID;
+    v_epoch BIGINT;
 BEGIN
     -- The lock relay_claim takes too (re-entrant within the transaction),
     -- so the look and the claim are one decision.
     PERFORM pg_advisory_xact_lock(7411, hashtext(p_user::text));
-    SELECT p.incarnation INTO v_owner FROM relay_presence p WHERE p.user_id = p_user;
-    IF v_owner IS NOT NULL AND v_owner <> p_me AND v_owner IS DISTINCT FROM p_take_from THEN
+    SELECT p.incarnation, p.epoch INTO v_owner, v_epoch
+        FROM relay_presence p WHERE p.user_id = p_user;
+    IF v_owner IS NOT NULL AND v_owner <> p_me
+       AND (v_owner IS DISTINCT FROM p_take_from OR v_epoch IS DISTINCT FROM p_take_epoch) THEN
         UPDATE relay_presence SET wanted_by = p_me WHERE user_id = p_user;
-        RETURN QUERY SELECT NULL::BIGINT, v_owner, NULL::BIGINT;
+        RETURN QUERY SELECT NULL::BIGINT, v_owner, v_epoch, NULL::BIGINT;
         RETURN;
     END IF;
-    RETURN QUERY SELECT c.epoch, c.previous, c.max_seq FROM relay_claim(p_user, p_me) AS c;
+    RETURN QUERY SELECT c.epoch, c.previous, v_epoch, c.max_seq FROM relay_claim(p_user, p_me) AS c;
 END $$;

@@ -118,7 +118,7 @@ pub struct ClusterConfig {
     /// cannot confirm its claims in PostgreSQL for this long stops
     /// delivering (see docs/cluster.md); it checks them three times per
     /// term (at most every 2 s).
-    #[arg(long, env = "RELAY_CLUSTER_RELEASE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(100..=MAX_MS), default_value_t = 3000)]
+    #[arg(long, env = "RELAY_CLUSTER_RELEASE_TIMEOUT_MS", value_parser = clap::value_parser!(u64).range(1000..=MAX_MS), default_value_t = 3000)]
     pub cluster_release_timeout_ms: u64,
 
     /// Longest a message forwarded to another node waits for its outcome

@@ -36,6 +36,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use prost::Message as _;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -71,9 +73,9 @@ const OWNER_CACHE: usize = 100_000;
 /// connected here (they run three times per lease term, and at least this
 /// often).
 const CHECK_AT_LEAST_EVERY: Duration = Duration::from_secs(2);
-/// How many owners in turn a claim waits on before it fails (each one let
-/// the user go, and another node took them meanwhile).
-const MAX_CLAIM_ROUNDS: usize = 4;
+/// How many claims in turn a claim waits on before it fails (each one let
+/// the user go, and another connection took them meanwhile).
+const MAX_CLAIM_WAITS: usize = 3;
 /// Users per statement of that check. One statement for all of them grew
 /// with the node, and so did the write buffers of the pooled connections
 /// that sent it, which keep their size (390 KB at 4,000 users, by
@@ -150,6 +152,9 @@ pub(super) struct Remote {
     owners: DashMap<Uuid, Uuid>,
     /// Users claimed by connections here: connection id and claim epoch.
     claims: Claims,
+    /// Claims being given up, by user: the claim's epoch and the work,
+    /// which a second request to give it up waits for.
+    giving_up: DashMap<Uuid, (i64, Shared<BoxFuture<'static, ()>>)>,
     /// Per sender, messages in this node's lanes not yet routed. A user
     /// is let go only once theirs are routed, so what they sent here is
     /// placed before anything they send through their next node.
@@ -200,6 +205,7 @@ impl Remote {
             releases: DashMap::new(),
             owners: DashMap::new(),
             claims: Claims::default(),
+            giving_up: DashMap::new(),
             unrouted: DashMap::new(),
             routed_all: tokio::sync::Notify::new(),
             next_id: AtomicU64::new(1),
@@ -635,41 +641,46 @@ impl Remote {
     /// the claim's epoch.
     pub(super) async fn claim(&self, user: Uuid) -> Result<i64, MessagingError> {
         let mut take_from = None;
-        for _ in 0..MAX_CLAIM_ROUNDS {
+        let mut waits = 0;
+        loop {
             // Usually nobody else holds the user, and this is the whole claim.
             let first = storage::cluster::claim_if_free(&self.db, user, self.me, take_from)
                 .await
                 .map_err(MessagingError::Ownership)?;
-            match (first.epoch, first.previous) {
-                (Some(epoch), previous) => {
-                    tracing::debug!(user_id = %user, epoch, previous = ?previous, "claimed a user");
-                    if let Some(max) = first.max_seq {
-                        self.registry.raise_seq(max);
-                    }
-                    self.owners.remove(&user);
-                    return Ok(epoch);
+            if let Some(epoch) = first.epoch {
+                tracing::debug!(user_id = %user, epoch, previous = ?first.previous, "claimed a user");
+                if let Some(max) = first.max_seq {
+                    self.registry.raise_seq(max);
                 }
-                (None, Some(owner)) => {
-                    self.wait_let_go(user, owner).await;
-                    // It let go, or stopped delivering (its lease ran out):
-                    // the next round takes the user from it, unless another
-                    // node claimed them meanwhile.
-                    take_from = Some(owner);
-                }
-                (None, None) => {}
+                self.owners.remove(&user);
+                return Ok(epoch);
             }
+            let Some(holder) = first.held_by() else {
+                continue;
+            };
+            if waits == MAX_CLAIM_WAITS {
+                return Err(MessagingError::Unreachable(
+                    "the user is being taken over by other nodes",
+                ));
+            }
+            waits += 1;
+            self.wait_let_go(user, holder).await;
+            // That claim let go, or its node stopped delivering (its lease
+            // ran out): the next round takes the user from it, unless
+            // another claim holds them by then.
+            take_from = Some(holder);
         }
-        Err(MessagingError::Unreachable(
-            "the user is being taken over by other nodes",
-        ))
     }
 
-    /// Asks `owner` to let the user go, and waits until it has released
-    /// them or the release timeout has passed (it may be dead, paused or
-    /// cut off). The want is already in PostgreSQL, where the owner's claim
-    /// check finds it: the ask over Redis only makes it quicker, and the
-    /// row is watched too, in case the answer cannot cross Redis.
-    async fn wait_let_go(&self, user: Uuid, owner: Uuid) {
+    /// Asks the node holding `holder` to let the user go, and waits until
+    /// that claim has left the row or the release timeout has passed (the
+    /// node may be dead, paused or cut off). The want is already in
+    /// PostgreSQL, where the holder's claim check finds it: the ask over
+    /// Redis only makes it quicker, and the row is read too (once per
+    /// check period, so a node that hung costs each user moving off it a
+    /// few reads), in case the answer cannot cross Redis.
+    async fn wait_let_go(&self, user: Uuid, holder: storage::cluster::Holder) {
+        let owner = holder.incarnation;
         let deadline = Instant::now() + self.release_timeout;
         let request = self.next_id();
         let (released, answer) = oneshot::channel();
@@ -693,9 +704,9 @@ impl Remote {
         };
         let row_left = async {
             loop {
-                tokio::time::sleep(self.check_every / 2).await;
-                match storage::cluster::owner(&self.db, user).await {
-                    Ok(now) if now != Some(owner) => return,
+                tokio::time::sleep(self.check_every).await;
+                match storage::cluster::holder(&self.db, user).await {
+                    Ok(now) if now != Some(holder) => return,
                     Ok(_) => {}
                     Err(err) => {
                         tracing::debug!(user_id = %user, error = %err, "cannot read a user's owner")
@@ -776,9 +787,47 @@ impl Remote {
     /// socket to store what it held and for what the user sent through
     /// here to be routed, then releases the row, unless a newer claim here
     /// holds the user by then.
-    async fn give_up(&self, user: Uuid, held: Option<Claim>, deadline: Instant) {
+    ///
+    /// A claim is given up once: a second call for it (the check seeing the
+    /// want again, or the ask over Redis arriving too) waits for the first
+    /// to finish, so nobody hears `Released` before the row is gone.
+    async fn give_up(self: &Arc<Self>, user: Uuid, held: Option<Claim>, deadline: Instant) {
+        let Some(claim) = held else {
+            // No claim here, so no row of ours: only a socket on its way out.
+            if let Some(conn) = self.registry.connection(user) {
+                conn.close(Close::DISPLACED);
+                let _ = tokio::time::timeout_at(deadline, conn.finished()).await;
+            }
+            self.sender_settled(user, deadline, None).await;
+            return;
+        };
+        let work = match self.giving_up.entry(user) {
+            Entry::Occupied(under_way) if under_way.get().0 == claim.epoch => {
+                under_way.get().1.clone()
+            }
+            entry => {
+                let remote = self.clone();
+                let work = async move {
+                    remote.let_claim_go(user, claim, deadline).await;
+                    remote
+                        .giving_up
+                        .remove_if(&user, |_, (epoch, _)| *epoch == claim.epoch);
+                }
+                .boxed()
+                .shared();
+                // Replaces the give-up of an older claim, which then does
+                // not remove this one's entry.
+                entry.insert_entry((claim.epoch, work.clone()));
+                work
+            }
+        };
+        work.await;
+    }
+
+    /// [`Remote::give_up`]'s work.
+    async fn let_claim_go(&self, user: Uuid, claim: Claim, deadline: Instant) {
         if let Some(conn) = self.registry.connection(user)
-            && held.is_none_or(|claim| claim.conn_id == conn.id)
+            && conn.id == claim.conn_id
         {
             conn.close(Close::DISPLACED);
             if tokio::time::timeout_at(deadline, conn.finished())
@@ -788,9 +837,8 @@ impl Remote {
                 tracing::warn!(user_id = %user, "a displaced connection did not finish in time");
             }
         }
-        self.sender_settled(user, deadline, held).await;
-        if let Some(claim) = held
-            && self.claims.forget(user, claim)
+        self.sender_settled(user, deadline, Some(claim)).await;
+        if self.claims.forget(user, claim)
             && let Err(err) = storage::cluster::release(&self.db, user, self.me, claim.epoch).await
         {
             tracing::warn!(user_id = %user, error = %err, "cannot release a user");
@@ -818,7 +866,7 @@ impl Remote {
                 self.fail_unit(id, "the recipient's node did not answer");
             }
             let started = Instant::now();
-            if self.check_claims().await {
+            if self.check_claims(started).await {
                 self.lease.renew(started);
             }
         }
@@ -829,20 +877,25 @@ impl Remote {
     /// one was paused or cut off, or deleted), and of users another node
     /// wants, whom it then gives up. True if every claim was checked, every
     /// socket that had to close closed (the lease may be renewed).
-    async fn check_claims(self: &Arc<Self>) -> bool {
+    async fn check_claims(self: &Arc<Self>, started: Instant) -> bool {
         let (users, epochs): (Vec<Uuid>, Vec<i64>) = self.claims.epochs().into_iter().unzip();
         let mut checked = true;
         for (users, epochs) in users
             .chunks(VALIDATE_BATCH)
             .zip(epochs.chunks(VALIDATE_BATCH))
         {
-            checked &= self.check_chunk(users, epochs).await;
+            checked &= self.check_chunk(users, epochs, started).await;
         }
         checked
     }
 
     /// [`Remote::check_claims`] of some of the claims.
-    async fn check_chunk(self: &Arc<Self>, users: &[Uuid], epochs: &[i64]) -> bool {
+    async fn check_chunk(
+        self: &Arc<Self>,
+        users: &[Uuid],
+        epochs: &[i64],
+        started: Instant,
+    ) -> bool {
         let ending = match storage::cluster::check_claims(&self.db, self.me, users, epochs).await {
             Ok(ending) => ending,
             Err(err) => {
@@ -881,8 +934,12 @@ impl Remote {
                     {
                         conn.close(Close::DISPLACED);
                     }
+                    // Half the timeout from the check's start, as `let_go`
+                    // counts from the ask: the want was recorded at most a
+                    // check period before, so this is over before the
+                    // claimer's whole timeout.
                     let remote = self.clone();
-                    let deadline = Instant::now() + self.release_timeout / 2;
+                    let deadline = started + self.release_timeout / 2;
                     self.tasks
                         .spawn(async move { remote.give_up(user, Some(claim), deadline).await });
                 }

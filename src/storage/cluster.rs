@@ -112,36 +112,68 @@ pub async fn forget_dead(db: &PgPool, keep: Duration) -> Result<u64, StorageErro
     .rows_affected())
 }
 
+/// A claim on a user: which node incarnation holds them, under which
+/// epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    pub incarnation: Uuid,
+    pub epoch: i64,
+}
+
 /// What [`claim_if_free`] found.
 #[derive(Debug, Clone, Copy, sqlx::FromRow)]
 pub struct FirstClaim {
-    /// Set when the claim was made; `None` when another incarnation owns
-    /// the user (then `previous` names it, and the want was recorded).
+    /// Set when the claim was made; `None` when another claim holds the
+    /// user (then `previous` names it, and the want was recorded).
     pub epoch: Option<i64>,
     /// Who owned the user just before, if anyone.
     pub previous: Option<Uuid>,
+    /// The epoch of their claim.
+    pub previous_epoch: Option<i64>,
     /// The highest sequence number stored for the user, which the new
     /// owner's numbering must exceed.
     pub max_seq: Option<i64>,
 }
 
-/// Claims the user for `me` unless another incarnation than `take_from`
-/// owns them; then records that `me` wants them, and names the owner (see
+impl FirstClaim {
+    /// The claim found holding the user, if it was not this one's.
+    pub fn held_by(&self) -> Option<Holder> {
+        match (self.epoch, self.previous, self.previous_epoch) {
+            (None, Some(incarnation), Some(epoch)) => Some(Holder { incarnation, epoch }),
+            _ => None,
+        }
+    }
+}
+
+/// Claims the user for `me` unless a claim other than `take_from` holds
+/// them; then records that `me` wants them, and names that claim (see
 /// `relay_claim_if_free`). A claim waits for stores in flight for the user.
 pub async fn claim_if_free(
     db: &PgPool,
     user: Uuid,
     me: Uuid,
-    take_from: Option<Uuid>,
+    take_from: Option<Holder>,
 ) -> Result<FirstClaim, StorageError> {
-    Ok(
-        sqlx::query_as("SELECT epoch, previous, max_seq FROM relay_claim_if_free($1, $2, $3)")
-            .bind(user)
-            .bind(me)
-            .bind(take_from)
-            .fetch_one(db)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT epoch, previous, previous_epoch, max_seq \
+         FROM relay_claim_if_free($1, $2, $3, $4)",
     )
+    .bind(user)
+    .bind(me)
+    .bind(take_from.map(|h| h.incarnation))
+    .bind(take_from.map(|h| h.epoch))
+    .fetch_one(db)
+    .await?)
+}
+
+/// The claim holding the user, if any.
+pub async fn holder(db: &PgPool, user: Uuid) -> Result<Option<Holder>, StorageError> {
+    let row: Option<(Uuid, i64)> =
+        sqlx::query_as("SELECT incarnation, epoch FROM relay_presence WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(db)
+            .await?;
+    Ok(row.map(|(incarnation, epoch)| Holder { incarnation, epoch }))
 }
 
 /// Releases the user's claim under `epoch`, if `me` still owns them under

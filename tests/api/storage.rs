@@ -94,9 +94,13 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
     cluster::register_node(&app.db, other, "node-other")
         .await
         .unwrap();
-    cluster::claim_if_free(&app.db, sender.user_id, me, None)
+    let mine = cluster::claim_if_free(&app.db, sender.user_id, me, None)
         .await
         .unwrap();
+    let mine = cluster::Holder {
+        incarnation: me,
+        epoch: mine.epoch.unwrap(),
+    };
     let receipt = |original| {
         Message::receipt(
             acker.user_id,
@@ -131,10 +135,11 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
         .execute(&mut *claimer)
         .await
         .unwrap();
-    let blocked = sqlx::query("SELECT * FROM relay_claim_if_free($1, $2, $3)")
+    let blocked = sqlx::query("SELECT * FROM relay_claim_if_free($1, $2, $3, $4)")
         .bind(sender.user_id)
         .bind(other)
         .bind(me)
+        .bind(mine.epoch)
         .execute(&mut *claimer)
         .await
         .expect_err("the claim must wait for the ack's transaction");
@@ -153,7 +158,7 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
         .await
         .unwrap();
     drop(claimer);
-    cluster::claim_if_free(&app.db, sender.user_id, other, Some(me))
+    cluster::claim_if_free(&app.db, sender.user_id, other, Some(mine))
         .await
         .unwrap();
 
@@ -170,11 +175,12 @@ async fn receipts_stored_in_an_ack_pass_the_cluster_fence() {
 
 /// Cluster ownership: a node that finds a user owned by another records
 /// that it wants them, and the owner's claim check sees it (so a move
-/// completes without Redis); the claim replaces only the owner it names
-/// as waited on, and a claim that replaced the owner is lost to it.
+/// completes without Redis); a claim replaces only the claim it names as
+/// waited on (not another node's, nor a newer one of the same node), and a
+/// claim that replaced the owner's is lost to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wanted_claim_is_seen_by_its_owner_and_taken_only_from_it() {
-    use signal_relay::storage::cluster::{self, ClaimCheck};
+    use signal_relay::storage::cluster::{self, ClaimCheck, Holder};
 
     let app = spawn_app().await;
     let (_u, _u_events, user) = app.register(&crate::helpers::unique("user")).await;
@@ -183,43 +189,53 @@ async fn a_wanted_claim_is_seen_by_its_owner_and_taken_only_from_it() {
         uuid::Uuid::new_v4(),
         uuid::Uuid::new_v4(),
     );
-    let held = cluster::claim_if_free(&app.db, user.user_id, owner, None)
+    let claim = |me, take_from| cluster::claim_if_free(&app.db, user.user_id, me, take_from);
+    let first = claim(owner, None)
         .await
-        .unwrap();
-    let epoch = held.epoch.expect("nobody owned the user");
-    let (users, epochs) = ([user.user_id], [epoch]);
-    let check = || cluster::check_claims(&app.db, owner, &users, &epochs);
-    assert_eq!(check().await.unwrap(), vec![], "held, and nobody wants it");
+        .unwrap()
+        .epoch
+        .expect("nobody owned the user");
+    let (db, user_id) = (&app.db, user.user_id);
+    let check = |epoch: i64| async move {
+        cluster::check_claims(db, owner, &[user_id], &[epoch])
+            .await
+            .unwrap()
+    };
+    assert_eq!(check(first).await, vec![], "held, and nobody wants it");
 
-    let wanting = cluster::claim_if_free(&app.db, user.user_id, claimer, None)
-        .await
-        .unwrap();
-    assert_eq!((wanting.epoch, wanting.previous), (None, Some(owner)));
+    let wanting = claim(claimer, None).await.unwrap();
+    let held = Holder {
+        incarnation: owner,
+        epoch: first,
+    };
+    assert_eq!((wanting.epoch, wanting.held_by()), (None, Some(held)));
     assert_eq!(
-        check().await.unwrap(),
-        vec![(user.user_id, epoch, ClaimCheck::Wanted)]
+        check(first).await,
+        vec![(user.user_id, first, ClaimCheck::Wanted)]
     );
+    let stale = Holder {
+        incarnation: third,
+        epoch: first,
+    };
+    let elsewhere = claim(claimer, Some(stale)).await.unwrap();
+    assert_eq!(elsewhere.held_by(), Some(held), "waited on another node");
 
-    // Waited on another owner than this one: not taken, wanted again.
-    let elsewhere = cluster::claim_if_free(&app.db, user.user_id, claimer, Some(third))
-        .await
-        .unwrap();
-    assert_eq!((elsewhere.epoch, elsewhere.previous), (None, Some(owner)));
+    // The user reconnects to the owner: a new claim, wanted by nobody, not
+    // taken by a claimer that waited on the old one.
+    let second = claim(owner, None).await.unwrap().epoch.unwrap();
+    assert_eq!(check(second).await, vec![], "a new claim clears the want");
+    let newer = claim(claimer, Some(held)).await.unwrap();
+    let held = Holder {
+        incarnation: owner,
+        epoch: second,
+    };
+    assert_eq!(newer.held_by(), Some(held), "waited on an older claim");
 
-    let taken = cluster::claim_if_free(&app.db, user.user_id, claimer, Some(owner))
-        .await
-        .unwrap();
+    let taken = claim(claimer, Some(held)).await.unwrap();
     assert!(taken.epoch.is_some());
     assert_eq!(taken.previous, Some(owner));
     assert_eq!(
-        check().await.unwrap(),
-        vec![(user.user_id, epoch, ClaimCheck::Lost { exists: true })]
+        check(second).await,
+        vec![(user.user_id, second, ClaimCheck::Lost { exists: true })]
     );
-    let wanted_after: Option<uuid::Uuid> =
-        sqlx::query_scalar("SELECT wanted_by FROM relay_presence WHERE user_id = $1")
-            .bind(user.user_id)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
-    assert_eq!(wanted_after, None, "a new claim clears the want");
 }

@@ -14,6 +14,11 @@
 //! leaves the lease ending before the claimer's timeout does (both count
 //! the same interval from about the same moment, on monotonic clocks).
 //!
+//! The clock is the monotonic one, which a paused process's keeps counting
+//! but a suspended machine's (or virtual machine's) does not: a node woken
+//! from suspend believes its lease younger than it is, until its first
+//! check finds its claims lost or wanted.
+//!
 //! One window stays open: a claim committed here but not yet recorded in
 //! the node's claims when a check starts is not checked by it. The next
 //! check sees it, a third of the timeout later; only a check failing then
