@@ -655,15 +655,16 @@ impl Remote {
                 self.owners.remove(&user);
                 return Ok(epoch);
             }
-            let Some(holder) = first.held_by() else {
-                continue;
-            };
             if waits == MAX_CLAIM_WAITS {
                 return Err(MessagingError::Unreachable(
                     "the user is being taken over by other nodes",
                 ));
             }
             waits += 1;
+            // Not claimed, so the function named the claim holding the user.
+            let Some(holder) = first.held_by() else {
+                continue;
+            };
             self.wait_let_go(user, holder).await;
             // That claim let go, or its node stopped delivering (its lease
             // ran out): the next round takes the user from it, unless
