@@ -39,6 +39,7 @@ use dashmap::mapref::entry::Entry;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use prost::Message as _;
+use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +62,7 @@ use crate::metrics::{ForwardResult, HandoffResult, Metrics};
 use crate::protocol::{Close, proto};
 use crate::storage::cluster::ClaimCheck;
 use crate::storage::messages::Stored;
-use crate::storage::{self, Database};
+use crate::storage::{self, Database, StorageError};
 
 /// How many times a unit may be sent after a user who keeps moving before
 /// its messages fail as retryable.
@@ -640,6 +641,14 @@ impl Remote {
     /// for it to let go (up to the release timeout), then claims. Returns
     /// the claim's epoch.
     pub(super) async fn claim(&self, user: Uuid) -> Result<i64, MessagingError> {
+        // The new socket could take no message until the next check renews
+        // the lease: refused now (1013, retry), it is not let in to be shut
+        // at its first message.
+        if !self.lease.holds() {
+            return Err(MessagingError::Unreachable(
+                "this node cannot confirm its users in PostgreSQL just now",
+            ));
+        }
         let mut take_from = None;
         let mut waits = 0;
         loop {
@@ -849,12 +858,15 @@ impl Remote {
     /// Periodically: fail forwards past their deadline, and check this
     /// node's claims (which renews its lease).
     async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        // The checks' own connection: behind stores queued for the pool, a
+        // check could take long enough to let the lease lapse.
+        let mut conn: Option<PgConnection> = None;
         let mut tick = tokio::time::interval(self.check_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => break,
             }
             let now = Instant::now();
             let late: Vec<u64> = self
@@ -867,9 +879,12 @@ impl Remote {
                 self.fail_unit(id, "the recipient's node did not answer");
             }
             let started = Instant::now();
-            if self.check_claims(started).await {
+            if self.check_claims(&mut conn, started).await {
                 self.lease.renew(started);
             }
+        }
+        if let Some(conn) = conn {
+            let _ = conn.close().await;
         }
     }
 
@@ -878,32 +893,47 @@ impl Remote {
     /// one was paused or cut off, or deleted), and of users another node
     /// wants, whom it then gives up. True if every claim was checked, every
     /// socket that had to close closed (the lease may be renewed).
-    async fn check_claims(self: &Arc<Self>, started: Instant) -> bool {
-        let (users, epochs): (Vec<Uuid>, Vec<i64>) = self.claims.epochs().into_iter().unzip();
-        let mut checked = true;
-        for (users, epochs) in users
-            .chunks(VALIDATE_BATCH)
-            .zip(epochs.chunks(VALIDATE_BATCH))
-        {
-            checked &= self.check_chunk(users, epochs, started).await;
-        }
-        checked
-    }
-
-    /// [`Remote::check_claims`] of some of the claims.
-    async fn check_chunk(
+    ///
+    /// On `conn`, made if missing, and dropped after an error or when the
+    /// check outlasts the release timeout (cut off mid-statement, it holds
+    /// no transaction, but its state is unknown).
+    async fn check_claims(
         self: &Arc<Self>,
-        users: &[Uuid],
-        epochs: &[i64],
+        conn: &mut Option<PgConnection>,
         started: Instant,
     ) -> bool {
-        let ending = match storage::cluster::check_claims(&self.db, self.me, users, epochs).await {
-            Ok(ending) => ending,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot check this node's claims");
-                return false;
+        let checked = tokio::time::timeout(self.release_timeout, async {
+            let (users, epochs): (Vec<Uuid>, Vec<i64>) = self.claims.epochs().into_iter().unzip();
+            for (users, epochs) in users
+                .chunks(VALIDATE_BATCH)
+                .zip(epochs.chunks(VALIDATE_BATCH))
+            {
+                let c = match conn {
+                    Some(c) => c,
+                    None => conn.insert(self.db.connect_options().connect().await?),
+                };
+                let ending = storage::cluster::check_claims(c, self.me, users, epochs).await?;
+                self.end_claims(ending, started);
             }
-        };
+            Ok::<(), StorageError>(())
+        })
+        .await;
+        match checked {
+            Ok(Ok(())) => return true,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, source = ?std::error::Error::source(&err), "cannot check this node's claims");
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?self.release_timeout, "checking this node's claims timed out");
+            }
+        }
+        *conn = None;
+        false
+    }
+
+    /// Acts on what a check found: closes the sockets of claims lost, and
+    /// gives up those wanted.
+    fn end_claims(self: &Arc<Self>, ending: Vec<(Uuid, i64, ClaimCheck)>, started: Instant) {
         for (user, epoch, check) in ending {
             let Some(claim) = self.claims.of(user).filter(|c| c.epoch == epoch) else {
                 // Claimed again here since the check began.
@@ -946,7 +976,6 @@ impl Remote {
                 }
             }
         }
-        true
     }
 
     // ----------------------------------------------------------- receiving

@@ -216,7 +216,7 @@ pub enum ClaimCheck {
 /// end: lost (another node claimed them, or they were deleted) or wanted by
 /// another node. The rest are still this node's, and nobody waits for them.
 pub async fn check_claims(
-    db: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     me: Uuid,
     users: &[Uuid],
     epochs: &[i64],

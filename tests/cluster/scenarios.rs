@@ -215,6 +215,106 @@ async fn a_user_moving_while_redis_is_down_keeps_order() {
     checker.verify();
 }
 
+/// A node that cannot reach PostgreSQL cannot know whether another node
+/// has taken its users over, so once its lease runs out it writes them no
+/// more messages: a socket with one due is closed with 1013, the message
+/// unconfirmed, and the node lets nobody in until it has confirmed its
+/// claims again. Once the database is back the user reconnects, and
+/// nothing confirmed was lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_postgres_stops_delivering_once_its_lease_runs_out() {
+    let pg = signal_relay::testing::PrivatePostgres::start();
+    let db_name = unique("relay_lease");
+    let cluster = Cluster::start_on(
+        1,
+        db_name.clone(),
+        pg.url(&db_name),
+        &[
+            ("RELAY_CLUSTER_RELEASE_TIMEOUT_MS", "1000"),
+            // Its heartbeat is stale once the database is back: it must not
+            // declare itself dead then.
+            ("RELAY_CLUSTER_DEAD_AFTER_MS", "600000"),
+        ],
+    )
+    .await;
+    let alice = cluster.register(0, &unique("alice")).await;
+    let bob = cluster.register(0, &unique("bob")).await;
+    let checker = Arc::new(Checker::default());
+    let (alice_client, _alice_events) = cluster.connect(0, &alice).await;
+    let (bob_old, mut bob_old_events) = cluster.connect(0, &bob).await;
+    assert!(matches!(
+        next_event(&mut bob_old_events).await,
+        Event::QueueEmpty
+    ));
+    let old_reader = {
+        let (checker, bob) = (checker.clone(), bob.clone());
+        tokio::spawn(async move {
+            read_until_closed(&checker, &bob, &bob_old, &mut bob_old_events, "old").await;
+            bob_old.closed().await
+        })
+    };
+    let send = |n: u64| {
+        checker.attempt(alice.id, bob.id, n, "alice");
+        alice_client.send(Outgoing::new(bob.id, Bytes::from(n.to_string())))
+    };
+    let first = send(1).await.unwrap();
+    assert_eq!(first.outcome, SendOutcome::Delivered);
+    checker.answered(alice.id, bob.id, 1, first.message_id, first.outcome);
+
+    tokio::task::block_in_place(|| pg.stop());
+    // Live delivery needs no database, until the lease runs out.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut n = 1;
+    let refused = loop {
+        n += 1;
+        match send(n).await {
+            Ok(sent) => {
+                assert_eq!(sent.outcome, SendOutcome::Delivered);
+                checker.answered(alice.id, bob.id, n, sent.message_id, sent.outcome);
+            }
+            Err(err) => break err,
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node went on delivering without its database"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.status(), Some(Status::Unavailable), "{refused}");
+    let closed = old_reader.await.unwrap();
+    assert_eq!(closed.code, Some(1013), "{closed:?}");
+
+    tokio::task::block_in_place(|| pg.start_again());
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn(receive_all(
+        checker.clone(),
+        bob.clone(),
+        urls(&cluster, &[0]),
+        None,
+        stop.clone(),
+    ));
+    // Refused until the node has confirmed its claims, then live again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        n += 1;
+        if let Ok(sent) = send(n).await {
+            checker.answered(alice.id, bob.id, n, sent.message_id, sent.outcome);
+            if sent.outcome == SendOutcome::Delivered {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing was delivered after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    stop.cancel();
+    receiver.await.unwrap();
+    checker.verify();
+}
+
 /// A sender moves to another node while the recipient's node is paused
 /// (for less than dead-after), with one message of theirs forwarded there
 /// unrouted and the next waiting behind it in the old node's lane. The old

@@ -264,6 +264,8 @@ pub struct Cluster {
     pub redis: Redis,
     pub nodes: Vec<Node>,
     pub db_name: String,
+    /// The database every node uses.
+    db_url: String,
 }
 
 impl Cluster {
@@ -275,10 +277,21 @@ impl Cluster {
     /// database does not exist yet: the nodes, starting together, create
     /// and migrate it.
     pub async fn start_with(n: usize, extra: &[(&str, &str)]) -> Cluster {
-        let turn = ONE_AT_A_TIME.lock().await;
-        let redis = Redis::start().await;
         let db_name = format!("test_cluster_{}", uuid::Uuid::new_v4().simple());
         let db_url = signal_relay::testing::database_url(&db_name);
+        Self::start_on(n, db_name, db_url, extra).await
+    }
+
+    /// [`Cluster::start_with`] on the database at `db_url` (a private
+    /// server's), named `db_name` for the clean-up on the shared server.
+    pub async fn start_on(
+        n: usize,
+        db_name: String,
+        db_url: String,
+        extra: &[(&str, &str)],
+    ) -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let redis = Redis::start().await;
         let mut nodes: Vec<Node> = (1..=n)
             .map(|i| Node {
                 name: format!("n{i}"),
@@ -301,6 +314,7 @@ impl Cluster {
             redis,
             nodes,
             db_name,
+            db_url,
         }
     }
 
@@ -318,7 +332,7 @@ impl Cluster {
 
     /// The database every node uses.
     pub fn db_url(&self) -> String {
-        signal_relay::testing::database_url(&self.db_name)
+        self.db_url.clone()
     }
 
     /// Connects the user to node `i` (resuming their session).
