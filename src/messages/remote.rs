@@ -816,8 +816,10 @@ impl Remote {
                 under_way.get().1.clone()
             }
             entry => {
-                let remote = self.clone();
+                // Weak: the work sits in this node's own map while it runs.
+                let this = self.this.clone();
                 let work = async move {
+                    let Some(remote) = this.upgrade() else { return };
                     remote.let_claim_go(user, claim, deadline).await;
                     remote
                         .giving_up
