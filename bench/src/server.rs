@@ -121,8 +121,20 @@ impl Relay {
         let db = FreshDb::name(args)?;
         let bin = relay_bin(args)?;
         let log_path = std::env::temp_dir().join(format!("relay-bench-{}.log", db.name));
-        let (child, addr) = spawn_relay(&bin, &db.url, args, &[], &log_path)?;
-        let pool = connect_db(&db.url).await?;
+        let (mut child, addr) = spawn_relay(&bin, &db.url, args, &[], &log_path)?;
+        let pool = match connect_db(&db.url).await {
+            Ok(pool) => pool,
+            Err(err) => {
+                // Not yet in a `Relay`, whose drop would stop it: left
+                // running, it held its pool's connections after the bench
+                // exited, and later runs met "too many clients".
+                terminate(&mut child);
+                if !args.keep_db {
+                    drop_db(&db.admin, &db.name).await;
+                }
+                return Err(err);
+            }
+        };
         Ok(Relay {
             url: format!("ws://{addr}/v1/websocket"),
             pid: Some(child.id()),

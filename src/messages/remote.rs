@@ -860,9 +860,10 @@ impl Remote {
     /// Periodically: fail forwards past their deadline, and check this
     /// node's claims (which renews its lease).
     async fn watch(self: Arc<Self>, stop: CancellationToken) {
-        // The checks' own connection: behind stores queued for the pool, a
-        // check could take long enough to let the lease lapse.
-        let mut conn: Option<PgConnection> = None;
+        let mut conn = CheckConn {
+            conn: None,
+            retry_at: Instant::now(),
+        };
         let mut tick = tokio::time::interval(self.check_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -885,7 +886,7 @@ impl Remote {
                 self.lease.renew(started);
             }
         }
-        if let Some(conn) = conn {
+        if let Some(conn) = conn.conn {
             let _ = conn.close().await;
         }
     }
@@ -896,25 +897,24 @@ impl Remote {
     /// wants, whom it then gives up. True if every claim was checked, every
     /// socket that had to close closed (the lease may be renewed).
     ///
-    /// On `conn`, made if missing, and dropped after an error or when the
-    /// check outlasts the release timeout (cut off mid-statement, it holds
-    /// no transaction, but its state is unknown).
-    async fn check_claims(
-        self: &Arc<Self>,
-        conn: &mut Option<PgConnection>,
-        started: Instant,
-    ) -> bool {
+    /// On the checks' own connection if there is one, dropped after an
+    /// error or when the check outlasts the release timeout (cut off
+    /// mid-statement, it holds no transaction, but its state is unknown).
+    async fn check_claims(self: &Arc<Self>, conn: &mut CheckConn, started: Instant) -> bool {
         let checked = tokio::time::timeout(self.release_timeout, async {
             let (users, epochs): (Vec<Uuid>, Vec<i64>) = self.claims.epochs().into_iter().unzip();
             for (users, epochs) in users
                 .chunks(VALIDATE_BATCH)
                 .zip(epochs.chunks(VALIDATE_BATCH))
             {
-                let c = match conn {
-                    Some(c) => c,
-                    None => conn.insert(self.db.connect_options().connect().await?),
+                conn.connect(&self.db).await;
+                let ending = match &mut conn.conn {
+                    Some(c) => storage::cluster::check_claims(c, self.me, users, epochs).await?,
+                    None => {
+                        storage::cluster::check_claims(self.db.pool(), self.me, users, epochs)
+                            .await?
+                    }
                 };
-                let ending = storage::cluster::check_claims(c, self.me, users, epochs).await?;
                 self.end_claims(ending, started);
             }
             Ok::<(), StorageError>(())
@@ -929,7 +929,7 @@ impl Remote {
                 tracing::warn!(timeout = ?self.release_timeout, "checking this node's claims timed out");
             }
         }
-        *conn = None;
+        conn.conn = None;
         false
     }
 
@@ -1211,6 +1211,36 @@ impl Listener for Remote {
     fn inbound(&self, inbound: Inbound) {
         if let Some(this) = self.this.upgrade() {
             Remote::inbound(&this, inbound);
+        }
+    }
+}
+
+/// The claim checks' own connection. Behind stores queued for the pool, a
+/// check could wait long enough to let the lease lapse; but the server may
+/// have no connection to spare (`max_connections` reached, which a
+/// benchmark met), and then the checks use the pool rather than fail.
+struct CheckConn {
+    conn: Option<PgConnection>,
+    /// No new connection is tried before this after one could not be made:
+    /// each try costs the server a backend, and the pool serves meanwhile.
+    retry_at: Instant,
+}
+
+impl CheckConn {
+    /// How long after a failed try the next one is made.
+    const RETRY: Duration = Duration::from_secs(30);
+
+    /// Makes the connection if there is none and it is time to try.
+    async fn connect(&mut self, db: &Database) {
+        if self.conn.is_some() || Instant::now() < self.retry_at {
+            return;
+        }
+        match db.connect_options().connect().await {
+            Ok(conn) => self.conn = Some(conn),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot open a connection for the claim checks; they use the pool");
+                self.retry_at = Instant::now() + Self::RETRY;
+            }
         }
     }
 }
