@@ -6,12 +6,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use signal_relay::client::{Event, Outgoing};
 use signal_relay::proto::{SendOutcome, Status};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::checker::Checker;
 use crate::support::{Cluster, WAIT};
-use crate::traffic::{read_until_closed, receive_all, send_all};
+use crate::traffic::{Receiving, read_until_closed, send_all};
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..10])
@@ -25,6 +24,14 @@ async fn next_event(events: &mut signal_relay::client::Events) -> Event {
 }
 
 /// Waits until `condition` holds (re-checking every few milliseconds).
+/// Waits until every confirmed message has arrived, stops `receiving`,
+/// and holds what happened to the contracts.
+async fn verify_once_all_arrived(checker: &Checker, receiving: Receiving) {
+    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
+    receiving.stop().await;
+    checker.verify();
+}
+
 async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !condition() {
@@ -201,18 +208,8 @@ async fn a_user_moving_while_redis_is_down_keeps_order() {
         checker.answered(alice.id, bob.id, 2, second.message_id, second.outcome);
     }
     old_reader.await.unwrap();
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
-        urls(&cluster, &[0]),
-        None,
-        stop.clone(),
-    ));
-    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
-    stop.cancel();
-    receiver.await.unwrap();
-    checker.verify();
+    let receiver = Receiving::start(&checker, &bob, urls(&cluster, &[0]), None);
+    verify_once_all_arrived(&checker, receiver).await;
 }
 
 /// A node that cannot reach PostgreSQL cannot know whether another node
@@ -285,14 +282,7 @@ async fn a_node_cut_off_from_postgres_stops_delivering_once_its_lease_runs_out()
     assert_eq!(closed.code, Some(1013), "{closed:?}");
 
     tokio::task::block_in_place(|| pg.start_again());
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
-        urls(&cluster, &[0]),
-        None,
-        stop.clone(),
-    ));
+    let receiver = Receiving::start(&checker, &bob, urls(&cluster, &[0]), None);
     // Refused until the node has confirmed its claims, then live again.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -309,10 +299,7 @@ async fn a_node_cut_off_from_postgres_stops_delivering_once_its_lease_runs_out()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
-    stop.cancel();
-    receiver.await.unwrap();
-    checker.verify();
+    verify_once_all_arrived(&checker, receiver).await;
 }
 
 /// A sender moves to another node while the recipient's node is paused
@@ -425,14 +412,12 @@ async fn hopping_sender_and_recipient_keep_order() {
     let bob = cluster.register(1, &unique("bob")).await;
     let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
     let checker = Arc::new(Checker::default());
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
+    let receiver = Receiving::start(
+        &checker,
+        &bob,
         urls.clone(),
         Some(Duration::from_millis(50)),
-        stop.clone(),
-    ));
+    );
     let mut reversed = urls.clone();
     reversed.reverse();
     let progress = {
@@ -462,17 +447,9 @@ async fn hopping_sender_and_recipient_keep_order() {
     assert_eq!(checker.confirmed(), 2_000);
     let started = tokio::time::Instant::now();
     // Bob stops hopping and stays on one node to take the rest.
-    stop.cancel();
-    receiver.await.unwrap();
+    receiver.stop().await;
     eprintln!("the hopping receiver stopped after {:?}", started.elapsed());
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
-        urls[..1].to_vec(),
-        None,
-        stop.clone(),
-    ));
+    let receiver = Receiving::start(&checker, &bob, urls[..1].to_vec(), None);
     let deadline = tokio::time::Instant::now() + WAIT;
     while !checker.all_arrived() {
         if tokio::time::Instant::now() > deadline {
@@ -487,8 +464,7 @@ async fn hopping_sender_and_recipient_keep_order() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!("everything arrived after {:?}", started.elapsed());
-    stop.cancel();
-    receiver.await.unwrap();
+    receiver.stop().await;
     let (confirmed, arrivals) = checker.verify();
     eprintln!("confirmed {confirmed}, arrivals {arrivals}");
 }
@@ -646,14 +622,7 @@ async fn traffic(
     let alice = cluster.register(0, &unique("alice")).await;
     let bob = cluster.register(0, &unique("bob")).await;
     let checker = Arc::new(Checker::default());
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
-        recipient_urls,
-        None,
-        stop.clone(),
-    ));
+    let receiver = Receiving::start(&checker, &bob, recipient_urls, None);
     let sender = tokio::spawn(send_all(
         checker.clone(),
         alice,
@@ -673,10 +642,7 @@ async fn traffic(
         count,
         "every send was confirmed in the end"
     );
-    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
-    stop.cancel();
-    receiver.await.unwrap();
-    checker.verify();
+    verify_once_all_arrived(&checker, receiver).await;
     checker
 }
 
@@ -744,14 +710,12 @@ async fn kill_9_during_hand_offs_loses_nothing() {
     let alice = cluster.register(0, &unique("alice")).await;
     let bob = cluster.register(0, &unique("bob")).await;
     let checker = Arc::new(Checker::default());
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
+    let receiver = Receiving::start(
+        &checker,
+        &bob,
         urls(&cluster, &[1, 2]),
         Some(Duration::from_millis(50)),
-        stop.clone(),
-    ));
+    );
     let sender = tokio::spawn(send_all(
         checker.clone(),
         alice,
@@ -767,10 +731,7 @@ async fn kill_9_during_hand_offs_loses_nothing() {
         .await
         .expect("the sender finished")
         .unwrap();
-    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
-    stop.cancel();
-    receiver.await.unwrap();
-    checker.verify();
+    verify_once_all_arrived(&checker, receiver).await;
 }
 
 /// A node paused (SIGSTOP) for 20 s while its user moves away, then
@@ -782,15 +743,8 @@ async fn a_paused_node_wakes_fenced_out() {
     let alice = cluster.register(0, &unique("alice")).await;
     let bob = cluster.register(0, &unique("bob")).await;
     let checker = Arc::new(Checker::default());
-    let stop = CancellationToken::new();
     // Bob starts on node 2; when it stops answering he moves to node 3.
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
-        urls(&cluster, &[1, 2]),
-        None,
-        stop.clone(),
-    ));
+    let receiver = Receiving::start(&checker, &bob, urls(&cluster, &[1, 2]), None);
     let sender = tokio::spawn(send_all(
         checker.clone(),
         alice,
@@ -804,16 +758,8 @@ async fn a_paused_node_wakes_fenced_out() {
     let paused = cluster.nodes[1].pid_handle();
     paused.pause();
     // Bob's client gives up on the silent node and reconnects to node 3.
-    stop.cancel();
-    receiver.await.unwrap();
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
-        urls(&cluster, &[2]),
-        None,
-        stop.clone(),
-    ));
+    receiver.stop().await;
+    let receiver = Receiving::start(&checker, &bob, urls(&cluster, &[2]), None);
     tokio::time::sleep(Duration::from_secs(20)).await;
     paused.resume();
     assert_ne!(
@@ -825,10 +771,7 @@ async fn a_paused_node_wakes_fenced_out() {
         .await
         .expect("the sender finished")
         .unwrap();
-    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
-    stop.cancel();
-    receiver.await.unwrap();
-    checker.verify();
+    verify_once_all_arrived(&checker, receiver).await;
 }
 
 /// Redis killed mid-traffic and started again empty: cross-node sends fail
@@ -840,14 +783,7 @@ async fn redis_restarting_empty_loses_nothing() {
     let alice = cluster.register(0, &unique("alice")).await;
     let bob = cluster.register(0, &unique("bob")).await;
     let checker = Arc::new(Checker::default());
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn(receive_all(
-        checker.clone(),
-        bob.clone(),
-        urls(&cluster, &[1]),
-        None,
-        stop.clone(),
-    ));
+    let receiver = Receiving::start(&checker, &bob, urls(&cluster, &[1]), None);
     let sender = tokio::spawn(send_all(
         checker.clone(),
         alice,
@@ -865,10 +801,7 @@ async fn redis_restarting_empty_loses_nothing() {
         .await
         .expect("the sender finished after Redis came back")
         .unwrap();
-    wait_until("every confirmed message arrived", || checker.all_arrived()).await;
-    stop.cancel();
-    receiver.await.unwrap();
-    checker.verify();
+    verify_once_all_arrived(&checker, receiver).await;
 }
 
 /// Redis down for 20 s: users on one node keep talking live, offline users
@@ -882,23 +815,10 @@ async fn redis_down_for_20_s_degrades_and_recovers() {
     let carol = cluster.register(0, &unique("carol")).await;
     let dave = cluster.register(0, &unique("dave")).await;
     let checker = Arc::new(Checker::default());
-    let stop = CancellationToken::new();
     // Bob is on node 2 (cross-node from Alice); Carol on node 1 with Alice.
     let receivers = [
-        tokio::spawn(receive_all(
-            checker.clone(),
-            bob.clone(),
-            urls(&cluster, &[1]),
-            None,
-            stop.clone(),
-        )),
-        tokio::spawn(receive_all(
-            checker.clone(),
-            carol.clone(),
-            urls(&cluster, &[0]),
-            None,
-            stop.clone(),
-        )),
+        Receiving::start(&checker, &bob, urls(&cluster, &[1]), None),
+        Receiving::start(&checker, &carol, urls(&cluster, &[0]), None),
     ];
     // Erin, on node 1, has a message queued for Frank, who is offline.
     let erin = cluster.register(0, &unique("erin")).await;
@@ -966,9 +886,8 @@ async fn redis_down_for_20_s_degrades_and_recovers() {
         carol.id
     );
     wait_until("every confirmed message arrived", || checker.all_arrived()).await;
-    stop.cancel();
     for receiver in receivers {
-        receiver.await.unwrap();
+        receiver.stop().await;
     }
     checker.verify();
     // Acked again with Redis back: Erin gets the receipt on node 1.

@@ -147,6 +147,37 @@ fn retryable(err: &ClientError) -> bool {
     }
 }
 
+/// [`receive_all`] on a task of its own, until [`Receiving::stop`].
+pub struct Receiving {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiving {
+    pub fn start(
+        checker: &Arc<Checker>,
+        user: &User,
+        urls: Vec<String>,
+        hop: Option<Duration>,
+    ) -> Receiving {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(receive_all(
+            checker.clone(),
+            user.clone(),
+            urls,
+            hop,
+            stop.clone(),
+        ));
+        Receiving { stop, task }
+    }
+
+    /// Stops receiving, and waits until it has.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 /// Receives as `user`, recording and acking everything, from `urls[0]`,
 /// moving to the next URL every `hop` (if any) by connecting there while
 /// the old connection is still open (so the old node is displaced), until
