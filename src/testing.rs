@@ -67,6 +67,18 @@ pub async fn create_database() -> (String, String) {
     (name, url)
 }
 
+/// Whether something listens on `addr`, for tests waiting for a process
+/// they started. A connect to a local port nobody listens on can pick that
+/// very port as its own and connect to itself (TCP simultaneous open):
+/// taken for the process, it also held the port the process was about to
+/// bind, which then failed with "address in use" (a cluster test met it).
+pub async fn listening(addr: std::net::SocketAddr) -> bool {
+    match tokio::net::TcpStream::connect(addr).await {
+        Ok(stream) => stream.local_addr().is_ok_and(|local| local != addr),
+        Err(_) => false,
+    }
+}
+
 /// The URL of database `name` on the test server, which need not exist
 /// yet (for tests of what creates it).
 pub fn database_url(name: &str) -> String {

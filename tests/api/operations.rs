@@ -329,8 +329,8 @@ async fn a_relay_whose_log_pipe_broke_serves_on_and_stops_on_sigterm() {
     // Nobody reads the logs: the pipes' read ends close now.
     drop(child.stdout.take());
     drop(child.stderr.take());
-    wait_until("the relay listens", || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
+    wait_until("the relay listens", || {
+        signal_relay::testing::listening(addr)
     })
     .await;
 

@@ -91,7 +91,7 @@ impl HaProxy {
             .spawn()
             .expect("haproxy is installed (.ci/run installs it)");
         let deadline = tokio::time::Instant::now() + WAIT;
-        while TcpStream::connect(addr).await.is_err() {
+        while !signal_relay::testing::listening(addr).await {
             if let Some(exit) = process.try_wait().unwrap() {
                 panic!("haproxy exited at start ({exit}): is {addr} taken?");
             }

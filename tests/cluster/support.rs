@@ -111,7 +111,7 @@ impl Node {
     async fn wait_listening(&mut self) -> bool {
         let deadline = Instant::now() + WAIT;
         loop {
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+            if signal_relay::testing::listening(self.addr).await {
                 return true;
             }
             if let Some(child) = &mut self.child
