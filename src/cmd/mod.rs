@@ -28,7 +28,7 @@ use futures::future::BoxFuture;
 
 use crate::auth::Authenticated;
 use crate::config::MessagingLimits;
-use crate::messages::Unacked;
+use crate::messages::{Answers, Unacked};
 use crate::metrics::{AuthMethod, DbOp, FetchResult, Metrics};
 use crate::protocol::proto;
 use crate::protocol::proto::client_frame::Request;
@@ -193,6 +193,9 @@ impl Done {
 pub enum Reply {
     Ready(Result<Done, RequestError>),
     Pending(Pending),
+    /// A send routed live: its answer will come through the session's
+    /// [`Answers`], which counts it.
+    Routed,
 }
 
 /// The asynchronous rest of a session command, kept while the request is
@@ -238,6 +241,11 @@ pub struct Ctx<'a> {
     pub conn_id: u64,
     /// This connection's live messages awaiting ack.
     pub unacked: &'a mut Unacked,
+    /// Where the answers to this connection's sends routed live arrive.
+    pub answers: &'a mut Answers,
+    /// The request being applied, for an answer that comes later through
+    /// `answers`.
+    pub request_id: u64,
 }
 
 impl Command {

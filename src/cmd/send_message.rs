@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{Ctx, Done, Pending, Reply, ready};
 use crate::config::MessagingLimits;
 use crate::envelope::EnvelopeType;
-use crate::messages::{Outgoing, Sending};
+use crate::messages::{Delivery, MessagingError, Outgoing, Sending, SessionAnswer};
 use crate::metrics::Limit;
 use crate::protocol::RequestError;
 use crate::protocol::ids::{UserId, id_bytes};
@@ -83,7 +83,8 @@ impl SendMessage {
             ctx.state.metrics().rate_limited(Limit::send);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
-        let (id, outcome) = ctx.state.relay().send(Outgoing {
+        let (request_id, answers) = (ctx.request_id, &mut *ctx.answers);
+        let outgoing = Outgoing {
             sender_id: sender,
             sender_username: ctx.auth.username.clone(),
             recipient: self.recipient.0,
@@ -93,11 +94,18 @@ impl SendMessage {
             ephemeral: self.ephemeral,
             ttl_ms: self.ttl_ms,
             client_message_id: self.client_message_id,
-        });
-        Reply::Pending(Pending::Send(Outcome {
-            id,
-            sending: outcome,
-        }))
+        };
+        let (id, sending) = ctx
+            .state
+            .relay()
+            .send(outgoing, |id| answers.reply_to(request_id, id));
+        match sending {
+            None => {
+                answers.expect();
+                Reply::Routed
+            }
+            Some(sending) => Reply::Pending(Pending::Send(Outcome { id, sending })),
+        }
     }
 }
 
@@ -113,11 +121,22 @@ impl Future for Outcome {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        Pin::new(&mut this.sending).poll(cx).map(|outcome| {
-            Ok(Done::reply(response::Result::Send(proto::SendResult {
-                message_id: id_bytes(this.id),
-                outcome: outcome?.to_proto() as i32,
-            })))
-        })
+        Pin::new(&mut this.sending)
+            .poll(cx)
+            .map(|outcome| answer(this.id, outcome))
     }
+}
+
+/// The answer to a send of message `id`, from its outcome.
+pub fn answer(id: Uuid, outcome: Result<Delivery, MessagingError>) -> Result<Done, RequestError> {
+    Ok(Done::reply(response::Result::Send(proto::SendResult {
+        message_id: id_bytes(id),
+        outcome: outcome?.to_proto() as i32,
+    })))
+}
+
+/// The answer to a send routed live, from what its session heard.
+pub fn answer_routed(routed: SessionAnswer) -> Result<Done, RequestError> {
+    let outcome = routed.outcome.ok_or(MessagingError::Interrupted);
+    answer(routed.message_id, outcome)
 }

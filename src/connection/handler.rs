@@ -25,9 +25,11 @@ use tokio_util::sync::CancellationToken;
 use super::slots::{Slot, Ticket};
 use super::{Connection, Inbound};
 use crate::auth::{self, Authenticated};
-use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Pending, Reply};
+use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Pending, Reply, send_message};
 use crate::envelope;
-use crate::messages::{Delivery, Drain, LiveDelivery, Outbound, Presence, Seat, Step, Unacked};
+use crate::messages::{
+    Answers, Delivery, Drain, LiveDelivery, Outbound, Presence, Seat, SessionAnswer, Step, Unacked,
+};
 use crate::metrics::{AuthMethod, Limit};
 use crate::protocol::proto::{ServerFrame, push};
 use crate::protocol::{self, Close, Encoding, ProtocolError, RequestError};
@@ -478,8 +480,11 @@ struct Session<S> {
     /// Our registration: leaves the registry and lets a successor drain
     /// when dropped, at the end of `finish` or while unwinding from a panic.
     presence: Presence,
-    /// Requests in flight, answered as they finish.
+    /// Requests in flight, answered as they finish; but not the sends
+    /// routed live, which are answered through `answers`.
     requests: FuturesUnordered<Tagged>,
+    /// Answers to this connection's sends routed live, and their count.
+    answers: Answers,
     /// Hand-backs of live messages that were not acked in time.
     handoffs: FuturesUnordered<BoxFuture<'static, ()>>,
     /// Live messages written but not yet acked.
@@ -534,6 +539,7 @@ where
             close_reason: seat.close_reason,
             presence: seat.presence,
             requests: FuturesUnordered::new(),
+            answers: Answers::default(),
             handoffs: FuturesUnordered::new(),
             heard: false,
             last_heard: now,
@@ -590,12 +596,13 @@ where
             // Keep reading past the in-flight limit (new requests beyond it
             // are refused, see `on_inbound`) so acks still get through: two
             // clients that each wait on the other's acks must not stall.
-            let read_more = self.requests.len() < 2 * max_in_flight;
+            let read_more = self.in_flight() < 2 * max_in_flight;
             let result = tokio::select! {
                 _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
                 _ = &mut kicked => return End::Close(self.kicked_reason()),
                 inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound(inbound).await,
                 Some((counted, request_id, outcome)) = self.requests.next() => self.on_reply(counted, request_id, outcome).await,
+                routed = self.answers.next() => self.on_answer(routed).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
                 step = self.drain.step() => Box::pin(self.on_drain(step)).await,
                 _ = &mut ack_timer, if ack_armed => {
@@ -635,6 +642,14 @@ where
             tokio::select! {
                 Some((counted, request_id, outcome)) = self.requests.next() => {
                     if let Err(end) = self.on_reply(counted, request_id, outcome).await {
+                        return end;
+                    }
+                    if let Err(end) = self.flush_socket().await {
+                        return end;
+                    }
+                }
+                routed = self.answers.next(), if self.answers.awaiting() > 0 => {
+                    if let Err(end) = self.on_answer(routed).await {
                         return end;
                     }
                     if let Err(end) = self.flush_socket().await {
@@ -705,7 +720,7 @@ where
         let limit = self.state.limits().connection.max_inflight_requests;
         match command {
             Ok(command)
-                if self.requests.len() >= limit && !matches!(command, Command::AckMessages(_)) =>
+                if self.in_flight() >= limit && !matches!(command, Command::AckMessages(_)) =>
             {
                 let err = RequestError::RateLimited {
                     retry_after: Duration::from_millis(50),
@@ -720,6 +735,8 @@ where
                     peer: self.ledger.peer.ip(),
                     conn_id: self.presence.conn_id(),
                     unacked: &mut self.unacked,
+                    answers: &mut self.answers,
+                    request_id,
                 };
                 // Many commands answer at once, or are done by the time they
                 // are first asked: write those now rather than through the
@@ -729,6 +746,7 @@ where
                         return Ok(Some(self.on_reply(counted, request_id, outcome)));
                     }
                     Reply::Pending(pending) => pending,
+                    Reply::Routed => return Ok(None),
                 };
                 match (&mut reply).now_or_never() {
                     Some(outcome) => Ok(Some(self.on_reply(counted, request_id, outcome))),
@@ -770,6 +788,25 @@ where
                 None => Ok(()),
             }
         }
+    }
+
+    /// Answers a send routed live, now that its outcome is known.
+    fn on_answer(
+        &mut self,
+        routed: SessionAnswer,
+    ) -> impl Future<Output = Result<(), End>> + Send + use<'_, S> {
+        let request_id = routed.request_id;
+        self.on_reply(
+            Counted::Send,
+            request_id,
+            send_message::answer_routed(routed),
+        )
+    }
+
+    /// Requests in flight: those awaiting their future, and the sends
+    /// routed live awaiting their answer.
+    fn in_flight(&self) -> usize {
+        self.requests.len() + self.answers.awaiting()
     }
 
     /// Writes a live message or a push; like [`Session::on_reply`], the
@@ -924,6 +961,10 @@ where
             if let Some(Some((counted, request_id, outcome))) = self.requests.next().now_or_never()
             {
                 self.on_reply(counted, request_id, outcome).await?;
+                progressed = true;
+            }
+            if let Some(routed) = self.answers.try_next() {
+                self.on_answer(routed).await?;
                 progressed = true;
             }
             if !progressed {

@@ -18,6 +18,7 @@
 //! stored messages (which sends their receipts), hand back what a
 //! connection held, take a user's seat (connect), push an event.
 
+pub mod answer;
 pub mod dedupe;
 pub mod drain;
 pub mod registry;
@@ -34,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -47,6 +48,7 @@ use crate::protocol::{Close, RequestError, proto};
 use crate::storage::batch::breaks_connection;
 use crate::storage::messages::Stored;
 use crate::storage::{self, Database, StorageError};
+pub use answer::{Answers, Responder, SessionAnswer, SessionReply};
 use dedupe::{Begin, Dedupe};
 pub use drain::{Drain, Step};
 pub use registry::{LiveDelivery, Outbound};
@@ -262,18 +264,24 @@ impl Relay {
     }
 
     /// Accepts a message and routes it, now, in the caller's order. Returns
-    /// the message id and a future of its outcome: `Delivered` once the
-    /// recipient acked, `Queued` once committed, `Dropped` for an ephemeral
-    /// message nobody could take. A retry with the same client message id
-    /// gets the first attempt's id and outcome, never a second copy.
-    pub fn send(&self, outgoing: Outgoing) -> (Uuid, Sending) {
+    /// the message id and, unless the message was routed live, a future of
+    /// its outcome: `Delivered` once the recipient acked, `Queued` once
+    /// committed, `Dropped` for an ephemeral message nobody could take. A
+    /// message routed live (`None`) is answered through the reply `reply`
+    /// makes from its id. A retry with the same client message id gets the
+    /// first attempt's id and outcome, never a second copy.
+    pub fn send(
+        &self,
+        outgoing: Outgoing,
+        reply: impl FnOnce(Uuid) -> SessionReply,
+    ) -> (Uuid, Option<Sending>) {
         let id = envelope::message_id(outgoing.sender_id, outgoing.client_message_id.as_deref());
         let attempt = match outgoing.client_message_id {
             None => None,
             Some(_) => match self.inner.dedupe.begin(id) {
                 Begin::New(attempt) => Some(attempt),
-                Begin::Done(outcome) => return (id, Sending::Done(Some(outcome))),
-                Begin::InProgress(first) => return (id, Sending::earlier(first)),
+                Begin::Done(outcome) => return (id, Some(Sending::Done(Some(outcome)))),
+                Begin::InProgress(first) => return (id, Some(Sending::earlier(first))),
             },
         };
         let now = envelope::now_ms();
@@ -284,18 +292,21 @@ impl Relay {
             let message = outgoing.into_message(id, 0, now);
             return (
                 id,
-                Sending::Waiting(Box::pin(remote.send_ephemeral(message, attempt))),
+                Some(Sending::Waiting(Box::pin(
+                    remote.send_ephemeral(message, attempt),
+                ))),
             );
         }
         let sending = match self.inner.registry.route(
             outgoing.recipient,
             outgoing.ephemeral,
             attempt,
+            Some(Responder::Session(reply(id))),
             |seq| outgoing.into_message(id, seq, now),
         ) {
-            Route::Live(outcome) => Sending::Live(outcome),
-            Route::Dropped => Sending::Done(Some(Delivery::Dropped)),
-            Route::Store(order) => self.store_or_forward(order),
+            Route::Live => None,
+            Route::Dropped => Some(Sending::Done(Some(Delivery::Dropped))),
+            Route::Store(order) => Some(self.store_or_forward(order)),
         };
         (id, sending)
     }
@@ -458,7 +469,8 @@ impl Relay {
             .filter(|a| a.envelope_type != EnvelopeType::Receipt.code())
             .filter_map(|a| Some((a.id, a.sender_id?)));
         for (original, sender) in wanted {
-            let route = self.inner.registry.route(sender, false, None, |seq| {
+            // Nobody waits for a receipt's outcome.
+            let route = self.inner.registry.route(sender, false, None, None, |seq| {
                 Message::receipt(
                     receipts.acker,
                     receipts.acker_username.clone(),
@@ -471,7 +483,7 @@ impl Relay {
             });
             match route {
                 // The sender's connection stores it if they never ack it.
-                Route::Live(_) | Route::Dropped => {}
+                Route::Live | Route::Dropped => {}
                 Route::Store(order) if !order.local && self.inner.remote.is_some() => {
                     through_lanes.push(order);
                 }
@@ -654,17 +666,13 @@ pub struct StoredAcks {
     pub unknown: Vec<Uuid>,
 }
 
-/// The outcome of a send, as a future. Small on the hot path: a live
-/// send waits on a oneshot receiver only; the rarer, larger waits (a store,
-/// an earlier attempt) are boxed. An `async fn` over every case would be as
-/// large as its largest, and every send's reply future is moved to the
-/// heap: copying a store's state for each live message cost the relay more
-/// CPU than all its metrics.
+/// The outcome of a send not routed live, as a future (a live one is
+/// answered through its [`SessionReply`]). Known already, or boxed: an
+/// `async fn` over every case would be as large as its largest, and the
+/// session keeps it among its requests in flight while it waits.
 pub enum Sending {
     /// Known already; `None` once taken.
     Done(Option<Delivery>),
-    /// Queued on the recipient's connection.
-    Live(oneshot::Receiver<Delivery>),
     /// On its way to storage, or waiting for an earlier attempt.
     Waiting(BoxFuture<'static, Result<Delivery, MessagingError>>),
 }
@@ -698,9 +706,6 @@ impl Future for Sending {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             Sending::Done(outcome) => Poll::Ready(Ok(outcome.take().expect("polled after done"))),
-            Sending::Live(outcome) => Pin::new(outcome)
-                .poll(cx)
-                .map(|r| r.map_err(|_| MessagingError::Interrupted)),
             Sending::Waiting(waiting) => waiting.as_mut().poll(cx),
         }
     }

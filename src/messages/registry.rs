@@ -19,11 +19,12 @@ use std::sync::{Arc, OnceLock};
 use tokio::time::Instant;
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Delivery;
+use super::answer::Responder;
 use super::dedupe::Attempt;
 use super::store::ToStore;
 use crate::envelope::Message;
@@ -49,11 +50,12 @@ pub struct LiveDelivery {
 
 /// Who hears a message's outcome: `Delivered` on ack, `Queued` once stored
 /// after a timeout or disconnect, `Dropped` for an ephemeral message nobody
-/// took. Dropping it unanswered tells the sender the delivery failed.
+/// took. Dropping it unanswered tells the sender the delivery failed
+/// (`Interrupted`, which the client retries).
 #[derive(Debug, Default)]
 pub struct Waiter {
     /// The sender's request, if it is still waiting.
-    pub responder: Option<oneshot::Sender<Delivery>>,
+    pub responder: Option<Responder>,
     /// The idempotency record of a send with a client message id. It
     /// travels with the message rather than with the sender's request, so a
     /// retry after the sender disconnected still finds it in progress and
@@ -62,12 +64,20 @@ pub struct Waiter {
 }
 
 impl Waiter {
-    pub fn finish(self, outcome: Delivery) {
-        if let Some(attempt) = self.attempt {
+    pub fn finish(mut self, outcome: Delivery) {
+        if let Some(attempt) = self.attempt.take() {
             attempt.complete(outcome);
         }
-        if let Some(responder) = self.responder {
-            let _ = responder.send(outcome);
+        if let Some(responder) = self.responder.take() {
+            responder.answer(Some(outcome));
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(responder) = self.responder.take() {
+            responder.answer(None);
         }
     }
 }
@@ -159,8 +169,9 @@ impl Slot {
 // variant costs less than a box per stored message would.
 #[allow(clippy::large_enum_variant)]
 pub enum Route {
-    /// Queued on the recipient's connection; the receiver hears the outcome.
-    Live(oneshot::Receiver<Delivery>),
+    /// Queued on the recipient's connection; the responder given to
+    /// [`Registry::route`] hears the outcome.
+    Live,
     /// Must be stored; its ticket keeps the drain from passing it until the
     /// store writer drops it after the commit.
     Store(ToStore),
@@ -364,42 +375,44 @@ impl Registry {
 
     /// Accepts a message for `recipient`: assigns its sequence number and
     /// decides its route, atomically with respect to connects and drains.
-    /// `build` makes the message from its sequence number.
+    /// `build` makes the message from its sequence number; `responder`, if
+    /// any, hears the outcome of a message routed live (for other routes it
+    /// is dropped unanswered: the caller learns the outcome from the route).
     pub fn route(
         &self,
         recipient: Uuid,
         ephemeral: bool,
         mut attempt: Option<Attempt>,
+        responder: Option<Responder>,
         build: impl FnOnce(i64) -> Message,
     ) -> Route {
         if ephemeral {
-            return self.route_ephemeral(recipient, attempt, build);
+            return self.route_ephemeral(recipient, attempt, responder, build);
         }
         let mut slot = self.inner.slots.entry(recipient).or_insert_with(Slot::new);
         let seq = self.next_seq();
         let mut message = build(seq);
         if slot.conn.is_some() && !slot.draining && slot.storing.is_empty() {
-            let (responder, outcome) = oneshot::channel();
             let live = Box::new(LiveDelivery {
                 message,
-                waiter: Waiter {
-                    responder: Some(responder),
-                    attempt,
-                },
+                waiter: Waiter { responder, attempt },
                 routed_at: Instant::now(),
             });
             let conn = slot.conn.as_ref().expect("checked above");
             match conn.tx.try_send(Outbound::Deliver(live)) {
-                Ok(()) => return Route::Live(outcome),
+                Ok(()) => return Route::Live,
                 Err(refused) => {
-                    let Outbound::Deliver(live) = refused.into_inner() else {
+                    let Outbound::Deliver(mut live) = refused.into_inner() else {
                         unreachable!("try_send hands back the item it was given")
                     };
                     // The recipient is not keeping up (or is closing).
                     // Everything from here on goes through storage, behind
                     // what is already queued, until the connection drains it.
+                    // The store's outcome is the caller's to hear, so the
+                    // responder leaves unanswered.
+                    drop(live.waiter.responder.take());
+                    attempt = live.waiter.attempt.take();
                     message = live.message;
-                    attempt = live.waiter.attempt;
                     slot.draining = true;
                     slot.wake.notify_one();
                 }
@@ -426,6 +439,7 @@ impl Registry {
         &self,
         recipient: Uuid,
         attempt: Option<Attempt>,
+        responder: Option<Responder>,
         build: impl FnOnce(i64) -> Message,
     ) -> Route {
         let slot = self.inner.slots.get(&recipient);
@@ -438,19 +452,17 @@ impl Registry {
         // Ephemeral messages (typing indicators) skip the queue order: they
         // are never stored, so there is nothing to wait behind.
         let seq = self.next_seq();
-        let (responder, outcome) = oneshot::channel();
         let live = Box::new(LiveDelivery {
             message: build(seq),
-            waiter: Waiter {
-                responder: Some(responder),
-                attempt,
-            },
+            waiter: Waiter { responder, attempt },
             routed_at: Instant::now(),
         });
         match conn.tx.try_send(Outbound::Deliver(live)) {
-            Ok(()) => Route::Live(outcome),
+            Ok(()) => Route::Live,
             Err(refused) => {
-                if let Outbound::Deliver(live) = refused.into_inner() {
+                if let Outbound::Deliver(mut live) = refused.into_inner() {
+                    // `Dropped` is the route's answer, not the responder's.
+                    drop(live.waiter.responder.take());
                     live.waiter.finish(Delivery::Dropped);
                 }
                 Route::Dropped
@@ -521,6 +533,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::Answers;
 
     fn message(recipient: Uuid, seq: i64) -> Message {
         Message::for_test(Uuid::new_v4(), recipient, seq)
@@ -531,10 +544,12 @@ mod tests {
         let registry = Registry::new(100, 8);
         let user = Uuid::new_v4();
         // Offline: stored, with a ticket.
-        let Route::Store(first) = registry.route(user, false, None, |s| message(user, s)) else {
+        let Route::Store(first) = registry.route(user, false, None, None, |s| message(user, s))
+        else {
             panic!("offline messages are stored")
         };
-        let Route::Store(later) = registry.route(user, false, None, |s| message(user, s)) else {
+        let Route::Store(later) = registry.route(user, false, None, None, |s| message(user, s))
+        else {
             panic!("stored")
         };
         let (first, ticket) = (first.message, first.ticket);
@@ -565,23 +580,27 @@ mod tests {
     fn messages_follow_one_on_its_way_through_the_lane() {
         let registry = Registry::new(100, 8);
         let user = Uuid::new_v4();
-        let Route::Store(first) = registry.route(user, false, None, |s| message(user, s)) else {
+        let Route::Store(first) = registry.route(user, false, None, None, |s| message(user, s))
+        else {
             panic!("offline messages are stored")
         };
         assert!(!first.local, "not connected here: the lane");
         let (handle, _ends) = registry.new_connection();
         registry.connect(user, handle.clone());
-        let Route::Store(second) = registry.route(user, false, None, |s| message(user, s)) else {
+        let Route::Store(second) = registry.route(user, false, None, None, |s| message(user, s))
+        else {
             panic!("stored while draining")
         };
         assert!(!second.local, "connected now, but behind the first");
         drop(first);
-        let Route::Store(third) = registry.route(user, false, None, |s| message(user, s)) else {
+        let Route::Store(third) = registry.route(user, false, None, None, |s| message(user, s))
+        else {
             panic!("stored while draining")
         };
         assert!(!third.local, "still behind the second");
         drop((second, third));
-        let Route::Store(fourth) = registry.route(user, false, None, |s| message(user, s)) else {
+        let Route::Store(fourth) = registry.route(user, false, None, None, |s| message(user, s))
+        else {
             panic!("stored while draining")
         };
         assert!(fourth.local, "the lane is empty: stored here");
@@ -596,7 +615,7 @@ mod tests {
         assert!(displaced.is_none());
         // Draining: stored.
         let Route::Store(ToStore { ticket, .. }) =
-            registry.route(user, false, None, |s| message(user, s))
+            registry.route(user, false, None, None, |s| message(user, s))
         else {
             panic!("stored while draining")
         };
@@ -613,8 +632,8 @@ mod tests {
         let bound = registry.drain_bound(user);
         assert!(registry.try_go_live(user, handle.id, bound.generation));
         assert!(matches!(
-            registry.route(user, false, None, |s| message(user, s)),
-            Route::Live(_)
+            registry.route(user, false, None, None, |s| message(user, s)),
+            Route::Live
         ));
         assert!(ends.rx.try_recv().is_ok());
     }
@@ -628,19 +647,62 @@ mod tests {
         let bound = registry.drain_bound(user);
         assert!(registry.try_go_live(user, handle.id, bound.generation));
         assert!(matches!(
-            registry.route(user, false, None, |s| message(user, s)),
-            Route::Live(_)
+            registry.route(user, false, None, None, |s| message(user, s)),
+            Route::Live
         ));
         // The queue (capacity 1) is full: this one and every later one is stored.
         assert!(matches!(
-            registry.route(user, false, None, |s| message(user, s)),
+            registry.route(user, false, None, None, |s| message(user, s)),
             Route::Store(..)
         ));
         assert!(registry.is_draining(user));
         assert!(matches!(
-            registry.route(user, false, None, |s| message(user, s)),
+            registry.route(user, false, None, None, |s| message(user, s)),
             Route::Store(..)
         ));
+    }
+
+    /// The rule for a send's responder: it hears the outcome of a message
+    /// routed live exactly once (settled, or `Interrupted` when the message
+    /// is dropped unanswered), and nothing when the message is routed
+    /// otherwise, whose outcome the route itself tells.
+    #[test]
+    fn a_responder_hears_only_messages_routed_live_and_each_once() {
+        let registry = Registry::new(1, 2);
+        let user = Uuid::new_v4();
+        let mut answers = Answers::default();
+        let route = |request_id: u64, ephemeral: bool, answers: &Answers| {
+            let reply = answers.reply_to(request_id, Uuid::from_u128(request_id.into()));
+            let responder = Some(Responder::Session(reply));
+            registry.route(user, ephemeral, None, responder, |s| message(user, s))
+        };
+        // Offline: stored, and dropped unanswered.
+        assert!(matches!(route(1, false, &answers), Route::Store(..)));
+        assert!(matches!(route(2, true, &answers), Route::Dropped));
+        let (handle, mut ends) = registry.new_connection();
+        registry.connect(user, handle.clone());
+        let bound = registry.drain_bound(user);
+        assert!(registry.try_go_live(user, handle.id, bound.generation));
+        assert!(matches!(route(3, false, &answers), Route::Live));
+        assert!(matches!(route(4, true, &answers), Route::Live));
+        // The queue (capacity 2) is full: routed to storage, or dropped.
+        assert!(matches!(route(5, true, &answers), Route::Dropped));
+        assert!(matches!(route(6, false, &answers), Route::Store(..)));
+        answers.expect();
+        answers.expect();
+        let Ok(Outbound::Deliver(settled)) = ends.rx.try_recv() else {
+            panic!("routed live")
+        };
+        settled.waiter.finish(Delivery::Delivered);
+        drop(ends.rx.try_recv().expect("routed live"));
+        let first = answers.try_next().expect("settled");
+        assert_eq!(
+            (first.request_id, first.outcome),
+            (3, Some(Delivery::Delivered))
+        );
+        let second = answers.try_next().expect("dropped unanswered");
+        assert_eq!((second.request_id, second.outcome), (4, None));
+        assert!(answers.try_next().is_none(), "nothing else was answered");
     }
 
     #[test]
@@ -653,7 +715,7 @@ mod tests {
         assert!(registry.try_go_live(user, old.id, bound.generation));
         registry.closing(user, old.id);
         assert!(matches!(
-            registry.route(user, false, None, |s| message(user, s)),
+            registry.route(user, false, None, None, |s| message(user, s)),
             Route::Store(..)
         ));
         // A successor displaces it (and so waits for it) rather than finding
@@ -679,8 +741,8 @@ mod tests {
         assert!(registry.try_go_live(user, handle.id, bound.generation));
         for _ in 0..2 {
             assert!(matches!(
-                registry.route(user, false, None, |s| message(user, s)),
-                Route::Live(_)
+                registry.route(user, false, None, None, |s| message(user, s)),
+                Route::Live
             ));
         }
         let ephemeral = |seq| Message {
@@ -688,8 +750,8 @@ mod tests {
             ..message(user, seq)
         };
         assert!(matches!(
-            registry.route(user, true, None, ephemeral),
-            Route::Live(_)
+            registry.route(user, true, None, None, ephemeral),
+            Route::Live
         ));
         assert!(registry.push(user, proto::push::Event::QueueEmpty(Default::default())));
         let taken = registry.divert(user, handle.id, &mut ends.rx);
@@ -704,7 +766,7 @@ mod tests {
         assert!(registry.is_draining(user));
         assert!(
             matches!(
-                registry.route(user, false, None, |s| message(user, s)),
+                registry.route(user, false, None, None, |s| message(user, s)),
                 Route::Store(..)
             ),
             "everything new is stored"
@@ -722,7 +784,7 @@ mod tests {
         let registry = Registry::new(1, 8);
         let user = Uuid::new_v4();
         assert!(matches!(
-            registry.route(user, true, None, |s| message(user, s)),
+            registry.route(user, true, None, None, |s| message(user, s)),
             Route::Dropped
         ));
         assert!(!registry.is_online(user));

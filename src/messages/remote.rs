@@ -51,6 +51,7 @@ mod lease;
 
 use self::claims::{Claim, Claims};
 use self::lease::Lease;
+use super::answer::Responder;
 use super::dedupe::Attempt;
 use super::registry::{Registry, Route};
 use super::store::{StoreWriter, ToStore};
@@ -1102,15 +1103,24 @@ impl Remote {
             };
             let ephemeral = message.ephemeral;
             let receipt = message.envelope_type == EnvelopeType::Receipt;
-            let route = self.registry.route(recipient, ephemeral, None, |seq| {
-                message.seq = seq;
-                message
-            });
-            match route {
-                Route::Live(_) if receipt => live_receipts.push(index),
-                Route::Live(outcome) => live.push((index, outcome)),
-                Route::Dropped => dropped.push(index),
-                Route::Store(order) => {
+            // Nobody waits for a receipt's outcome.
+            let (responder, outcome) = if receipt {
+                (None, None)
+            } else {
+                let (responder, outcome) = oneshot::channel();
+                (Some(Responder::Once(responder)), Some(outcome))
+            };
+            let route = self
+                .registry
+                .route(recipient, ephemeral, None, responder, |seq| {
+                    message.seq = seq;
+                    message
+                });
+            match (route, outcome) {
+                (Route::Live, None) => live_receipts.push(index),
+                (Route::Live, Some(outcome)) => live.push((index, outcome)),
+                (Route::Dropped, _) => dropped.push(index),
+                (Route::Store(order), _) => {
                     store_index.push(index);
                     to_store.push(order);
                 }

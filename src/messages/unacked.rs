@@ -127,6 +127,7 @@ mod tests {
 
     use super::*;
     use crate::envelope::Message;
+    use crate::messages::Responder;
     use crate::messages::registry::Waiter;
     use crate::metrics::Metrics;
 
@@ -134,7 +135,7 @@ mod tests {
         let (responder, outcome) = oneshot::channel();
         let message = Message::for_test(id, Uuid::new_v4(), 1);
         let waiter = Waiter {
-            responder: Some(responder),
+            responder: Some(Responder::Once(responder)),
             attempt: None,
         };
         (
