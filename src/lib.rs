@@ -36,6 +36,7 @@ pub mod config;
 pub mod connection;
 pub mod envelope;
 pub mod health;
+pub mod idhash;
 pub mod keys;
 pub mod messages;
 pub mod metrics;

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use uuid::Uuid;
 
+use crate::idhash::IdHasher;
+
 /// One token bucket per user. Cheap to share behind an `Arc`; each check
 /// locks only that user's shard, briefly.
 #[derive(Debug)]
 pub struct RateLimiter {
     /// Per-user buckets. Full buckets are pruned by [`RateLimiter::prune`],
     /// so the map holds only recently active users.
-    buckets: DashMap<Uuid, Bucket>,
+    buckets: DashMap<Uuid, Bucket, IdHasher>,
     /// How the buckets fill.
     refill: Refill,
 }
@@ -83,7 +85,7 @@ impl Bucket {
 impl RateLimiter {
     pub fn new(rate_per_sec: f64, burst: f64) -> Self {
         RateLimiter {
-            buckets: DashMap::new(),
+            buckets: DashMap::with_hasher(IdHasher::default()),
             refill: Refill::new(rate_per_sec, burst),
         }
     }

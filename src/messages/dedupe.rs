@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::idhash::IdHasher;
+
 use super::Delivery;
 
 #[derive(Debug)]
@@ -53,7 +55,7 @@ pub struct Dedupe {
 #[derive(Debug, Default)]
 struct Inner {
     /// Message id to the state of its send.
-    entries: HashMap<Uuid, Entry>,
+    entries: HashMap<Uuid, Entry, IdHasher>,
     /// Insertion order, for eviction, with each entry's generation; stale
     /// items (removed or re-added ids) are skipped and compacted away.
     order: VecDeque<(Uuid, u64)>,

@@ -28,6 +28,7 @@ use super::answer::Responder;
 use super::dedupe::Attempt;
 use super::store::ToStore;
 use crate::envelope::Message;
+use crate::idhash::IdHasher;
 use crate::protocol::{Close, proto};
 
 /// What a connection is sent through its bounded outbound queue. Boxed so
@@ -218,7 +219,7 @@ pub struct Registry {
 #[derive(Debug)]
 struct Inner {
     /// User id to routing state.
-    slots: DashMap<Uuid, Slot>,
+    slots: DashMap<Uuid, Slot, IdHasher>,
     /// Source of connection ids.
     next_conn_id: AtomicU64,
     /// Source of message sequence numbers; strictly increasing, seeded at
@@ -233,7 +234,7 @@ impl Registry {
     pub fn new(first_seq: i64, outbound_queue: usize) -> Self {
         Registry {
             inner: Arc::new(Inner {
-                slots: DashMap::new(),
+                slots: DashMap::with_hasher(IdHasher::default()),
                 next_conn_id: AtomicU64::new(1),
                 next_seq: AtomicI64::new(first_seq),
                 outbound_queue: outbound_queue.max(1),

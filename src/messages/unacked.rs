@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::Delivery;
 use super::registry::LiveDelivery;
+use crate::idhash::IdHasher;
 use crate::metrics::AtomicHistogram;
 
 /// Bounded by the caller: it stops taking live messages when full.
@@ -24,7 +25,7 @@ pub struct Unacked {
     /// How many entries carry each id. Usually one; a send retried with the
     /// same client message id can be delivered again before the first copy
     /// is acked, and one ack then settles both.
-    ids: HashMap<Uuid, u32>,
+    ids: HashMap<Uuid, u32, IdHasher>,
     /// Most entries before the connection stops taking live messages.
     limit: usize,
     /// Where the time from send to ack is recorded.
@@ -35,7 +36,7 @@ impl Unacked {
     pub fn new(limit: usize, delivery_seconds: AtomicHistogram) -> Self {
         Unacked {
             entries: VecDeque::new(),
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             limit: limit.max(1),
             delivery_seconds,
         }
