@@ -199,8 +199,10 @@ pub enum Reply {
 }
 
 /// The asynchronous rest of a session command, kept while the request is
-/// in flight. An enum rather than one boxed future, so that a send (one
-/// per message) waits for its outcome with no allocation of its own.
+/// in flight. An enum rather than one boxed future, so that a send not
+/// routed live (stored, forwarded, or answered from the dedupe cache) costs
+/// no second allocation; a send routed live is not kept here at all, but
+/// answered through the session's [`Answers`].
 pub enum Pending {
     /// A send's outcome.
     Send(send_message::Outcome),

@@ -95,16 +95,9 @@ impl SendMessage {
             ttl_ms: self.ttl_ms,
             client_message_id: self.client_message_id,
         };
-        let (id, sending) = ctx
-            .state
-            .relay()
-            .send(outgoing, |id| answers.reply_to(request_id, id));
-        match sending {
-            None => {
-                answers.expect();
-                Reply::Routed
-            }
-            Some(sending) => Reply::Pending(Pending::Send(Outcome { id, sending })),
+        match ctx.state.relay().send(outgoing, answers, request_id) {
+            (_, None) => Reply::Routed,
+            (id, Some(sending)) => Reply::Pending(Pending::Send(Outcome { id, sending })),
         }
     }
 }

@@ -23,7 +23,8 @@ use super::Delivery;
 /// Who hears a live message's outcome.
 #[derive(Debug)]
 pub enum Responder {
-    /// A future awaiting the receiver (a unit forwarded from another node).
+    /// The sending half of a oneshot whose receiver a future awaits (a unit
+    /// forwarded from another node).
     Once(oneshot::Sender<Delivery>),
     /// The sender's session, which answers the request itself.
     Session(SessionReply),
@@ -101,7 +102,7 @@ impl Default for Answers {
 impl Answers {
     /// Where the answer to request `request_id`, a send of message
     /// `message_id`, should go if the message is routed live.
-    pub fn reply_to(&self, request_id: u64, message_id: Uuid) -> SessionReply {
+    pub(super) fn reply_to(&self, request_id: u64, message_id: Uuid) -> SessionReply {
         SessionReply {
             to: self.tx.clone(),
             request_id,
@@ -110,7 +111,7 @@ impl Answers {
     }
 
     /// Counts a send routed live: its answer will come through here.
-    pub fn expect(&mut self) {
+    pub(super) fn expect(&mut self) {
         self.awaiting += 1;
     }
 
@@ -136,6 +137,12 @@ impl Answers {
 
     /// An answer already due, if any.
     pub fn try_next(&mut self) -> Option<SessionAnswer> {
+        // Every answer in the queue was counted when its send was routed
+        // live; checked, so that a miscount cannot wrap the count and make
+        // the session take itself for full.
+        if self.awaiting == 0 {
+            return None;
+        }
         let answer = self.rx.try_recv().ok()?;
         self.awaiting -= 1;
         Some(answer)

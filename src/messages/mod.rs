@@ -267,13 +267,15 @@ impl Relay {
     /// the message id and, unless the message was routed live, a future of
     /// its outcome: `Delivered` once the recipient acked, `Queued` once
     /// committed, `Dropped` for an ephemeral message nobody could take. A
-    /// message routed live (`None`) is answered through the reply `reply`
-    /// makes from its id. A retry with the same client message id gets the
-    /// first attempt's id and outcome, never a second copy.
+    /// message routed live (`None`) is answered through `answers`, under
+    /// `request_id`, and counted there. A retry with the same client
+    /// message id gets the first attempt's id and outcome, never a second
+    /// copy.
     pub fn send(
         &self,
         outgoing: Outgoing,
-        reply: impl FnOnce(Uuid) -> SessionReply,
+        answers: &mut Answers,
+        request_id: u64,
     ) -> (Uuid, Option<Sending>) {
         let id = envelope::message_id(outgoing.sender_id, outgoing.client_message_id.as_deref());
         let attempt = match outgoing.client_message_id {
@@ -301,10 +303,13 @@ impl Relay {
             outgoing.recipient,
             outgoing.ephemeral,
             attempt,
-            Some(Responder::Session(reply(id))),
+            Some(Responder::Session(answers.reply_to(request_id, id))),
             |seq| outgoing.into_message(id, seq, now),
         ) {
-            Route::Live => None,
+            Route::Live => {
+                answers.expect();
+                None
+            }
             Route::Dropped => Some(Sending::Done(Some(Delivery::Dropped))),
             Route::Store(order) => Some(self.store_or_forward(order)),
         };
@@ -505,8 +510,8 @@ impl Relay {
 
     /// Stores live messages a connection held but that were not acked,
     /// answering each sender: `queued` once stored, `dropped` for ephemeral
-    /// ones. A failed store leaves the sender unanswered (its request
-    /// fails), so it may retry.
+    /// ones. A failed store drops the message's waiter, which answers the
+    /// sender `Interrupted`, so it retries.
     pub fn hand_back(&self, held: Vec<LiveDelivery>) -> impl Future<Output = ()> + Send + 'static {
         self.store_held(held.into_iter().map(|delivery| (delivery, None)).collect())
     }
@@ -563,12 +568,14 @@ impl Relay {
                         // Cluster mode: another node took the user over
                         // without this one letting go (it was paused, or
                         // slow to answer). Storing now would put these
-                        // behind what the new owner delivered: unanswered,
-                        // so the sender retries.
+                        // behind what the new owner delivered: the waiter,
+                        // dropped, answers `Interrupted`, and the sender
+                        // retries.
                         Ok(Stored::Moved(owner)) => {
                             tracing::warn!(peer = %owner, "a user moved before this node could store what it held");
                         }
-                        // Unanswered: the sender's request fails and it may retry.
+                        // The waiter, dropped, answers `Interrupted`: the
+                        // sender retries.
                         Err(err) => {
                             tracing::error!(error = %err, source = ?std::error::Error::source(&err), "storing an unacked live message failed");
                         }

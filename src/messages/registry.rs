@@ -77,6 +77,9 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
+        // The attempt first, as `finish` does: a retry woken by the
+        // sender's error then finds the attempt already released.
+        drop(self.attempt.take());
         if let Some(responder) = self.responder.take() {
             responder.answer(None);
         }
