@@ -83,7 +83,6 @@ impl SendMessage {
             ctx.state.metrics().rate_limited(Limit::send);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
-        let (request_id, answers) = (ctx.request_id, &mut *ctx.answers);
         let outgoing = Outgoing {
             sender_id: sender,
             sender_username: ctx.auth.username.clone(),
@@ -95,7 +94,11 @@ impl SendMessage {
             ttl_ms: self.ttl_ms,
             client_message_id: self.client_message_id,
         };
-        match ctx.state.relay().send(outgoing, answers, request_id) {
+        match ctx
+            .state
+            .relay()
+            .send(outgoing, ctx.answers, ctx.request_id)
+        {
             (_, None) => Reply::Routed,
             (id, Some(sending)) => Reply::Pending(Pending::Send(Outcome { id, sending })),
         }
