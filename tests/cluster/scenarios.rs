@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use signal_relay::client::{Event, Outgoing};
+use signal_relay::client::{CloseInfo, Event, Outgoing};
 use signal_relay::proto::{SendOutcome, Status};
 use uuid::Uuid;
 
 use crate::checker::Checker;
-use crate::support::{Cluster, WAIT};
+use crate::support::{Cluster, User, WAIT};
 use crate::traffic::{Receiving, read_until_closed, send_all};
 
 fn unique(prefix: &str) -> String {
@@ -23,7 +23,25 @@ async fn next_event(events: &mut signal_relay::client::Events) -> Event {
         .expect("connection closed while waiting for a push")
 }
 
-/// Waits until `condition` holds (re-checking every few milliseconds).
+/// Connects `user` to node `node`, live once their queue is empty, and
+/// records what the socket receives (`via`) until it is closed; the task
+/// ends with how it was closed.
+async fn connect_and_read(
+    cluster: &Cluster,
+    node: usize,
+    checker: &Arc<Checker>,
+    user: &User,
+    via: &'static str,
+) -> tokio::task::JoinHandle<CloseInfo> {
+    let (client, mut events) = cluster.connect(node, user).await;
+    assert!(matches!(next_event(&mut events).await, Event::QueueEmpty));
+    let (checker, user) = (checker.clone(), user.clone());
+    tokio::spawn(async move {
+        read_until_closed(&checker, &user, &client, &mut events, via).await;
+        client.closed().await
+    })
+}
+
 /// Waits until every confirmed message has arrived, stops `receiving`,
 /// and holds what happened to the contracts.
 async fn verify_once_all_arrived(checker: &Checker, receiving: Receiving) {
@@ -32,6 +50,7 @@ async fn verify_once_all_arrived(checker: &Checker, receiving: Receiving) {
     checker.verify();
 }
 
+/// Waits until `condition` holds (re-checking every few milliseconds).
 async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !condition() {
@@ -155,17 +174,7 @@ async fn a_user_moving_while_redis_is_down_keeps_order() {
     let alice = cluster.register(0, &unique("alice")).await;
     let bob = cluster.register(0, &unique("bob")).await;
     let checker = Arc::new(Checker::default());
-    let (bob_old, mut bob_old_events) = cluster.connect(1, &bob).await;
-    assert!(matches!(
-        next_event(&mut bob_old_events).await,
-        Event::QueueEmpty
-    ));
-    let old_reader = {
-        let (checker, bob) = (checker.clone(), bob.clone());
-        tokio::spawn(async move {
-            read_until_closed(&checker, &bob, &bob_old, &mut bob_old_events, "old").await;
-        })
-    };
+    let old_reader = connect_and_read(&cluster, 1, &checker, &bob, "old").await;
     let (alice_old, _alice_old_events) = cluster.connect(1, &alice).await;
     cluster.redis.kill().await;
     // Bob connects to node 3 and leaves again: nobody holds him then.
@@ -238,18 +247,7 @@ async fn a_node_cut_off_from_postgres_stops_delivering_once_its_lease_runs_out()
     let bob = cluster.register(0, &unique("bob")).await;
     let checker = Arc::new(Checker::default());
     let (alice_client, _alice_events) = cluster.connect(0, &alice).await;
-    let (bob_old, mut bob_old_events) = cluster.connect(0, &bob).await;
-    assert!(matches!(
-        next_event(&mut bob_old_events).await,
-        Event::QueueEmpty
-    ));
-    let old_reader = {
-        let (checker, bob) = (checker.clone(), bob.clone());
-        tokio::spawn(async move {
-            read_until_closed(&checker, &bob, &bob_old, &mut bob_old_events, "old").await;
-            bob_old.closed().await
-        })
-    };
+    let old_reader = connect_and_read(&cluster, 0, &checker, &bob, "old").await;
     let send = |n: u64| {
         checker.attempt(alice.id, bob.id, n, "alice");
         alice_client.send(Outgoing::new(bob.id, Bytes::from(n.to_string())))
