@@ -26,9 +26,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
-use futures::stream::{FuturesUnordered, SplitStream};
+use futures::stream::SplitStream;
 use futures::{FutureExt, SinkExt, StreamExt, TryStreamExt};
-use signal_relay::client::{Client, ConnectOptions, Encoding, Event, Events, Outgoing};
+use signal_relay::client::{
+    Acked, Client, ClientError, ConnectOptions, Encoding, Event, Events, Outgoing, Pipeline, Sent,
+    Source,
+};
 use signal_relay::proto::SendOutcome;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -122,9 +125,12 @@ impl Target {
 type RawStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 enum SendHalf {
+    /// A relay client; its sends are answered in the sender task's
+    /// [`RelayAnswers`], attached to it at the first send.
     Relay {
         client: Client,
         recipient: Uuid,
+        source: Option<Source>,
     },
     Raw {
         tx: mpsc::Sender<WsMessage>,
@@ -298,6 +304,7 @@ impl Pairs {
                     send: SendHalf::Relay {
                         client: a,
                         recipient: two[1].user_id,
+                        source: None,
                     },
                     recv: RecvHalf::Relay {
                         client: b,
@@ -539,7 +546,9 @@ async fn after_grace(stop: &CancellationToken) {
     tokio::time::sleep(GRACE).await;
 }
 
-type Answer = futures::future::BoxFuture<'static, (u64, Result<SendOutcome, String>)>;
+/// A sender task's relay answers, tagged (the pair's place in the task,
+/// the message's intended send time).
+type RelayAnswers = Pipeline<(usize, u64)>;
 
 impl SendHalf {
     /// A bare relay socket in open loop with `max_in_flight` messages
@@ -549,33 +558,33 @@ impl SendHalf {
     }
 }
 
-/// Hands one message to the transport. For the relay, returns the future of
-/// the sender's answer.
+/// Hands one message, pair `i`'s, to the transport. The relay's answer
+/// comes out of `answers`.
 async fn send_one(
-    send: &SendHalf,
+    send: &mut SendHalf,
+    answers: &mut RelayAnswers,
+    i: usize,
     content: Bytes,
     intended: u64,
-) -> Result<Option<Answer>, String> {
+) -> Result<(), String> {
     match send {
-        SendHalf::Relay { client, recipient } => {
-            let client = client.clone();
-            let out = Outgoing::new(*recipient, content);
-            Ok(Some(
-                async move {
-                    let result = client
-                        .send(out)
-                        .await
-                        .map(|sent| sent.outcome)
-                        .map_err(|e| format!("send: {e}"));
-                    (intended, result)
-                }
-                .boxed(),
-            ))
+        SendHalf::Relay {
+            client,
+            recipient,
+            source,
+        } => {
+            let source = match source {
+                Some(source) => *source,
+                None => *source.insert(answers.attach(client).map_err(|e| format!("send: {e}"))?),
+            };
+            answers
+                .send(source, Outgoing::new(*recipient, content), (i, intended))
+                .await
+                .map_err(|e| format!("send: {e}"))
         }
         SendHalf::Raw { tx } => tx
             .send(WsMessage::Binary(content))
             .await
-            .map(|()| None)
             .map_err(|_| "send: forwarder connection closed".to_string()),
         SendHalf::RawRelay {
             tx,
@@ -591,14 +600,17 @@ async fn send_one(
             }
             tx.send(raw_relay::send_frame(recipient, content, intended))
                 .await
-                .map(|()| None)
                 .map_err(|_| "send: relay connection closed".to_string())
         }
     }
 }
 
-fn record_answer(metrics: &Metrics, intended: u64, result: Result<SendOutcome, String>) {
-    match result {
+fn record_answer(
+    metrics: &Metrics,
+    intended: u64,
+    answer: Result<signal_relay::proto::Response, ClientError>,
+) {
+    match answer.and_then(Sent::try_from).map(|sent| sent.outcome) {
         Ok(SendOutcome::Delivered) => metrics.record_since(Kind::Answer, intended),
         Ok(other) => {
             // The live path failed (ack timeout or a full recipient queue);
@@ -606,25 +618,25 @@ fn record_answer(metrics: &Metrics, intended: u64, result: Result<SendOutcome, S
             metrics.record_since(Kind::Answer, intended);
             metrics.error(format!("answer {other:?} instead of Delivered"));
         }
-        Err(e) => metrics.error(e),
+        Err(e) => metrics.error(format!("send: {e}")),
     }
 }
 
 async fn send_closed(
-    send: SendHalf,
+    mut send: SendHalf,
     window: Arc<Semaphore>,
     template: BytesMut,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
-    let mut answers = FuturesUnordered::new();
+    let mut answers = RelayAnswers::new();
     let mut seq = 0u64;
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            Some((intended, result)) = answers.next() => {
-                record_answer(&metrics, intended, result);
+            Some(((_, intended), answer)) = answers.next() => {
+                record_answer(&metrics, intended, answer);
                 window.add_permits(1);
             }
             permit = window.acquire() => {
@@ -632,9 +644,9 @@ async fn send_closed(
                 permit.forget();
                 let intended = metrics.now_ns();
                 seq += 1;
-                match send_one(&send, payload(&template, intended, seq), intended).await {
-                    Ok(Some(answer)) => answers.push(answer),
-                    Ok(None) => {}
+                let content = payload(&template, intended, seq);
+                match send_one(&mut send, &mut answers, 0, content, intended).await {
+                    Ok(()) => {}
                     Err(e) => {
                         metrics.error(e);
                         break;
@@ -647,10 +659,11 @@ async fn send_closed(
     finish_answers(answers, &metrics).await;
 }
 
-async fn finish_answers(mut answers: FuturesUnordered<Answer>, metrics: &Metrics) {
+/// Takes the answers still to come, for [`GRACE`] at most.
+async fn finish_answers(mut answers: RelayAnswers, metrics: &Metrics) {
     let _ = tokio::time::timeout(GRACE, async {
-        while let Some((intended, result)) = answers.next().await {
-            record_answer(metrics, intended, result);
+        while let Some(((_, intended), answer)) = answers.next().await {
+            record_answer(metrics, intended, answer);
         }
     })
     .await;
@@ -658,7 +671,7 @@ async fn finish_answers(mut answers: FuturesUnordered<Answer>, metrics: &Metrics
 
 #[allow(clippy::too_many_arguments)]
 async fn send_open(
-    sends: Vec<SendHalf>,
+    mut sends: Vec<SendHalf>,
     period_ns: f64,
     offset_ns: u64,
     wake: Arc<Notify>,
@@ -670,7 +683,7 @@ async fn send_open(
     let templates: Vec<BytesMut> = (0..sends.len())
         .map(|i| payload_template(size, i))
         .collect();
-    let mut answers = FuturesUnordered::new();
+    let mut answers = RelayAnswers::new();
     // Unanswered messages per pair.
     let mut in_flight = vec![0usize; sends.len()];
     let start = metrics.now_ns() + offset_ns;
@@ -679,9 +692,9 @@ async fn send_open(
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            Some((i, intended, result)) = answers.next() => {
+            Some(((i, intended), answer)) = answers.next() => {
                 in_flight[i] -= 1;
-                record_answer(&metrics, intended, result);
+                record_answer(&metrics, intended, answer);
             }
             _ = wake.notified() => {}
         }
@@ -700,23 +713,16 @@ async fn send_open(
                 break;
             }
             k += 1;
-            match send_one(&sends[i], payload(&templates[i], intended, k), intended).await {
-                Ok(Some(answer)) => {
-                    in_flight[i] += 1;
-                    answers.push(answer.map(move |(intended, result)| (i, intended, result)));
-                }
-                Ok(None) => {}
+            let content = payload(&templates[i], intended, k);
+            match send_one(&mut sends[i], &mut answers, i, content, intended).await {
+                Ok(()) if matches!(sends[i], SendHalf::Relay { .. }) => in_flight[i] += 1,
+                Ok(()) => {}
                 Err(e) => metrics.error(e),
             }
             metrics.sent(1);
         }
     }
-    let _ = tokio::time::timeout(GRACE, async {
-        while let Some((_, intended, result)) = answers.next().await {
-            record_answer(&metrics, intended, result);
-        }
-    })
-    .await;
+    finish_answers(answers, &metrics).await;
 }
 
 async fn receive(
@@ -839,13 +845,18 @@ async fn receive_answers(
 /// Receives deliveries, records their latency and acks them in batches:
 /// whatever arrived together is acked in one request.
 pub async fn receive_relay(client: &Client, mut events: Events, metrics: &Metrics) {
-    let mut acks = FuturesUnordered::new();
+    // Each ack tagged with how many ids it asked for.
+    let mut acks = Pipeline::<usize>::new();
+    let source = match acks.attach(client) {
+        Ok(source) => source,
+        Err(e) => return metrics.error(format!("ack: {e}")),
+    };
     let mut ids: Vec<Uuid> = Vec::new();
     loop {
         let event = tokio::select! {
             event = events.next() => event,
-            Some(result) = acks.next() => {
-                check_ack(metrics, result);
+            Some((asked, answer)) = acks.next() => {
+                check_ack(metrics, asked, answer);
                 continue;
             }
         };
@@ -870,24 +881,24 @@ pub async fn receive_relay(client: &Client, mut events: Events, metrics: &Metric
             }
         }
         if !ids.is_empty() {
-            let batch = std::mem::take(&mut ids);
-            let client = client.clone();
-            acks.push(async move { (batch.len(), client.ack(&batch).await) });
+            if let Err(e) = acks.ack(source, &ids, ids.len()).await {
+                metrics.error(format!("ack: {e}"));
+            }
+            ids.clear();
         }
     }
-    while let Some(result) = acks.next().await {
-        check_ack(metrics, result);
+    while let Some((asked, answer)) = acks.next().await {
+        check_ack(metrics, asked, answer);
     }
 }
 
-type AckResult = (
-    usize,
-    Result<(Vec<Uuid>, Vec<Uuid>), signal_relay::client::ClientError>,
-);
-
-fn check_ack(metrics: &Metrics, (asked, result): AckResult) {
-    match result {
-        Ok((acked, unknown)) => {
+fn check_ack(
+    metrics: &Metrics,
+    asked: usize,
+    answer: Result<signal_relay::proto::Response, ClientError>,
+) {
+    match answer.and_then(Acked::try_from) {
+        Ok(Acked { acked, unknown }) => {
             metrics.count("acked", acked.len() as u64);
             if !unknown.is_empty() || acked.len() != asked {
                 metrics.error(format!("ack: {} ids unknown", unknown.len()));

@@ -130,9 +130,10 @@ fn client_kind(err: &ClientError) -> Kind {
             Status::Unavailable => Kind::Unreachable,
             _ => Kind::Other,
         },
-        ClientError::Url(_) | ClientError::UnexpectedResponse | ClientError::Encode(_) => {
-            Kind::Other
-        }
+        ClientError::Url(_)
+        | ClientError::UnexpectedResponse
+        | ClientError::Encode(_)
+        | ClientError::NoLane => Kind::Other,
     }
 }
 

@@ -38,6 +38,10 @@ pub enum ClientError {
     Closed { code: Option<u16>, reason: String },
     #[error("the server sent a response of the wrong kind")]
     UnexpectedResponse,
+    /// A [`Pipeline`](super::Pipeline) was given a source it did not
+    /// attach, or a connection has had all the pipelines it can (65,535).
+    #[error("no such pipeline on this connection")]
+    NoLane,
     /// The request cannot be written in the connection's encoding: in JSON,
     /// an enum field holding a number the schema does not name.
     #[error("the request cannot be written as JSON")]

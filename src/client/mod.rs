@@ -6,10 +6,13 @@
 //!
 //! [`Client::connect`] returns a cheap-to-clone [`Client`] for requests and
 //! an [`Events`] receiver for pushes. A reader task matches responses to
-//! requests by id; a writer task owns the socket's sending half. Requests
-//! may be pipelined freely.
+//! requests by id ([`routes`]); a writer task owns the socket's sending
+//! half. Requests may be pipelined freely: each awaited where it was made,
+//! or, for many at once, through a [`Pipeline`] that gathers their answers.
 
 mod error;
+mod pipeline;
+mod routes;
 mod transport;
 
 use std::collections::HashMap;
@@ -25,6 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use uuid::Uuid;
 
+use routes::{Routes, SEQ_MASK};
+
 use crate::protocol::ids::id_bytes;
 use crate::protocol::json;
 use crate::protocol::proto::{
@@ -34,6 +39,7 @@ use crate::protocol::proto::{
 
 pub use crate::protocol::Encoding;
 pub use error::{ClientError, TlsError, UrlError};
+pub use pipeline::{Pipeline, Source};
 pub use transport::ConnectOptions;
 
 /// A push from the server.
@@ -83,9 +89,9 @@ pub struct AuthInfo {
 /// send the answering close frame and see the server hang up.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// Requests awaiting their response; `None` once the connection ended, so a
+/// Who awaits each response; `None` once the connection ended, so a
 /// request made after that fails at once instead of waiting forever.
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<proto::Response>>>>>;
+type Pending = Arc<Mutex<Option<Routes>>>;
 
 /// The request half of a connection. Cheap to clone.
 #[derive(Clone)]
@@ -94,9 +100,9 @@ pub struct Client {
     out: mpsc::Sender<WsMessage>,
     /// How requests are written and answers read.
     encoding: Encoding,
-    /// Requests awaiting their response, by request id.
+    /// Who awaits each response, by request id.
     pending: Pending,
-    /// Source of request ids.
+    /// Source of the ids of requests awaited one by one (lane 0).
     next_id: Arc<AtomicU64>,
     /// Set once the connection ends.
     closed: watch::Receiver<Option<CloseInfo>>,
@@ -151,7 +157,7 @@ impl Client {
         let (out, mut out_rx) = mpsc::channel::<WsMessage>(1024);
         let (events_tx, events_rx) = mpsc::channel(event_buffer.max(1));
         let (closed_tx, closed_rx) = watch::channel(None);
-        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let pending: Pending = Arc::new(Mutex::new(Some(Routes::default())));
 
         tokio::spawn(async move {
             write_batched(&mut sink, &mut out_rx).await;
@@ -194,13 +200,9 @@ impl Client {
                 };
                 match frame.kind {
                     Some(server_frame::Kind::Response(response)) => {
-                        let waiter = reader_pending
-                            .lock()
-                            .expect("pending lock")
-                            .as_mut()
-                            .and_then(|p| p.remove(&response.request_id));
-                        if let Some(waiter) = waiter {
-                            let _ = waiter.send(response);
+                        if let Some(routes) = reader_pending.lock().expect("pending lock").as_mut()
+                        {
+                            routes.answer(response);
                         }
                     }
                     Some(server_frame::Kind::Push(proto::Push { event: Some(event) })) => {
@@ -216,8 +218,14 @@ impl Client {
                     _ => {}
                 }
             }
-            reader_pending.lock().expect("pending lock").take();
+            let routes = reader_pending.lock().expect("pending lock").take();
+            // Closed first, then the waiters told: each reads how it ended,
+            // and a pipeline's request that saw the connection open is
+            // still waiting when its pipeline hears of the end.
             let _ = closed_tx.send(Some(close));
+            if let Some(routes) = routes {
+                routes.end();
+            }
         });
 
         let client = Client {
@@ -252,10 +260,10 @@ impl Client {
 
     /// Sends a request and waits for its response, whatever its status.
     pub async fn request_raw(&self, request: Request) -> Result<proto::Response, ClientError> {
-        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed) & SEQ_MASK;
         let (tx, rx) = oneshot::channel();
         match self.pending.lock().expect("pending lock").as_mut() {
-            Some(pending) => pending.insert(request_id, tx),
+            Some(routes) => routes.insert_once(request_id, tx),
             None => return Err(self.closed_error()),
         };
         let frame = ClientFrame {
@@ -293,25 +301,14 @@ impl Client {
     }
 
     fn forget(&self, request_id: u64) {
-        if let Some(pending) = self.pending.lock().expect("pending lock").as_mut() {
-            pending.remove(&request_id);
+        if let Some(routes) = self.pending.lock().expect("pending lock").as_mut() {
+            routes.forget_once(request_id);
         }
     }
 
     /// Sends a request; an error status becomes [`ClientError::Status`].
     pub async fn request(&self, request: Request) -> Result<Option<response::Result>, ClientError> {
-        let response = self.request_raw(request).await?;
-        let status = Status::try_from(response.status).unwrap_or(Status::Unspecified);
-        if status == Status::Ok {
-            Ok(response.result)
-        } else {
-            Err(ClientError::Status {
-                status,
-                message: response.message,
-                retry_after: (response.retry_after_ms > 0)
-                    .then(|| Duration::from_millis(response.retry_after_ms)),
-            })
-        }
+        result_of(self.request_raw(request).await?)
     }
 
     /// Sends any WebSocket message as is (for testing the server's checks).
@@ -338,10 +335,7 @@ impl Client {
         request: Request,
         extract: impl FnOnce(response::Result) -> Option<T>,
     ) -> Result<T, ClientError> {
-        self.request(request)
-            .await?
-            .and_then(extract)
-            .ok_or(ClientError::UnexpectedResponse)
+        result_as(self.request_raw(request).await?, extract)
     }
 
     pub async fn register(&self, username: &str, password: &str) -> Result<AuthInfo, ClientError> {
@@ -487,56 +481,13 @@ impl Client {
 
     /// Sends a message; see [`Outgoing`] for the options.
     pub async fn send(&self, message: Outgoing) -> Result<Sent, ClientError> {
-        let request = proto::SendMessage {
-            // Shared, not copied: prost clones a `Bytes` field to encode it.
-            recipient_id: id_bytes(message.recipient),
-            r#type: message.envelope_type as i32,
-            content: message.content,
-            client_timestamp_ms: message.client_timestamp_ms,
-            ephemeral: message.ephemeral,
-            ttl_seconds: message.ttl_seconds,
-            client_message_id: message.client_message_id,
-        };
-        let sent = self
-            .request_as(Request::SendMessage(request), |r| match r {
-                response::Result::Send(r) => Some(r),
-                _ => None,
-            })
-            .await?;
-        Ok(Sent {
-            message_id: uuid_from(&sent.message_id)?,
-            outcome: proto::SendOutcome::try_from(sent.outcome)
-                .unwrap_or(proto::SendOutcome::Unspecified),
-        })
+        Sent::try_from(self.request_raw(send_request(message)).await?)
     }
 
     /// Acknowledges messages; returns (acked, unknown).
     pub async fn ack(&self, ids: &[Uuid]) -> Result<(Vec<Uuid>, Vec<Uuid>), ClientError> {
-        // One buffer for all the ids, each a view of it: two allocations
-        // per ack (the buffer, and the header its first view shares it
-        // through) rather than per id.
-        let all = Bytes::from(
-            ids.iter()
-                .flat_map(|id| *id.as_bytes())
-                .collect::<Vec<u8>>(),
-        );
-        let request = proto::AckMessages {
-            message_ids: (0..ids.len())
-                .map(|i| all.slice(i * 16..(i + 1) * 16))
-                .collect(),
-        };
-        let acks = self
-            .request_as(Request::AckMessages(request), |r| match r {
-                response::Result::Ack(r) => Some(r),
-                _ => None,
-            })
-            .await?;
-        let parse = |ids: Vec<Bytes>| {
-            ids.iter()
-                .filter_map(|b| Uuid::from_slice(b).ok())
-                .collect()
-        };
-        Ok((parse(acks.acked), parse(acks.unknown)))
+        let acked = Acked::try_from(self.request_raw(ack_request(ids)).await?)?;
+        Ok((acked.acked, acked.unknown))
     }
 
     /// Starts a clean close; pending requests fail.
@@ -583,11 +534,115 @@ impl Outgoing {
     }
 }
 
+/// The request sending `message`.
+fn send_request(message: Outgoing) -> Request {
+    Request::SendMessage(proto::SendMessage {
+        // Shared, not copied: prost clones a `Bytes` field to encode it.
+        recipient_id: id_bytes(message.recipient),
+        r#type: message.envelope_type as i32,
+        content: message.content,
+        client_timestamp_ms: message.client_timestamp_ms,
+        ephemeral: message.ephemeral,
+        ttl_seconds: message.ttl_seconds,
+        client_message_id: message.client_message_id,
+    })
+}
+
+/// The request acknowledging `ids`.
+fn ack_request(ids: &[Uuid]) -> Request {
+    // One buffer for all the ids, each a view of it: two allocations per
+    // ack (the buffer, and the header its first view shares it through)
+    // rather than per id.
+    let all = Bytes::from(
+        ids.iter()
+            .flat_map(|id| *id.as_bytes())
+            .collect::<Vec<u8>>(),
+    );
+    Request::AckMessages(proto::AckMessages {
+        message_ids: (0..ids.len())
+            .map(|i| all.slice(i * 16..(i + 1) * 16))
+            .collect(),
+    })
+}
+
+/// A response's result; an error status becomes [`ClientError::Status`].
+fn result_of(response: proto::Response) -> Result<Option<response::Result>, ClientError> {
+    let status = Status::try_from(response.status).unwrap_or(Status::Unspecified);
+    if status == Status::Ok {
+        Ok(response.result)
+    } else {
+        Err(ClientError::Status {
+            status,
+            message: response.message,
+            retry_after: (response.retry_after_ms > 0)
+                .then(|| Duration::from_millis(response.retry_after_ms)),
+        })
+    }
+}
+
+/// A response's result, which must be of the one kind `extract` takes out;
+/// any other is [`ClientError::UnexpectedResponse`].
+fn result_as<T>(
+    response: proto::Response,
+    extract: impl FnOnce(response::Result) -> Option<T>,
+) -> Result<T, ClientError> {
+    result_of(response)?
+        .and_then(extract)
+        .ok_or(ClientError::UnexpectedResponse)
+}
+
 /// The server's answer to a send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sent {
     pub message_id: Uuid,
     pub outcome: proto::SendOutcome,
+}
+
+impl TryFrom<proto::Response> for Sent {
+    type Error = ClientError;
+
+    /// Reads the response to a send, e.g. one a [`Pipeline`] gathered.
+    fn try_from(response: proto::Response) -> Result<Sent, ClientError> {
+        let sent = result_as(response, |r| match r {
+            response::Result::Send(r) => Some(r),
+            _ => None,
+        })?;
+        Ok(Sent {
+            message_id: uuid_from(&sent.message_id)?,
+            outcome: proto::SendOutcome::try_from(sent.outcome)
+                .unwrap_or(proto::SendOutcome::Unspecified),
+        })
+    }
+}
+
+/// The server's answer to an ack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acked {
+    /// Ids it removed from the queue.
+    pub acked: Vec<Uuid>,
+    /// Ids it did not know (acked before, or never this user's).
+    pub unknown: Vec<Uuid>,
+}
+
+impl TryFrom<proto::Response> for Acked {
+    type Error = ClientError;
+
+    /// Reads the response to an ack, e.g. one a [`Pipeline`] gathered.
+    fn try_from(response: proto::Response) -> Result<Acked, ClientError> {
+        let acks = result_as(response, |r| match r {
+            response::Result::Ack(r) => Some(r),
+            _ => None,
+        })?;
+        let parse = |ids: Vec<Bytes>| {
+            ids.iter()
+                .filter_map(|b| Uuid::from_slice(b).ok())
+                .collect()
+        };
+        Ok(Acked {
+            acked: parse(acks.acked),
+            unknown: parse(acks.unknown),
+        })
+    }
 }
 
 /// An id the server sent; one that is not a UUID is a malformed answer.

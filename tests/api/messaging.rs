@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
-use signal_relay::client::{Client, ClientError, ConnectOptions, Event, Events, Outgoing, Sent};
+use signal_relay::client::{
+    Acked, Client, ClientError, ConnectOptions, Event, Events, Outgoing, Pipeline, Sent,
+};
 use signal_relay::proto::{
     AckMessages, ClientFrame, EnvelopeType, Push, SendOutcome, ServerFrame, Status, client_frame,
     push, server_frame,
@@ -83,6 +85,55 @@ async fn live_delivery_is_acked_and_reported_delivered() {
         0,
         "the live path stores nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_gets_each_send_and_ack_answered_under_its_tag() {
+    let app = spawn_app().await;
+    let (alice, _ae, _, _) = online(&app, "alice").await;
+    let (carol, _ce, _, _) = online(&app, "carol").await;
+    let (bob, mut bob_events, bob_id, _) = online(&app, "bob").await;
+    let (dave_id, _) = offline(&app, "dave").await;
+
+    // Two senders' connections answering into one pipeline.
+    let mut sends = Pipeline::new();
+    let (a, c) = (sends.attach(&alice).unwrap(), sends.attach(&carol).unwrap());
+    for (source, tag) in [(a, "a1"), (c, "c1"), (a, "a2")] {
+        sends.send(source, text(bob_id, tag), tag).await.unwrap();
+    }
+    sends.send(c, text(dave_id, "c2"), "c2").await.unwrap();
+
+    let mut delivered = std::collections::HashMap::new();
+    while delivered.len() < 3 {
+        let envelope = next_delivery(&mut bob_events).await;
+        let body = String::from_utf8(envelope.content.to_vec()).unwrap();
+        delivered.insert(body, id_of(&envelope));
+    }
+    let mut acks = Pipeline::new();
+    let b = acks.attach(&bob).unwrap();
+    let ids: Vec<Uuid> = delivered.values().copied().collect();
+    acks.ack(b, &ids[..1], 1).await.unwrap();
+    acks.ack(b, &ids[1..], 2).await.unwrap();
+    let mut acked = Vec::new();
+    while let Some((tag, answer)) = acks.next().await {
+        let answer = Acked::try_from(answer.unwrap()).unwrap();
+        assert!(answer.unknown.is_empty());
+        acked.push((tag, answer.acked.len()));
+    }
+    acked.sort();
+    assert_eq!(acked, [(1, 1), (2, 2)]);
+
+    let mut answered = std::collections::HashMap::new();
+    while let Some((tag, answer)) = sends.next().await {
+        answered.insert(tag, Sent::try_from(answer.unwrap()).unwrap());
+    }
+    assert_eq!(answered.len(), 4);
+    for tag in ["a1", "c1", "a2"] {
+        assert_eq!(answered[tag].outcome, SendOutcome::Delivered, "{tag}");
+        assert_eq!(answered[tag].message_id, delivered[tag], "{tag}");
+    }
+    assert_eq!(answered["c2"].outcome, SendOutcome::Queued);
+    assert_eq!(stored_count(&app, dave_id).await, 1);
 }
 
 /// Queues `n` messages for an offline Bob; on reconnecting he gets each in
