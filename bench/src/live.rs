@@ -645,12 +645,9 @@ async fn send_closed(
                 let intended = metrics.now_ns();
                 seq += 1;
                 let content = payload(&template, intended, seq);
-                match send_one(&mut send, &mut answers, 0, content, intended).await {
-                    Ok(()) => {}
-                    Err(e) => {
-                        metrics.error(e);
-                        break;
-                    }
+                if let Err(e) = send_one(&mut send, &mut answers, 0, content, intended).await {
+                    metrics.error(e);
+                    break;
                 }
                 metrics.sent(1);
             }

@@ -23,6 +23,8 @@ use crate::idhash::IdHasher;
 use crate::protocol::proto::{ClientFrame, Response, client_frame::Request};
 
 /// One of a pipeline's connections, as [`Pipeline::attach`] named it.
+/// It is the connection's place in that pipeline: given to another
+/// pipeline, it names whichever connection holds the same place there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Source(u32);
 
