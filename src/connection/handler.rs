@@ -414,6 +414,11 @@ where
     conn.read().await
 }
 
+/// At most this many frames already read are handled in one turn of the
+/// session loop before it writes and flushes their answers; bounds how long
+/// a client sending fast keeps its answers (and other work) waiting.
+const READ_BURST: usize = 16;
+
 /// Why the session loop ended.
 enum End {
     /// The transport broke, or a write is stuck: nobody to tell.
@@ -600,8 +605,10 @@ where
             let result = tokio::select! {
                 _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
                 _ = &mut kicked => return End::Close(self.kicked_reason()),
-                inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound(inbound).await,
-                Some((counted, request_id, outcome)) = self.requests.next() => self.on_reply(counted, request_id, outcome).await,
+                inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound_burst(inbound, max_in_flight).await,
+                // Guarded: polling an empty set still registers the waker,
+                // an atomic swap on every turn of the loop.
+                Some((counted, request_id, outcome)) = self.requests.next(), if !self.requests.is_empty() => self.on_reply(counted, request_id, outcome).await,
                 routed = self.answers.next() => self.on_answer(routed).await,
                 Some(item) = self.rx.recv(), if take_live => self.write_outbound(item).await,
                 step = self.drain.step() => Box::pin(self.on_drain(step)).await,
@@ -610,7 +617,7 @@ where
                     self.hand_off_expired();
                     Ok(())
                 }
-                Some(()) = self.handoffs.next() => Ok(()),
+                Some(()) = self.handoffs.next(), if !self.handoffs.is_empty() => Ok(()),
                 _ = &mut ping => {
                     if Instant::now() >= self.expires {
                         return End::Close(Close::SESSION_EXPIRED);
@@ -690,6 +697,26 @@ where
                 Err(end) => Err(end),
             }
         }
+    }
+
+    /// Handles `first`, then the frames the socket has already delivered
+    /// behind it, up to [`READ_BURST`] and while the in-flight limit lets
+    /// the loop read: a burst of frames then costs one turn of the loop
+    /// (which polls every one of its waits) and one flush, not one each.
+    async fn on_inbound_burst(&mut self, first: Read, max_in_flight: usize) -> Result<(), End> {
+        self.on_inbound(first).await?;
+        for _ in 1..READ_BURST {
+            if self.in_flight() >= 2 * max_in_flight {
+                break;
+            }
+            // Dropping a read that is not ready is safe: `Connection::read`
+            // is cancel-safe, and the loop polls it again with its waker.
+            let Some(next) = next_read(&mut self.early, &mut self.conn).now_or_never() else {
+                break;
+            };
+            self.on_inbound(next).await?;
+        }
+        Ok(())
     }
 
     /// [`Session::on_inbound`]'s work: the answer to write, if one is due
@@ -888,8 +915,10 @@ where
     /// closed, or this node's cluster lease ran out), and a write after
     /// that could pass a message the new node stored meanwhile.
     fn delivery_barred(&self) -> Option<Close> {
-        if self.kick.is_cancelled() {
-            return Some(self.kicked_reason());
+        // The reason is set before the kick is cancelled, and reading it
+        // takes no lock (`is_cancelled` does).
+        if let Some(reason) = self.close_reason.get() {
+            return Some(reason.clone());
         }
         (!self.state.relay().may_deliver()).then_some(Close::LEASE_LAPSED)
     }
@@ -958,7 +987,9 @@ where
                 self.write_outbound(item).await?;
                 progressed = true;
             }
-            if let Some(Some((counted, request_id, outcome))) = self.requests.next().now_or_never()
+            if !self.requests.is_empty()
+                && let Some(Some((counted, request_id, outcome))) =
+                    self.requests.next().now_or_never()
             {
                 self.on_reply(counted, request_id, outcome).await?;
                 progressed = true;
