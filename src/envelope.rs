@@ -178,6 +178,32 @@ pub fn message_id(sender: Uuid, client_message_id: Option<&[u8]>) -> Uuid {
     }
 }
 
+/// Both clocks, read once where a send begins and passed down: the rate
+/// limiter, the message's timestamps, its sequence number and its ack
+/// deadline all take the same reading. Read separately, they made four
+/// clock reads per send (3-4 % of the relay's CPU under load).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// The wall clock, nanoseconds since the Unix epoch.
+    pub wall_ns: i64,
+    /// The monotonic clock, for deadlines and durations.
+    pub instant: tokio::time::Instant,
+}
+
+impl Now {
+    pub fn read() -> Now {
+        Now {
+            wall_ns: now_ns(),
+            instant: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The wall clock in milliseconds since the Unix epoch, as [`now_ms`].
+    pub fn wall_ms(&self) -> i64 {
+        self.wall_ns / 1_000_000
+    }
+}
+
 /// The wall clock in nanoseconds since the Unix epoch (0 before it), read
 /// straight from `SystemTime`: sequence numbers take one per message, and
 /// chrono's `Utc::now` converted to a calendar date and back (1.5 % of the

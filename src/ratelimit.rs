@@ -92,7 +92,12 @@ impl RateLimiter {
 
     /// Takes one token for `key`, or says how long until one is available.
     pub fn check(&self, key: Uuid) -> Result<(), Duration> {
-        let now = Instant::now();
+        self.check_at(key, Instant::now())
+    }
+
+    /// [`RateLimiter::check`] at `now`, for a caller that has read the
+    /// clock already.
+    pub fn check_at(&self, key: Uuid, now: Instant) -> Result<(), Duration> {
         self.buckets
             .entry(key)
             .or_insert_with(|| Bucket::full(self.refill, now))

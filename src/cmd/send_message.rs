@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{Ctx, Done, Pending, Reply, ready};
 use crate::config::MessagingLimits;
-use crate::envelope::EnvelopeType;
+use crate::envelope::{EnvelopeType, Now};
 use crate::messages::{Delivery, MessagingError, Outgoing, Sending, SessionAnswer};
 use crate::metrics::Limit;
 use crate::protocol::RequestError;
@@ -69,7 +69,7 @@ impl SendMessage {
         Ok(SendMessage {
             recipient,
             envelope_type,
-            content: request.content,
+            content: own_small(request.content),
             client_timestamp_ms: i64::try_from(request.client_timestamp_ms).unwrap_or(i64::MAX),
             ephemeral: request.ephemeral,
             ttl_ms,
@@ -79,7 +79,12 @@ impl SendMessage {
 
     pub fn apply(self, ctx: &mut Ctx<'_>) -> Reply {
         let sender = ctx.auth.user_id;
-        if let Err(retry_after) = ctx.state.send_limiter().check(sender) {
+        let now = Now::read();
+        if let Err(retry_after) = ctx
+            .state
+            .send_limiter()
+            .check_at(sender, now.instant.into_std())
+        {
             ctx.state.metrics().rate_limited(Limit::send);
             return ready(Err(RequestError::RateLimited { retry_after }));
         }
@@ -97,11 +102,29 @@ impl SendMessage {
         match ctx
             .state
             .relay()
-            .send(outgoing, ctx.answers, ctx.request_id)
+            .send(outgoing, ctx.answers, ctx.request_id, now)
         {
             (_, None) => Reply::Routed,
             (id, Some(sending)) => Reply::Pending(Pending::Send(Outcome { id, sending })),
         }
+    }
+}
+
+/// Content up to this size is copied out of the frame it arrived in.
+const COPY_CONTENT_BELOW: usize = 4096;
+
+/// `content` in an allocation of its own if it is small. Decoded, it is a
+/// slice of the WebSocket reader's buffer, and the message keeps it until
+/// the recipient acks: a read buffer still shared cannot be reused, so the
+/// reader allocates a new one (and promotes it to shared) for the next
+/// frame, two allocations and a copy per message read. One allocation and
+/// a copy of a small message is cheaper; a large message's frame had a
+/// buffer of its own size anyway.
+fn own_small(content: Bytes) -> Bytes {
+    if content.len() < COPY_CONTENT_BELOW {
+        Bytes::copy_from_slice(&content)
+    } else {
+        content
     }
 }
 

@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use crate::cluster::Cluster;
 use crate::config::MessagingLimits;
-use crate::envelope::{self, EnvelopeType, Message};
+use crate::envelope::{self, EnvelopeType, Message, Now};
 use crate::metrics::Metrics;
 use crate::protocol::{Close, RequestError, proto};
 use crate::storage::batch::breaks_connection;
@@ -276,6 +276,7 @@ impl Relay {
         outgoing: Outgoing,
         answers: &mut Answers,
         request_id: u64,
+        now: Now,
     ) -> (Uuid, Option<Sending>) {
         let id = envelope::message_id(outgoing.sender_id, outgoing.client_message_id.as_deref());
         let attempt = match outgoing.client_message_id {
@@ -286,12 +287,12 @@ impl Relay {
                 Begin::InProgress(first) => return (id, Some(Sending::earlier(first))),
             },
         };
-        let now = envelope::now_ms();
+        let now_ms = now.wall_ms();
         if let Some(remote) = &self.inner.remote
             && outgoing.ephemeral
             && !self.inner.registry.is_online(outgoing.recipient)
         {
-            let message = outgoing.into_message(id, 0, now);
+            let message = outgoing.into_message(id, 0, now_ms);
             return (
                 id,
                 Some(Sending::Waiting(Box::pin(
@@ -299,12 +300,13 @@ impl Relay {
                 ))),
             );
         }
-        let sending = match self.inner.registry.route(
+        let sending = match self.inner.registry.route_at(
+            now,
             outgoing.recipient,
             outgoing.ephemeral,
             attempt,
             Some(Responder::Session(answers.reply_to(request_id, id))),
-            |seq| outgoing.into_message(id, seq, now),
+            |seq| outgoing.into_message(id, seq, now_ms),
         ) {
             Route::Live => {
                 answers.expect();

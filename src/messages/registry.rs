@@ -27,7 +27,7 @@ use super::Delivery;
 use super::answer::Responder;
 use super::dedupe::Attempt;
 use super::store::ToStore;
-use crate::envelope::Message;
+use crate::envelope::{Message, Now};
 use crate::idhash::IdHasher;
 use crate::protocol::{Close, proto};
 
@@ -253,7 +253,11 @@ impl Registry {
     /// the nodes' clocks differ by less than the time a client takes to
     /// reconnect. (On one node it only costs a clock read.)
     pub(super) fn next_seq(&self) -> i64 {
-        let now = crate::envelope::now_ns();
+        self.next_seq_at(crate::envelope::now_ns())
+    }
+
+    /// [`Registry::next_seq`] with the wall clock already read.
+    fn next_seq_at(&self, now: i64) -> i64 {
         let seq = &self.inner.next_seq;
         seq.fetch_max(now, Ordering::Relaxed);
         seq.fetch_add(1, Ordering::Relaxed)
@@ -386,21 +390,34 @@ impl Registry {
         &self,
         recipient: Uuid,
         ephemeral: bool,
+        attempt: Option<Attempt>,
+        responder: Option<Responder>,
+        build: impl FnOnce(i64) -> Message,
+    ) -> Route {
+        self.route_at(Now::read(), recipient, ephemeral, attempt, responder, build)
+    }
+
+    /// [`Registry::route`] with the clocks already read.
+    pub fn route_at(
+        &self,
+        now: Now,
+        recipient: Uuid,
+        ephemeral: bool,
         mut attempt: Option<Attempt>,
         responder: Option<Responder>,
         build: impl FnOnce(i64) -> Message,
     ) -> Route {
         if ephemeral {
-            return self.route_ephemeral(recipient, attempt, responder, build);
+            return self.route_ephemeral(now, recipient, attempt, responder, build);
         }
         let mut slot = self.inner.slots.entry(recipient).or_insert_with(Slot::new);
-        let seq = self.next_seq();
+        let seq = self.next_seq_at(now.wall_ns);
         let mut message = build(seq);
         if slot.conn.is_some() && !slot.draining && slot.storing.is_empty() {
             let live = Box::new(LiveDelivery {
                 message,
                 waiter: Waiter { responder, attempt },
-                routed_at: Instant::now(),
+                routed_at: now.instant,
             });
             let conn = slot.conn.as_ref().expect("checked above");
             match conn.tx.try_send(Outbound::Deliver(live)) {
@@ -441,6 +458,7 @@ impl Registry {
 
     fn route_ephemeral(
         &self,
+        now: Now,
         recipient: Uuid,
         attempt: Option<Attempt>,
         responder: Option<Responder>,
@@ -455,11 +473,11 @@ impl Registry {
         };
         // Ephemeral messages (typing indicators) skip the queue order: they
         // are never stored, so there is nothing to wait behind.
-        let seq = self.next_seq();
+        let seq = self.next_seq_at(now.wall_ns);
         let live = Box::new(LiveDelivery {
             message: build(seq),
             waiter: Waiter { responder, attempt },
-            routed_at: Instant::now(),
+            routed_at: now.instant,
         });
         match conn.tx.try_send(Outbound::Deliver(live)) {
             Ok(()) => Route::Live,
