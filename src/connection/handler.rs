@@ -848,7 +848,6 @@ where
                 self.write_encoded(frame)
             }
             Outbound::Deliver(delivery) => {
-                let delivery = *delivery;
                 if delivery.message.is_expired(envelope::now_ms()) {
                     delivery.waiter.finish(Delivery::Dropped);
                     return Writing::Done(Some(Ok(())));
@@ -857,7 +856,7 @@ where
                     // Stored with whatever else we hold as we finish, while
                     // this node still owns the user (or forwarded to the
                     // node that took them over).
-                    let stored = self.state.relay().hand_back(vec![delivery]);
+                    let stored = self.state.relay().hand_back(vec![*delivery]);
                     self.handoffs.push(stored.boxed());
                     return Writing::Done(Some(Err(End::Close(close))));
                 }

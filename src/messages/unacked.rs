@@ -20,8 +20,10 @@ use crate::metrics::AtomicHistogram;
 /// Bounded by the caller: it stops taking live messages when full.
 pub struct Unacked {
     /// Deliveries with their ack deadlines, in write order; the deadlines
-    /// are therefore ascending.
-    entries: VecDeque<(LiveDelivery, Instant)>,
+    /// are therefore ascending. Kept in the box they were routed in: a
+    /// delivery is a few hundred bytes, which moving into the queue and out
+    /// again copied twice per message.
+    entries: VecDeque<(Box<LiveDelivery>, Instant)>,
     /// How many entries carry each id. Usually one; a send retried with the
     /// same client message id can be delivered again before the first copy
     /// is acked, and one ack then settles both.
@@ -44,7 +46,7 @@ impl Unacked {
 
     /// Answers the sender `Delivered` and records how long since it was
     /// sent.
-    fn delivered(&self, delivery: LiveDelivery, now: Instant) {
+    fn delivered(&self, delivery: Box<LiveDelivery>, now: Instant) {
         self.delivery_seconds
             .observe_duration(now.saturating_duration_since(delivery.routed_at));
         delivery.waiter.finish(Delivery::Delivered);
@@ -58,7 +60,7 @@ impl Unacked {
         self.entries.is_empty()
     }
 
-    pub fn insert(&mut self, delivery: LiveDelivery, deadline: Instant) {
+    pub fn insert(&mut self, delivery: Box<LiveDelivery>, deadline: Instant) {
         *self.ids.entry(delivery.message.id).or_default() += 1;
         self.entries.push_back((delivery, deadline));
     }
@@ -102,7 +104,7 @@ impl Unacked {
             .iter()
             .take_while(|(_, deadline)| *deadline <= now)
             .count();
-        let expired: Vec<LiveDelivery> = self.entries.drain(..due).map(|(d, _)| d).collect();
+        let expired: Vec<LiveDelivery> = self.entries.drain(..due).map(|(d, _)| *d).collect();
         for delivery in &expired {
             if let Entry::Occupied(mut copies) = self.ids.entry(delivery.message.id) {
                 *copies.get_mut() -= 1;
@@ -116,7 +118,7 @@ impl Unacked {
 
     pub fn take_all(&mut self) -> Vec<LiveDelivery> {
         self.ids.clear();
-        self.entries.drain(..).map(|(d, _)| d).collect()
+        self.entries.drain(..).map(|(d, _)| *d).collect()
     }
 }
 
@@ -132,7 +134,7 @@ mod tests {
     use crate::messages::registry::Waiter;
     use crate::metrics::Metrics;
 
-    fn delivery(id: Uuid) -> (LiveDelivery, oneshot::Receiver<Delivery>) {
+    fn delivery(id: Uuid) -> (Box<LiveDelivery>, oneshot::Receiver<Delivery>) {
         let (responder, outcome) = oneshot::channel();
         let message = Message::for_test(id, Uuid::new_v4(), 1);
         let waiter = Waiter {
@@ -140,11 +142,11 @@ mod tests {
             attempt: None,
         };
         (
-            LiveDelivery {
+            Box::new(LiveDelivery {
                 message,
                 waiter,
                 routed_at: Instant::now(),
-            },
+            }),
             outcome,
         )
     }
