@@ -314,6 +314,13 @@ pub struct ConnectionLimits {
     #[arg(long, env = "RELAY_MAX_INFLIGHT_REQUESTS", default_value_t = 256)]
     pub max_inflight_requests: usize,
 
+    /// Most frames a connection handles, of those it has already received,
+    /// before it writes and flushes their answers. A burst shares one turn
+    /// of the session loop and one flush; the bound keeps a fast sender's
+    /// answers (and its other work) from waiting behind many frames.
+    #[arg(long, env = "RELAY_READ_BURST", value_parser = clap::value_parser!(u32).range(1..=1024), default_value_t = 16)]
+    pub read_burst: u32,
+
     /// Close a socket that sent nothing (not even a pong) for this long.
     #[arg(long, env = "RELAY_IDLE_TIMEOUT_SECS", value_parser = clap::value_parser!(u64).range(..=MAX_SECS), default_value_t = 60)]
     pub idle_timeout_secs: u64,

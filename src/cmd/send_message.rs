@@ -159,3 +159,23 @@ pub fn answer_routed(routed: SessionAnswer) -> Result<Done, RequestError> {
     let outcome = routed.outcome.ok_or(MessagingError::Interrupted);
     answer(routed.message_id, outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `part` points into `whole`'s bytes.
+    fn inside(part: &Bytes, whole: &Bytes) -> bool {
+        whole.as_ptr_range().contains(&part.as_ptr())
+    }
+
+    #[test]
+    fn small_contents_leave_the_frame_and_large_ones_stay_in_it() {
+        let frame = Bytes::from(vec![7u8; 2 * COPY_CONTENT_BELOW]);
+        let small = own_small(frame.slice(10..10 + COPY_CONTENT_BELOW - 1));
+        assert!(!inside(&small, &frame), "a small content is copied out");
+        assert_eq!(small, vec![7u8; COPY_CONTENT_BELOW - 1]);
+        let large = own_small(frame.slice(10..10 + COPY_CONTENT_BELOW));
+        assert!(inside(&large, &frame), "a large content stays a view");
+    }
+}

@@ -414,11 +414,6 @@ where
     conn.read().await
 }
 
-/// At most this many frames already read are handled in one turn of the
-/// session loop before it writes and flushes their answers; bounds how long
-/// a client sending fast keeps its answers (and other work) waiting.
-const READ_BURST: usize = 16;
-
 /// Why the session loop ended.
 enum End {
     /// The transport broke, or a write is stuck: nobody to tell.
@@ -567,6 +562,7 @@ where
         // every idle connection's future.
         let idle_timeout = self.state.limits().connection.idle_timeout();
         let max_in_flight = self.state.limits().connection.max_inflight_requests;
+        let read_burst = self.state.limits().connection.read_burst;
         // The loop's long-lived waits are made once and polled again each
         // time round: re-creating them would register and deregister a
         // waiter or a timer for each of them on every frame.
@@ -605,7 +601,7 @@ where
             let result = tokio::select! {
                 _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
                 _ = &mut kicked => return End::Close(self.kicked_reason()),
-                inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound_burst(inbound, max_in_flight).await,
+                inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound_burst(inbound, max_in_flight, read_burst).await,
                 // Guarded: polling an empty set still registers the waker,
                 // an atomic swap on every turn of the loop.
                 Some((counted, request_id, outcome)) = self.requests.next(), if !self.requests.is_empty() => self.on_reply(counted, request_id, outcome).await,
@@ -700,12 +696,17 @@ where
     }
 
     /// Handles `first`, then the frames the socket has already delivered
-    /// behind it, up to [`READ_BURST`] and while the in-flight limit lets
-    /// the loop read: a burst of frames then costs one turn of the loop
+    /// behind it, up to `read_burst` in all and while the in-flight limit
+    /// lets the loop read: a burst of frames then costs one turn of the loop
     /// (which polls every one of its waits) and one flush, not one each.
-    async fn on_inbound_burst(&mut self, first: Read, max_in_flight: usize) -> Result<(), End> {
+    async fn on_inbound_burst(
+        &mut self,
+        first: Read,
+        max_in_flight: usize,
+        read_burst: u32,
+    ) -> Result<(), End> {
         self.on_inbound(first).await?;
-        for _ in 1..READ_BURST {
+        for _ in 1..read_burst {
             if self.in_flight() >= 2 * max_in_flight {
                 break;
             }
