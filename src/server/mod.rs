@@ -269,22 +269,18 @@ impl Server {
                     peer,
                     tls.clone(),
                     slots.clone(),
-                    shutdown.child_token(),
+                    shutdown.clone(),
                 ))));
                 continue;
             }
             let ticket = slots.accept(peer.ip()).map_err(|why| slots.refused(why));
-            // A child token, not a clone: a session checks it on every turn
-            // of its loop, and each check takes the token's lock, which
-            // would otherwise be one lock shared by every connection on
-            // every worker.
             connections.spawn(connection(Box::pin(serve_socket(
                 state.clone(),
                 stream,
                 peer,
                 tls.clone(),
                 ticket,
-                shutdown.child_token(),
+                shutdown.clone(),
             ))));
         }
         drop(listener);
