@@ -81,30 +81,31 @@ pub struct SessionAnswer {
 /// of the session's own requests in flight, which the session counts
 /// ([`Answers::awaiting`]) under its in-flight limit, and each such request
 /// is answered exactly once (settled, or its waiter dropped).
+#[derive(Default)]
 pub struct Answers {
-    tx: mpsc::UnboundedSender<SessionAnswer>,
-    rx: mpsc::UnboundedReceiver<SessionAnswer>,
+    /// Made for the session's first send routed live, not with the
+    /// session: a tokio channel allocates its first block of slots (about
+    /// 1 KiB here) when it is made, which every idle connection would hold.
+    queue: Option<Queue>,
     /// Sends routed live whose answer has not been taken yet.
     awaiting: usize,
 }
 
-impl Default for Answers {
-    fn default() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Answers {
-            tx,
-            rx,
-            awaiting: 0,
-        }
-    }
+struct Queue {
+    tx: mpsc::UnboundedSender<SessionAnswer>,
+    rx: mpsc::UnboundedReceiver<SessionAnswer>,
 }
 
 impl Answers {
     /// Where the answer to request `request_id`, a send of message
     /// `message_id`, should go if the message is routed live.
-    pub(super) fn reply_to(&self, request_id: u64, message_id: Uuid) -> SessionReply {
+    pub(super) fn reply_to(&mut self, request_id: u64, message_id: Uuid) -> SessionReply {
+        let queue = self.queue.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            Queue { tx, rx }
+        });
         SessionReply {
-            to: self.tx.clone(),
+            to: queue.tx.clone(),
             request_id,
             message_id,
         }
@@ -123,10 +124,10 @@ impl Answers {
     /// The next answer; pending while none is due, and for ever when
     /// nothing is awaited (so a `select!` branch on it stays quiet).
     pub async fn next(&mut self) -> SessionAnswer {
-        if self.awaiting == 0 {
+        let Some(queue) = self.queue.as_mut().filter(|_| self.awaiting > 0) else {
             return std::future::pending().await;
-        }
-        let answer = self
+        };
+        let answer = queue
             .rx
             .recv()
             .await
@@ -143,7 +144,7 @@ impl Answers {
         if self.awaiting == 0 {
             return None;
         }
-        let answer = self.rx.try_recv().ok()?;
+        let answer = self.queue.as_mut()?.rx.try_recv().ok()?;
         self.awaiting -= 1;
         Some(answer)
     }
@@ -154,6 +155,15 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
+
+    #[test]
+    fn a_session_that_never_sent_holds_no_channel() {
+        let mut answers = Answers::default();
+        assert!(answers.queue.is_none());
+        assert!(answers.try_next().is_none());
+        drop(answers.reply_to(1, Uuid::from_u128(1)));
+        assert!(answers.queue.is_some(), "made for the first send");
+    }
 
     #[test]
     fn each_reply_answers_its_request_once_and_a_dropped_one_says_interrupted() {

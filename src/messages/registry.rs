@@ -693,23 +693,23 @@ mod tests {
         let registry = Registry::new(1, 2);
         let user = Uuid::new_v4();
         let mut answers = Answers::default();
-        let route = |request_id: u64, ephemeral: bool, answers: &Answers| {
+        let route = |request_id: u64, ephemeral: bool, answers: &mut Answers| {
             let reply = answers.reply_to(request_id, Uuid::from_u128(request_id.into()));
             let responder = Some(Responder::Session(reply));
             registry.route(user, ephemeral, None, responder, |s| message(user, s))
         };
         // Offline: stored, and dropped unanswered.
-        assert!(matches!(route(1, false, &answers), Route::Store(..)));
-        assert!(matches!(route(2, true, &answers), Route::Dropped));
+        assert!(matches!(route(1, false, &mut answers), Route::Store(..)));
+        assert!(matches!(route(2, true, &mut answers), Route::Dropped));
         let (handle, mut ends) = registry.new_connection();
         registry.connect(user, handle.clone());
         let bound = registry.drain_bound(user);
         assert!(registry.try_go_live(user, handle.id, bound.generation));
-        assert!(matches!(route(3, false, &answers), Route::Live));
-        assert!(matches!(route(4, true, &answers), Route::Live));
+        assert!(matches!(route(3, false, &mut answers), Route::Live));
+        assert!(matches!(route(4, true, &mut answers), Route::Live));
         // The queue (capacity 2) is full: routed to storage, or dropped.
-        assert!(matches!(route(5, true, &answers), Route::Dropped));
-        assert!(matches!(route(6, false, &answers), Route::Store(..)));
+        assert!(matches!(route(5, true, &mut answers), Route::Dropped));
+        assert!(matches!(route(6, false, &mut answers), Route::Store(..)));
         answers.expect();
         answers.expect();
         let Ok(Outbound::Deliver(settled)) = ends.rx.try_recv() else {
