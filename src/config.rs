@@ -315,9 +315,9 @@ pub struct ConnectionLimits {
     pub max_inflight_requests: usize,
 
     /// Most frames a connection handles, of those it has already received,
-    /// before it writes and flushes their answers. A burst shares one turn
-    /// of the session loop and one flush; the bound keeps a fast sender's
-    /// answers (and its other work) from waiting behind many frames.
+    /// before it flushes their answers. A burst shares one turn of the
+    /// session loop and one flush; the bound keeps a fast sender's answers
+    /// (and the connection's other work) from waiting behind many frames.
     #[arg(long, env = "RELAY_READ_BURST", value_parser = clap::value_parser!(u32).range(1..=1024), default_value_t = 16)]
     pub read_burst: u32,
 

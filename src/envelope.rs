@@ -191,6 +191,7 @@ pub struct Now {
 }
 
 impl Now {
+    /// Reads both clocks.
     pub fn read() -> Now {
         Now {
             wall_ns: now_ns(),

@@ -9,7 +9,9 @@
 //!   it likes as a recipient, and one that is no user's holds its place in
 //!   the registry only until its store fails;
 //! - message ids are random UUIDs, or, for a send with a client message id,
-//!   a SHA-256 digest of the sender and that id, which the client chooses.
+//!   a SHA-256 digest of the sender and that id, which the client chooses;
+//!   an ack names any ids it likes, and its set of them (deduplicated
+//!   before they are acked) is bounded by `max_ack_ids`.
 //!
 //! A client could so choose keys, offline. But a seeded hash gives it
 //! nothing to aim at: both seeds come from the operating system's random

@@ -83,6 +83,7 @@ impl SendMessage {
         if let Err(retry_after) = ctx
             .state
             .send_limiter()
+            // tokio's clock is std's outside tests with paused time.
             .check_at(sender, now.instant.into_std())
         {
             ctx.state.metrics().rate_limited(Limit::send);

@@ -475,7 +475,9 @@ struct Session<S> {
     rx: mpsc::Receiver<Outbound>,
     /// Cancelled when someone closes us (displacement).
     kick: CancellationToken,
-    /// Why we were kicked.
+    /// Why we were kicked. Set before `kick` is cancelled, so it is also
+    /// how the session asks whether it was kicked without the token's lock
+    /// (see [`Session::delivery_barred`]).
     close_reason: Arc<OnceLock<Close>>,
     /// Our registration: leaves the registry and lets a successor drain
     /// when dropped, at the end of `finish` or while unwinding from a panic.
@@ -613,6 +615,7 @@ where
                     self.hand_off_expired();
                     Ok(())
                 }
+                // Guarded as `requests` is.
                 Some(()) = self.handoffs.next(), if !self.handoffs.is_empty() => Ok(()),
                 _ = &mut ping => {
                     if Instant::now() >= self.expires {
@@ -707,11 +710,14 @@ where
     ) -> Result<(), End> {
         self.on_inbound(first).await?;
         for _ in 1..read_burst {
-            if self.in_flight() >= 2 * max_in_flight {
+            // A kicked session stops taking requests at once, as it would
+            // at its next turn (the reason is set before the kick).
+            if self.in_flight() >= 2 * max_in_flight || self.close_reason.get().is_some() {
                 break;
             }
-            // Dropping a read that is not ready is safe: `Connection::read`
-            // is cancel-safe, and the loop polls it again with its waker.
+            // Dropping a read that is not ready is safe (see
+            // `Connection::read`), and the loop polls it again with its
+            // waker before the task sleeps.
             let Some(next) = next_read(&mut self.early, &mut self.conn).now_or_never() else {
                 break;
             };

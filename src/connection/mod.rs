@@ -68,7 +68,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Reads the next frame. `Ok(None)` means the peer closed. Cancel-safe.
+    /// Reads the next frame. `Ok(None)` means the peer closed.
+    ///
+    /// Cancel-safe for frames: a read dropped mid-frame leaves what it
+    /// had in tungstenite's and the read-ahead's buffers. One exception: a
+    /// read dropped while flushing the pong to a `Ping` loses that ping's
+    /// `Heartbeat` (the pong stays queued and goes with the next write), so
+    /// the idle timer may miss one ping.
     pub async fn read(&mut self) -> Result<Option<Inbound>, ProtocolError> {
         loop {
             let message = match self.ws.next().await {

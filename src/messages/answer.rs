@@ -83,16 +83,20 @@ pub struct SessionAnswer {
 /// is answered exactly once (settled, or its waiter dropped).
 #[derive(Default)]
 pub struct Answers {
-    /// Made for the session's first send routed live, not with the
-    /// session: a tokio channel allocates its first block of slots (about
-    /// 1 KiB here) when it is made, which every idle connection would hold.
+    /// Made at the session's first send (before its route is known), not
+    /// with the session: a tokio channel allocates its first block of
+    /// slots (about 1 KiB here) when it is made, which every idle
+    /// connection would hold.
     queue: Option<Queue>,
     /// Sends routed live whose answer has not been taken yet.
     awaiting: usize,
 }
 
+/// The channel behind [`Answers`].
 struct Queue {
+    /// Cloned into each [`SessionReply`].
     tx: mpsc::UnboundedSender<SessionAnswer>,
+    /// Where the session takes its answers.
     rx: mpsc::UnboundedReceiver<SessionAnswer>,
 }
 
