@@ -596,10 +596,7 @@ where
                 ack_armed = true;
             }
             let take_live = self.drain.is_live() && self.unacked.has_room();
-            // Keep reading past the in-flight limit (new requests beyond it
-            // are refused, see `on_inbound`) so acks still get through: two
-            // clients that each wait on the other's acks must not stall.
-            let read_more = self.in_flight() < 2 * max_in_flight;
+            let read_more = self.may_read(max_in_flight);
             let result = tokio::select! {
                 _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
                 _ = &mut kicked => return End::Close(self.kicked_reason()),
@@ -712,7 +709,7 @@ where
         for _ in 1..read_burst {
             // A kicked session stops taking requests at once, as it would
             // at its next turn (the reason is set before the kick).
-            if self.in_flight() >= 2 * max_in_flight || self.close_reason.get().is_some() {
+            if !self.may_read(max_in_flight) || self.close_reason.get().is_some() {
                 break;
             }
             // Dropping a read that is not ready is safe (see
@@ -841,6 +838,14 @@ where
     /// routed live awaiting their answer.
     fn in_flight(&self) -> usize {
         self.requests.len() + self.answers.awaiting()
+    }
+
+    /// Whether to read another frame. Reading goes on past the in-flight
+    /// limit (new requests beyond it are refused, see `on_inbound`) so
+    /// acks still get through: two clients that each wait on the other's
+    /// acks must not stall.
+    fn may_read(&self, max_in_flight: usize) -> bool {
+        self.in_flight() < 2 * max_in_flight
     }
 
     /// Writes a live message or a push; like [`Session::on_reply`], the
