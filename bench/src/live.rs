@@ -631,10 +631,13 @@ async fn send_closed(
 ) {
     let mut answers = RelayAnswers::new();
     let mut seq = 0u64;
+    // Made once: a new wait each turn would register with the token's
+    // shared lock, and deregister, once per message in every sender task.
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             Some(((_, intended), answer)) = answers.next() => {
                 record_answer(&metrics, intended, answer);
                 window.add_permits(1);
@@ -685,15 +688,19 @@ async fn send_open(
     let mut in_flight = vec![0usize; sends.len()];
     let start = metrics.now_ns() + offset_ns;
     let mut k = 0u64;
+    // Made once, as in `send_closed`; the tick's wait is made again only
+    // once it has fired, not on every answer.
+    let mut stopped = std::pin::pin!(stop.cancelled());
+    let mut ticked = std::pin::pin!(wake.notified());
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             Some(((i, intended), answer)) = answers.next() => {
                 in_flight[i] -= 1;
                 record_answer(&metrics, intended, answer);
             }
-            _ = wake.notified() => {}
+            _ = &mut ticked => ticked.set(wake.notified()),
         }
         // Send everything that is due, unless the next pair is at its limit.
         let now = metrics.now_ns();

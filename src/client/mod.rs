@@ -12,6 +12,7 @@
 
 mod error;
 mod pipeline;
+mod reader;
 mod routes;
 mod transport;
 
@@ -31,10 +32,8 @@ use uuid::Uuid;
 use routes::{Routes, SEQ_MASK};
 
 use crate::protocol::ids::id_bytes;
-use crate::protocol::json;
 use crate::protocol::proto::{
-    self, ClientFrame, EnvelopeType, ServerFrame, Status, client_frame::Request, push, response,
-    server_frame,
+    self, ClientFrame, EnvelopeType, Status, client_frame::Request, response,
 };
 
 pub use crate::protocol::Encoding;
@@ -115,20 +114,32 @@ pub struct Events {
     /// Pushes in arrival order. Bounded: a consumer that stops reading
     /// stops the reader task, and so the socket (as a slow client would).
     rx: mpsc::Receiver<Event>,
+    /// Pushes taken out of `rx` together, last first: taking up to
+    /// [`EVENTS_TAKEN`] at once costs the queue's lock and its wake-up once
+    /// for all of them.
+    taken: Vec<Event>,
     /// Set once the connection ends.
     closed: watch::Receiver<Option<CloseInfo>>,
 }
 
+/// The most pushes [`Events`] takes out of its queue at once:
+/// half a block of tokio's channel, about 2.5 KiB.
+const EVENTS_TAKEN: usize = 16;
+
 impl Events {
     /// The next push; `None` once the connection has ended and every push
-    /// before the end was taken.
+    /// before the end was taken. Cancel-safe.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        if self.taken.is_empty() {
+            self.rx.recv_many(&mut self.taken, EVENTS_TAKEN).await;
+            self.taken.reverse();
+        }
+        self.taken.pop()
     }
 
     /// Waits for the connection to end and says how.
     pub async fn closed(&mut self) -> CloseInfo {
-        while self.rx.recv().await.is_some() {}
+        while self.next().await.is_some() {}
         wait_closed(&mut self.closed).await
     }
 }
@@ -153,7 +164,7 @@ impl Client {
         let event_buffer = options.event_buffer;
         let encoding = options.encoding;
         let (ws, headers) = transport::connect(url, &options).await?;
-        let (mut sink, mut stream) = ws.split();
+        let (mut sink, stream) = ws.split();
         let (out, mut out_rx) = mpsc::channel::<WsMessage>(1024);
         let (events_tx, events_rx) = mpsc::channel(event_buffer.max(1));
         let (closed_tx, closed_rx) = watch::channel(None);
@@ -164,69 +175,16 @@ impl Client {
             let _ = sink.close().await;
         });
 
-        let reader_pending = pending.clone();
-        tokio::spawn(async move {
-            let mut close = CloseInfo::default();
-            while let Some(message) = stream.next().await {
-                let decoded = match (message, encoding) {
-                    (Ok(WsMessage::Binary(bytes)), Encoding::Proto) => {
-                        ServerFrame::decode(bytes).ok()
-                    }
-                    (Ok(WsMessage::Text(text)), Encoding::Json) => json::decode(&text).ok(),
-                    // The other encoding's frames: the server broke the
-                    // protocol, as with a frame that does not decode.
-                    (Ok(WsMessage::Binary(_) | WsMessage::Text(_)), _) => None,
-                    (Ok(WsMessage::Close(frame)), _) => {
-                        if let Some(frame) = frame {
-                            close.code = Some(frame.code.into());
-                            close.reason = frame.reason.to_string();
-                        }
-                        // tungstenite queued our answering close frame and
-                        // writes it on the next read: keep reading until
-                        // the server drops the connection, so it hears the
-                        // answer at once instead of waiting out its close
-                        // timeout. Bounded, for a server that never drops.
-                        let _ = tokio::time::timeout(CLOSE_LINGER, async {
-                            while let Some(Ok(_)) = stream.next().await {}
-                        })
-                        .await;
-                        break;
-                    }
-                    (Ok(_), _) => continue,
-                    (Err(_), _) => break,
-                };
-                let Some(frame) = decoded else {
-                    break;
-                };
-                match frame.kind {
-                    Some(server_frame::Kind::Response(response)) => {
-                        if let Some(routes) = reader_pending.lock().expect("pending lock").as_mut()
-                        {
-                            routes.answer(response);
-                        }
-                    }
-                    Some(server_frame::Kind::Push(proto::Push { event: Some(event) })) => {
-                        let event = match event {
-                            push::Event::Deliver(envelope) => Event::Deliver(envelope),
-                            push::Event::QueueEmpty(_) => Event::QueueEmpty,
-                            push::Event::PreKeysLow(low) => Event::PreKeysLow(low),
-                        };
-                        if events_tx.send(event).await.is_err() {
-                            // Nobody listens; keep serving responses.
-                        }
-                    }
-                    _ => {}
-                }
+        tokio::spawn(
+            reader::Reader {
+                stream,
+                encoding,
+                pending: pending.clone(),
+                events: events_tx,
+                closed: closed_tx,
             }
-            let routes = reader_pending.lock().expect("pending lock").take();
-            // Closed first, then the waiters told: each reads how it ended,
-            // and a pipeline's request that saw the connection open is
-            // still waiting when its pipeline hears of the end.
-            let _ = closed_tx.send(Some(close));
-            if let Some(routes) = routes {
-                routes.end();
-            }
-        });
+            .run(),
+        );
 
         let client = Client {
             out,
@@ -238,6 +196,7 @@ impl Client {
         };
         let events = Events {
             rx: events_rx,
+            taken: Vec::new(),
             closed: closed_rx,
         };
         Ok((client, events))

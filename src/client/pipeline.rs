@@ -22,6 +22,9 @@ use super::{Client, ClientError, Outgoing, ack_request, send_request};
 use crate::idhash::IdHasher;
 use crate::protocol::proto::{ClientFrame, Response, client_frame::Request};
 
+/// The most notes [`Pipeline::next`] takes out of its queue at once.
+const NOTES_TAKEN: usize = 16;
+
 /// One of a pipeline's connections, as [`Pipeline::attach`] named it.
 /// It is the connection's place in that pipeline: given to another
 /// pipeline, it names whichever connection holds the same place there.
@@ -49,6 +52,9 @@ pub struct Pipeline<T> {
     notes_tx: mpsc::UnboundedSender<Note>,
     /// Answers and endings, in the order the readers gave them.
     notes: mpsc::UnboundedReceiver<Note>,
+    /// Notes taken out of `notes` together, last first: one wake-up and one
+    /// pass over the queue for up to [`NOTES_TAKEN`] answers.
+    taken: Vec<Note>,
     /// The tag and connection of each request in flight, by sequence
     /// number. The pipeline makes the numbers (unique across its
     /// connections), and only the server echoing them picks the key.
@@ -73,6 +79,7 @@ impl<T> Pipeline<T> {
             notes_tx,
             notes,
             waiting: HashMap::default(),
+            taken: Vec::new(),
             failed: VecDeque::new(),
             next_seq: 0,
         }
@@ -168,8 +175,12 @@ impl<T> Pipeline<T> {
             if self.waiting.is_empty() {
                 return None;
             }
-            // The pipeline holds a sender, so the queue never ends.
-            match self.notes.recv().await? {
+            if self.taken.is_empty() {
+                // The pipeline holds a sender, so the queue never ends.
+                self.notes.recv_many(&mut self.taken, NOTES_TAKEN).await;
+                self.taken.reverse();
+            }
+            match self.taken.pop()? {
                 Note::Answer(response) => {
                     if let Some((_, tag)) = self.waiting.remove(&(response.request_id & SEQ_MASK)) {
                         return Some((tag, Ok(response)));
