@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::slots::{Slot, Ticket};
+use super::stop::{self, Stop};
 use super::{Connection, Inbound};
 use crate::auth::{self, Authenticated};
 use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Pending, Reply, send_message};
@@ -65,7 +66,7 @@ pub fn serve<S>(
     encoding: Encoding,
     entry: Entry,
     peer: SocketAddr,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -81,9 +82,9 @@ where
         sent: 0,
         received: 0,
     });
-    let admission = Box::pin(admit(state, conn, entry, ledger, shutdown.clone()));
+    let admission = Box::pin(admit(state, conn, entry, ledger, stop.clone()));
     admission.then(|admitted| match admitted {
-        Some(session) => Either::Left(session.run(shutdown)),
+        Some(session) => Either::Left(session.run(stop)),
         None => Either::Right(std::future::ready(())),
     })
 }
@@ -95,7 +96,7 @@ async fn admit<S>(
     mut conn: Connection<S>,
     entry: Entry,
     mut ledger: Box<Ledger>,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) -> Option<Session<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -108,7 +109,7 @@ where
             ..
         } => (auth, slot, None, accepted),
         Entry::Unauthenticated(ticket) => {
-            match authenticate(&state, &mut conn, ledger.peer, ticket, &shutdown).await {
+            match authenticate(&state, &mut conn, ledger.peer, ticket, &stop).await {
                 Ok(authenticated) => {
                     ledger.method = Some(authenticated.method);
                     (
@@ -240,7 +241,7 @@ async fn authenticate<S>(
     conn: &mut Connection<S>,
     peer: SocketAddr,
     mut ticket: Ticket,
-    shutdown: &CancellationToken,
+    stop: &Stop,
 ) -> Result<SelfAuthenticated, Option<Close>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -255,7 +256,7 @@ where
         let inbound = match early.pop() {
             Some(read) => read,
             None => tokio::select! {
-                _ = shutdown.cancelled() => return Err(Some(Close::SHUTTING_DOWN)),
+                _ = stop.stopped() => return Err(Some(Close::SHUTTING_DOWN)),
                 read = timeout_at(deadline, conn.read()) => match read {
                     Err(_) => return Err(Some(Close::AUTH_TIMEOUT)),
                     Ok(read) => read,
@@ -554,12 +555,12 @@ where
     }
 
     /// Serves until the socket ends, then hands back what it held.
-    async fn run(mut self, shutdown: CancellationToken) {
-        let end = self.serve(&shutdown).await;
+    async fn run(mut self, stop: Stop) {
+        let end = self.serve(&stop).await;
         Box::pin(self.finish(end)).await;
     }
 
-    async fn serve(&mut self, shutdown: &CancellationToken) -> End {
+    async fn serve(&mut self, stop: &Stop) -> End {
         // Copied out rather than cloning `Limits`, which would then sit in
         // every idle connection's future.
         let idle_timeout = self.state.limits().connection.idle_timeout();
@@ -569,8 +570,17 @@ where
         // time round: re-creating them would register and deregister a
         // waiter or a timer for each of them on every frame.
         let kick = self.kick.clone();
-        let mut shutting_down = pin!(shutdown.cancelled());
+        let mut shutting_down = pin!(stop.stopped());
         let mut kicked = pin!(kick.cancelled());
+        // Each is registered here and polled again only once its flag (set
+        // before it fires) says it has: polling them on every turn would
+        // take four locks, two of them shared by every connection.
+        if stop::registered(shutting_down.as_mut()).await {
+            return Box::pin(self.wind_down()).await;
+        }
+        if stop::registered(kicked.as_mut()).await {
+            return End::Close(self.kicked_reason());
+        }
         let ping_every = ping_interval(idle_timeout);
         // The heartbeat timer also fires when the session token expires.
         let next_tick = |expires: Instant| (Instant::now() + ping_every).min(expires);
@@ -598,8 +608,8 @@ where
             let take_live = self.drain.is_live() && self.unacked.has_room();
             let read_more = self.may_read(max_in_flight);
             let result = tokio::select! {
-                _ = &mut shutting_down => return Box::pin(self.wind_down()).await,
-                _ = &mut kicked => return End::Close(self.kicked_reason()),
+                _ = stop::when_flagged(shutting_down.as_mut(), || stop.is_stopped()) => return Box::pin(self.wind_down()).await,
+                _ = stop::when_flagged(kicked.as_mut(), || self.close_reason.get().is_some()) => return End::Close(self.kicked_reason()),
                 inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound_burst(inbound, max_in_flight, read_burst).await,
                 // Guarded: polling an empty set still registers the waker,
                 // an atomic swap on every turn of the loop.
@@ -1285,14 +1295,7 @@ mod tests {
 
     fn returned_size<F, Fut>(_: &F) -> usize
     where
-        F: FnOnce(
-            AppState,
-            WebSocketStream<Plain>,
-            Encoding,
-            Entry,
-            SocketAddr,
-            CancellationToken,
-        ) -> Fut,
+        F: FnOnce(AppState, WebSocketStream<Plain>, Encoding, Entry, SocketAddr, Stop) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }

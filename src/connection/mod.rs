@@ -2,11 +2,13 @@
 //! protocol frames and back, in the encoding the upgrade chose, and
 //! [`handler`] runs the connection's life: authentication, then the session
 //! loop; [`slots`] are the budgets of unauthenticated and authenticated
-//! sockets it moves between.
+//! sockets it moves between, and [`stop`] is how the server tells them all
+//! to shut down.
 
 pub mod handler;
 pub mod read_ahead;
 pub mod slots;
+pub mod stop;
 
 use std::time::Duration;
 

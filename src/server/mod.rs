@@ -39,6 +39,7 @@ use crate::config::{Config, ConnectionLimits};
 use crate::connection::handler::{self, Entry};
 use crate::connection::read_ahead::ReadAhead;
 use crate::connection::slots::{NoSlot, Refused, Slots, Ticket};
+use crate::connection::stop::Stop;
 use crate::health::{self, Health};
 use crate::messages::ClusterLink;
 use crate::metrics::Metrics;
@@ -241,6 +242,7 @@ impl Server {
         tracing::info!(?addr, tls = tls.is_some(), "relay listening");
 
         let connections = TaskTracker::new();
+        let stop = Stop::default();
         let slots = Slots::new(&config.limits.connection);
         state
             .metrics()
@@ -269,7 +271,7 @@ impl Server {
                     peer,
                     tls.clone(),
                     slots.clone(),
-                    shutdown.clone(),
+                    stop.clone(),
                 ))));
                 continue;
             }
@@ -280,11 +282,12 @@ impl Server {
                 peer,
                 tls.clone(),
                 ticket,
-                shutdown.clone(),
+                stop.clone(),
             ))));
         }
         drop(listener);
         state.health().shutting_down();
+        stop.stop();
 
         let deadline = tokio::time::Instant::now() + config.limits.housekeeping.shutdown_grace();
         tracing::info!(connections = connections.len(), "shutting down");
@@ -372,7 +375,7 @@ async fn serve_proxied(
     balancer: SocketAddr,
     tls: Option<TlsAcceptor>,
     slots: Slots,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) -> Option<Session> {
     // Refused as any socket is when the budget is spent, before anything
     // is read.
@@ -403,7 +406,7 @@ async fn serve_proxied(
             (client, ticket.map_err(|why| slots.refused(why)))
         }
     };
-    Box::pin(serve_socket(state, stream, client, tls, ticket, shutdown)).await
+    Box::pin(serve_socket(state, stream, client, tls, ticket, stop)).await
 }
 
 /// Accepts the socket: refuses it, answers a probe, or upgrades it and
@@ -414,7 +417,7 @@ async fn serve_socket(
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     ticket: Result<Ticket, Refused>,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) -> Option<Session> {
     let _ = stream.set_nodelay(true);
     let ticket = match ticket {
@@ -448,10 +451,8 @@ async fn serve_socket(
     // plain sockets too, while they shake hands (a reconnect storm's worth
     // of them at once).
     match tls {
-        None => Box::pin(upgrade(state, stream, peer, ticket, shutdown)).await,
-        Some(acceptor) => {
-            Box::pin(accept_tls(state, stream, peer, acceptor, ticket, shutdown)).await
-        }
+        None => Box::pin(upgrade(state, stream, peer, ticket, stop)).await,
+        Some(acceptor) => Box::pin(accept_tls(state, stream, peer, acceptor, ticket, stop)).await,
     }
 }
 
@@ -466,11 +467,11 @@ async fn accept_tls(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     ticket: Ticket,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) -> Option<Session> {
     let deadline = ticket.accepted + state.limits().connection.handshake_timeout();
     match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream))).await {
-        Ok(Ok(stream)) => upgrade(state, stream, peer, ticket, shutdown).await,
+        Ok(Ok(stream)) => upgrade(state, stream, peer, ticket, stop).await,
         Ok(Err(err)) => {
             tracing::debug!(%peer, error = %err, "TLS handshake failed");
             None
@@ -487,7 +488,7 @@ async fn upgrade<S>(
     mut stream: S,
     peer: SocketAddr,
     mut ticket: Ticket,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) -> Option<Session>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -559,7 +560,7 @@ where
     ))
     .await;
     Some(Box::pin(handler::serve(
-        state, ws, encoding, entry, peer, shutdown,
+        state, ws, encoding, entry, peer, stop,
     )))
 }
 
@@ -576,7 +577,7 @@ mod tests {
             SocketAddr,
             Option<TlsAcceptor>,
             Result<Ticket, Refused>,
-            CancellationToken,
+            Stop,
         ) -> Fut,
     {
         std::mem::size_of::<Fut>()
