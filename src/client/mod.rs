@@ -112,7 +112,9 @@ pub struct Client {
 /// The push half of a connection.
 pub struct Events {
     /// Pushes in arrival order. Bounded: a consumer that stops reading
-    /// stops the reader task, and so the socket (as a slow client would).
+    /// stops the reader task, and so the socket (as a slow client would),
+    /// once the reader has also filled its run of pushes read ahead (at
+    /// most 64).
     rx: mpsc::Receiver<Event>,
     /// Pushes taken out of `rx` together, last first: taking up to
     /// [`EVENTS_TAKEN`] at once costs the queue's lock and its wake-up once

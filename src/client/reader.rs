@@ -27,6 +27,9 @@ use crate::protocol::proto::{self, Response, ServerFrame, push, server_frame};
 /// still hands over what it read, and the runs' buffers stay small.
 pub(super) const BURST: usize = 64;
 
+/// How many frames' room the runs keep between bursts.
+const KEPT: usize = 8;
+
 /// What one WebSocket message said.
 enum Frame {
     Response(Response),
@@ -94,6 +97,10 @@ impl Reader {
             };
             self.route(&mut answers);
             self.queue(&mut pushes).await;
+            // A long burst's room is given back: a connection keeps what a
+            // short one needs.
+            answers.shrink_to(KEPT);
+            pushes.shrink_to(KEPT);
             match end {
                 Some(Some(close)) => {
                     self.linger().await;

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::slots::{Slot, Ticket};
-use super::stop::{self, Stop};
+use super::stop::{Registered, Stop};
 use super::{Connection, Inbound};
 use crate::auth::{self, Authenticated};
 use crate::cmd::{AuthCommand, Command, Counted, Ctx, Done, Pending, Reply, send_message};
@@ -474,7 +474,8 @@ struct Session<S> {
     auth: Authenticated,
     /// Live messages and pushes routed to us.
     rx: mpsc::Receiver<Outbound>,
-    /// Cancelled when someone closes us (displacement).
+    /// Cancelled when someone closes us (displacement, revocation, an
+    /// operator's cut-off).
     kick: CancellationToken,
     /// Why we were kicked. Set before `kick` is cancelled, so it is also
     /// how the session asks whether it was kicked without the token's lock
@@ -566,19 +567,19 @@ where
         let idle_timeout = self.state.limits().connection.idle_timeout();
         let max_in_flight = self.state.limits().connection.max_inflight_requests;
         let read_burst = self.state.limits().connection.read_burst;
-        // The loop's long-lived waits are made once and polled again each
-        // time round: re-creating them would register and deregister a
-        // waiter or a timer for each of them on every frame.
+        // The loop's long-lived waits are made once: re-creating them would
+        // register and deregister a waiter or a timer for each of them on
+        // every frame. The stop and the kick are registered here and polled
+        // again only once their flags (set before they fire) say they have:
+        // polling them on every turn would take four locks, two of them
+        // shared by every connection. The timers are polled each turn.
         let kick = self.kick.clone();
-        let mut shutting_down = pin!(stop.stopped());
-        let mut kicked = pin!(kick.cancelled());
-        // Each is registered here and polled again only once its flag (set
-        // before it fires) says it has: polling them on every turn would
-        // take four locks, two of them shared by every connection.
-        if stop::registered(shutting_down.as_mut()).await {
+        let (stopped, kicked) = (pin!(stop.stopped()), pin!(kick.cancelled()));
+        let (mut shutting_down, mut kicked) = (Registered::new(stopped), Registered::new(kicked));
+        if shutting_down.register().await {
             return Box::pin(self.wind_down()).await;
         }
-        if stop::registered(kicked.as_mut()).await {
+        if kicked.register().await {
             return End::Close(self.kicked_reason());
         }
         let ping_every = ping_interval(idle_timeout);
@@ -608,8 +609,8 @@ where
             let take_live = self.drain.is_live() && self.unacked.has_room();
             let read_more = self.may_read(max_in_flight);
             let result = tokio::select! {
-                _ = stop::when_flagged(shutting_down.as_mut(), || stop.is_stopped()) => return Box::pin(self.wind_down()).await,
-                _ = stop::when_flagged(kicked.as_mut(), || self.close_reason.get().is_some()) => return End::Close(self.kicked_reason()),
+                _ = shutting_down.when(|| stop.is_stopped()) => return Box::pin(self.wind_down()).await,
+                _ = kicked.when(|| self.close_reason.get().is_some()) => return End::Close(self.kicked_reason()),
                 inbound = next_read(&mut self.early, &mut self.conn), if read_more => self.on_inbound_burst(inbound, max_in_flight, read_burst).await,
                 // Guarded: polling an empty set still registers the waker,
                 // an atomic swap on every turn of the loop.

@@ -6,14 +6,14 @@
 //! takes the token's mutex and its notifier's, and the server's token is
 //! one for every connection: two shared locks on every turn of every
 //! session's loop. So the flag is set before the token is cancelled, and a
-//! session polls its wait once, to register ([`registered`]), and again
-//! only when it finds the flag set ([`when_flagged`]).
+//! session polls its wait once, to register, and again only when it finds
+//! the flag set ([`Registered`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -48,36 +48,66 @@ impl Stop {
     }
 }
 
-/// Polls `wait` once with the current task's waker, so it is registered to
-/// wake this task, and says whether it is already done. A wait registered
-/// so need not be polled again until what it waits for has happened: the
-/// task's waker does not change while the task lives, so the registration
-/// stays good. For the session loop's long-lived waits on its stop and
-/// its kick, each of which has a flag set before it fires.
-pub async fn registered<F: Future>(wait: Pin<&mut F>) -> bool {
-    let mut wait = Some(wait);
-    std::future::poll_fn(|cx| {
-        let wait = wait.take().expect("polled once");
-        Poll::Ready(wait.poll(cx).is_ready())
-    })
-    .await
+/// A long-lived wait that is polled only when a flag says it has fired:
+/// the session loop's waits on its stop and its kick, each of which has a
+/// flag set before it fires. Polled once to register with the task's
+/// waker, it needs no polling until then. It is polled again if the task's
+/// waker changes (tokio's does not, but only the latest waker is promised
+/// a wake-up), so no wake-up is lost either way.
+pub struct Registered<'a, F> {
+    wait: Pin<&'a mut F>,
+    /// The waker `wait` last registered, if it is registered.
+    waker: Option<Waker>,
 }
 
-/// `wait`, already [`registered`], polled only once `fired` (a flag set
-/// before `wait` fires) says it has fired. A `select!` branch guard cannot
-/// do this: it is read once when the `select!` starts, so a wake-up by the
-/// wait itself would find the branch still disabled.
-pub fn when_flagged<'a, F: Future>(
-    mut wait: Pin<&'a mut F>,
-    fired: impl Fn() -> bool + 'a,
-) -> impl Future<Output = F::Output> + 'a {
-    std::future::poll_fn(move |cx| {
-        if fired() {
-            wait.as_mut().poll(cx)
-        } else {
-            Poll::Pending
+impl<'a, F: Future> Registered<'a, F> {
+    pub fn new(wait: Pin<&'a mut F>) -> Self {
+        Registered { wait, waker: None }
+    }
+
+    /// Registers the wait with the current task; true if it has already
+    /// fired.
+    pub async fn register(&mut self) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(self.poll_wait(cx).is_ready())).await
+    }
+
+    /// Resolves when the wait does, polling it only once `fired` says it
+    /// has fired or when the task's waker is not the one it registered. A
+    /// `select!` branch guard could not do this: it is read once when the
+    /// `select!` starts, so the wait's own wake-up would find its branch
+    /// still disabled.
+    pub fn when<'b>(
+        &'b mut self,
+        fired: impl Fn() -> bool + 'b,
+    ) -> impl Future<Output = F::Output> + 'b {
+        std::future::poll_fn(move |cx| {
+            let current = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if fired() || !current {
+                self.poll_wait(cx)
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let polled = self.wait.as_mut().poll(cx);
+        if polled.is_pending() {
+            self.waker = Some(cx.waker().clone());
         }
-    })
+        polled
+    }
+}
+
+/// Calls [`Stop::stop`] when dropped: the server holds one while it runs,
+/// so its connections are told to stop even if its future is dropped
+/// before it gets to say so.
+pub struct StopOnDrop(pub Stop);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 #[cfg(test)]
@@ -93,11 +123,12 @@ mod tests {
         let task = tokio::spawn({
             let stop = stop.clone();
             async move {
-                let mut wait = pin!(stop.stopped());
-                assert!(!registered(wait.as_mut()).await);
+                let stopped = pin!(stop.stopped());
+                let mut wait = Registered::new(stopped);
+                assert!(!wait.register().await);
                 registered_tx.send(()).unwrap();
                 // Only the registration can wake this task.
-                when_flagged(wait, || stop.is_stopped()).await;
+                wait.when(|| stop.is_stopped()).await;
             }
         });
         registered_rx.await.unwrap();
@@ -108,10 +139,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_wait_made_after_the_stop_is_done_at_once() {
+    async fn a_wait_polled_with_another_waker_registers_that_one() {
         let stop = Stop::default();
+        let stopped = pin!(stop.stopped());
+        let mut wait = Registered::new(stopped);
+        // Registered with a waker that wakes nothing.
+        let mut noop = Context::from_waker(Waker::noop());
+        assert_eq!(pin!(wait.register()).poll(&mut noop), Poll::Ready(false));
+        // Awaited by this task, whose waker differs: the wait is polled and
+        // registers it, so the stop (by another task, once this one has
+        // polled) wakes this one.
+        let (polled_tx, polled_rx) = tokio::sync::oneshot::channel::<()>();
+        let stopper = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                polled_rx.await.unwrap();
+                stop.stop();
+            }
+        });
+        let mut turn = pin!(wait.when(|| stop.is_stopped()));
+        let first = std::future::poll_fn(|cx| Poll::Ready(turn.as_mut().poll(cx).is_pending()));
+        assert!(first.await);
+        polled_tx.send(()).unwrap();
+        turn.await;
+        stopper.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_made_after_the_stop_is_done_at_once_and_dropping_the_guard_stops() {
+        let stop = Stop::default();
+        drop(StopOnDrop(stop.clone()));
+        assert!(stop.is_stopped());
         stop.stop();
-        stop.stop();
-        assert!(registered(pin!(stop.stopped())).await);
+        assert!(Registered::new(pin!(stop.stopped())).register().await);
     }
 }

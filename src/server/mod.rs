@@ -39,7 +39,7 @@ use crate::config::{Config, ConnectionLimits};
 use crate::connection::handler::{self, Entry};
 use crate::connection::read_ahead::ReadAhead;
 use crate::connection::slots::{NoSlot, Refused, Slots, Ticket};
-use crate::connection::stop::Stop;
+use crate::connection::stop::{Stop, StopOnDrop};
 use crate::health::{self, Health};
 use crate::messages::ClusterLink;
 use crate::metrics::Metrics;
@@ -243,6 +243,7 @@ impl Server {
 
         let connections = TaskTracker::new();
         let stop = Stop::default();
+        let _stop_on_drop = StopOnDrop(stop.clone());
         let slots = Slots::new(&config.limits.connection);
         state
             .metrics()
